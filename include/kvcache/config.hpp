@@ -1,0 +1,146 @@
+// kvcache/config.hpp — what a model is: sizes, position encoding, norm and
+// MLP kinds, and the validation that rejects an impossible configuration
+// before anything is allocated.
+#pragma once
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+#include <Eigen/Core>
+
+namespace kvcache {
+
+// Row-major, so that a row is one token (activations) or one output feature
+// (weights stored [out, in], as in PyTorch's nn.Linear and llama2.c). Row-major
+// weights make y = W·x a set of contiguous dot products, which is what decode
+// is made of.
+template <typename T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+template <typename T>
+using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+
+// How a token learns where it is.
+enum class PositionEncoding {
+  none,     // no positional signal (a bag of tokens; useful in tests)
+  learned,  // absolute position embeddings added to the token embedding
+  rope,     // rotary embeddings applied to Q and K inside attention
+};
+
+enum class NormKind { layer_norm, rms_norm };
+enum class MlpKind {
+  gelu,    // W_2 · gelu(W_1 x)           (GPT-2)
+  swiglu,  // W_2 · (silu(W_1 x) ⊙ W_3 x)  (Llama)
+};
+
+inline const char* to_string(PositionEncoding p) {
+  switch (p) {
+    case PositionEncoding::none: return "none";
+    case PositionEncoding::learned: return "learned";
+    case PositionEncoding::rope: return "rope";
+  }
+  return "?";
+}
+
+namespace detail {
+
+[[noreturn]] inline void fail_config(const std::string& what) {
+  throw std::invalid_argument("kvcache: invalid config: " + what);
+}
+
+inline void require_positive(const char* field, std::size_t value) {
+  if (value == 0) fail_config(std::string(field) + " = 0, must be > 0");
+}
+
+}  // namespace detail
+
+// One attention layer's shape. d_k = d_model / n_heads; n_heads query heads
+// share n_kv_heads key/value heads (n_kv_heads == n_heads: multi-head;
+// 1 < n_kv_heads < n_heads: grouped-query; n_kv_heads == 1: multi-query).
+struct AttentionConfig {
+  std::size_t d_model = 0;
+  std::size_t n_heads = 0;
+  std::size_t n_kv_heads = 0;
+  PositionEncoding positions = PositionEncoding::none;  // only rope matters here
+  double rope_base = 10000.0;
+  std::size_t max_seq_len = 0;  // positions are in [0, max_seq_len)
+
+  std::size_t d_k() const { return d_model / n_heads; }
+  std::size_t kv_dim() const { return n_kv_heads * d_k(); }
+  std::size_t group_size() const { return n_heads / n_kv_heads; }
+
+  void validate() const {
+    detail::require_positive("d_model", d_model);
+    detail::require_positive("n_heads", n_heads);
+    detail::require_positive("n_kv_heads", n_kv_heads);
+    detail::require_positive("max_seq_len", max_seq_len);
+    if (d_model % n_heads != 0)
+      detail::fail_config("d_model % n_heads != 0 (d_model = " + std::to_string(d_model) +
+                          ", n_heads = " + std::to_string(n_heads) + ")");
+    if (n_heads % n_kv_heads != 0)
+      detail::fail_config("n_heads % n_kv_heads != 0 (n_heads = " + std::to_string(n_heads) +
+                          ", n_kv_heads = " + std::to_string(n_kv_heads) + ")");
+    if (positions == PositionEncoding::rope) {
+      if (d_k() % 2 != 0)
+        detail::fail_config("rope needs an even d_k, got d_k = " + std::to_string(d_k()));
+      if (!(rope_base > 1.0))
+        detail::fail_config("rope_base = " + std::to_string(rope_base) + ", must be > 1");
+    }
+  }
+};
+
+// A decoder-only transformer: embedding, n_layers pre-norm blocks, final
+// norm, LM head.
+struct ModelConfig {
+  std::size_t vocab_size = 0;
+  std::size_t d_model = 0;
+  std::size_t n_layers = 0;
+  std::size_t n_heads = 0;
+  std::size_t n_kv_heads = 0;  // 0 means n_heads (plain multi-head attention)
+  std::size_t d_ff = 0;        // hidden width of the MLP
+  std::size_t max_seq_len = 0;
+  PositionEncoding positions = PositionEncoding::learned;
+  double rope_base = 10000.0;
+  NormKind norm = NormKind::layer_norm;
+  double norm_eps = 1e-5;
+  MlpKind mlp = MlpKind::gelu;
+  bool tied_lm_head = true;  // logits = E · x with the token embedding E
+
+  std::size_t kv_heads() const { return n_kv_heads == 0 ? n_heads : n_kv_heads; }
+  std::size_t d_k() const { return d_model / n_heads; }
+  std::size_t kv_dim() const { return kv_heads() * d_k(); }
+
+  AttentionConfig attention() const {
+    AttentionConfig a;
+    a.d_model = d_model;
+    a.n_heads = n_heads;
+    a.n_kv_heads = kv_heads();
+    a.positions = positions;
+    a.rope_base = rope_base;
+    a.max_seq_len = max_seq_len;
+    return a;
+  }
+
+  void validate() const {
+    detail::require_positive("vocab_size", vocab_size);
+    detail::require_positive("d_model", d_model);
+    detail::require_positive("n_layers", n_layers);
+    detail::require_positive("n_heads", n_heads);
+    detail::require_positive("d_ff", d_ff);
+    detail::require_positive("max_seq_len", max_seq_len);
+    if (!(norm_eps > 0.0))
+      detail::fail_config("norm_eps = " + std::to_string(norm_eps) + ", must be > 0");
+    attention().validate();
+  }
+
+  // Bytes of K and V that one token adds across all layers:
+  // 2 × n_layers × n_kv_heads × d_k × sizeof(T).
+  template <typename T>
+  std::size_t kv_bytes_per_token() const {
+    return 2 * n_layers * kv_dim() * sizeof(T);
+  }
+};
+
+}  // namespace kvcache
