@@ -1,0 +1,222 @@
+// kvcache/generate.hpp — the prefill/decode loop, the sampler, and the
+// uncached baseline that recomputes the whole sequence every step.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "decoder.hpp"
+
+namespace kvcache {
+
+struct GenerateOptions {
+  std::size_t max_new_tokens = 64;
+  // Generation stops after producing this id; it is the last id returned.
+  std::optional<int> end_token;
+  // 0 = greedy (argmax, the lowest id on ties); otherwise sample from
+  // softmax(logits / temperature), restricted to the top_p nucleus when
+  // 0 < top_p < 1.
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  std::uint64_t seed = 1;
+  // Called with each new id as soon as it is chosen (streaming).
+  std::function<void(int)> on_token;
+};
+
+// Picks the next id from a row of logits. Sampling follows llama2.c's `run`
+// step for step (xorshift64* generator, temperature, softmax, top-p), so a
+// seed gives the same ids here as there. Owns its buffers: no allocation per
+// call.
+class Sampler {
+ public:
+  Sampler(std::size_t vocab_size, float temperature, float top_p, std::uint64_t seed)
+      : temperature_(temperature), top_p_(top_p), state_(seed), probs_(vocab_size) {
+    if (!(temperature >= 0.0f) || !std::isfinite(temperature))
+      throw std::invalid_argument("kvcache: temperature = " + std::to_string(temperature) + ", must be >= 0");
+    if (!(top_p >= 0.0f && top_p <= 1.0f))
+      throw std::invalid_argument("kvcache: top_p = " + std::to_string(top_p) + ", must be in [0, 1]");
+    if (seed == 0) throw std::invalid_argument("kvcache: seed = 0; xorshift needs a non-zero seed");
+    if (temperature > 0.0f && top_p > 0.0f && top_p < 1.0f) candidates_.resize(vocab_size);
+  }
+
+  explicit Sampler(std::size_t vocab_size, const GenerateOptions& o = {})
+      : Sampler(vocab_size, o.temperature, o.top_p, o.seed) {}
+
+  template <typename Derived>
+  int sample(const Eigen::MatrixBase<Derived>& logits) {
+    const auto n = static_cast<std::size_t>(logits.size());
+    if (n != probs_.size())
+      throw std::invalid_argument("kvcache: Sampler got " + std::to_string(n) + " logits, expected " +
+                                  std::to_string(probs_.size()));
+    if (temperature_ == 0.0f) return argmax(logits);
+    for (std::size_t i = 0; i < n; ++i) probs_[i] = static_cast<float>(logits(static_cast<Eigen::Index>(i))) / temperature_;
+    softmax(probs_);
+    const float coin = random_f32();
+    return (top_p_ <= 0.0f || top_p_ >= 1.0f) ? sample_multinomial(coin) : sample_top_p(coin);
+  }
+
+  // The first index of the largest value.
+  template <typename Derived>
+  static int argmax(const Eigen::MatrixBase<Derived>& logits) {
+    Eigen::Index best = 0;
+    for (Eigen::Index i = 1; i < logits.size(); ++i)
+      if (logits(i) > logits(best)) best = i;
+    return static_cast<int>(best);
+  }
+
+ private:
+  // xorshift64*: 64 bits of state, the top 32 bits of the product returned.
+  std::uint32_t random_u32() {
+    state_ ^= state_ >> 12;
+    state_ ^= state_ << 25;
+    state_ ^= state_ >> 27;
+    return static_cast<std::uint32_t>((state_ * 0x2545F4914F6CDD1Dull) >> 32);
+  }
+  float random_f32() { return static_cast<float>(random_u32() >> 8) / 16777216.0f; }
+
+  static void softmax(std::vector<float>& x) {
+    const float max = *std::max_element(x.begin(), x.end());
+    float sum = 0.0f;
+    for (float& v : x) {
+      v = std::exp(v - max);
+      sum += v;
+    }
+    for (float& v : x) v /= sum;
+  }
+
+  int sample_multinomial(float coin) const {
+    float cdf = 0.0f;
+    for (std::size_t i = 0; i < probs_.size(); ++i) {
+      cdf += probs_[i];
+      if (coin < cdf) return static_cast<int>(i);
+    }
+    return static_cast<int>(probs_.size() - 1);  // rounding left coin >= cdf
+  }
+
+  // Samples from the smallest set of most probable ids whose probabilities
+  // add up to more than top_p. Ids below (1 - top_p) / (n - 1) cannot be in
+  // that set and are dropped before sorting.
+  int sample_top_p(float coin) {
+    const std::size_t n = probs_.size();
+    const float cutoff = (1.0f - top_p_) / static_cast<float>(n - 1);
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < n; ++i)
+      if (probs_[i] >= cutoff) candidates_[kept++] = {probs_[i], static_cast<int>(i)};
+    std::sort(candidates_.begin(), candidates_.begin() + static_cast<std::ptrdiff_t>(kept),
+              [](const Candidate& a, const Candidate& b) { return a.prob > b.prob; });
+    float cumulative = 0.0f;
+    std::size_t last = kept - 1;
+    for (std::size_t i = 0; i < kept; ++i) {
+      cumulative += candidates_[i].prob;
+      if (cumulative > top_p_) {
+        last = i;
+        break;
+      }
+    }
+    const float r = coin * cumulative;
+    float cdf = 0.0f;
+    for (std::size_t i = 0; i <= last; ++i) {
+      cdf += candidates_[i].prob;
+      if (r < cdf) return candidates_[i].id;
+    }
+    return candidates_[last].id;
+  }
+
+  struct Candidate {
+    float prob;
+    int id;
+  };
+
+  float temperature_;
+  float top_p_;
+  std::uint64_t state_;
+  std::vector<float> probs_;
+  std::vector<Candidate> candidates_;
+};
+
+namespace detail {
+
+// Generation feeds the prompt and then every new id but the last, so it needs
+// prompt + max_new_tokens - 1 positions after the ones already cached.
+inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::size_t max_new_tokens,
+                                  std::size_t limit) {
+  if (prompt == 0) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
+  const std::size_t needed = cached + prompt + (max_new_tokens == 0 ? 0 : max_new_tokens - 1);
+  if (needed > limit)
+    throw std::length_error("kvcache: generate: " + std::to_string(cached) + " cached + " + std::to_string(prompt) +
+                            " prompt tokens + " + std::to_string(max_new_tokens) + " new tokens need " +
+                            std::to_string(needed) + " positions, past the limit of " + std::to_string(limit));
+}
+
+inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
+  out.push_back(id);
+  if (o.on_token) o.on_token(id);
+  return (o.end_token && id == *o.end_token) || out.size() >= o.max_new_tokens;
+}
+
+}  // namespace detail
+
+// Prefill then decode: one forward over the whole prompt, then one forward
+// per new token, each reusing the keys and values cached by the previous
+// ones. The session may already hold a prefix (a conversation goes on);
+// the prompt is appended to it. Returns the new ids.
+template <typename T>
+std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const std::vector<int>& prompt,
+                          const GenerateOptions& options = {}) {
+  detail::check_generation_fits(session.size(), prompt.size(), options.max_new_tokens, session.max_tokens());
+  Sampler sampler(decoder.config().vocab_size, options);
+  std::vector<int> out;
+  if (options.max_new_tokens == 0) return out;
+  out.reserve(options.max_new_tokens);
+  const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
+  std::vector<int> step(1);
+  while (!detail::emit(sampler.sample(logits->row(0)), out, options)) {
+    step[0] = out.back();
+    logits = &decoder.forward(step, session, Logits::last);  // decode
+  }
+  return out;
+}
+
+// The same with a fresh session.
+template <typename T>
+std::vector<int> generate(const Decoder<T>& decoder, const std::vector<int>& prompt,
+                          const GenerateOptions& options = {}, std::size_t threads = 1) {
+  Session<T> session = decoder.new_session();
+  session.set_threads(threads);
+  return generate(decoder, session, prompt, options);
+}
+
+// The baseline without a cache: every step clears the session and feeds the
+// whole sequence so far, with the same kernels as generate(). Step n costs a
+// forward over n tokens, so n tokens cost about n²/2 token passes.
+template <typename T>
+std::vector<int> generate_uncached(const Decoder<T>& decoder, const std::vector<int>& prompt,
+                                   const GenerateOptions& options = {}, std::size_t threads = 1) {
+  detail::check_generation_fits(0, prompt.size(), options.max_new_tokens, decoder.config().max_seq_len);
+  Sampler sampler(decoder.config().vocab_size, options);
+  std::vector<int> out;
+  if (options.max_new_tokens == 0) return out;
+  Session<T> session = decoder.new_session(0, prompt.size() + options.max_new_tokens - 1);
+  session.set_threads(threads);
+  std::vector<int> sequence = prompt;
+  sequence.reserve(prompt.size() + options.max_new_tokens);
+  for (;;) {
+    session.clear();
+    const Matrix<T>& logits = decoder.forward(sequence, session, Logits::last);
+    if (detail::emit(sampler.sample(logits.row(0)), out, options)) break;
+    sequence.push_back(out.back());
+  }
+  return out;
+}
+
+}  // namespace kvcache

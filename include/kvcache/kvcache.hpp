@@ -1,0 +1,14 @@
+// kvcache/kvcache.hpp — the one header a user includes.
+//
+//   config.hpp     ModelConfig, AttentionConfig and their validation
+//   kv_cache.hpp   KVCache: one layer's keys and values
+//   attention.hpp  MultiHeadAttentionWithCache: one causal attention layer
+//   decoder.hpp    Decoder (immutable weights) and Session (per-request caches)
+//   generate.hpp   prefill/decode loop, sampler, uncached baseline
+#pragma once
+
+#include "config.hpp"
+#include "kv_cache.hpp"
+#include "attention.hpp"
+#include "decoder.hpp"
+#include "generate.hpp"
