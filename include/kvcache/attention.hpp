@@ -35,7 +35,12 @@ template <typename T = float>
 struct AttentionScratch {
   Matrix<T> Q, K, V;  // m × d_model, m × kv_dim, m × kv_dim
   Matrix<T> O;        // m × d_model: the heads' outputs side by side, before W_O
-  Matrix<T> S;        // per thread, m × (cache length): scores, then probabilities
+  // Per thread, m × n scores then probabilities (n = cache length), rows
+  // padded to a multiple of 16 values. The padding makes every row start on
+  // the same alignment whatever the buffer's history, so the vectorised sums
+  // of the softmax add in the same order: a reused session gives bit for bit
+  // what a fresh one gives.
+  Vector<T> S;
 };
 
 namespace detail {
@@ -188,12 +193,13 @@ class MultiHeadAttentionWithCache {
     s.V.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
     s.O.resize(rows, static_cast<Eigen::Index>(config_.d_model));
     // Grown, never shrunk, so that a decode step, whose n grows by one,
-    // reallocates only when it doubles.
-    const auto S_rows = static_cast<Eigen::Index>(m * threads);
-    if (s.S.rows() != S_rows || s.S.cols() < static_cast<Eigen::Index>(n))
-      s.S.resize(S_rows, static_cast<Eigen::Index>(std::max(n, 2 * static_cast<std::size_t>(s.S.cols()))));
+    // reallocates only when the size doubles.
+    const auto needed = static_cast<Eigen::Index>(threads * m * scores_stride(n));
+    if (s.S.size() < needed) s.S.resize(std::max(needed, 2 * s.S.size()));
     out.resize(rows, static_cast<Eigen::Index>(config_.d_model));
   }
+
+  static std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
 
   template <typename Derived>
   void project(const Eigen::MatrixBase<Derived>& x, AttentionScratch<T>& s, std::size_t threads) const {
@@ -210,7 +216,9 @@ class MultiHeadAttentionWithCache {
     const auto n = static_cast<Eigen::Index>(cache.size());
     const T scale = T(1) / std::sqrt(static_cast<T>(config_.d_k()));
     detail::parallel_slices(config_.n_heads, threads, 1, [&](std::size_t h_begin, std::size_t h_end, std::size_t slot) {
-      auto S = s.S.block(static_cast<Eigen::Index>(slot) * m, 0, m, n);
+      const auto ld = static_cast<Eigen::Index>(scores_stride(static_cast<std::size_t>(n)));
+      Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> S(s.S.data() + static_cast<Eigen::Index>(slot) * m * ld, m, n,
+                                                       Eigen::OuterStride<>(ld));
       for (std::size_t h = h_begin; h < h_end; ++h) {
         const std::size_t g = h / config_.group_size();
         const auto K_g = cache.keys(g);

@@ -1,0 +1,57 @@
+// tests/fixtures.hpp — small models of every kind the tests run through.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <kvcache/config.hpp>
+
+namespace fixtures {
+
+// The attention variants × the two model families the library supports.
+struct Variant {
+  std::string name;
+  std::size_t n_heads, n_kv_heads;
+  kvcache::PositionEncoding positions;
+};
+
+inline std::vector<Variant> variants() {
+  using kvcache::PositionEncoding;
+  return {
+      {"MHA_learned", 4, 4, PositionEncoding::learned}, {"GQA_learned", 4, 2, PositionEncoding::learned},
+      {"MQA_learned", 4, 1, PositionEncoding::learned}, {"MHA_rope", 4, 4, PositionEncoding::rope},
+      {"GQA_rope", 4, 2, PositionEncoding::rope},       {"MQA_rope", 4, 1, PositionEncoding::rope},
+  };
+}
+
+// GPT-style (learned positions, LayerNorm, GELU) or Llama-style (RoPE,
+// RMSNorm, SwiGLU), following the position encoding of the variant.
+inline kvcache::ModelConfig model(const Variant& v, std::size_t max_seq_len = 48) {
+  kvcache::ModelConfig c;
+  c.vocab_size = 37;
+  c.d_model = 32;
+  c.n_layers = 2;
+  c.n_heads = v.n_heads;
+  c.n_kv_heads = v.n_kv_heads;
+  c.d_ff = 48;
+  c.max_seq_len = max_seq_len;
+  c.positions = v.positions;
+  const bool llama = v.positions == kvcache::PositionEncoding::rope;
+  c.norm = llama ? kvcache::NormKind::rms_norm : kvcache::NormKind::layer_norm;
+  c.mlp = llama ? kvcache::MlpKind::swiglu : kvcache::MlpKind::gelu;
+  c.tied_lm_head = !llama;
+  return c;
+}
+
+inline std::vector<int> random_tokens(std::size_t n, std::size_t vocab, std::uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> pick(0, static_cast<int>(vocab) - 1);
+  std::vector<int> t(n);
+  for (int& x : t) x = pick(rng);
+  return t;
+}
+
+}  // namespace fixtures

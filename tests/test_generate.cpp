@@ -1,0 +1,174 @@
+// generate and generate_uncached: the same ids, the stopping rules, streaming,
+// sampling, and errors raised before the session is touched.
+#include <map>
+#include <stdexcept>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <kvcache/generate.hpp>
+
+#include "fixtures.hpp"
+
+using kvcache::Decoder;
+using kvcache::GenerateOptions;
+using kvcache::ModelConfig;
+using kvcache::Sampler;
+using kvcache::Session;
+
+namespace {
+
+template <typename T>
+Decoder<T> make_decoder(const ModelConfig& c, std::uint64_t seed = 42) {
+  return Decoder<T>(c, kvcache::random_weights<T>(c, seed));
+}
+
+GenerateOptions greedy(std::size_t n) {
+  GenerateOptions o;
+  o.max_new_tokens = n;
+  return o;
+}
+
+}  // namespace
+
+TEST(Generate, CachedAndUncachedGiveTheSameIds) {
+  for (const auto& v : fixtures::variants()) {
+    const ModelConfig c = fixtures::model(v, 64);
+    const auto prompt = fixtures::random_tokens(5, c.vocab_size, 9);
+    const Decoder<float> f = make_decoder<float>(c);
+    const auto cached = kvcache::generate(f, prompt, greedy(40));
+    EXPECT_EQ(cached.size(), 40u);
+    EXPECT_EQ(cached, kvcache::generate_uncached(f, prompt, greedy(40))) << v.name;
+    EXPECT_EQ(cached, kvcache::generate(f, prompt, greedy(40), 2)) << v.name << " with 2 threads";
+    const Decoder<double> d = make_decoder<double>(c);
+    EXPECT_EQ(kvcache::generate(d, prompt, greedy(40)), kvcache::generate_uncached(d, prompt, greedy(40))) << v.name;
+  }
+}
+
+TEST(Generate, GreedyIdsAreTheArgmaxOfTheLogits) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[3]);
+  const Decoder<double> d = make_decoder<double>(c);
+  std::vector<int> sequence = {3, 1, 4};
+  const auto ids = kvcache::generate(d, sequence, greedy(6));
+  for (int id : ids) {
+    Session<double> s = d.new_session();
+    const auto& logits = d.forward(sequence, s, kvcache::Logits::last);
+    Eigen::Index best;
+    logits.row(0).maxCoeff(&best);
+    EXPECT_EQ(id, best);
+    sequence.push_back(id);
+  }
+}
+
+TEST(Generate, StopsAtTheEndTokenAndIncludesIt) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[0], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  const std::vector<int> prompt = {1, 2, 3};
+  const auto free_run = kvcache::generate(d, prompt, greedy(30));
+  GenerateOptions o = greedy(30);
+  o.end_token = free_run[4];
+  std::size_t first = 0;
+  while (free_run[first] != *o.end_token) ++first;
+  const auto stopped = kvcache::generate(d, prompt, o);
+  EXPECT_EQ(stopped, std::vector<int>(free_run.begin(), free_run.begin() + static_cast<std::ptrdiff_t>(first + 1)));
+  EXPECT_EQ(kvcache::generate_uncached(d, prompt, o), stopped);
+}
+
+TEST(Generate, StreamsEachIdAsItIsProduced) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  std::vector<int> streamed;
+  GenerateOptions o = greedy(12);
+  o.on_token = [&](int id) { streamed.push_back(id); };
+  const auto ids = kvcache::generate(d, {5, 6}, o);
+  EXPECT_EQ(streamed, ids);
+}
+
+TEST(Generate, ContinuesASessionAndPrefillsOnce) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[2], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  Session<float> s = d.new_session();
+  const auto first = kvcache::generate(d, s, {1, 2, 3}, greedy(5));
+  // The last generated id was never fed: the session holds the prompt and
+  // all new ids but the last.
+  EXPECT_EQ(s.size(), 3u + 5u - 1u);
+  std::vector<int> all = {1, 2, 3};
+  all.insert(all.end(), first.begin(), first.end());
+  all.push_back(7);
+  const auto more = kvcache::generate(d, s, {first.back(), 7}, greedy(4));
+  EXPECT_EQ(more, kvcache::generate(d, all, greedy(4)));
+  s.clear();
+  EXPECT_EQ(kvcache::generate(d, s, {1, 2, 3}, greedy(5)), first);  // no stale state after clear
+}
+
+TEST(Generate, ZeroNewTokensReturnsNothing) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[0]);
+  const Decoder<float> d = make_decoder<float>(c);
+  EXPECT_TRUE(kvcache::generate(d, {1}, greedy(0)).empty());
+  EXPECT_TRUE(kvcache::generate_uncached(d, {1}, greedy(0)).empty());
+}
+
+TEST(Generate, ErrorsComeBeforeTheSessionIsTouched) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[0], 16);
+  const Decoder<float> d = make_decoder<float>(c);
+  Session<float> s = d.new_session();
+  d.forward({1, 2, 3, 4}, s);
+  EXPECT_THROW(kvcache::generate(d, s, {}, greedy(3)), std::invalid_argument);
+  EXPECT_THROW(kvcache::generate(d, s, {1, 2, 3}, greedy(11)), std::length_error);  // 4 + 3 + 10 > 16
+  EXPECT_THROW(kvcache::generate(d, s, {1, 99}, greedy(2)), std::out_of_range);
+  EXPECT_EQ(s.size(), 4u);
+  EXPECT_NO_THROW(kvcache::generate(d, s, {1, 2, 3}, greedy(10)));  // exactly fits
+  EXPECT_EQ(s.size(), 16u);
+  EXPECT_THROW(kvcache::generate_uncached(d, std::vector<int>(17, 1), greedy(1)), std::length_error);
+  GenerateOptions bad = greedy(3);
+  bad.temperature = -1;
+  EXPECT_THROW(kvcache::generate(d, {1}, bad), std::invalid_argument);
+  bad = greedy(3);
+  bad.top_p = 1.5f;
+  EXPECT_THROW(kvcache::generate(d, {1}, bad), std::invalid_argument);
+}
+
+TEST(Generate, SeededSamplingIsReproducibleAndCacheIndependent) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[3], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  GenerateOptions o = greedy(30);
+  o.temperature = 1.0f;
+  o.top_p = 0.9f;
+  o.seed = 1234;
+  const auto a = kvcache::generate(d, {1, 2}, o);
+  EXPECT_EQ(a, kvcache::generate(d, {1, 2}, o));
+  EXPECT_EQ(a, kvcache::generate_uncached(d, {1, 2}, o));
+  o.seed = 99;
+  EXPECT_NE(a, kvcache::generate(d, {1, 2}, o));
+}
+
+TEST(Sampler, ArgmaxTakesTheLowestIdOnTies) {
+  Eigen::RowVectorXf logits(5);
+  logits << 1, 3, 2, 3, 0;
+  EXPECT_EQ(Sampler::argmax(logits), 1);
+  Sampler greedy_sampler(5, 0.0f, 0.9f, 1);
+  EXPECT_EQ(greedy_sampler.sample(logits), 1);
+  Sampler wrong(4, 0.0f, 1.0f, 1);
+  EXPECT_THROW(wrong.sample(logits), std::invalid_argument);
+  EXPECT_THROW(Sampler(4, 1.0f, 1.0f, 0), std::invalid_argument);
+}
+
+// With a fixed seed the draws are deterministic; 20000 of them must follow
+// the softmax probabilities (temperature 1) and, with top_p, never leave the
+// nucleus.
+TEST(Sampler, DrawsFollowTheDistributionAndTheNucleus) {
+  Eigen::RowVectorXf logits(4);
+  logits << std::log(0.5f), std::log(0.3f), std::log(0.15f), std::log(0.05f);
+  Sampler full(4, 1.0f, 1.0f, 7);
+  std::map<int, int> counts;
+  for (int i = 0; i < 20000; ++i) ++counts[full.sample(logits)];
+  EXPECT_NEAR(counts[0] / 20000.0, 0.5, 0.02);
+  EXPECT_NEAR(counts[1] / 20000.0, 0.3, 0.02);
+  EXPECT_NEAR(counts[2] / 20000.0, 0.15, 0.02);
+  EXPECT_NEAR(counts[3] / 20000.0, 0.05, 0.02);
+  // top_p = 0.7: the nucleus is {0, 1} (0.5 + 0.3 > 0.7), renormalised to 5/8, 3/8.
+  Sampler nucleus(4, 1.0f, 0.7f, 7);
+  counts.clear();
+  for (int i = 0; i < 20000; ++i) ++counts[nucleus.sample(logits)];
+  EXPECT_EQ(counts[2] + counts[3], 0);
+  EXPECT_NEAR(counts[0] / 20000.0, 0.625, 0.02);
+}
