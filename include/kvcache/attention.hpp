@@ -214,7 +214,7 @@ class MultiHeadAttentionWithCache {
     const auto d_k = static_cast<Eigen::Index>(config_.d_k());
     const auto m = s.Q.rows();
     const auto n = static_cast<Eigen::Index>(cache.size());
-    const T scale = T(1) / std::sqrt(static_cast<T>(config_.d_k()));
+    const T sqrt_d_k = std::sqrt(static_cast<T>(config_.d_k()));
     detail::parallel_slices(config_.n_heads, threads, 1, [&](std::size_t h_begin, std::size_t h_end, std::size_t slot) {
       const auto ld = static_cast<Eigen::Index>(scores_stride(static_cast<std::size_t>(n)));
       Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> S(s.S.data() + static_cast<Eigen::Index>(slot) * m * ld, m, n,
@@ -224,7 +224,10 @@ class MultiHeadAttentionWithCache {
         const auto K_g = cache.keys(g);
         const auto V_g = cache.values(g);
         const auto col = static_cast<Eigen::Index>(h) * d_k;
-        S.noalias() = (s.Q.middleCols(col, d_k) * scale) * K_g.transpose();
+        // Divided after the product, as the formula reads: a scaled Q_h
+        // would make Eigen copy it into a temporary on every decode step.
+        S.noalias() = s.Q.middleCols(col, d_k) * K_g.transpose();
+        S /= sqrt_d_k;
         for (Eigen::Index i = 0; i < m; ++i) detail::masked_softmax(S.row(i), static_cast<Eigen::Index>(p) + i + 1);
         s.O.middleCols(col, d_k).noalias() = S * V_g;
       }
