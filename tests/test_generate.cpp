@@ -1,5 +1,6 @@
 // generate and generate_uncached: the same ids, the stopping rules, streaming,
 // sampling, and errors raised before the session is touched.
+#include <limits>
 #include <map>
 #include <stdexcept>
 #include <vector>
@@ -139,6 +140,25 @@ TEST(Generate, SeededSamplingIsReproducibleAndCacheIndependent) {
   EXPECT_EQ(a, kvcache::generate_uncached(d, {1, 2}, o));
   o.seed = 99;
   EXPECT_NE(a, kvcache::generate(d, {1, 2}, o));
+}
+
+TEST(Sampler, RejectsNonFiniteLogitsAndSurvivesTinyTemperatures) {
+  Eigen::RowVectorXf logits(3);
+  logits << 1, std::numeric_limits<float>::quiet_NaN(), 2;
+  for (float top_p : {0.0f, 0.5f, 1.0f}) {
+    Sampler s(3, 0.7f, top_p, 5);
+    EXPECT_THROW(s.sample(logits), std::domain_error);
+    Sampler greedy_sampler(3, 0.0f, top_p, 5);
+    EXPECT_THROW(greedy_sampler.sample(logits), std::domain_error);
+  }
+  logits << 1, std::numeric_limits<float>::infinity(), 2;
+  EXPECT_THROW(Sampler(3, 1.0f, 0.9f, 5).sample(logits), std::domain_error);
+  // logits / 1e-40 overflows float: the limit is greedy.
+  logits << 1, 3, 2;
+  for (float top_p : {0.0f, 0.5f, 1.0f}) {
+    Sampler tiny(3, 1e-40f, top_p, 5);
+    EXPECT_EQ(tiny.sample(logits), 1);
+  }
 }
 
 TEST(Sampler, ArgmaxTakesTheLowestIdOnTies) {

@@ -58,8 +58,14 @@ class Sampler {
     if (n != probs_.size())
       throw std::invalid_argument("kvcache: Sampler got " + std::to_string(n) + " logits, expected " +
                                   std::to_string(probs_.size()));
+    if (!logits.allFinite())
+      throw std::domain_error("kvcache: Sampler: the logits contain NaN or infinity (the model's weights or "
+                              "activations overflowed)");
     if (temperature_ == 0.0f) return argmax(logits);
     for (std::size_t i = 0; i < n; ++i) probs_[i] = static_cast<float>(logits(static_cast<Eigen::Index>(i))) / temperature_;
+    // A temperature so small that logits / temperature overflows is greedy
+    // decoding in all but name: the limit of softmax(l / t) as t → 0.
+    if (!std::all_of(probs_.begin(), probs_.end(), [](float p) { return std::isfinite(p); })) return argmax(logits);
     softmax(probs_);
     const float coin = random_f32();
     return (top_p_ <= 0.0f || top_p_ >= 1.0f) ? sample_multinomial(coin) : sample_top_p(coin);
@@ -112,6 +118,7 @@ class Sampler {
     std::size_t kept = 0;
     for (std::size_t i = 0; i < n; ++i)
       if (probs_[i] >= cutoff) candidates_[kept++] = {probs_[i], static_cast<int>(i)};
+    if (kept == 0) return argmax_of_probs();  // only by rounding, with top_p < 1/n
     std::sort(candidates_.begin(), candidates_.begin() + static_cast<std::ptrdiff_t>(kept),
               [](const Candidate& a, const Candidate& b) { return a.prob > b.prob; });
     float cumulative = 0.0f;
@@ -130,6 +137,10 @@ class Sampler {
       if (r < cdf) return candidates_[i].id;
     }
     return candidates_[last].id;
+  }
+
+  int argmax_of_probs() const {
+    return static_cast<int>(std::max_element(probs_.begin(), probs_.end()) - probs_.begin());
   }
 
   struct Candidate {

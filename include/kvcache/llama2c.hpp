@@ -1,0 +1,503 @@
+// kvcache/llama2c.hpp — reading and writing llama2.c checkpoints (the legacy
+// "version 0" format written by llama2.c's export and read by its `run`).
+//
+// The format, all little-endian:
+//
+//   header: seven int32
+//     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+//     vocab_size > 0: the classifier is the token embedding (tied LM head);
+//     vocab_size < 0: the classifier is stored separately, at the end.
+//   then float32 arrays, each matrix row-major [out, in], with
+//   head_size = dim / n_heads and kv_dim = n_kv_heads · head_size:
+//     token_embedding  [vocab, dim]
+//     rms_att_weight   [layers, dim]
+//     wq               [layers, dim, dim]
+//     wk               [layers, kv_dim, dim]
+//     wv               [layers, kv_dim, dim]
+//     wo               [layers, dim, dim]
+//     rms_ffn_weight   [layers, dim]
+//     w1               [layers, hidden, dim]
+//     w2               [layers, dim, hidden]
+//     w3               [layers, hidden, dim]
+//     rms_final_weight [dim]
+//     freq_cis_real    [seq_len, head_size / 2]   legacy RoPE tables: kvcache
+//     freq_cis_imag    [seq_len, head_size / 2]   computes RoPE, skips these
+//     wcls             [vocab, dim]               only when vocab_size < 0
+//
+// The model is a Llama block: RMSNorm (eps 1e-5), RoPE (base 10000) on
+// consecutive pairs, SwiGLU MLP out = w2·(silu(w1·h) ⊙ w3·h), no biases.
+// Decoder stores weights [out, in] too, so every array is read straight into
+// the memory of the matrix that holds it, with no transposition or copy.
+//
+// The file's floats are read as they are, which is right on a little-endian
+// host only; on a big-endian host both functions throw std::runtime_error.
+#pragma once
+
+#include <Eigen/Core>
+#include <cerrno>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <new>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include "config.hpp"
+#include "decoder.hpp"
+
+namespace kvcache {
+
+// ============================================================================
+// Shapes
+// ============================================================================
+
+// The ModelConfig of a llama2.c model with these header values: RoPE (base
+// 10000), RMSNorm (eps 1e-5), SwiGLU, and a tied LM head unless told
+// otherwise. Throws std::invalid_argument when the shape is impossible.
+inline ModelConfig llama2c_config(std::size_t dim, std::size_t hidden_dim, std::size_t n_layers, std::size_t n_heads,
+                                  std::size_t n_kv_heads, std::size_t vocab_size, std::size_t seq_len,
+                                  bool tied_lm_head = true) {
+  ModelConfig c;
+  c.vocab_size = vocab_size;
+  c.d_model = dim;
+  c.n_layers = n_layers;
+  c.n_heads = n_heads;
+  c.n_kv_heads = n_kv_heads;
+  c.d_ff = hidden_dim;
+  c.max_seq_len = seq_len;
+  c.positions = PositionEncoding::rope;
+  c.rope_base = 10000.0;
+  c.norm = NormKind::rms_norm;
+  c.norm_eps = 1e-5;
+  c.mlp = MlpKind::swiglu;
+  c.tied_lm_head = tied_lm_head;
+  c.validate();
+  return c;
+}
+
+// The TinyStories models published with llama2.c (Llama 2 tokenizer).
+inline ModelConfig llama2c_stories15M_config() { return llama2c_config(288, 768, 6, 6, 6, 32000, 256); }
+inline ModelConfig llama2c_stories42M_config() { return llama2c_config(512, 1376, 8, 8, 8, 32000, 1024); }
+inline ModelConfig llama2c_stories110M_config() { return llama2c_config(768, 2048, 12, 12, 12, 32000, 1024); }
+
+// ============================================================================
+// Header
+// ============================================================================
+
+// What load_llama2c refuses before allocating anything.
+struct LoadLimits {
+  // Weights the header may claim (RoPE tables not counted). 2^33 floats are
+  // 32 GiB: far above any model this library is meant for, far below what a
+  // corrupt header (dim = 2^30, …) would ask for.
+  std::uint64_t max_parameters = std::uint64_t{1} << 33;
+  // Scan every tensor for NaN and ±Inf, naming the first bad one. Costs one
+  // pass over memory that was just read.
+  bool check_finite = true;
+};
+
+// A validated header and the sizes that follow from it.
+struct Llama2cHeader {
+  static constexpr std::uint64_t kBytes = 7 * 4;
+
+  std::size_t dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0, seq_len = 0;
+  bool shared_classifier = true;   // vocab_size was positive in the file
+  std::uint64_t n_parameters = 0;  // floats of weights, RoPE tables excluded
+  std::uint64_t file_bytes = 0;    // the exact length the file must have
+
+  std::size_t head_size() const { return dim / n_heads; }
+  std::size_t kv_dim() const { return n_kv_heads * head_size(); }
+  ModelConfig config() const {
+    return llama2c_config(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, shared_classifier);
+  }
+};
+
+namespace detail {
+
+[[noreturn]] inline void fail_file(const std::string& path, const std::string& problem) {
+  throw std::runtime_error("kvcache: " + path + ": " + problem);
+}
+
+// Floats are read and written as raw bytes: right on little-endian hosts only.
+inline bool host_is_little_endian() {
+  const std::uint32_t one = 1;
+  unsigned char first = 0;
+  std::memcpy(&first, &one, 1);
+  return first == 1;
+}
+
+inline void require_little_endian(const std::string& path) {
+  static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559,
+                "llama2.c checkpoints hold IEEE-754 float32");
+  if (!host_is_little_endian())
+    fail_file(path, "llama2.c checkpoints are little-endian and this host is not (unsupported)");
+}
+
+// a·b and a+b, saturating at the largest uint64 instead of wrapping, so that
+// a corrupt header yields a huge count that the limits refuse, never a small
+// wrapped one that they would let through.
+constexpr std::uint64_t kSaturated = std::numeric_limits<std::uint64_t>::max();
+inline std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
+  if (a != 0 && b > kSaturated / a) return kSaturated;
+  return a * b;
+}
+inline std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) { return b > kSaturated - a ? kSaturated : a + b; }
+inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "more than 2^64" : std::to_string(n); }
+
+inline std::int32_t decode_int32_le(const unsigned char* p) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+                             (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+  std::int32_t value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline void encode_int32_le(std::int32_t value, unsigned char* p) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>((bits >> (8 * i)) & 0xFFu);
+}
+
+// Opens `path` for binary reading and returns its length, positioned at 0.
+inline std::uint64_t open_for_reading(const std::string& path, std::ifstream& in) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail_file(path, "is a directory, not a checkpoint file");
+  if (!std::filesystem::exists(path, ec)) fail_file(path, "no such file");
+  errno = 0;
+  in.open(path, std::ios::binary);
+  if (!in)
+    fail_file(path,
+              "cannot open for reading" + (errno != 0 ? ": " + std::generic_category().message(errno) : std::string()));
+  in.seekg(0, std::ios::end);
+  const std::streamoff end = in.tellg();
+  in.seekg(0, std::ios::beg);
+  if (end < 0 || !in) fail_file(path, "cannot determine the file's length (not a regular file?)");
+  return static_cast<std::uint64_t>(end);
+}
+
+// Checks the seven header ints and computes the sizes they imply. Every size
+// check happens here, before anything is allocated.
+inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
+                                          std::uint64_t actual_bytes, const LoadLimits& limits) {
+  static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
+                                       "n_kv_heads", "vocab_size", "seq_len"};
+  std::int64_t v[7];
+  for (int i = 0; i < 7; ++i) v[i] = decode_int32_le(bytes + 4 * i);
+
+  // Every size must be positive: a zero or negative one is a corrupt or
+  // foreign file (vocab_size's sign carries the tied/untied flag, so its
+  // magnitude must be positive; int64 keeps -INT32_MIN representable).
+  for (int i = 0; i < 7; ++i) {
+    const std::int64_t magnitude = i == 5 ? (v[i] < 0 ? -v[i] : v[i]) : v[i];
+    if (magnitude <= 0)
+      fail_file(path, std::string("header field ") + names[i] + " = " + std::to_string(v[i]) +
+                          (i == 5 ? ", its magnitude must be > 0" : ", must be > 0"));
+  }
+  Llama2cHeader h;
+  h.dim = static_cast<std::size_t>(v[0]);
+  h.hidden_dim = static_cast<std::size_t>(v[1]);
+  h.n_layers = static_cast<std::size_t>(v[2]);
+  h.n_heads = static_cast<std::size_t>(v[3]);
+  h.n_kv_heads = static_cast<std::size_t>(v[4]);
+  h.shared_classifier = v[5] > 0;
+  h.vocab_size = static_cast<std::size_t>(v[5] < 0 ? -v[5] : v[5]);
+  h.seq_len = static_cast<std::size_t>(v[6]);
+
+  // The head structure: heads split dim evenly, query heads split evenly
+  // over kv heads, and RoPE rotates pairs, so a head has an even size.
+  if (h.dim % h.n_heads != 0)
+    fail_file(path,
+              "dim is not a multiple of n_heads (" + std::to_string(h.dim) + " vs " + std::to_string(h.n_heads) + ")");
+  if (h.n_heads % h.n_kv_heads != 0)
+    fail_file(path, "n_heads is not a multiple of n_kv_heads (" + std::to_string(h.n_heads) + " vs " +
+                        std::to_string(h.n_kv_heads) + ")");
+  if (h.head_size() % 2 != 0)
+    fail_file(path, "head size dim / n_heads = " + std::to_string(h.head_size()) + " is odd, RoPE needs it even");
+
+  // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
+  // product of three can pass 2^64; saturation makes it fail the limit.
+  const std::uint64_t d = h.dim, ff = h.hidden_dim, L = h.n_layers, V = h.vocab_size, kv = h.kv_dim();
+  std::uint64_t per_layer = sat_mul(2, d);                     // two RMSNorm weights
+  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(d, d)));   // wq, wo
+  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(kv, d)));  // wk, wv
+  per_layer = sat_add(per_layer, sat_mul(3, sat_mul(ff, d)));  // w1, w2, w3
+  std::uint64_t params = sat_mul(V, d);                        // token embedding
+  params = sat_add(params, sat_mul(L, per_layer));
+  params = sat_add(params, d);                                        // final RMSNorm
+  if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));  // wcls
+  if (params > limits.max_parameters)
+    fail_file(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
+                        " vs " + std::to_string(limits.max_parameters) + ")");
+  h.n_parameters = params;
+
+  // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
+  const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
+  const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
+  const std::uint64_t addressable = static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
+  if (expected == kSaturated || expected > addressable)
+    fail_file(path, "the header implies a file of " + count_string(expected) +
+                        " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
+  if (actual_bytes != expected)
+    fail_file(path, std::string(actual_bytes < expected ? "file is truncated" : "file has trailing bytes") +
+                        ": the header implies " + std::to_string(expected) + " bytes, the file has " +
+                        std::to_string(actual_bytes) + " (" + std::to_string(actual_bytes) + " vs " +
+                        std::to_string(expected) + ")");
+  h.file_bytes = expected;
+  return h;
+}
+
+inline void read_floats(std::ifstream& in, const std::string& path, float* dst, std::size_t count,
+                        const std::string& name, bool check_finite) {
+  const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
+  in.read(reinterpret_cast<char*>(dst), bytes);
+  if (!in || in.gcount() != bytes)
+    fail_file(path, "read error in " + name + " (file changed or truncated while reading)");
+  if (check_finite) {
+    for (std::size_t i = 0; i < count; ++i)
+      if (!std::isfinite(dst[i]))
+        fail_file(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
+                            std::to_string(i));
+  }
+}
+
+template <typename M>
+void read_tensor(std::ifstream& in, const std::string& path, M& m, const std::string& name, bool check_finite) {
+  read_floats(in, path, m.data(), static_cast<std::size_t>(m.size()), name, check_finite);
+}
+
+inline std::string layer_name(const char* what, std::size_t l) {
+  return std::string(what) + "[layer " + std::to_string(l) + "]";
+}
+
+}  // namespace detail
+
+namespace detail {
+
+// Opens `path`, reads and validates its header against the file's length;
+// leaves `in` positioned at the first float.
+inline Llama2cHeader open_llama2c(const std::string& path, std::ifstream& in, const LoadLimits& limits) {
+  const std::uint64_t size = open_for_reading(path, in);
+  if (size < Llama2cHeader::kBytes)
+    fail_file(path, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
+  unsigned char bytes[Llama2cHeader::kBytes];
+  in.read(reinterpret_cast<char*>(bytes), sizeof bytes);
+  if (!in) fail_file(path, "cannot read the header");
+  return parse_llama2c_header(path, bytes, size, limits);
+}
+
+}  // namespace detail
+
+// Reads and validates the header of the checkpoint at `path` (and checks the
+// file's length against it) without reading or allocating the weights.
+// Throws std::runtime_error "kvcache: <path>: <problem>".
+inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
+  std::ifstream in;
+  return detail::open_llama2c(path, in, limits);
+}
+
+// ============================================================================
+// Loading
+// ============================================================================
+
+// Reads a llama2.c checkpoint into a Decoder<float> (see the top of this file
+// for the format). Everything about the file is checked before the weights
+// are allocated: it exists and is readable, the header is sane, the sizes fit
+// in LoadLimits, and the file is exactly as long as the header implies.
+// Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
+inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {}) {
+  detail::require_little_endian(path);
+  std::ifstream in;
+  const Llama2cHeader h = detail::open_llama2c(path, in, limits);
+  const ModelConfig config = h.config();
+
+  const auto d = static_cast<Eigen::Index>(h.dim), ff = static_cast<Eigen::Index>(h.hidden_dim);
+  const auto V = static_cast<Eigen::Index>(h.vocab_size), kv = static_cast<Eigen::Index>(h.kv_dim());
+  const std::size_t L = h.n_layers;
+  const bool finite = limits.check_finite;
+
+  DecoderWeights<float> w;
+  try {
+    w.token_embedding.resize(V, d);
+    w.blocks.resize(L);
+    for (auto& b : w.blocks) {
+      b.attention_norm.gamma.resize(d);
+      b.attention.W_Q.resize(d, d);
+      b.attention.W_K.resize(kv, d);
+      b.attention.W_V.resize(kv, d);
+      b.attention.W_O.resize(d, d);
+      b.mlp_norm.gamma.resize(d);
+      b.mlp.W_1.resize(ff, d);
+      b.mlp.W_2.resize(d, ff);
+      b.mlp.W_3.resize(ff, d);
+    }
+    w.final_norm.gamma.resize(d);
+    if (!h.shared_classifier) w.lm_head.resize(V, d);
+  } catch (const std::bad_alloc&) {
+    detail::fail_file(path, "out of memory allocating " + std::to_string(h.n_parameters) + " parameters (" +
+                                std::to_string(h.n_parameters * 4) + " bytes)");
+  }
+
+  // In file order: each array is [layers, ...], so one pass per kind of
+  // tensor, layer by layer.
+  detail::read_tensor(in, path, w.token_embedding, "token_embedding", finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].attention_norm.gamma, detail::layer_name("rms_att_weight", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].attention.W_Q, detail::layer_name("wq", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].attention.W_K, detail::layer_name("wk", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].attention.W_V, detail::layer_name("wv", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].attention.W_O, detail::layer_name("wo", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].mlp_norm.gamma, detail::layer_name("rms_ffn_weight", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].mlp.W_1, detail::layer_name("w1", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].mlp.W_2, detail::layer_name("w2", l), finite);
+  for (std::size_t l = 0; l < L; ++l)
+    detail::read_tensor(in, path, w.blocks[l].mlp.W_3, detail::layer_name("w3", l), finite);
+  detail::read_tensor(in, path, w.final_norm.gamma, "rms_final_weight", finite);
+  // The legacy RoPE tables: kvcache computes the rotation instead.
+  in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
+  if (!in) detail::fail_file(path, "cannot skip the RoPE tables");
+  if (!h.shared_classifier) detail::read_tensor(in, path, w.lm_head, "wcls", finite);
+
+  return Decoder<float>(config, std::move(w));
+}
+
+// ============================================================================
+// Saving
+// ============================================================================
+
+namespace detail {
+
+inline void require_int32(const char* field, std::size_t value) {
+  if (value > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+    throw std::invalid_argument(std::string("kvcache: save_llama2c: ") + field + " = " + std::to_string(value) +
+                                " does not fit the format's int32 header");
+}
+
+inline void require_no_bias(const std::string& name, std::size_t size) {
+  if (size != 0)
+    throw std::invalid_argument("kvcache: save_llama2c: " + name + " is a bias; the llama2.c format has none");
+}
+
+// Throws std::invalid_argument, naming the field, for what the format cannot say.
+inline void check_llama2c_expressible(const Decoder<float>& decoder) {
+  const ModelConfig& c = decoder.config();
+  const std::string at = "kvcache: save_llama2c: ";
+  if (c.positions != PositionEncoding::rope)
+    throw std::invalid_argument(at + "positions = " + to_string(c.positions) + ", the format needs rope");
+  if (c.rope_base != 10000.0)
+    throw std::invalid_argument(at + "rope_base = " + std::to_string(c.rope_base) + ", the format needs 10000");
+  if (c.norm != NormKind::rms_norm) throw std::invalid_argument(at + "norm = layer_norm, the format needs rms_norm");
+  if (c.norm_eps != 1e-5)
+    throw std::invalid_argument(at + "norm_eps = " + std::to_string(c.norm_eps) + ", the format needs 1e-5");
+  if (c.mlp != MlpKind::swiglu) throw std::invalid_argument(at + "mlp = gelu, the format needs swiglu");
+  require_int32("d_model", c.d_model);
+  require_int32("d_ff", c.d_ff);
+  require_int32("n_layers", c.n_layers);
+  require_int32("n_heads", c.n_heads);
+  require_int32("n_kv_heads", c.kv_heads());
+  require_int32("vocab_size", c.vocab_size);
+  require_int32("max_seq_len", c.max_seq_len);
+  for (std::size_t l = 0; l < c.n_layers; ++l) {
+    const auto& b = decoder.block(l);
+    const auto& a = b.attention.weights();
+    const std::string layer = "blocks[" + std::to_string(l) + "].";
+    require_no_bias(layer + "attention.b_Q", static_cast<std::size_t>(a.b_Q.size()));
+    require_no_bias(layer + "attention.b_K", static_cast<std::size_t>(a.b_K.size()));
+    require_no_bias(layer + "attention.b_V", static_cast<std::size_t>(a.b_V.size()));
+    require_no_bias(layer + "attention.b_O", static_cast<std::size_t>(a.b_O.size()));
+    require_no_bias(layer + "mlp.b_1", static_cast<std::size_t>(b.mlp.b_1.size()));
+    require_no_bias(layer + "mlp.b_2", static_cast<std::size_t>(b.mlp.b_2.size()));
+  }
+}
+
+}  // namespace detail
+
+// Writes `decoder` as a legacy (version 0) llama2.c checkpoint: vocab_size is
+// written negative when the LM head is not tied, and the two RoPE tables are
+// filled with cos and sin of pos · 10000^(-2i / head_size), as llama2.c's
+// export writes them (nothing reads them; they keep the file valid for tools
+// that expect them). The file is written to `path + ".tmp"` and renamed over
+// `path` once complete, so a crash never leaves a half-written checkpoint.
+//
+// Throws std::invalid_argument (naming the field) for a decoder the format
+// cannot express: positions other than rope, rope_base != 10000, LayerNorm,
+// norm_eps != 1e-5, GELU, biases, sizes past int32. Throws std::runtime_error
+// on any I/O failure, after removing the temporary file.
+inline void save_llama2c(const Decoder<float>& decoder, const std::string& path) {
+  detail::check_llama2c_expressible(decoder);
+  detail::require_little_endian(path);
+  const ModelConfig& c = decoder.config();
+
+  unsigned char header[Llama2cHeader::kBytes];
+  const std::size_t fields[7] = {c.d_model, c.d_ff, c.n_layers, c.n_heads, c.kv_heads(), c.vocab_size, c.max_seq_len};
+  for (int i = 0; i < 7; ++i) {
+    auto value = static_cast<std::int32_t>(fields[i]);
+    if (i == 5 && !c.tied_lm_head) value = -value;
+    detail::encode_int32_le(value, header + 4 * i);
+  }
+
+  // RoPE tables, [seq_len, head_size / 2] each: cos, then sin.
+  const std::size_t half = c.d_k() / 2;
+  std::vector<float> rope_cos(c.max_seq_len * half), rope_sin(c.max_seq_len * half);
+  for (std::size_t pos = 0; pos < c.max_seq_len; ++pos)
+    for (std::size_t i = 0; i < half; ++i) {
+      const double angle =
+          static_cast<double>(pos) * std::pow(10000.0, -static_cast<double>(2 * i) / static_cast<double>(c.d_k()));
+      rope_cos[pos * half + i] = static_cast<float>(std::cos(angle));
+      rope_sin[pos * half + i] = static_cast<float>(std::sin(angle));
+    }
+
+  const std::string tmp = path + ".tmp";
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  if (!out) detail::fail_file(path, "cannot create the temporary file " + tmp + " (does the directory exist?)");
+  const auto remove_tmp = [&] {
+    if (out.is_open()) out.close();
+    std::error_code ignored;
+    std::filesystem::remove(tmp, ignored);
+  };
+  const auto write = [&](const void* data, std::size_t bytes) {
+    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+    if (!out) throw std::runtime_error("kvcache: " + path + ": write error on " + tmp);
+  };
+  const auto write_all = [&](const auto& m) { write(m.data(), static_cast<std::size_t>(m.size()) * sizeof(float)); };
+
+  try {
+    write(header, sizeof header);
+    write_all(decoder.token_embedding());
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention_norm.gamma);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_Q);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_K);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_V);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_O);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp_norm.gamma);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_1);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_2);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_3);
+    write_all(decoder.final_norm().gamma);
+    write(rope_cos.data(), rope_cos.size() * sizeof(float));
+    write(rope_sin.data(), rope_sin.size() * sizeof(float));
+    if (!c.tied_lm_head) write_all(decoder.lm_head());
+    out.close();
+    if (!out) throw std::runtime_error("kvcache: " + path + ": write error while closing " + tmp);
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) throw std::runtime_error("kvcache: " + path + ": cannot rename " + tmp + " into place: " + ec.message());
+  } catch (...) {
+    remove_tmp();
+    throw;
+  }
+}
+
+}  // namespace kvcache
