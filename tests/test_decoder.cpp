@@ -1,6 +1,7 @@
 // Decoder and Session: the formula, cached == uncached at every step, chunked
 // prefill, session isolation, and the error paths that must leave the caches
 // as they were.
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -194,6 +195,20 @@ TEST(Decoder, TwoThreadsGiveTheSameLogitsAsOne) {
                                         chunked_logits(d, one, tokens, {12, 1, 1, 6})),
               1e-5);
   }
+}
+
+// Each decode step makes room for its token before touching any cache; that
+// room must grow geometrically, or every step would copy the whole cache.
+TEST(Decoder, DecodeStepsGrowTheCachesGeometrically) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[1], 256);
+  const Decoder<float> d = make_decoder<float>(c);
+  Session<float> s = d.new_session();
+  std::set<std::size_t> capacities;
+  for (int i = 0; i < 256; ++i) {
+    d.forward({i % 37}, s, Logits::last);
+    capacities.insert(s.cache(1).capacity());
+  }
+  EXPECT_EQ(capacities, (std::set<std::size_t>{16, 32, 64, 128, 256}));
 }
 
 TEST(Decoder, KvBytesFollowTheFormula) {

@@ -100,6 +100,20 @@ TEST(KVCache, GrowsGeometricallySoAppendIsAmortizedConstant) {
   EXPECT_GE(c.capacity(), 10000u);
 }
 
+TEST(KVCache, ReserveMoreGrowsGeometricallyLikeAppend) {
+  KVCache<float> c(1, 2, 100);
+  std::set<std::size_t> capacities;
+  const Mat one = tokens(1, 2, 0);
+  for (int i = 0; i < 100; ++i) {
+    c.reserve_more(1);
+    capacities.insert(c.capacity());
+    c.append(one, one);
+  }
+  EXPECT_EQ(capacities, (std::set<std::size_t>{16, 32, 64, 100}));  // clamped to the limit
+  EXPECT_THROW(c.reserve_more(1), std::length_error);
+  EXPECT_EQ(c.size(), 100u);
+}
+
 TEST(KVCache, ReserveAndBytes) {
   KVCache<float> c(2, 8);
   c.reserve(100);

@@ -129,7 +129,7 @@ class MultiHeadAttentionWithCache {
 
     // Everything that can throw (the limit, allocations) happens before the
     // cache changes: from the append on, nothing allocates.
-    cache.reserve(p + m);
+    cache.reserve_more(m);
     resize_scratch(scratch, out, m, p + m, threads);
 
     project(x, scratch, threads);

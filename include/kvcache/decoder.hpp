@@ -316,7 +316,7 @@ class Decoder {
     check_tokens(tokens, session);
     const std::size_t p = session.size();
     try {
-      for (auto& c : session.caches_) c.reserve(p + tokens.size());
+      for (auto& c : session.caches_) c.reserve_more(tokens.size());
       embed(tokens, p, session);
       for (const auto& b : blocks_) run_block(b, session, &b - blocks_.data());
       head(session, which);

@@ -82,6 +82,15 @@ class KVCache {
     reallocate(n);
   }
 
+  // Ensures room for m more tokens, growing geometrically as append does: a
+  // caller that makes room before appending (to fail before changing
+  // anything else) keeps append's O(m) amortized cost.
+  void reserve_more(std::size_t m) {
+    const std::size_t needed = size_ + m;
+    check_limit(needed);
+    if (needed > capacity_) reallocate(grown_capacity(needed));
+  }
+
   // Appends m tokens. K_new and V_new are m × (n_kv_heads·d_k), a row per
   // token with kv head h in columns [h·d_k, (h+1)·d_k). Throws (and changes
   // nothing) on a shape mismatch or past max_tokens().
@@ -92,16 +101,14 @@ class KVCache {
       throw std::invalid_argument("kvcache: KVCache::append: K_new has " + std::to_string(K_new.rows()) +
                                   " rows but V_new has " + std::to_string(V_new.rows()));
     const std::size_t m = static_cast<std::size_t>(K_new.rows());
-    const std::size_t needed = size_ + m;
-    check_limit(needed);
-    if (needed > capacity_) reallocate(grown_capacity(needed));
+    reserve_more(m);
     for (std::size_t h = 0; h < n_kv_heads_; ++h) {
       const auto cols = static_cast<Eigen::Index>(h * d_k_);
       const auto d_k = static_cast<Eigen::Index>(d_k_);
       head_block(keys_, h).middleRows(size_, m) = K_new.middleCols(cols, d_k);
       head_block(values_, h).middleRows(size_, m) = V_new.middleCols(cols, d_k);
     }
-    size_ = needed;
+    size_ += m;
   }
 
   // Forgets every token (the reset between independent requests); keeps the
