@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <kvcache/config.hpp>
+#include <kvcache/decoder.hpp>
 
 namespace fixtures {
 
@@ -44,6 +45,12 @@ inline kvcache::ModelConfig model(const Variant& v, std::size_t max_seq_len = 48
   c.mlp = llama ? kvcache::MlpKind::swiglu : kvcache::MlpKind::gelu;
   c.tied_lm_head = !llama;
   return c;
+}
+
+// A decoder of that shape with seeded random weights.
+template <typename T>
+kvcache::Decoder<T> make_decoder(const kvcache::ModelConfig& c, std::uint64_t seed = 42) {
+  return kvcache::Decoder<T>(c, kvcache::random_weights<T>(c, seed));
 }
 
 inline std::vector<int> random_tokens(std::size_t n, std::size_t vocab, std::uint32_t seed) {

@@ -19,10 +19,7 @@ using kvcache::Session;
 
 namespace {
 
-template <typename T>
-Decoder<T> make_decoder(const ModelConfig& c, std::uint64_t seed = 42) {
-  return Decoder<T>(c, kvcache::random_weights<T>(c, seed));
-}
+using fixtures::make_decoder;
 
 // Logits of the whole sequence fed in the given chunk sizes, stacked.
 template <typename T>
