@@ -3,6 +3,7 @@
 #include <limits>
 #include <map>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -40,6 +41,24 @@ TEST(Generate, CachedAndUncachedGiveTheSameIds) {
     const Decoder<double> d = make_decoder<double>(c);
     EXPECT_EQ(kvcache::generate(d, prompt, greedy(40)), kvcache::generate_uncached(d, prompt, greedy(40))) << v.name;
   }
+}
+
+// One set of immutable weights, several requests at once: each thread runs
+// its own session on the shared decoder and gets what it gets alone.
+TEST(Generate, ConcurrentSessionsOnOneDecoderGetWhatTheyGetAlone) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  constexpr int kThreads = 4;
+  std::vector<std::vector<int>> prompts, alone(kThreads), together(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    prompts.push_back(fixtures::random_tokens(3 + static_cast<std::size_t>(t), c.vocab_size, 100 + static_cast<std::uint32_t>(t)));
+    alone[static_cast<std::size_t>(t)] = kvcache::generate(d, prompts.back(), greedy(30));
+  }
+  std::vector<std::thread> workers;
+  for (std::size_t t = 0; t < kThreads; ++t)
+    workers.emplace_back([&, t] { together[t] = kvcache::generate(d, prompts[t], greedy(30), 1 + t % 2); });
+  for (auto& w : workers) w.join();
+  EXPECT_EQ(together, alone);
 }
 
 TEST(Generate, GreedyIdsAreTheArgmaxOfTheLogits) {
