@@ -19,6 +19,10 @@ Mat to_double(const kvcache::Matrix<T>& m) {
   return m.template cast<double>();
 }
 template <typename T>
+Mat to_double(const kvcache::WeightMatrix<T>& m) {
+  return m.template cast<double>();
+}
+template <typename T>
 Vec to_double(const kvcache::Vector<T>& v) {
   return v.template cast<double>();
 }

@@ -20,12 +20,12 @@
 
 namespace kvcache {
 
-// The parameters of one attention layer, each stored [out, in]:
+// The parameters of one attention layer, each of shape [out, in]:
 //   W_Q: d_model × d_model     W_K, W_V: kv_dim × d_model     W_O: d_model × d_model
 // with kv_dim = n_kv_heads · d_k. A bias left empty is no bias.
 template <typename T = float>
 struct AttentionWeights {
-  Matrix<T> W_Q, W_K, W_V, W_O;
+  WeightMatrix<T> W_Q, W_K, W_V, W_O;
   Vector<T> b_Q, b_K, b_V, b_O;
 };
 
@@ -49,8 +49,8 @@ inline std::string shape(Eigen::Index rows, Eigen::Index cols) {
   return std::to_string(rows) + " x " + std::to_string(cols);
 }
 
-template <typename T>
-void check_weight(const char* name, const Matrix<T>& W, std::size_t rows, std::size_t cols) {
+template <typename Derived>
+void check_weight(const char* name, const Eigen::EigenBase<Derived>& W, std::size_t rows, std::size_t cols) {
   if (static_cast<std::size_t>(W.rows()) != rows || static_cast<std::size_t>(W.cols()) != cols)
     fail_config(std::string(name) + " is " + shape(W.rows(), W.cols()) + ", expected " +
                 shape(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols)));

@@ -11,12 +11,17 @@
 
 namespace kvcache {
 
-// Row-major, so that a row is one token (activations) or one output feature
-// (weights stored [out, in], as in PyTorch's nn.Linear and llama2.c). Row-major
-// weights make y = W·x a set of contiguous dot products, which is what decode
-// is made of.
+// Activations are row-major, a row per token, so that one token's vector is
+// contiguous.
 template <typename T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+// Weights have the shape [out, in] but are stored column by column: y = W·x
+// then streams through W once, adding x_j times column j into y (which stays
+// in cache). For the tall matrices that dominate decoding (the LM head:
+// vocab × d_model) this reads memory about twice as fast as a dot product per
+// row. Assigning a row-major matrix converts it.
+template <typename T>
+using WeightMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
 template <typename T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 template <typename T>

@@ -35,7 +35,7 @@ struct NormWeights {
 // W_1, W_3: d_ff × d_model; W_2: d_model × d_ff. Empty biases are none.
 template <typename T = float>
 struct MlpWeights {
-  Matrix<T> W_1, W_2, W_3;
+  WeightMatrix<T> W_1, W_2, W_3;
   Vector<T> b_1, b_2;
 };
 
@@ -50,11 +50,11 @@ struct BlockWeights {
 
 template <typename T = float>
 struct DecoderWeights {
-  Matrix<T> token_embedding;     // vocab_size × d_model
-  Matrix<T> position_embedding;  // max_seq_len × d_model (learned positions only)
+  WeightMatrix<T> token_embedding;  // vocab_size × d_model (also the LM head when tied)
+  Matrix<T> position_embedding;     // max_seq_len × d_model (learned positions only)
   std::vector<BlockWeights<T>> blocks;
   NormWeights<T> final_norm;
-  Matrix<T> lm_head;  // vocab_size × d_model; empty when tied to token_embedding
+  WeightMatrix<T> lm_head;  // vocab_size × d_model; empty when tied to token_embedding
 };
 
 namespace detail {
@@ -270,10 +270,10 @@ class Decoder {
 
   const ModelConfig& config() const { return config_; }
   const Block& block(std::size_t l) const { return blocks_.at(l); }
-  const Matrix<T>& token_embedding() const { return token_embedding_; }
+  const WeightMatrix<T>& token_embedding() const { return token_embedding_; }
   const Matrix<T>& position_embedding() const { return position_embedding_; }
   const NormWeights<T>& final_norm() const { return final_norm_; }
-  const Matrix<T>& lm_head() const { return config_.tied_lm_head ? token_embedding_ : lm_head_; }
+  const WeightMatrix<T>& lm_head() const { return config_.tied_lm_head ? token_embedding_ : lm_head_; }
 
   // Bytes of all parameters.
   std::size_t weight_bytes() const {
@@ -443,11 +443,11 @@ class Decoder {
   }
 
   ModelConfig config_;
-  Matrix<T> token_embedding_;
+  WeightMatrix<T> token_embedding_;
   Matrix<T> position_embedding_;
   std::vector<Block> blocks_;
   NormWeights<T> final_norm_;
-  Matrix<T> lm_head_;
+  WeightMatrix<T> lm_head_;
 };
 
 }  // namespace kvcache

@@ -26,8 +26,9 @@
 //
 // The model is a Llama block: RMSNorm (eps 1e-5), RoPE (base 10000) on
 // consecutive pairs, SwiGLU MLP out = w2·(silu(w1·h) ⊙ w3·h), no biases.
-// Decoder stores weights [out, in] too, so every array is read straight into
-// the memory of the matrix that holds it, with no transposition or copy.
+// Decoder's weights have the same [out, in] shapes but are stored column by
+// column, so each matrix is read row by row into a buffer and transposed into
+// place (vectors are read straight into their memory).
 //
 // The file's floats are read as they are, which is right on a little-endian
 // host only; on a big-endian host both functions throw std::runtime_error.
@@ -266,9 +267,17 @@ inline void read_floats(std::ifstream& in, const std::string& path, float* dst, 
   }
 }
 
+// The file stores matrices row by row; kvcache's weights are stored column
+// by column (WeightMatrix), so a matrix goes through a row-major buffer.
 template <typename M>
 void read_tensor(std::ifstream& in, const std::string& path, M& m, const std::string& name, bool check_finite) {
-  read_floats(in, path, m.data(), static_cast<std::size_t>(m.size()), name, check_finite);
+  if constexpr (M::IsRowMajor || M::ColsAtCompileTime == 1) {
+    read_floats(in, path, m.data(), static_cast<std::size_t>(m.size()), name, check_finite);
+  } else {
+    Matrix<float> rows(m.rows(), m.cols());
+    read_floats(in, path, rows.data(), static_cast<std::size_t>(rows.size()), name, check_finite);
+    m = rows;
+  }
 }
 
 inline std::string layer_name(const char* what, std::size_t l) {
@@ -471,7 +480,11 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
     if (!out) throw std::runtime_error("kvcache: " + path + ": write error on " + tmp);
   };
-  const auto write_all = [&](const auto& m) { write(m.data(), static_cast<std::size_t>(m.size()) * sizeof(float)); };
+  // Row by row, as the format stores matrices.
+  const auto write_all = [&](const auto& m) {
+    const Matrix<float> rows = m;
+    write(rows.data(), static_cast<std::size_t>(rows.size()) * sizeof(float));
+  };
 
   try {
     write(header, sizeof header);

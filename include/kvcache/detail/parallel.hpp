@@ -45,13 +45,13 @@ void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body
 }
 
 // Y = X · Wᵀ (+ b broadcast over rows).
-//   X: m × in (a row per token), W: out × in (a row per output feature),
+//   X: m × in (a row per token), W: out × in (stored column by column),
 //   Y: m × out, already sized by the caller so that this never allocates.
 // Each thread computes a slice of output features, so W is read once in total
 // and the threads never write the same memory. For m == 1 (decode) Eigen runs
 // a matrix-vector product per slice; for m > 1 (prefill) a GEMM.
 template <typename T, typename DerivedX>
-void linear(const Eigen::MatrixBase<DerivedX>& X, const Matrix<T>& W, const Vector<T>& b,
+void linear(const Eigen::MatrixBase<DerivedX>& X, const WeightMatrix<T>& W, const Vector<T>& b,
             Eigen::Ref<Matrix<T>> Y, std::size_t threads) {
   parallel_slices(static_cast<std::size_t>(W.rows()), threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
     const auto c0 = static_cast<Eigen::Index>(begin);
