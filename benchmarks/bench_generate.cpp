@@ -58,18 +58,11 @@ std::vector<int> bench_prompt() {
   return prompt;
 }
 
-// One thread everywhere: kvcache's own split is off (threads = 1), and so is
-// Eigen's internal OpenMP split of matrix products, which would otherwise
-// make the uncached run (all products) use every core and the cached run
-// (mostly matrix-vector products) one.
-void single_threaded() { Eigen::setNbThreads(1); }
-
 // ============================================================================
 // Cached vs uncached generation
 // ============================================================================
 
 void BM_GenerateCached(benchmark::State& state) {
-  single_threaded();
   const auto& model = bench_model();
   const std::vector<int> prompt = bench_prompt();
   kvcache::GenerateOptions options;
@@ -90,7 +83,6 @@ void BM_GenerateCached(benchmark::State& state) {
 }
 
 void BM_GenerateUncached(benchmark::State& state) {
-  single_threaded();
   const auto& model = bench_model();
   const std::vector<int> prompt = bench_prompt();
   kvcache::GenerateOptions options;
