@@ -321,7 +321,7 @@ class Decoder {
       for (const auto& b : blocks_) run_block(b, session, &b - blocks_.data());
       head(session, which);
     } catch (...) {
-      for (auto& c : session.caches_) c.truncate(std::min(p, c.size()));
+      for (auto& c : session.caches_) c.truncate(p);  // every cache holds at least the p tokens it had
       throw;
     }
     return session.logits_;
