@@ -34,12 +34,17 @@ template <typename T = float>
 struct AttentionScratch {
   Matrix<T> Q, K, V;  // m × d_model, m × kv_dim, m × kv_dim
   Matrix<T> O;        // m × d_model: the heads' outputs side by side, before W_O
-  // Per thread, m × n scores then probabilities (n = cache length), rows
+  // Per thread, rows × n scores then probabilities (n = cache length), rows
   // padded to a multiple of 16 values. The padding makes every row start on
   // the same alignment whatever the buffer's history, so the vectorised sums
   // of the softmax add in the same order: a reused session gives bit for bit
   // what a fresh one gives.
   Vector<T> S;
+  // Per thread, kTile × d_k keys or values of a compact cache converted to T.
+  Vector<T> tile;
+  // Sliding window with sinks only: Q before RoPE (m × d_model), and one
+  // query re-rotated to its position within the window (1 × d_model).
+  Matrix<T> Q_unrotated, Q_in_window;
 };
 
 namespace detail {
@@ -111,33 +116,56 @@ class MultiHeadAttentionWithCache {
   const AttentionConfig& config() const { return config_; }
   const AttentionWeights<T>& weights() const { return weights_; }
 
-  // An empty cache of this layer's shape, limited to max_seq_len tokens.
-  KVCache<T> make_cache() const { return KVCache<T>(config_.n_kv_heads, config_.d_k(), config_.max_seq_len); }
+  // An empty cache of this layer's shape, limited to max_seq_len tokens (or
+  // holding a sliding window of them), storing keys and values as `type`.
+  KVCache<T> make_cache(KVType type = KVType::full, SlidingWindow window = {}) const {
+    return KVCache<T>(config_.n_kv_heads, config_.d_k(), window.window != 0 ? 0 : config_.max_seq_len, type, window);
+  }
 
   // Attends m new tokens over the cache and the tokens themselves, appending
   // their keys and values to the cache; out becomes m × d_model and must not
   // alias x. Throws, leaving the cache unchanged, when x is empty or of the
   // wrong width, the cache is of another shape, or the positions would pass
   // max_seq_len or the cache's limit.
+  //
+  // With a sliding window the positions go on past max_seq_len: each query
+  // sees the sinks and the most recent tokens, W in all, as if they were a
+  // sequence of their own at positions 0 … W−1 (StreamingLLM's choice, which
+  // keeps every position the model sees inside the range it was trained on).
   template <typename Derived>
   void forward(const Eigen::MatrixBase<Derived>& x, KVCache<T>& cache, Matrix<T>& out,
                AttentionScratch<T>& scratch, std::size_t threads = 1) const {
     check_input(x.rows(), x.cols(), cache);
-    const std::size_t p = cache.size(), m = static_cast<std::size_t>(x.rows());
+    const std::size_t p = cache.position(), m = static_cast<std::size_t>(x.rows());
     threads = std::max<std::size_t>(threads, 1);
 
     // Everything that can throw (the limit, allocations) happens before the
-    // cache changes: from the append on, nothing allocates.
+    // cache changes: from the first append on, nothing allocates.
     cache.reserve_more(m);
-    resize_scratch(scratch, out, m, p + m, threads);
+    // With RoPE, the sinks' scores need the query at its position in the window.
+    const bool rebase_sinks = rope_ && cache.window().sinks != 0 && p + m > cache.window().window;
+    const std::size_t window = cache.window().window;
+    const std::size_t n_max = window != 0 ? std::min(cache.size() + m, window) : cache.size() + m;
+    resize_scratch(scratch, out, m, n_max, threads, rebase_sinks);
 
     project(x, scratch, threads);
     if (rope_) {
+      if (rebase_sinks) scratch.Q_unrotated = scratch.Q;
       rope_->apply(scratch.Q, p);
       rope_->apply(scratch.K, p);
     }
-    cache.append(scratch.K, scratch.V);
-    attend(cache, p, scratch, threads);
+    for (std::size_t first = 0; first < m;) {
+      const std::size_t rows = rows_without_eviction(cache, m - first);
+      const auto i0 = static_cast<Eigen::Index>(first), r = static_cast<Eigen::Index>(rows);
+      cache.append(scratch.K.middleRows(i0, r), scratch.V.middleRows(i0, r));
+      const bool in_window = rebase_sinks && cache.evicted() != 0;
+      if (in_window) {
+        scratch.Q_in_window = scratch.Q_unrotated.row(i0);
+        rope_->apply(scratch.Q_in_window, cache.size() - 1);
+      }
+      attend(cache, first, rows, in_window, scratch, threads);
+      first += rows;
+    }
     detail::linear<T>(scratch.O, weights_.W_O, weights_.b_O, out, threads);
   }
 
@@ -178,27 +206,52 @@ class MultiHeadAttentionWithCache {
       throw std::invalid_argument("kvcache: cache holds " + std::to_string(cache.n_kv_heads()) + " kv heads of " +
                                   std::to_string(cache.d_k()) + ", the layer needs " +
                                   std::to_string(config_.n_kv_heads) + " of " + std::to_string(config_.d_k()));
-    const std::size_t end = cache.size() + static_cast<std::size_t>(rows);
-    if (end > config_.max_seq_len)
+    const std::size_t window = cache.window().window;
+    if (window > config_.max_seq_len)
+      throw std::invalid_argument("kvcache: sliding window of " + std::to_string(window) +
+                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len));
+    const std::size_t end = cache.position() + static_cast<std::size_t>(rows);
+    if (window == 0 && end > config_.max_seq_len)
       throw std::length_error("kvcache: positions up to " + std::to_string(end) + " pass max_seq_len = " +
                               std::to_string(config_.max_seq_len));
   }
 
-  void resize_scratch(AttentionScratch<T>& s, Matrix<T>& out, std::size_t m, std::size_t n,
-                      std::size_t threads) const {
+  // How many of `left` new tokens can be appended at once without the window
+  // dropping a token that one of them still sees: all of them while they
+  // fit, then the rest one at a time.
+  static std::size_t rows_without_eviction(const KVCache<T>& cache, std::size_t left) {
+    const std::size_t window = cache.window().window, n = cache.size();
+    if (window == 0 || n + left <= window) return left;
+    return n < window ? window - n : 1;
+  }
+
+  // n: the most tokens the cache holds during this call.
+  void resize_scratch(AttentionScratch<T>& s, Matrix<T>& out, std::size_t m, std::size_t n, std::size_t threads,
+                      bool rebase_sinks) const {
     const auto rows = static_cast<Eigen::Index>(m);
-    s.Q.resize(rows, static_cast<Eigen::Index>(config_.d_model));
+    const auto d = static_cast<Eigen::Index>(config_.d_model);
+    s.Q.resize(rows, d);
     s.K.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
     s.V.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.O.resize(rows, static_cast<Eigen::Index>(config_.d_model));
+    s.O.resize(rows, d);
+    if (rebase_sinks) {
+      s.Q_unrotated.resize(rows, d);
+      s.Q_in_window.resize(1, d);
+    }
     // Grown, never shrunk, so that a decode step, whose n grows by one,
-    // reallocates only when the size doubles.
-    const auto needed = static_cast<Eigen::Index>(threads * m * scores_stride(n));
+    // reallocates only when the size doubles. A thread's scores hold the
+    // rows of one head, or, in a decode step, one row per head of a group.
+    const std::size_t score_rows = std::max(m, config_.group_size());
+    const auto needed = static_cast<Eigen::Index>(threads * score_rows * scores_stride(n));
     if (s.S.size() < needed) s.S.resize(std::max(needed, 2 * s.S.size()));
-    out.resize(rows, static_cast<Eigen::Index>(config_.d_model));
+    s.tile.resize(static_cast<Eigen::Index>(threads * kTile * config_.d_k()));
+    out.resize(rows, d);
   }
 
   static std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
+
+  // Rows of a compact cache converted to T at a time: 64 × d_k fits in L1.
+  static constexpr std::size_t kTile = 64;
 
   template <typename Derived>
   void project(const Eigen::MatrixBase<Derived>& x, AttentionScratch<T>& s, std::size_t threads) const {
@@ -207,30 +260,87 @@ class MultiHeadAttentionWithCache {
     detail::linear<T>(x, weights_.W_V, weights_.b_V, s.V, threads);
   }
 
-  // O_h = softmax(Q_h·K_gᵀ/√d_k, causal from offset p)·V_g for every query
-  // head, split across threads by head; each thread has its own rows of S.
-  void attend(const KVCache<T>& cache, std::size_t p, AttentionScratch<T>& s, std::size_t threads) const {
-    const auto d_k = static_cast<Eigen::Index>(config_.d_k());
-    const auto m = s.Q.rows();
-    const auto n = static_cast<Eigen::Index>(cache.size());
-    const T sqrt_d_k = std::sqrt(static_cast<T>(config_.d_k()));
+  using ConstStridedMap = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  using StridedMap = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
+
+  // O_h = softmax(Q_h·K_gᵀ/√d_k, causal)·V_g for the query rows [first,
+  // first + rows) of every query head, whose keys and values were just
+  // appended: row i sees the cache's slots [0, n − rows + i]. Split across
+  // threads by query head; each thread has its own scores and tile.
+  //
+  // A decode step (rows == 1) takes the heads that share a kv head together,
+  // as a (heads × d_k) matrix, so each cached key and value is read once per
+  // kv head, not once per query head.
+  void attend(const KVCache<T>& cache, std::size_t first, std::size_t rows, bool in_window, AttentionScratch<T>& s,
+              std::size_t threads) const {
+    const std::size_t d_k = config_.d_k(), G = config_.group_size(), n = cache.size();
+    const auto ld_Q = static_cast<Eigen::Index>(config_.d_model);
+    const T sqrt_d_k = std::sqrt(static_cast<T>(d_k));
     detail::parallel_slices(config_.n_heads, threads, 1, [&](std::size_t h_begin, std::size_t h_end, std::size_t slot) {
-      const auto ld = static_cast<Eigen::Index>(scores_stride(static_cast<std::size_t>(n)));
-      Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> S(s.S.data() + static_cast<Eigen::Index>(slot) * m * ld, m, n,
-                                                       Eigen::OuterStride<>(ld));
-      for (std::size_t h = h_begin; h < h_end; ++h) {
-        const std::size_t g = h / config_.group_size();
-        const auto K_g = cache.keys(g);
-        const auto V_g = cache.values(g);
-        const auto col = static_cast<Eigen::Index>(h) * d_k;
+      const auto ld = static_cast<Eigen::Index>(scores_stride(n));
+      T* scores = s.S.data() + static_cast<Eigen::Index>(slot * std::max(rows, G)) * ld;
+      T* tile = s.tile.data() + slot * kTile * d_k;
+      for (std::size_t h = h_begin; h < h_end;) {
+        const std::size_t g = h / G;
+        // Decode: the heads [h, h_end_g) of kv head g, one row each. Prefill: head h, `rows` rows.
+        const std::size_t heads = rows == 1 ? std::min(h_end, (g + 1) * G) - h : 1;
+        const auto q_rows = static_cast<Eigen::Index>(rows == 1 ? heads : rows);
+        const auto q_stride = rows == 1 ? static_cast<Eigen::Index>(d_k) : ld_Q;
+        const auto at = static_cast<Eigen::Index>(first) * ld_Q + static_cast<Eigen::Index>(h * d_k);
+        const ConstStridedMap Q_h(s.Q.data() + at, q_rows, static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(q_stride));
+        StridedMap O_h(s.O.data() + at, q_rows, static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(q_stride));
+        StridedMap S(scores, q_rows, static_cast<Eigen::Index>(n), Eigen::OuterStride<>(ld));
+
         // Divided after the product, as the formula reads: a scaled Q_h
         // would make Eigen copy it into a temporary on every decode step.
-        S.noalias() = s.Q.middleCols(col, d_k) * K_g.transpose();
+        key_products(Q_h, cache, g, 0, n, S, tile);
+        if (in_window) {
+          // The sinks sit at the start of the window: their scores use the
+          // query rotated to its position in the window, not in the sequence.
+          const ConstStridedMap Q_w(s.Q_in_window.data() + static_cast<Eigen::Index>(h * d_k), q_rows,
+                                    static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(static_cast<Eigen::Index>(d_k)));
+          key_products(Q_w, cache, g, 0, cache.window().sinks, S, tile);
+        }
         S /= sqrt_d_k;
-        for (Eigen::Index i = 0; i < m; ++i) detail::masked_softmax(S.row(i), static_cast<Eigen::Index>(p) + i + 1);
-        s.O.middleCols(col, d_k).noalias() = S * V_g;
+        for (Eigen::Index i = 0; i < q_rows; ++i)
+          detail::masked_softmax(S.row(i), static_cast<Eigen::Index>(n - rows) + (rows == 1 ? 0 : i) + 1);
+        value_sums(S, cache, g, O_h, tile);
+        h += heads;
       }
     });
+  }
+
+  // S[:, j] = Q_h · k_j for the cache slots j in [begin, end) of kv head g.
+  void key_products(const ConstStridedMap& Q_h, const KVCache<T>& cache, std::size_t g, std::size_t begin,
+                    std::size_t end, StridedMap& S, T* tile) const {
+    const auto d_k = static_cast<Eigen::Index>(config_.d_k());
+    if (cache.type() == KVType::full) {
+      const auto b = static_cast<Eigen::Index>(begin), count = static_cast<Eigen::Index>(end - begin);
+      S.middleCols(b, count).noalias() = Q_h * cache.keys(g).middleRows(b, count).transpose();
+      return;
+    }
+    for (std::size_t j = begin; j < end; j += kTile) {
+      const std::size_t count = std::min(kTile, end - j);
+      cache.load_keys(g, j, count, tile);
+      const Eigen::Map<const Matrix<T>> K_tile(tile, static_cast<Eigen::Index>(count), d_k);
+      S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)).noalias() = Q_h * K_tile.transpose();
+    }
+  }
+
+  // O_h = P · V_g over all cached slots of kv head g (P: probabilities).
+  void value_sums(const StridedMap& P, const KVCache<T>& cache, std::size_t g, StridedMap& O_h, T* tile) const {
+    const auto d_k = static_cast<Eigen::Index>(config_.d_k());
+    if (cache.type() == KVType::full) {
+      O_h.noalias() = P * cache.values(g);
+      return;
+    }
+    O_h.setZero();
+    for (std::size_t j = 0; j < cache.size(); j += kTile) {
+      const std::size_t count = std::min(kTile, cache.size() - j);
+      cache.load_values(g, j, count, tile);
+      const Eigen::Map<const Matrix<T>> V_tile(tile, static_cast<Eigen::Index>(count), d_k);
+      O_h.noalias() += P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)) * V_tile;
+    }
   }
 
   AttentionConfig config_;
