@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -130,6 +131,14 @@ DecoderWeights<T> random_weights(const ModelConfig& c, std::uint64_t seed) {
 template <typename T>
 class Decoder;
 
+// How a new session stores its tokens (see KVCache).
+struct SessionOptions {
+  std::size_t max_tokens = 0;      // 0: the model's max_seq_len (ignored with a window)
+  std::size_t reserve_tokens = 0;  // preallocate the caches (0: they grow as needed)
+  KVType kv_type = KVType::full;   // what keys and values are stored as
+  SlidingWindow window;            // window = 0: no window, the default
+};
+
 // ============================================================================
 // Session: the state of one request
 // ============================================================================
@@ -147,13 +156,24 @@ class Session {
   Session& operator=(Session&&) noexcept = default;
   ~Session() = default;
 
-  // Tokens seen so far: the position the next token will take.
+  // Tokens each cache holds (at most the window, with a sliding window).
   std::size_t size() const { return caches_.empty() ? 0 : caches_.front().size(); }
+  // Tokens fed since the last clear(): the position the next token takes.
+  // Equal to size() unless a sliding window has dropped tokens.
+  std::size_t position() const { return caches_.empty() ? 0 : caches_.front().position(); }
   std::size_t max_tokens() const { return caches_.empty() ? 0 : caches_.front().max_tokens(); }
+  // The most positions the session can reach: max_tokens(), or no limit
+  // with a sliding window.
+  std::size_t position_limit() const {
+    return window().window != 0 ? std::numeric_limits<std::size_t>::max() : max_tokens();
+  }
+  KVType kv_type() const { return caches_.empty() ? KVType::full : caches_.front().type(); }
+  SlidingWindow window() const { return caches_.empty() ? SlidingWindow{} : caches_.front().window(); }
   std::size_t n_layers() const { return caches_.size(); }
   const KVCache<T>& cache(std::size_t layer) const { return caches_.at(layer); }
 
-  // Memory held by the caches: 2 × n_layers × n_kv_heads × d_k × capacity × sizeof(T).
+  // Memory held by the caches: 2 × n_layers × n_kv_heads × capacity × row bytes
+  // (d_k × sizeof(T) for KVType::full).
   std::size_t kv_bytes() const {
     std::size_t total = 0;
     for (const auto& c : caches_) total += c.bytes();
@@ -173,7 +193,7 @@ class Session {
     for (auto& c : caches_) c.clear();
   }
 
-  // Rolls every layer back to the first n tokens.
+  // Rolls every layer back to the first n tokens held.
   void truncate(std::size_t n) {
     if (n > size())
       throw std::out_of_range("kvcache: Session::truncate(" + std::to_string(n) + ") past size() = " +
@@ -205,7 +225,8 @@ class Session {
   Matrix<T> delta_;   // a sublayer's output, m × d_model
   Matrix<T> hidden_;  // MLP, m × d_ff
   Matrix<T> gate_;    // SwiGLU's W_3 x, m × d_ff
-  Matrix<T> logits_;  // rows × vocab_size
+  Matrix<T> head_in_;  // final norm of the rows that get logits, rows × d_model
+  Matrix<T> logits_;   // rows × vocab_size
   AttentionScratch<T> attention_;
 };
 
@@ -290,20 +311,41 @@ class Decoder {
   // A new, empty session. max_tokens = 0 means the model's max_seq_len;
   // reserve_tokens preallocates the caches (0: they grow as needed).
   Session<T> new_session(std::size_t max_tokens = 0, std::size_t reserve_tokens = 0) const {
-    if (max_tokens == 0) max_tokens = config_.max_seq_len;
+    SessionOptions options;
+    options.max_tokens = max_tokens;
+    options.reserve_tokens = reserve_tokens;
+    return new_session(options);
+  }
+
+  // A new, empty session storing keys and values as options.kv_type, with an
+  // optional sliding window. Throws std::invalid_argument on a limit past
+  // max_seq_len, a window longer than max_seq_len or with sinks >= window,
+  // or a window on a model with learned positions (whose positions cannot
+  // go past max_seq_len).
+  Session<T> new_session(const SessionOptions& options) const {
+    const std::size_t W = options.window.window;
+    KVCache<T>::check_window(options.window);
+    if (W > config_.max_seq_len)
+      throw std::invalid_argument("kvcache: new_session: sliding window of " + std::to_string(W) +
+                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len));
+    if (W != 0 && config_.positions == PositionEncoding::learned)
+      throw std::invalid_argument("kvcache: new_session: a sliding window needs RoPE or no position encoding; "
+                                  "learned positions stop at max_seq_len");
+    std::size_t max_tokens = options.max_tokens == 0 ? config_.max_seq_len : options.max_tokens;
     if (max_tokens > config_.max_seq_len)
       throw std::invalid_argument("kvcache: new_session: max_tokens = " + std::to_string(max_tokens) +
                                   " exceeds max_seq_len = " + std::to_string(config_.max_seq_len));
+    if (W != 0) max_tokens = 0;  // the window is the limit
     std::vector<KVCache<T>> caches;
     caches.reserve(config_.n_layers);
     for (std::size_t l = 0; l < config_.n_layers; ++l) {
-      caches.emplace_back(config_.kv_heads(), config_.d_k(), max_tokens);
-      caches.back().reserve(reserve_tokens);
+      caches.emplace_back(config_.kv_heads(), config_.d_k(), max_tokens, options.kv_type, options.window);
+      caches.back().reserve(options.reserve_tokens);
     }
     return Session<T>(std::move(caches));
   }
 
-  // Feeds tokens at positions [session.size(), session.size() + m) and
+  // Feeds tokens at positions [session.position(), session.position() + m) and
   // returns their logits (m × vocab_size, or 1 × vocab_size for the last
   // position only). The reference points into the session and stays valid
   // until its next forward.
@@ -314,14 +356,19 @@ class Decoder {
   // exception every cache is as it was before the call.
   const Matrix<T>& forward(const std::vector<int>& tokens, Session<T>& session, Logits which = Logits::all) const {
     check_tokens(tokens, session);
-    const std::size_t p = session.size();
+    const std::size_t p = session.position();
     try {
+      // Everything that can throw comes before the first layer changes its
+      // cache: afterwards nothing allocates (a sliding window could not
+      // bring back the tokens it drops).
       for (auto& c : session.caches_) c.reserve_more(tokens.size());
+      prepare(session, tokens.size(), which);
       embed(tokens, p, session);
       for (const auto& b : blocks_) run_block(b, session, &b - blocks_.data());
       head(session, which);
     } catch (...) {
-      for (auto& c : session.caches_) c.truncate(p);  // every cache holds at least the p tokens it had
+      // Only reached before any eviction: undo the appends.
+      for (auto& c : session.caches_) c.truncate(c.size() - (c.position() - p));
       throw;
     }
     return session.logits_;
@@ -367,12 +414,27 @@ class Decoder {
     if (session.caches_.size() != config_.n_layers || session.caches_.front().n_kv_heads() != config_.kv_heads() ||
         session.caches_.front().d_k() != config_.d_k())
       throw std::invalid_argument("kvcache: Decoder::forward: the session was made for another model shape");
-    const std::size_t end = session.size() + tokens.size();
-    if (end > session.max_tokens())
+    const std::size_t end = session.position() + tokens.size();
+    if (end > session.position_limit())
       throw std::length_error("kvcache: sequence of " + std::to_string(end) + " tokens (" +
-                              std::to_string(session.size()) + " cached + " + std::to_string(tokens.size()) +
+                              std::to_string(session.position()) + " cached + " + std::to_string(tokens.size()) +
                               " new) exceeds the limit of " + std::to_string(session.max_tokens()) +
                               " (max_seq_len = " + std::to_string(config_.max_seq_len) + ")");
+  }
+
+  // Sizes every buffer a forward of m tokens writes, so that the layers
+  // allocate nothing.
+  void prepare(Session<T>& s, std::size_t m, Logits which) const {
+    const auto rows = static_cast<Eigen::Index>(m), d = static_cast<Eigen::Index>(config_.d_model);
+    const auto ff = static_cast<Eigen::Index>(config_.d_ff);
+    s.x_.resize(rows, d);
+    s.normed_.resize(rows, d);
+    s.delta_.resize(rows, d);
+    s.hidden_.resize(rows, ff);
+    if (config_.mlp == MlpKind::swiglu) s.gate_.resize(rows, ff);
+    const Eigen::Index head_rows = which == Logits::last ? 1 : rows;
+    s.head_in_.resize(head_rows, d);
+    s.logits_.resize(head_rows, static_cast<Eigen::Index>(config_.vocab_size));
   }
 
   // x_i = E[token_i] (+ P[p + i] with learned positions).
@@ -437,9 +499,8 @@ class Decoder {
   void head(Session<T>& s, Logits which) const {
     const Eigen::Index m = s.x_.rows();
     const Eigen::Index rows = which == Logits::last ? 1 : m;
-    normalize(s.x_.bottomRows(rows), final_norm_, s.normed_);
-    s.logits_.resize(rows, static_cast<Eigen::Index>(config_.vocab_size));
-    detail::linear<T>(s.normed_, lm_head(), Vector<T>(), s.logits_, s.threads_);
+    normalize(s.x_.bottomRows(rows), final_norm_, s.head_in_);
+    detail::linear<T>(s.head_in_, lm_head(), Vector<T>(), s.logits_, s.threads_);
   }
 
   ModelConfig config_;

@@ -162,11 +162,12 @@ namespace detail {
 inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::size_t max_new_tokens,
                                   std::size_t limit) {
   if (prompt == 0) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
-  const std::size_t needed = cached + prompt + (max_new_tokens == 0 ? 0 : max_new_tokens - 1);
-  if (needed > limit)
+  const std::size_t later = max_new_tokens == 0 ? 0 : max_new_tokens - 1;
+  // Compared by subtraction, so that a huge max_new_tokens cannot wrap around.
+  if (cached > limit || prompt > limit - cached || later > limit - cached - prompt)
     throw std::length_error("kvcache: generate: " + std::to_string(cached) + " cached + " + std::to_string(prompt) +
-                            " prompt tokens + " + std::to_string(max_new_tokens) + " new tokens need " +
-                            std::to_string(needed) + " positions, past the limit of " + std::to_string(limit));
+                            " prompt tokens + " + std::to_string(max_new_tokens) +
+                            " new tokens need more positions than the limit of " + std::to_string(limit));
 }
 
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
@@ -184,7 +185,7 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
 template <typename T>
 std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const std::vector<int>& prompt,
                           const GenerateOptions& options = {}) {
-  detail::check_generation_fits(session.size(), prompt.size(), options.max_new_tokens, session.max_tokens());
+  detail::check_generation_fits(session.position(), prompt.size(), options.max_new_tokens, session.position_limit());
   Sampler sampler(decoder.config().vocab_size, options);
   std::vector<int> out;
   if (options.max_new_tokens == 0) return out;
