@@ -5,7 +5,8 @@
 //
 // The options of llama2.c's `run` (-z -i -n -t -p -s) with the same defaults
 // and meanings, plus --prompt-ids, --ids, --threads, --no-cache,
-// --ignore-eos, --stats and -h/--help. Every malformed argument throws
+// --ignore-eos, --stats, the cache's --kv-type, --window and --sinks, and
+// -h/--help. Every malformed argument throws
 // UsageError with a one-line message; checks that need the model (ids within
 // the vocabulary, prompt length against steps) happen after loading it.
 #pragma once
@@ -50,6 +51,10 @@ struct Options {
   bool ignore_eos = false;   // --ignore-eos: do not stop when BOS is produced
   bool stats = false;        // --stats: one line of timings on stderr
   bool help = false;         // -h, --help
+  // --kv-type: what the cache stores keys and values as.
+  kvcache::KVType kv_type = kvcache::KVType::full;
+  std::size_t window = 0;  // --window: a sliding window of this many tokens (0: none)
+  std::size_t sinks = 0;   // --sinks: tokens the window keeps for ever
 
   // Text is needed to encode a non-empty -i prompt (without --prompt-ids) or
   // to print pieces (without --ids); otherwise no tokenizer is read.
@@ -87,6 +92,13 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 slower: the baseline the cache is measured against)\n"
          "  --ignore-eos   do not stop when the model produces BOS (id 1)\n"
          "  --stats        print one line of statistics on stderr at the end\n"
+         "Cache options:\n"
+         "  --kv-type TYPE store keys and values as f32 (default), bf16 or int8 (one\n"
+         "                 byte per value plus a byte of scale per token and head)\n"
+         "  --window W     keep only W tokens: the first S (--sinks) and the newest\n"
+         "                 W - S; generation may then go past seq_len (-n counts\n"
+         "                 positions as usual; 0 means seq_len). W <= seq_len.\n"
+         "  --sinks S      tokens the window keeps from the start, S < W (default 0)\n"
          "  -h, --help     print this help and exit\n"
          "\n"
          "Generation stops after STEPS positions or when the model produces BOS.\n"
@@ -190,6 +202,23 @@ inline Options parse_args(const std::vector<std::string>& args) {
       o.threads = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
       if (o.threads < 1 || o.threads > kMaxThreads)
         throw UsageError("--threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + detail::quoted(text));
+    } else if (a == "--kv-type") {
+      const std::string& text = value();
+      if (text == "f32")
+        o.kv_type = kvcache::KVType::full;
+      else if (text == "bf16")
+        o.kv_type = kvcache::KVType::bf16;
+      else if (text == "int8")
+        o.kv_type = kvcache::KVType::int8;
+      else
+        throw UsageError("--kv-type must be f32, bf16 or int8, got " + detail::quoted(text));
+    } else if (a == "--window") {
+      o.window = static_cast<std::size_t>(
+          detail::parse_unsigned(a, value(), static_cast<std::uint64_t>(std::numeric_limits<int>::max())));
+      if (o.window == 0) throw UsageError("--window must be at least 1, got '0'");
+    } else if (a == "--sinks") {
+      o.sinks = static_cast<std::size_t>(
+          detail::parse_unsigned(a, value(), static_cast<std::uint64_t>(std::numeric_limits<int>::max())));
     } else if (a == "--ids") {
       o.print_ids = true;
     } else if (a == "--no-cache") {
@@ -210,6 +239,12 @@ inline Options parse_args(const std::vector<std::string>& args) {
     }
   }
   if (!have_model) throw UsageError("no model file given");
+  if (o.sinks != 0 && o.window == 0) throw UsageError("--sinks needs --window");
+  if (o.window != 0 && o.sinks >= o.window)
+    throw UsageError("--sinks must be less than --window, got " + std::to_string(o.sinks) + " sinks for a window of " +
+                     std::to_string(o.window));
+  if (o.no_cache && (o.window != 0 || o.kv_type != kvcache::KVType::full))
+    throw UsageError("--no-cache keeps no cache: it cannot take --window or --kv-type");
   return o;
 }
 

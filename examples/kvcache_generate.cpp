@@ -5,6 +5,7 @@
 //   kvcache-generate MODEL.bin [-z TOKENIZER] [-i PROMPT] [-n STEPS]
 //                    [-t TEMPERATURE] [-p TOPP] [-s SEED] [--prompt-ids IDS]
 //                    [--ids] [--threads N] [--no-cache] [--ignore-eos] [--stats]
+//                    [--kv-type f32|bf16|int8] [--window W] [--sinks S]
 //
 // What is printed follows run: the pieces of every token after the leading
 // BOS (the prompt's, then the generated ones) as they come, pieces that are a
@@ -82,8 +83,12 @@ int run(int argc, char** argv) {
   const kvcache::ModelConfig& config = decoder.config();
 
   // As run: 0, or more than the model can hold, means the model's seq_len.
+  // A sliding window holds any number of positions.
   std::size_t steps = o.steps;
-  if (steps == 0 || steps > config.max_seq_len) steps = config.max_seq_len;
+  if (steps == 0 || (steps > config.max_seq_len && o.window == 0)) steps = config.max_seq_len;
+  if (o.window > config.max_seq_len)
+    throw kvcache_cli::UsageError("--window " + std::to_string(o.window) + " is longer than the model's seq_len " +
+                                  std::to_string(config.max_seq_len));
 
   std::optional<kvcache::Tokenizer> tokenizer;
   if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
@@ -141,7 +146,11 @@ int run(int argc, char** argv) {
     kvcache::generate_uncached(decoder, prompt, options, o.threads);
   } else {
     // Room for every position the run can need: decoding never reallocates.
-    kvcache::Session<float> session = decoder.new_session(0, steps);
+    kvcache::SessionOptions session_options;
+    session_options.reserve_tokens = steps;
+    session_options.kv_type = o.kv_type;
+    session_options.window = kvcache::SlidingWindow{o.window, o.sinks};
+    kvcache::Session<float> session = decoder.new_session(session_options);
     session.set_threads(o.threads);
     kvcache::generate(decoder, session, prompt, options);
     kv_bytes = session.kv_bytes();

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -65,6 +66,27 @@ TEST(CliArgs, EveryOption) {
   EXPECT_FALSE(o.needs_tokenizer());  // ids in, ids out
   EXPECT_TRUE(parse_args({"m", "-i", "x", "--ids"}).needs_tokenizer());
   EXPECT_FALSE(parse_args({"m", "-i", "", "--ids"}).needs_tokenizer());
+}
+
+TEST(CliArgs, CacheOptions) {
+  const Options o = parse_args({"m", "--kv-type", "int8", "--window", "128", "--sinks", "4"});
+  EXPECT_EQ(o.kv_type, kvcache::KVType::int8);
+  EXPECT_EQ(o.window, 128u);
+  EXPECT_EQ(o.sinks, 4u);
+  EXPECT_EQ(parse_args({"m", "--kv-type", "bf16"}).kv_type, kvcache::KVType::bf16);
+  EXPECT_EQ(parse_args({"m", "--kv-type", "f32"}).kv_type, kvcache::KVType::full);
+  EXPECT_EQ(parse_args({"m"}).window, 0u);
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"m", "--kv-type", "f16"},
+           {"m", "--kv-type"},
+           {"m", "--window", "0"},
+           {"m", "--window", "x"},
+           {"m", "--sinks", "4"},
+           {"m", "--window", "4", "--sinks", "4"},
+           {"m", "--window", "4", "--no-cache"},
+           {"m", "--kv-type", "int8", "--no-cache"},
+       })
+    EXPECT_THROW((void)parse_args(bad), UsageError) << bad[1];
 }
 
 TEST(CliArgs, Help) {
@@ -230,6 +252,45 @@ TEST_F(Cli, ReferenceIds) {
   EXPECT_EQ(ids.out, kTheCatIds);
   // --prompt-ids overrides -i, and prints text like -i.
   EXPECT_EQ(run(greedy({"-i", "ignored", "--prompt-ids", "1 368 430 273 268"})).out, kTheCatText);
+}
+
+// aidreams has a context of 128: a window of 128 with 4 sinks goes on to 2000
+// positions, its first 128 exactly those of the plain cache, and the text
+// stays text.
+TEST_F(Cli, SlidingWindowGoesFarPastSeqLen) {
+  const Result plain = run(greedy({"--ids", "--ignore-eos"}));
+  const Result windowed = run({model_, "-z", tok_, "-t", "0", "-n", "2000", "--window", "128", "--sinks", "4",
+                               "--ignore-eos", "--ids", "--stats"});
+  ASSERT_EQ(windowed.exit_code, 0) << windowed.err;
+  EXPECT_EQ(windowed.out.substr(0, plain.out.size() - 1), plain.out.substr(0, plain.out.size() - 1));
+  // 2000 positions, BOS first: 2000 generated ids (the last one never fed).
+  EXPECT_EQ(std::count(windowed.out.begin(), windowed.out.end(), ' '), 2000 - 1);
+  EXPECT_NE(windowed.err.find("generated_tokens=2000"), std::string::npos) << windowed.err;
+
+  const Result text = run({model_, "-z", tok_, "-n", "2000", "-s", "7", "--window", "128", "--sinks", "4",
+                           "--ignore-eos"});
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  ASSERT_GT(text.out.size(), 4000u);
+  // The last thousand characters: mostly letters and spaces, in words of
+  // ordinary length, as at the start.
+  const std::string tail = text.out.substr(text.out.size() - 1000);
+  const auto letters = std::count_if(tail.begin(), tail.end(), [](char c) { return std::isalpha(static_cast<unsigned char>(c)) || c == ' '; });
+  EXPECT_GT(letters, 850) << tail;
+  const auto words = std::count(tail.begin(), tail.end(), ' ');
+  EXPECT_GT(words, 100) << tail;
+  EXPECT_LT(words, 300) << tail;
+}
+
+TEST_F(Cli, CompactCacheTypes) {
+  const Result f32 = run(greedy({"-i", "The cat", "--stats"}));
+  for (const char* type : {"bf16", "int8"}) {
+    const Result r = run(greedy({"-i", "The cat", "--stats", "--kv-type", type}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out.substr(0, 40), f32.out.substr(0, 40)) << type;  // the start is greedy-identical
+    const auto bytes = [](const std::string& err) { return std::stoull(err.substr(err.find("kv_bytes=") + 9)); };
+    EXPECT_LT(bytes(r.err), bytes(f32.err)) << type;
+  }
+  expect_failure(greedy({"--window", "129"}), "seq_len 128");
 }
 
 TEST_F(Cli, NoCacheAndThreadsGiveTheSameOutput) {
