@@ -463,3 +463,74 @@ TEST(CompactSession, LogitsStayCloseToFullStorage) {
     }
   }
 }
+
+// ---- Compact storage on the real models --------------------------------------
+//
+// Teacher forcing: sequences sampled from the model itself (temperature 1,
+// seeds 1-4, the whole context) are fed one token at a time to a float32
+// session and to a compact one; at every position we compare the logits and
+// whether greedy would pick the same token. The figures are printed for the
+// README.
+
+#include <cstdio>
+
+#include <kvcache/llama2c.hpp>
+
+#include "models.hpp"
+
+namespace {
+
+struct Agreement {
+  std::size_t positions = 0, same_argmax = 0;
+  double max_logit_diff = 0.0, max_logit = 0.0;
+};
+
+Agreement teacher_forced(const kvcache::Decoder<float>& model, KVType type) {
+  Agreement a;
+  const std::size_t n = model.config().max_seq_len;
+  for (std::uint64_t seed = 1; seed <= 4; ++seed) {
+    kvcache::GenerateOptions g;
+    g.max_new_tokens = n - 1;
+    g.temperature = 1.0f;
+    g.seed = seed;
+    std::vector<int> sequence{1};
+    const auto sampled = kvcache::generate(model, sequence, g);
+    sequence.insert(sequence.end(), sampled.begin(), sampled.end() - 1);
+    auto full = model.new_session();
+    kvcache::SessionOptions o;
+    o.kv_type = type;
+    auto compact = model.new_session(o);
+    for (int t : sequence) {
+      const Mat expected = model.forward({t}, full);
+      const Mat got = model.forward({t}, compact);
+      Eigen::Index i_expected, i_got;
+      expected.row(0).maxCoeff(&i_expected);
+      got.row(0).maxCoeff(&i_got);
+      a.positions += 1;
+      a.same_argmax += i_expected == i_got ? 1 : 0;
+      a.max_logit_diff = std::max(a.max_logit_diff, static_cast<double>((got - expected).cwiseAbs().maxCoeff()));
+      a.max_logit = std::max(a.max_logit, static_cast<double>(expected.cwiseAbs().maxCoeff()));
+    }
+  }
+  return a;
+}
+
+}  // namespace
+
+TEST(CompactRealModels, GreedyAgreesUnderTeacherForcing) {
+  for (const char* file : {"aidreams260K.bin", "stories260K.bin"}) {
+    KVCACHE_MODEL_FILE_OR_SKIP(path, file);
+    const kvcache::Decoder<float> model = kvcache::load_llama2c(path);
+    for (KVType type : {KVType::bf16, KVType::int8}) {
+      const Agreement a = teacher_forced(model, type);
+      const double agreement = static_cast<double>(a.same_argmax) / static_cast<double>(a.positions);
+      std::printf("| %s | %s | %zu | %.2f%% | %.4f | %.1f |\n", file, kvcache::to_string(type), a.positions,
+                  100.0 * agreement, a.max_logit_diff, a.max_logit);
+      // stories260K is a sensitive model: 7% of its greedy positions have a
+      // top-2 logit margin under 0.1, and even bf16 agrees on only ~98.5%
+      // of them; aidreams holds both formats to 99%.
+      const bool sensitive = std::string(file) == "stories260K.bin";
+      EXPECT_GE(agreement, sensitive ? 0.95 : 0.99) << file << " " << kvcache::to_string(type);
+    }
+  }
+}
