@@ -139,13 +139,13 @@ void BM_Prefill(benchmark::State& state, const std::string& name) {
 // Bandwidth first, then each shape's decode and prefill in turn (each decode
 // also measures the bandwidth right before it runs: read_GBps), then the
 // bandwidth again, to show how much it moved during the run.
-BENCHMARK(BM_MemoryRead)->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->MinTime(0.5)->UseRealTime();
+BENCHMARK(BM_MemoryRead)->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 [[maybe_unused]] const bool models_registered = [] {
   for (const auto& shape : kvcache_bench::stories_shapes()) {
     for (auto* b : {benchmark::RegisterBenchmark(("BM_Decode/" + shape.name).c_str(), BM_Decode, shape.name),
                     benchmark::RegisterBenchmark(("BM_Prefill/" + shape.name).c_str(), BM_Prefill, shape.name)})
-      b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->MinTime(1.0)->UseRealTime();
+      b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
   }
   return true;
 }();
@@ -156,7 +156,6 @@ BENCHMARK(BM_MemoryRead)
     ->Arg(1)
     ->Arg(2)
     ->Unit(benchmark::kMillisecond)
-    ->MinTime(0.5)
     ->UseRealTime();
 
 }  // namespace
