@@ -14,6 +14,7 @@
 
 #include "config.hpp"
 #include "detail/parallel.hpp"
+#include "detail/resize.hpp"
 #include "detail/rope.hpp"
 #include "kv_cache.hpp"
 
@@ -187,15 +188,15 @@ class MultiHeadAttentionWithCache {
   void resize_scratch(AttentionScratch<T>& s, Matrix<T>& out, std::size_t m, std::size_t n,
                       std::size_t threads) const {
     const auto rows = static_cast<Eigen::Index>(m);
-    s.Q.resize(rows, static_cast<Eigen::Index>(config_.d_model));
-    s.K.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.V.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.O.resize(rows, static_cast<Eigen::Index>(config_.d_model));
+    detail::resize_buffer(s.Q, rows, static_cast<Eigen::Index>(config_.d_model));
+    detail::resize_buffer(s.K, rows, static_cast<Eigen::Index>(config_.kv_dim()));
+    detail::resize_buffer(s.V, rows, static_cast<Eigen::Index>(config_.kv_dim()));
+    detail::resize_buffer(s.O, rows, static_cast<Eigen::Index>(config_.d_model));
     // Grown, never shrunk, so that a decode step, whose n grows by one,
     // reallocates only when the size doubles.
     const auto needed = static_cast<Eigen::Index>(threads * m * scores_stride(n));
-    if (s.S.size() < needed) s.S.resize(std::max(needed, 2 * s.S.size()));
-    out.resize(rows, static_cast<Eigen::Index>(config_.d_model));
+    if (s.S.size() < needed) detail::resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
+    detail::resize_buffer(out, rows, static_cast<Eigen::Index>(config_.d_model));
   }
 
   static std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
