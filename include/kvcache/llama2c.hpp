@@ -326,41 +326,31 @@ inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& na
 // Loading
 // ============================================================================
 
-// Reads a llama2.c checkpoint from a seekable stream, from its current
-// position to its end, which must be exactly the checkpoint (see
-// load_llama2c(path) below for the checks); `name` stands for the path in
-// messages. Throws std::runtime_error "kvcache: <name>: <problem>".
-inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
-  detail::require_little_endian(name);
-  const Llama2cHeader h = detail::read_llama2c_header_from(in, name, limits);
-  const ModelConfig config = h.config();
+namespace detail {
 
+// The weights after a validated header, `in` positioned at the first float.
+inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
+                                           bool finite) {
   const auto d = static_cast<Eigen::Index>(h.dim), ff = static_cast<Eigen::Index>(h.hidden_dim);
   const auto V = static_cast<Eigen::Index>(h.vocab_size), kv = static_cast<Eigen::Index>(h.kv_dim());
   const std::size_t L = h.n_layers;
-  const bool finite = limits.check_finite;
 
   DecoderWeights<float> w;
-  try {
-    w.token_embedding.resize(V, d);
-    w.blocks.resize(L);
-    for (auto& b : w.blocks) {
-      b.attention_norm.gamma.resize(d);
-      b.attention.W_Q.resize(d, d);
-      b.attention.W_K.resize(kv, d);
-      b.attention.W_V.resize(kv, d);
-      b.attention.W_O.resize(d, d);
-      b.mlp_norm.gamma.resize(d);
-      b.mlp.W_1.resize(ff, d);
-      b.mlp.W_2.resize(d, ff);
-      b.mlp.W_3.resize(ff, d);
-    }
-    w.final_norm.gamma.resize(d);
-    if (!h.shared_classifier) w.lm_head.resize(V, d);
-  } catch (const std::bad_alloc&) {
-    detail::fail_file(name, "out of memory allocating " + std::to_string(h.n_parameters) + " parameters (" +
-                                detail::count_string(detail::sat_mul(4, h.n_parameters)) + " bytes)");
+  w.token_embedding.resize(V, d);
+  w.blocks.resize(L);
+  for (auto& b : w.blocks) {
+    b.attention_norm.gamma.resize(d);
+    b.attention.W_Q.resize(d, d);
+    b.attention.W_K.resize(kv, d);
+    b.attention.W_V.resize(kv, d);
+    b.attention.W_O.resize(d, d);
+    b.mlp_norm.gamma.resize(d);
+    b.mlp.W_1.resize(ff, d);
+    b.mlp.W_2.resize(d, ff);
+    b.mlp.W_3.resize(ff, d);
   }
+  w.final_norm.gamma.resize(d);
+  if (!h.shared_classifier) w.lm_head.resize(V, d);
 
   // In file order: each array is [layers, ...], so one pass per kind of
   // tensor, layer by layer.
@@ -389,7 +379,26 @@ inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, co
   if (!in) detail::fail_file(name, "cannot skip the RoPE tables");
   if (!h.shared_classifier) detail::read_tensor(in, name, w.lm_head, "wcls", finite);
 
-  return Decoder<float>(config, std::move(w));
+  return Decoder<float>(h.config(), std::move(w));
+}
+
+}  // namespace detail
+
+// Reads a llama2.c checkpoint from a seekable stream, from its current
+// position to its end, which must be exactly the checkpoint (see
+// load_llama2c(path) below for the checks); `name` stands for the path in
+// messages. Throws std::runtime_error "kvcache: <name>: <problem>".
+inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+  detail::require_little_endian(name);
+  const Llama2cHeader h = detail::read_llama2c_header_from(in, name, limits);
+
+  // Every allocation is bounded by the file's length; one can still fail.
+  try {
+    return detail::read_llama2c_weights(in, name, h, limits.check_finite);
+  } catch (const std::bad_alloc&) {
+    detail::fail_file(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
+                                detail::count_string(detail::sat_mul(4, h.n_parameters)) + " bytes)");
+  }
 }
 
 // Reads a llama2.c checkpoint into a Decoder<float> (see the top of this file
