@@ -105,9 +105,33 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "Text goes to stdout as it is generated; messages go to stderr.\n";
 }
 
+// `text` with its control characters escaped (\n, \r, \t, \xNN for the
+// others), so that a message quoting a file name or an argument stays on one
+// line whatever they hold.
+inline std::string one_line(const std::string& text) {
+  static const char* const kHex = "0123456789abcdef";
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (byte < 0x20 || byte == 0x7F) {
+      out += std::string("\\x") + kHex[byte >> 4] + kHex[byte & 15];
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 namespace detail {
 
-inline std::string quoted(const std::string& s) { return "'" + s + "'"; }
+inline std::string quoted(const std::string& s) { return "'" + one_line(s) + "'"; }
 
 // A non-negative decimal integer, digits only, at most `max`.
 inline std::uint64_t parse_unsigned(const std::string& flag, const std::string& text, std::uint64_t max,

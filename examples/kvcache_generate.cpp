@@ -177,10 +177,10 @@ int main(int argc, char** argv) {
     return run(argc, argv);
   } catch (const kvcache_cli::UsageError& e) {
     std::cout.flush();
-    std::cerr << kProgram << ": " << e.what() << " (see " << kProgram << " --help)" << std::endl;
+    std::cerr << kProgram << ": " << kvcache_cli::one_line(e.what()) << " (see " << kProgram << " --help)" << std::endl;
   } catch (const std::exception& e) {
     std::cout.flush();
-    std::cerr << kProgram << ": " << e.what() << std::endl;
+    std::cerr << kProgram << ": " << kvcache_cli::one_line(e.what()) << std::endl;
   } catch (...) {
     std::cout.flush();
     std::cerr << kProgram << ": unknown error" << std::endl;

@@ -136,6 +136,23 @@ TEST(CliArgs, Errors) {
   }
 }
 
+// Messages are printed as one line: control characters in an argument or a
+// file name are escaped (fuzzing finding: "--bogus\nx" made two lines).
+TEST(CliArgs, MessagesStayOnOneLine) {
+  EXPECT_EQ(kvcache_cli::one_line("a\nb\rc\td\x01\x7f\xc3\xa9"), "a\\nb\\rc\\td\\x01\\x7f\xc3\xa9");
+  EXPECT_EQ(kvcache_cli::one_line(kvcache_cli::one_line("a\n")), "a\\n");
+  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+           {"m", "--bogus\nx"}, {"m", "-n", "1\n2"}, {"m", "second\nfile"}, {"m", "--prompt-ids", "1,\x1b[2J"}}) {
+    try {
+      (void)parse_args(args);
+      ADD_FAILURE() << "no error";
+    } catch (const UsageError& e) {
+      const std::string message = e.what();
+      EXPECT_EQ(message.find_first_of("\n\r\x1b"), std::string::npos) << message;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The program
 
@@ -377,6 +394,8 @@ TEST_F(Cli, BadArguments) {
 
 TEST_F(Cli, BadFiles) {
   expect_failure({"/nonexistent/model.bin", "-z", tok_}, "/nonexistent/model.bin");
+  // A file name with a newline is escaped, so the message stays one line.
+  expect_failure({"/nonexistent/two\nlines.bin", "-z", tok_}, "/nonexistent/two\\nlines.bin");
   expect_failure({fs::path(model_).parent_path().string(), "-z", tok_}, "directory");
   expect_failure({model_, "-z", "/nonexistent/tok.bin"}, "/nonexistent/tok.bin");
   // Without -z, text output needs ./tokenizer.bin, which is not there.

@@ -14,8 +14,10 @@
 #include <kvcache/tokenizer.hpp>
 #include <limits>
 #include <sstream>
+#include <streambuf>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "models.hpp"
@@ -321,9 +323,13 @@ TEST_F(Llama2cFiles, AbsurdHeaders) {
   expect_load_error(path("max.bin"), {"too many parameters", "more than 2^64"});
   write_file(path("vocab.bin"), header(8, 12, 2, 2, 1, std::numeric_limits<std::int32_t>::min(), 4));
   expect_load_error(path("vocab.bin"), {"too many parameters"});
-  // Few parameters but an enormous RoPE table: the file length is wrong.
+  // Few parameters but an enormous context: its KV cache is past the limit,
+  // and without that limit the file length (RoPE tables) is wrong.
   write_file(path("seq.bin"), header(8, 12, 2, 2, 1, 10, max) + std::string(64, '\0'));
-  expect_load_error(path("seq.bin"), {"truncated"});
+  expect_load_error(path("seq.bin"), {"LoadLimits::max_kv_cache_bytes"});
+  LoadLimits no_kv_limit;
+  no_kv_limit.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
+  expect_load_error(path("seq.bin"), {"truncated"}, no_kv_limit);
   EXPECT_THROW((void)kvcache::read_llama2c_header(path("seq.bin")), std::runtime_error);
 }
 
@@ -334,6 +340,28 @@ TEST_F(Llama2cFiles, ParameterLimit) {
   const std::size_t params = float_count(8, 12, 2, 2, 1, 10, 4, true) - 4 * 4;
   expect_load_error(path("tiny.bin"), {"too many parameters", std::to_string(params) + " vs 100"}, limits);
   limits.max_parameters = params;
+  EXPECT_NO_THROW((void)kvcache::load_llama2c(path("tiny.bin"), limits));
+}
+
+// The KV cache a model's context needs is bounded too: a header of tiny
+// layers (dim 2) but many of them and a long context is a few MB of file
+// that promises a cache of tens of GB (fuzzing finding: kvcache-generate -n 0
+// reserved 65 GB of address space for a 34 MB file). It fails on the header.
+TEST_F(Llama2cFiles, KvCacheLimit) {
+  write_file(path("context.bin"), header(2, 1, 13000, 1, 1, 3, 167000) + std::string(64, '\0'));
+  expect_load_error(path("context.bin"),
+                    {"seq_len = 167000", "LoadLimits::max_kv_cache_bytes (34736000000 vs 34359738368 bytes)"});
+  EXPECT_THROW((void)kvcache::read_llama2c_header(path("context.bin")), std::runtime_error);
+  LoadLimits larger;
+  larger.max_kv_cache_bytes = std::uint64_t{1} << 36;
+  expect_load_error(path("context.bin"), {"truncated"}, larger);
+
+  // tiny_file: 2 layers × kv_dim 4 × seq_len 4 × 8 bytes = 256 bytes.
+  write_file(path("tiny.bin"), tiny_file());
+  LoadLimits limits;
+  limits.max_kv_cache_bytes = 255;
+  expect_load_error(path("tiny.bin"), {"(256 vs 255 bytes)"}, limits);
+  limits.max_kv_cache_bytes = 256;
   EXPECT_NO_THROW((void)kvcache::load_llama2c(path("tiny.bin"), limits));
 }
 
@@ -439,6 +467,75 @@ TEST_F(Llama2cFiles, RoundTripTiedAndUntied) {
     // Saving what was loaded gives the same bytes.
     kvcache::save_llama2c(loaded, path("again.bin"));
     EXPECT_EQ(read_file(path("again.bin")), read_file(file));
+  }
+}
+
+// A stream that gives `bytes` but cannot seek, as a pipe.
+class UnseekableBuffer : public std::streambuf {
+ public:
+  explicit UnseekableBuffer(std::string bytes) : bytes_(std::move(bytes)) {
+    setg(bytes_.data(), bytes_.data(), bytes_.data() + bytes_.size());
+  }
+
+ private:
+  std::string bytes_;
+};
+
+// The stream overloads read the same bytes as the path ones, from the
+// stream's position to its end, and name the stream as the caller says.
+TEST_F(Llama2cFiles, StreamLoadEqualsFileLoad) {
+  for (const bool tied : {true, false}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    const Decoder<float> original = random_decoder(tied, 5);
+    kvcache::save_llama2c(original, path("model.bin"));
+    const std::string bytes = read_file(path("model.bin"));
+
+    std::istringstream in(bytes);
+    const kvcache::Llama2cHeader h = kvcache::read_llama2c_header(in, "in memory");
+    EXPECT_EQ(h.file_bytes, bytes.size());
+    EXPECT_EQ(in.tellg(), std::streampos(28));  // left after the header
+
+    std::istringstream again(bytes);
+    const Decoder<float> loaded = kvcache::load_llama2c(again, "in memory");
+    expect_same_config(original.config(), loaded.config());
+    expect_same_weights(original, loaded);
+
+    // From the middle of a larger stream: the checkpoint is what follows.
+    std::istringstream embedded("PREFIX" + bytes);
+    embedded.seekg(6);
+    expect_same_weights(original, kvcache::load_llama2c(embedded, "embedded"));
+  }
+}
+
+TEST_F(Llama2cFiles, StreamErrorsNameTheStream) {
+  const std::string good = tiny_file();
+  const auto expect_error = [](const std::string& bytes, const std::string& part, const LoadLimits& limits = {}) {
+    std::istringstream in(bytes);
+    try {
+      (void)kvcache::load_llama2c(in, "<my stream>", limits);
+      ADD_FAILURE() << "no error for " << part;
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("kvcache: <my stream>: "), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  expect_error("", "too short");
+  expect_error(good.substr(0, good.size() - 1), "truncated");
+  expect_error(good + "x", "trailing bytes");
+  LoadLimits small;
+  small.max_parameters = 10;
+  expect_error(good, "LoadLimits::max_parameters", small);
+  // A stream whose length cannot be known has no length to check against.
+  UnseekableBuffer pipe(good);
+  std::istream unseekable(&pipe);
+  EXPECT_THROW((void)kvcache::load_llama2c(unseekable, "pipe"), std::runtime_error);
+  UnseekableBuffer pipe2(good);
+  std::istream unseekable2(&pipe2);
+  try {
+    (void)kvcache::read_llama2c_header(unseekable2, "pipe");
+    ADD_FAILURE() << "an unseekable stream was read";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot determine the file's length"), std::string::npos) << e.what();
   }
 }
 

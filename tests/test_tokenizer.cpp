@@ -15,6 +15,7 @@
 #include <memory>
 #include <random>
 #include <sstream>
+#include <streambuf>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -703,12 +704,13 @@ TEST(TokenizerMerges, FastMergeEqualsNaiveMergeWithManyTies) {
 
 // Loads `path` (with `vocab_size` unless it is 0) and expects a
 // std::runtime_error whose message names the file and contains `fragment`.
-void expect_load_error(const std::string& path, std::size_t vocab_size, const std::string& fragment) {
+void expect_load_error(const std::string& path, std::size_t vocab_size, const std::string& fragment,
+                       const kvcache::LoadLimits& limits = {}) {
   try {
     if (vocab_size == 0) {
-      (void)Tokenizer::load(path);
+      (void)Tokenizer::load(path, limits);
     } else {
-      (void)Tokenizer::load(path, vocab_size);
+      (void)Tokenizer::load(path, vocab_size, limits);
     }
     ADD_FAILURE() << "loading " << path << " did not throw";
   } catch (const std::runtime_error& e) {
@@ -791,7 +793,10 @@ TEST(TokenizerLoad, FewerTokensThanTheModelsVocab) {
 
 TEST(TokenizerLoad, HugeVocabSizeFailsFast) {
   const std::string path = write_file("small.bin", valid_bytes(300));
-  expect_load_error(path, std::size_t{1} << 30, "holds 300 tokens but the model's vocab_size is 1073741824");
+  expect_load_error(path, std::size_t{1} << 30, "vocab_size is above LoadLimits::max_vocab_size (1073741824 vs 4194304)");
+  kvcache::LoadLimits unlimited;
+  unlimited.max_vocab_size = std::numeric_limits<std::uint64_t>::max();
+  expect_load_error(path, std::size_t{1} << 30, "holds 300 tokens but the model's vocab_size is 1073741824", unlimited);
   expect_load_error(path, std::size_t{1} << 40, "exceeds the largest id");
   expect_load_error(path, std::numeric_limits<std::size_t>::max(), "vocab_size");
 }
@@ -830,3 +835,103 @@ TEST(TokenizerLoad, ExactFileLoadsBothWays) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------
+// Streams and LoadLimits
+
+// Gives `bytes` (or endless zeros) but cannot seek, as a pipe or /dev/zero.
+class UnseekableBuffer : public std::streambuf {
+ public:
+  explicit UnseekableBuffer(std::string bytes, bool endless = false)
+      : bytes_(std::move(bytes)), endless_(endless) {
+    setg(bytes_.data(), bytes_.data(), bytes_.data() + bytes_.size());
+  }
+  std::size_t bytes_given() const { return given_; }
+
+ protected:
+  int_type underflow() override {
+    given_ += bytes_.size();
+    if (!endless_) return traits_type::eof();
+    bytes_.assign(4096, '\0');
+    setg(bytes_.data(), bytes_.data(), bytes_.data() + bytes_.size());
+    return traits_type::to_int_type(bytes_[0]);
+  }
+
+ private:
+  std::string bytes_;
+  bool endless_;
+  std::size_t given_ = 0;
+};
+
+TEST(TokenizerStream, LoadsTheSameAsFromAFile) {
+  const std::string bytes = valid_bytes(300);
+  const Tokenizer from_file = Tokenizer::load(write_file("ok.bin", bytes), 300);
+  std::istringstream in(bytes);
+  const Tokenizer from_stream = Tokenizer::load(in, "in memory", 300);
+  ASSERT_EQ(from_stream.vocab_size(), 300u);
+  for (int id = 0; id < 300; ++id) EXPECT_EQ(from_stream.piece(id), from_file.piece(id));
+  // From the stream's position, and without seeking at all.
+  std::istringstream embedded("PREFIX" + bytes);
+  embedded.seekg(6);
+  EXPECT_EQ(Tokenizer::load(embedded, "embedded").vocab_size(), 300u);
+  UnseekableBuffer pipe(bytes);
+  std::istream unseekable(&pipe);
+  EXPECT_EQ(Tokenizer::load(unseekable, "pipe", 300).piece(299), "t299");
+}
+
+TEST(TokenizerStream, ErrorsNameTheStream) {
+  std::istringstream in("abc");
+  try {
+    (void)Tokenizer::load(in, "<my stream>", 3);
+    ADD_FAILURE() << "a 3-byte tokenizer loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("tokenizer '<my stream>' is 3 bytes, too short"), std::string::npos)
+        << e.what();
+  }
+}
+
+// The file's length is limited before it is read when it can be measured,
+// while reading otherwise: a pipe or /dev/zero stops at the limit.
+TEST(TokenizerLimits, FileBytes) {
+  const std::string bytes = valid_bytes(300);
+  kvcache::LoadLimits limits;
+  limits.max_tokenizer_bytes = bytes.size();
+  EXPECT_EQ(Tokenizer::load(write_file("ok.bin", bytes), limits).vocab_size(), 300u);
+  limits.max_tokenizer_bytes = bytes.size() - 1;
+  const std::string expected =
+      "is larger than LoadLimits::max_tokenizer_bytes (" + std::to_string(bytes.size()) + " vs " +
+      std::to_string(bytes.size() - 1) + " bytes)";
+  expect_load_error(write_file("ok.bin", bytes), 300, expected, limits);
+  expect_load_error(write_file("ok.bin", bytes), 0, expected, limits);
+
+  UnseekableBuffer pipe(bytes);
+  std::istream unseekable(&pipe);
+  try {
+    (void)Tokenizer::load(unseekable, "pipe", limits);
+    ADD_FAILURE() << "an oversized pipe loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_tokenizer_bytes (more than " + std::to_string(bytes.size() - 1)),
+              std::string::npos)
+        << e.what();
+  }
+
+  limits.max_tokenizer_bytes = 1 << 20;
+  UnseekableBuffer zeros("", /*endless=*/true);
+  std::istream endless(&zeros);
+  EXPECT_THROW((void)Tokenizer::load(endless, "zeros", limits), std::runtime_error);
+  EXPECT_LE(zeros.bytes_given(), (std::size_t{1} << 20) + (1 << 16) + 4096);
+#if defined(__linux__)
+  expect_load_error("/dev/zero", 512, "max_tokenizer_bytes", limits);
+#endif
+}
+
+TEST(TokenizerLimits, VocabSize) {
+  const std::string path = write_file("ok.bin", valid_bytes(300));
+  kvcache::LoadLimits limits;
+  limits.max_vocab_size = 300;
+  EXPECT_EQ(Tokenizer::load(path, limits).vocab_size(), 300u);
+  EXPECT_EQ(Tokenizer::load(path, 300, limits).vocab_size(), 300u);
+  limits.max_vocab_size = 299;
+  expect_load_error(path, 0, "holds more tokens than the limit (LoadLimits::max_vocab_size 299", limits);
+  expect_load_error(path, 300, "vocab_size is above LoadLimits::max_vocab_size (300 vs 299)", limits);
+}

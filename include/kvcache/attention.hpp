@@ -14,6 +14,7 @@
 
 #include "config.hpp"
 #include "detail/parallel.hpp"
+#include "detail/resize.hpp"
 #include "detail/rope.hpp"
 #include "kv_cache.hpp"
 
@@ -230,22 +231,22 @@ class MultiHeadAttentionWithCache {
                       bool rebase_sinks) const {
     const auto rows = static_cast<Eigen::Index>(m);
     const auto d = static_cast<Eigen::Index>(config_.d_model);
-    s.Q.resize(rows, d);
-    s.K.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.V.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.O.resize(rows, d);
+    detail::resize_buffer(s.Q, rows, d);
+    detail::resize_buffer(s.K, rows, static_cast<Eigen::Index>(config_.kv_dim()));
+    detail::resize_buffer(s.V, rows, static_cast<Eigen::Index>(config_.kv_dim()));
+    detail::resize_buffer(s.O, rows, d);
     if (rebase_sinks) {
-      s.Q_unrotated.resize(rows, d);
-      s.Q_in_window.resize(1, d);
+      detail::resize_buffer(s.Q_unrotated, rows, d);
+      detail::resize_buffer(s.Q_in_window, 1, d);
     }
     // Grown, never shrunk, so that a decode step, whose n grows by one,
     // reallocates only when the size doubles. A thread's scores hold the
     // rows of one head, or, in a decode step, one row per head of a group.
     const std::size_t score_rows = std::max(m, config_.group_size());
     const auto needed = static_cast<Eigen::Index>(threads * score_rows * scores_stride(n));
-    if (s.S.size() < needed) s.S.resize(std::max(needed, 2 * s.S.size()));
-    s.tile.resize(static_cast<Eigen::Index>(threads * kTile * config_.d_k()));
-    out.resize(rows, d);
+    if (s.S.size() < needed) detail::resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
+    detail::resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * config_.d_k()), 1);
+    detail::resize_buffer(out, rows, d);
   }
 
   static std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }

@@ -16,6 +16,7 @@
 #include "attention.hpp"
 #include "config.hpp"
 #include "detail/parallel.hpp"
+#include "detail/resize.hpp"
 #include "kv_cache.hpp"
 
 namespace kvcache {
@@ -427,19 +428,19 @@ class Decoder {
   void prepare(Session<T>& s, std::size_t m, Logits which) const {
     const auto rows = static_cast<Eigen::Index>(m), d = static_cast<Eigen::Index>(config_.d_model);
     const auto ff = static_cast<Eigen::Index>(config_.d_ff);
-    s.x_.resize(rows, d);
-    s.normed_.resize(rows, d);
-    s.delta_.resize(rows, d);
-    s.hidden_.resize(rows, ff);
-    if (config_.mlp == MlpKind::swiglu) s.gate_.resize(rows, ff);
+    detail::resize_buffer(s.x_, rows, d);
+    detail::resize_buffer(s.normed_, rows, d);
+    detail::resize_buffer(s.delta_, rows, d);
+    detail::resize_buffer(s.hidden_, rows, ff);
+    if (config_.mlp == MlpKind::swiglu) detail::resize_buffer(s.gate_, rows, ff);
     const Eigen::Index head_rows = which == Logits::last ? 1 : rows;
-    s.head_in_.resize(head_rows, d);
-    s.logits_.resize(head_rows, static_cast<Eigen::Index>(config_.vocab_size));
+    detail::resize_buffer(s.head_in_, head_rows, d);
+    detail::resize_buffer(s.logits_, head_rows, static_cast<Eigen::Index>(config_.vocab_size));
   }
 
   // x_i = E[token_i] (+ P[p + i] with learned positions).
   void embed(const std::vector<int>& tokens, std::size_t p, Session<T>& s) const {
-    s.x_.resize(static_cast<Eigen::Index>(tokens.size()), static_cast<Eigen::Index>(config_.d_model));
+    detail::resize_buffer(s.x_, static_cast<Eigen::Index>(tokens.size()), static_cast<Eigen::Index>(config_.d_model));
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       const auto row = static_cast<Eigen::Index>(i);
       s.x_.row(row) = token_embedding_.row(tokens[i]);
@@ -461,7 +462,7 @@ class Decoder {
   // RMSNorm:   x / √(mean(x²) + eps) · gamma, in llama2.c's order of operations.
   template <typename Derived>
   void normalize(const Eigen::MatrixBase<Derived>& x, const NormWeights<T>& w, Matrix<T>& out) const {
-    out.resize(x.rows(), x.cols());
+    detail::resize_buffer(out, x.rows(), x.cols());
     const T eps = static_cast<T>(config_.norm_eps);
     const T n = static_cast<T>(x.cols());
     for (Eigen::Index i = 0; i < x.rows(); ++i) {
@@ -479,11 +480,11 @@ class Decoder {
 
   void mlp(const MlpWeights<T>& w, Session<T>& s) const {
     const Eigen::Index m = s.x_.rows(), ff = static_cast<Eigen::Index>(config_.d_ff);
-    s.hidden_.resize(m, ff);
-    s.delta_.resize(m, static_cast<Eigen::Index>(config_.d_model));
+    detail::resize_buffer(s.hidden_, m, ff);
+    detail::resize_buffer(s.delta_, m, static_cast<Eigen::Index>(config_.d_model));
     detail::linear<T>(s.normed_, w.W_1, w.b_1, s.hidden_, s.threads_);
     if (config_.mlp == MlpKind::swiglu) {
-      s.gate_.resize(m, ff);
+      detail::resize_buffer(s.gate_, m, ff);
       detail::linear<T>(s.normed_, w.W_3, Vector<T>(), s.gate_, s.threads_);
       // silu(a) · g = a · σ(a) · g
       s.hidden_.array() = s.hidden_.array() * (T(1) / (T(1) + (-s.hidden_.array()).exp())) * s.gate_.array();

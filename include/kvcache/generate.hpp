@@ -182,6 +182,12 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
 // per new token, each reusing the keys and values cached by the previous
 // ones. The session may already hold a prefix (a conversation goes on);
 // the prompt is appended to it. Returns the new ids.
+//
+// When anything throws midway (out of memory, non-finite logits, the
+// caller's on_token), the session is rolled back to the tokens it held
+// before the call: the caller never gets the ids, so the cache must not keep
+// them either. (A sliding window that dropped tokens during the call cannot
+// be rolled back: the session is then cleared.)
 template <typename T>
 std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const std::vector<int>& prompt,
                           const GenerateOptions& options = {}) {
@@ -190,11 +196,22 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
   std::vector<int> out;
   if (options.max_new_tokens == 0) return out;
   out.reserve(options.max_new_tokens);
-  const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
-  std::vector<int> step(1);
-  while (!detail::emit(sampler.sample(logits->row(0)), out, options)) {
-    step[0] = out.back();
-    logits = &decoder.forward(step, session, Logits::last);  // decode
+  const std::size_t start = session.size(), start_position = session.position();
+  try {
+    const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
+    std::vector<int> step(1);
+    while (!detail::emit(sampler.sample(logits->row(0)), out, options)) {
+      step[0] = out.back();
+      logits = &decoder.forward(step, session, Logits::last);  // decode
+    }
+  } catch (...) {
+    // (An on_token that shortened the session itself is left as it made it.)
+    const bool dropped = session.position() - start_position != session.size() - start;
+    if (dropped)
+      session.clear();  // a sliding window dropped tokens it cannot bring back
+    else if (session.size() >= start)
+      session.truncate(start);
+    throw;
   }
   return out;
 }

@@ -42,6 +42,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <istream>
 #include <limits>
 #include <new>
 #include <stdexcept>
@@ -52,6 +53,7 @@
 
 #include "config.hpp"
 #include "decoder.hpp"
+#include "limits.hpp"
 
 namespace kvcache {
 
@@ -91,17 +93,6 @@ inline ModelConfig llama2c_stories110M_config() { return llama2c_config(768, 204
 // ============================================================================
 // Header
 // ============================================================================
-
-// What load_llama2c refuses before allocating anything.
-struct LoadLimits {
-  // Weights the header may claim (RoPE tables not counted). 2^33 floats are
-  // 32 GiB: far above any model this library is meant for, far below what a
-  // corrupt header (dim = 2^30, …) would ask for.
-  std::uint64_t max_parameters = std::uint64_t{1} << 33;
-  // Scan every tensor for NaN and ±Inf, naming the first bad one. Costs one
-  // pass over memory that was just read.
-  bool check_finite = true;
-};
 
 // A validated header and the sizes that follow from it.
 struct Llama2cHeader {
@@ -165,8 +156,8 @@ inline void encode_int32_le(std::int32_t value, unsigned char* p) {
   for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>((bits >> (8 * i)) & 0xFFu);
 }
 
-// Opens `path` for binary reading and returns its length, positioned at 0.
-inline std::uint64_t open_for_reading(const std::string& path, std::ifstream& in) {
+// Opens `path` for binary reading.
+inline void open_for_reading(const std::string& path, std::ifstream& in) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) fail_file(path, "is a directory, not a checkpoint file");
   if (!std::filesystem::exists(path, ec)) fail_file(path, "no such file");
@@ -175,11 +166,20 @@ inline std::uint64_t open_for_reading(const std::string& path, std::ifstream& in
   if (!in)
     fail_file(path,
               "cannot open for reading" + (errno != 0 ? ": " + std::generic_category().message(errno) : std::string()));
+}
+
+// The bytes from the stream's position to its end, without reading them; the
+// position is left where it was. A stream that cannot seek (a pipe) has no
+// length to check a header against, so it is refused.
+inline std::uint64_t bytes_to_end(std::istream& in, const std::string& name) {
+  const std::streampos start = in.tellg();
+  if (start == std::streampos(-1)) fail_file(name, "cannot determine the file's length (not a regular file?)");
   in.seekg(0, std::ios::end);
-  const std::streamoff end = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (end < 0 || !in) fail_file(path, "cannot determine the file's length (not a regular file?)");
-  return static_cast<std::uint64_t>(end);
+  const std::streampos end = in.tellg();
+  in.seekg(start);
+  if (end == std::streampos(-1) || end < start || !in)
+    fail_file(name, "cannot determine the file's length (not a regular file?)");
+  return static_cast<std::uint64_t>(end - start);
 }
 
 // Checks the seven header ints and computes the sizes they imply. Every size
@@ -237,6 +237,13 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
                         " vs " + std::to_string(limits.max_parameters) + ")");
   h.n_parameters = params;
 
+  // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
+  const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
+  if (kv_cache_bytes > limits.max_kv_cache_bytes)
+    fail_file(path, "a session at seq_len = " + std::to_string(h.seq_len) +
+                        " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
+                        count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
+
   // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
   const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
   const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
@@ -253,7 +260,7 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   return h;
 }
 
-inline void read_floats(std::ifstream& in, const std::string& path, float* dst, std::size_t count,
+inline void read_floats(std::istream& in, const std::string& path, float* dst, std::size_t count,
                         const std::string& name, bool check_finite) {
   const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
   in.read(reinterpret_cast<char*>(dst), bytes);
@@ -270,7 +277,7 @@ inline void read_floats(std::ifstream& in, const std::string& path, float* dst, 
 // The file stores matrices row by row; kvcache's weights are stored column
 // by column (WeightMatrix), so a matrix goes through a row-major buffer.
 template <typename M>
-void read_tensor(std::ifstream& in, const std::string& path, M& m, const std::string& name, bool check_finite) {
+void read_tensor(std::istream& in, const std::string& path, M& m, const std::string& name, bool check_finite) {
   if constexpr (M::IsRowMajor || M::ColsAtCompileTime == 1) {
     read_floats(in, path, m.data(), static_cast<std::size_t>(m.size()), name, check_finite);
   } else {
@@ -284,20 +291,16 @@ inline std::string layer_name(const char* what, std::size_t l) {
   return std::string(what) + "[layer " + std::to_string(l) + "]";
 }
 
-}  // namespace detail
-
-namespace detail {
-
-// Opens `path`, reads and validates its header against the file's length;
-// leaves `in` positioned at the first float.
-inline Llama2cHeader open_llama2c(const std::string& path, std::ifstream& in, const LoadLimits& limits) {
-  const std::uint64_t size = open_for_reading(path, in);
+// Reads and validates the header against the stream's length (from its
+// position to its end); leaves `in` positioned at the first float.
+inline Llama2cHeader read_llama2c_header_from(std::istream& in, const std::string& name, const LoadLimits& limits) {
+  const std::uint64_t size = bytes_to_end(in, name);
   if (size < Llama2cHeader::kBytes)
-    fail_file(path, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
+    fail_file(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
   unsigned char bytes[Llama2cHeader::kBytes];
   in.read(reinterpret_cast<char*>(bytes), sizeof bytes);
-  if (!in) fail_file(path, "cannot read the header");
-  return parse_llama2c_header(path, bytes, size, limits);
+  if (!in) fail_file(name, "cannot read the header");
+  return parse_llama2c_header(name, bytes, size, limits);
 }
 
 }  // namespace detail
@@ -307,79 +310,107 @@ inline Llama2cHeader open_llama2c(const std::string& path, std::ifstream& in, co
 // Throws std::runtime_error "kvcache: <path>: <problem>".
 inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
   std::ifstream in;
-  return detail::open_llama2c(path, in, limits);
+  detail::open_for_reading(path, in);
+  return detail::read_llama2c_header_from(in, path, limits);
+}
+
+// The same for a checkpoint held by a seekable stream (a file, a
+// std::istringstream over bytes in memory), from its current position to its
+// end; `name` stands for the path in messages. The stream is left after the
+// header.
+inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+  return detail::read_llama2c_header_from(in, name, limits);
 }
 
 // ============================================================================
 // Loading
 // ============================================================================
 
-// Reads a llama2.c checkpoint into a Decoder<float> (see the top of this file
-// for the format). Everything about the file is checked before the weights
-// are allocated: it exists and is readable, the header is sane, the sizes fit
-// in LoadLimits, and the file is exactly as long as the header implies.
-// Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
-inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {}) {
-  detail::require_little_endian(path);
-  std::ifstream in;
-  const Llama2cHeader h = detail::open_llama2c(path, in, limits);
-  const ModelConfig config = h.config();
+namespace detail {
 
+// The weights after a validated header, `in` positioned at the first float.
+inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
+                                           bool finite) {
   const auto d = static_cast<Eigen::Index>(h.dim), ff = static_cast<Eigen::Index>(h.hidden_dim);
   const auto V = static_cast<Eigen::Index>(h.vocab_size), kv = static_cast<Eigen::Index>(h.kv_dim());
   const std::size_t L = h.n_layers;
-  const bool finite = limits.check_finite;
 
   DecoderWeights<float> w;
-  try {
-    w.token_embedding.resize(V, d);
-    w.blocks.resize(L);
-    for (auto& b : w.blocks) {
-      b.attention_norm.gamma.resize(d);
-      b.attention.W_Q.resize(d, d);
-      b.attention.W_K.resize(kv, d);
-      b.attention.W_V.resize(kv, d);
-      b.attention.W_O.resize(d, d);
-      b.mlp_norm.gamma.resize(d);
-      b.mlp.W_1.resize(ff, d);
-      b.mlp.W_2.resize(d, ff);
-      b.mlp.W_3.resize(ff, d);
-    }
-    w.final_norm.gamma.resize(d);
-    if (!h.shared_classifier) w.lm_head.resize(V, d);
-  } catch (const std::bad_alloc&) {
-    detail::fail_file(path, "out of memory allocating " + std::to_string(h.n_parameters) + " parameters (" +
-                                std::to_string(h.n_parameters * 4) + " bytes)");
+  w.token_embedding.resize(V, d);
+  w.blocks.resize(L);
+  for (auto& b : w.blocks) {
+    b.attention_norm.gamma.resize(d);
+    b.attention.W_Q.resize(d, d);
+    b.attention.W_K.resize(kv, d);
+    b.attention.W_V.resize(kv, d);
+    b.attention.W_O.resize(d, d);
+    b.mlp_norm.gamma.resize(d);
+    b.mlp.W_1.resize(ff, d);
+    b.mlp.W_2.resize(d, ff);
+    b.mlp.W_3.resize(ff, d);
   }
+  w.final_norm.gamma.resize(d);
+  if (!h.shared_classifier) w.lm_head.resize(V, d);
 
   // In file order: each array is [layers, ...], so one pass per kind of
   // tensor, layer by layer.
-  detail::read_tensor(in, path, w.token_embedding, "token_embedding", finite);
+  detail::read_tensor(in, name, w.token_embedding, "token_embedding", finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].attention_norm.gamma, detail::layer_name("rms_att_weight", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].attention_norm.gamma, detail::layer_name("rms_att_weight", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].attention.W_Q, detail::layer_name("wq", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].attention.W_Q, detail::layer_name("wq", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].attention.W_K, detail::layer_name("wk", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].attention.W_K, detail::layer_name("wk", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].attention.W_V, detail::layer_name("wv", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].attention.W_V, detail::layer_name("wv", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].attention.W_O, detail::layer_name("wo", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].attention.W_O, detail::layer_name("wo", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].mlp_norm.gamma, detail::layer_name("rms_ffn_weight", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].mlp_norm.gamma, detail::layer_name("rms_ffn_weight", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].mlp.W_1, detail::layer_name("w1", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].mlp.W_1, detail::layer_name("w1", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].mlp.W_2, detail::layer_name("w2", l), finite);
+    detail::read_tensor(in, name, w.blocks[l].mlp.W_2, detail::layer_name("w2", l), finite);
   for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, path, w.blocks[l].mlp.W_3, detail::layer_name("w3", l), finite);
-  detail::read_tensor(in, path, w.final_norm.gamma, "rms_final_weight", finite);
+    detail::read_tensor(in, name, w.blocks[l].mlp.W_3, detail::layer_name("w3", l), finite);
+  detail::read_tensor(in, name, w.final_norm.gamma, "rms_final_weight", finite);
   // The legacy RoPE tables: kvcache computes the rotation instead.
   in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
-  if (!in) detail::fail_file(path, "cannot skip the RoPE tables");
-  if (!h.shared_classifier) detail::read_tensor(in, path, w.lm_head, "wcls", finite);
+  if (!in) detail::fail_file(name, "cannot skip the RoPE tables");
+  if (!h.shared_classifier) detail::read_tensor(in, name, w.lm_head, "wcls", finite);
 
-  return Decoder<float>(config, std::move(w));
+  return Decoder<float>(h.config(), std::move(w));
+}
+
+}  // namespace detail
+
+// Reads a llama2.c checkpoint from a seekable stream, from its current
+// position to its end, which must be exactly the checkpoint (see
+// load_llama2c(path) below for the checks); `name` stands for the path in
+// messages. Throws std::runtime_error "kvcache: <name>: <problem>".
+inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+  detail::require_little_endian(name);
+  const Llama2cHeader h = detail::read_llama2c_header_from(in, name, limits);
+
+  // Every allocation is bounded by the file's length; one can still fail.
+  try {
+    return detail::read_llama2c_weights(in, name, h, limits.check_finite);
+  } catch (const std::bad_alloc&) {
+    detail::fail_file(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
+                                detail::count_string(detail::sat_mul(4, h.n_parameters)) + " bytes)");
+  }
+}
+
+// Reads a llama2.c checkpoint into a Decoder<float> (see the top of this file
+// for the format). Everything about the file is checked before the weights
+// are allocated: it exists and is readable, the header is sane, the sizes fit
+// in LoadLimits (the weights, and the KV cache at seq_len positions), and
+// the file is exactly as long as the header implies.
+// Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
+inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {}) {
+  std::ifstream in;
+  detail::open_for_reading(path, in);
+  return load_llama2c(in, path, limits);
 }
 
 // ============================================================================

@@ -12,7 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
+#include <istream>
 #include <limits>
 #include <queue>
 #include <stdexcept>
@@ -22,6 +22,8 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "limits.hpp"
 
 namespace kvcache {
 
@@ -72,15 +74,37 @@ class Tokenizer {
 
   // Reads a tokenizer that must hold exactly `vocab_size` tokens (the model's
   // vocab_size). Throws std::runtime_error, naming the file, for a missing or
-  // unreadable file, a malformed or truncated one, NaN scores, or a token
-  // count other than vocab_size.
-  static Tokenizer load(const std::string& path, std::size_t vocab_size) {
+  // unreadable file, a malformed or truncated one, NaN scores, a token count
+  // other than vocab_size, or a file or vocabulary past `limits`
+  // (max_tokenizer_bytes, max_vocab_size).
+  static Tokenizer load(const std::string& path, std::size_t vocab_size, const LoadLimits& limits = {}) {
+    std::ifstream in;
+    open_file(path, in);
+    return load(in, path, vocab_size, limits);
+  }
+
+  // Reads every token in the file; vocab_size() is how many there are.
+  static Tokenizer load(const std::string& path, const LoadLimits& limits = {}) {
+    std::ifstream in;
+    open_file(path, in);
+    return load(in, path, limits);
+  }
+
+  // The same from a stream (a file, a std::istringstream over bytes in
+  // memory), read from its position to its end; `name` stands for the path in
+  // messages. The stream need not be seekable: at most
+  // limits.max_tokenizer_bytes + 1 bytes are read from it.
+  static Tokenizer load(std::istream& in, const std::string& name, std::size_t vocab_size,
+                        const LoadLimits& limits = {}) {
     if (vocab_size > static_cast<std::size_t>(std::numeric_limits<int>::max()))
-      throw std::runtime_error(describe(path) + ": the model's vocab_size " +
+      throw std::runtime_error(describe(name) + ": the model's vocab_size " +
                                std::to_string(vocab_size) + " exceeds the largest id " +
                                std::to_string(std::numeric_limits<int>::max()));
-    const std::string bytes = read_file(path);
-    Reader reader(path, bytes);
+    if (vocab_size > limits.max_vocab_size)
+      throw std::runtime_error(describe(name) + ": the model's vocab_size is above LoadLimits::max_vocab_size (" +
+                               std::to_string(vocab_size) + " vs " + std::to_string(limits.max_vocab_size) + ")");
+    const std::string bytes = read_stream(in, name, limits.max_tokenizer_bytes);
+    Reader reader(name, bytes);
     Tokenizer tokenizer;
     tokenizer.max_token_length_ = reader.read_max_token_length();
     // Each token takes at least 8 bytes, so the file bounds what is reserved,
@@ -88,7 +112,7 @@ class Tokenizer {
     tokenizer.reserve(std::min(vocab_size, reader.max_tokens_left()));
     while (tokenizer.pieces_.size() < vocab_size) {
       if (reader.at_end())
-        throw std::runtime_error(describe(path) + " holds " +
+        throw std::runtime_error(describe(name) + " holds " +
                                  std::to_string(tokenizer.pieces_.size()) +
                                  " tokens but the model's vocab_size is " +
                                  std::to_string(vocab_size));
@@ -96,25 +120,28 @@ class Tokenizer {
     }
     if (!reader.at_end())
       throw std::runtime_error(
-          describe_trailing_bytes(path, reader, vocab_size, tokenizer.max_token_length_));
-    tokenizer.finish(path);
+          describe_trailing_bytes(name, reader, vocab_size, tokenizer.max_token_length_));
+    tokenizer.finish(name);
     return tokenizer;
   }
 
-  // Reads every token in the file; vocab_size() is how many there are.
-  static Tokenizer load(const std::string& path) {
-    const std::string bytes = read_file(path);
-    Reader reader(path, bytes);
+  static Tokenizer load(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+    const std::string bytes = read_stream(in, name, limits.max_tokenizer_bytes);
+    Reader reader(name, bytes);
     Tokenizer tokenizer;
     tokenizer.max_token_length_ = reader.read_max_token_length();
-    tokenizer.reserve(reader.max_tokens_left());
+    // Ids are ints: whatever the limit says, no more tokens than that.
+    const std::size_t max_tokens = static_cast<std::size_t>(
+        std::min<std::uint64_t>(limits.max_vocab_size, static_cast<std::uint64_t>(std::numeric_limits<int>::max())));
+    tokenizer.reserve(std::min(max_tokens, reader.max_tokens_left()));
     while (!reader.at_end()) {
-      if (tokenizer.pieces_.size() == static_cast<std::size_t>(std::numeric_limits<int>::max()))
-        throw std::runtime_error(describe(path) + " holds more than " +
-                                 std::to_string(std::numeric_limits<int>::max()) + " tokens");
+      if (tokenizer.pieces_.size() == max_tokens)
+        throw std::runtime_error(describe(name) + " holds more tokens than the limit (LoadLimits::max_vocab_size " +
+                                 std::to_string(limits.max_vocab_size) + ", ids up to " +
+                                 std::to_string(std::numeric_limits<int>::max()) + ")");
       tokenizer.add(reader.read_token(tokenizer.pieces_.size(), tokenizer.max_token_length_));
     }
-    tokenizer.finish(path);
+    tokenizer.finish(name);
     return tokenizer;
   }
 
@@ -275,18 +302,45 @@ class Tokenizer {
 
   static std::string describe(const std::string& path) { return "tokenizer '" + path + "'"; }
 
-  static std::string read_file(const std::string& path) {
+  static void open_file(const std::string& path, std::ifstream& in) {
     std::error_code ignored;
     if (std::filesystem::is_directory(path, ignored))
       throw std::runtime_error("cannot read " + describe(path) + ": it is a directory");
     errno = 0;
-    std::ifstream in(path, std::ios::binary);
+    in.open(path, std::ios::binary);
     if (!in) {
       const std::string reason = errno != 0 ? ": " + std::generic_category().message(errno) : "";
       throw std::runtime_error("cannot open " + describe(path) + reason);
     }
-    std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-    if (in.bad()) throw std::runtime_error("error while reading " + describe(path));
+  }
+
+  // The stream's bytes from its position to its end, refusing more than
+  // max_bytes: a seekable stream is measured first (a huge file fails
+  // without being read), any other is read in chunks up to max_bytes + 1
+  // (/dev/zero or an endless pipe fails after max_bytes).
+  static std::string read_stream(std::istream& in, const std::string& name, std::uint64_t max_bytes) {
+    const auto too_large = [&](const std::string& size) {
+      return std::runtime_error(describe(name) + " is larger than LoadLimits::max_tokenizer_bytes (" + size +
+                                " vs " + std::to_string(max_bytes) + " bytes)");
+    };
+    const std::streampos start = in.tellg();
+    if (start != std::streampos(-1) && in.seekg(0, std::ios::end)) {
+      const std::streampos end = in.tellg();
+      in.seekg(start);
+      if (end != std::streampos(-1) && end > start && static_cast<std::uint64_t>(end - start) > max_bytes)
+        throw too_large(std::to_string(static_cast<std::uint64_t>(end - start)));
+    }
+    in.clear();
+    std::string bytes;
+    char chunk[1 << 16];
+    while (in) {
+      in.read(chunk, sizeof chunk);
+      const auto got = static_cast<std::size_t>(in.gcount());
+      if (got > max_bytes - std::min<std::uint64_t>(max_bytes, bytes.size()))
+        throw too_large("more than " + std::to_string(max_bytes));
+      bytes.append(chunk, got);
+    }
+    if (in.bad()) throw std::runtime_error("error while reading " + describe(name));
     return bytes;
   }
 

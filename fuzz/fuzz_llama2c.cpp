@@ -1,0 +1,154 @@
+// fuzz/fuzz_llama2c.cpp — the llama2.c checkpoint reader on arbitrary bytes.
+//
+// Each input is tried twice:
+//   1. as a whole file: read_llama2c_header and load_llama2c must agree, and
+//      either throw std::runtime_error or give a decoder whose shape is the
+//      header's and whose file length is what the format implies;
+//   2. as a header only: the first 28 bytes, followed by a body of exactly
+//      the length that header implies (small finite floats made from the
+//      remaining bytes) when that is small. Random mutations almost never
+//      get the length right, so this is what reaches the loading of every
+//      odd shape (one layer of dim 2, vocab 1, seq_len 1, …). A header this
+//      harness computes as valid must load.
+// Every decoder that loads then generates a few tokens, so shapes the reader
+// accepts are also shapes the forward pass survives.
+//
+// LoadLimits keeps the models small (max_parameters = 2^19 floats, 2 MiB;
+// max_kv_cache_bytes = 64 MiB), and libFuzzer's -malloc_limit_mb catches any allocation the header could
+// inflate past what the input justifies.
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <kvcache/generate.hpp>
+#include <kvcache/llama2c.hpp>
+
+#include "fuzz_support.hpp"
+
+namespace {
+
+using kvcache_fuzz::check;
+
+constexpr std::uint64_t kMaxParameters = std::uint64_t{1} << 19;
+constexpr std::uint64_t kMaxKvCacheBytes = std::uint64_t{1} << 26;
+constexpr std::uint64_t kMaxFittedBytes = std::uint64_t{1} << 20;
+
+kvcache::LoadLimits limits() {
+  kvcache::LoadLimits l;
+  l.max_parameters = kMaxParameters;
+  l.max_kv_cache_bytes = kMaxKvCacheBytes;
+  return l;
+}
+
+std::int32_t int32_at(const std::uint8_t* p) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+                             (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+  std::int32_t v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// The header as this harness reads the format, independently of the library:
+// nullopt when a field is not positive or the head structure is impossible.
+struct Shape {
+  unsigned __int128 parameters = 0, file_bytes = 0;
+  bool valid = false;  // also within kMaxParameters
+};
+
+std::optional<Shape> shape_of(const std::uint8_t* h) {
+  const std::int64_t dim = int32_at(h), hidden = int32_at(h + 4), layers = int32_at(h + 8), heads = int32_at(h + 12),
+                     kv_heads = int32_at(h + 16), vocab_signed = int32_at(h + 20), seq = int32_at(h + 24);
+  const std::int64_t vocab = vocab_signed < 0 ? -vocab_signed : vocab_signed;
+  if (dim <= 0 || hidden <= 0 || layers <= 0 || heads <= 0 || kv_heads <= 0 || vocab <= 0 || seq <= 0)
+    return std::nullopt;
+  using U = unsigned __int128;
+  const U d = static_cast<U>(dim), ff = static_cast<U>(hidden), L = static_cast<U>(layers), V = static_cast<U>(vocab);
+  const U head = d / static_cast<U>(heads), kv = static_cast<U>(kv_heads) * head;
+  Shape s;
+  s.parameters = V * d + L * (2 * d + 2 * d * d + 2 * kv * d + 3 * ff * d) + d + (vocab_signed < 0 ? V * d : 0);
+  s.file_bytes = 28 + 4 * (s.parameters + static_cast<U>(seq) * head);
+  const U kv_cache_bytes = 8 * L * kv * static_cast<U>(seq);
+  s.valid = dim % heads == 0 && heads % kv_heads == 0 && head % 2 == 0 && s.parameters <= kMaxParameters &&
+            kv_cache_bytes <= kMaxKvCacheBytes;
+  return s;
+}
+
+// A few greedy tokens: the forward pass must accept any shape the reader
+// does. Non-finite logits (weights that overflow) are the one error allowed.
+void generate_a_little(const kvcache::Decoder<float>& decoder, const std::uint8_t* data, std::size_t size) {
+  const kvcache::ModelConfig& c = decoder.config();
+  std::vector<int> prompt;
+  for (std::size_t i = 0; i < 3 && i < size && prompt.size() < c.max_seq_len; ++i)
+    prompt.push_back(static_cast<int>(data[i] % c.vocab_size));
+  if (prompt.empty()) prompt.push_back(0);
+  kvcache::GenerateOptions options;
+  options.max_new_tokens = std::min<std::size_t>(4, c.max_seq_len - prompt.size() + 1);
+  try {
+    const std::vector<int> ids = kvcache::generate(decoder, prompt, options);
+    check(ids.size() == options.max_new_tokens, "generate returned a wrong number of ids");
+    for (const int id : ids) check(id >= 0 && static_cast<std::size_t>(id) < c.vocab_size, "id outside the vocabulary");
+  } catch (const std::domain_error&) {
+    // NaN or infinite logits: reported, not sampled from.
+  }
+}
+
+// Loads `bytes` both ways. Returns whether it loaded.
+bool try_load(const std::string& bytes, const std::uint8_t* data, std::size_t size) {
+  std::optional<kvcache::Llama2cHeader> header;
+  try {
+    std::istringstream in(bytes);
+    header = kvcache::read_llama2c_header(in, "fuzz.bin", limits());
+  } catch (const std::runtime_error&) {
+  }
+  std::optional<kvcache::Decoder<float>> decoder;
+  try {
+    std::istringstream in(bytes);
+    decoder.emplace(kvcache::load_llama2c(in, "fuzz.bin", limits()));
+  } catch (const std::runtime_error&) {
+  }
+  if (!decoder) return false;
+  check(header.has_value(), "load_llama2c accepted a file whose header read_llama2c_header refuses");
+  const std::optional<Shape> shape = shape_of(reinterpret_cast<const std::uint8_t*>(bytes.data()));
+  check(shape && shape->valid, "the library accepted a header this harness finds invalid");
+  check(shape->file_bytes == bytes.size(), "the library accepted a file of the wrong length");
+  check(header->file_bytes == bytes.size() && header->n_parameters == shape->parameters,
+        "the header's sizes disagree with the format");
+  const kvcache::ModelConfig& c = decoder->config();
+  check(c.d_model == header->dim && c.n_layers == header->n_layers && c.vocab_size == header->vocab_size &&
+            c.max_seq_len == header->seq_len && c.kv_heads() == header->n_kv_heads,
+        "the decoder's shape is not the header's");
+  generate_a_little(*decoder, data, size);
+  return true;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string bytes(reinterpret_cast<const char*>(data), size);
+  try_load(bytes, data, size);
+
+  // 2. The header with a body of the implied length.
+  if (size < 28) return 0;
+  const std::optional<Shape> shape = shape_of(data);
+  if (!shape || shape->file_bytes > kMaxFittedBytes) return 0;
+  std::string fitted(bytes.substr(0, 28));
+  const std::size_t n_floats = static_cast<std::size_t>((shape->file_bytes - 28) / 4);
+  fitted.reserve(28 + 4 * n_floats);
+  for (std::size_t i = 0; i < n_floats; ++i) {
+    // Small finite weights in [-2, 2) from the bytes after the header.
+    const std::uint8_t b = size > 28 ? data[28 + i % (size - 28)] : 0;
+    const float value = static_cast<float>(static_cast<std::int8_t>(b ^ static_cast<std::uint8_t>(i))) / 64.0f;
+    char raw[4];
+    std::memcpy(raw, &value, 4);
+    fitted.append(raw, 4);
+  }
+  const bool loaded = try_load(fitted, data, size);
+  check(loaded == shape->valid, loaded ? "a header this harness finds invalid loaded"
+                                       : "a valid header with a body of the right length did not load");
+  return 0;
+}

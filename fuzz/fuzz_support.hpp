@@ -1,0 +1,110 @@
+// fuzz/fuzz_support.hpp — what the libFuzzer harnesses share: reporting a
+// broken invariant, a reference tokenizer encoder written as plainly as
+// llama2.c's, and finding the real model files.
+//
+// A harness catches only the exceptions a function documents for bad input
+// (std::runtime_error from the readers, UsageError from the parser, ...).
+// Anything else escapes LLVMFuzzerTestOneInput, terminates the process and
+// is reported by libFuzzer as a crash, as are the sanitizers' findings and
+// the invariant checks below.
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include <kvcache/tokenizer.hpp>
+
+namespace kvcache_fuzz {
+
+// A broken invariant: print it and abort, which libFuzzer reports as a crash
+// (and saves the input).
+[[noreturn]] inline void fail(const std::string& what) {
+  std::fprintf(stderr, "kvcache fuzz invariant broken: %s\n", what.c_str());
+  std::fflush(stderr);
+  std::abort();
+}
+
+inline void check(bool condition, const std::string& what) {
+  if (!condition) fail(what);
+}
+
+// llama2.c's encode as it is written there: cut into chunks, look each up
+// (byte fallback otherwise), then merge the best-scoring adjacent pair,
+// leftmost on ties, rescanning every pair each time: O(n²) lookups. The fast
+// encoder (a heap over a linked list) must give the same ids.
+inline std::vector<int> naive_encode(const kvcache::Tokenizer& tok, const std::string& text, bool bos, bool eos) {
+  std::vector<int> tokens;
+  if (bos) tokens.push_back(kvcache::Tokenizer::bos_id());
+  if (!text.empty() && tok.find(" ") >= 0) tokens.push_back(tok.find(" "));
+  const auto continues = [&](std::size_t i) {
+    return i < text.size() && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80;
+  };
+  for (std::size_t i = 0; i < text.size();) {
+    std::size_t length = 1;
+    while (length < 4 && continues(i + length)) ++length;
+    const std::string chunk = text.substr(i, length);
+    const int id = tok.find(chunk);
+    if (id >= 0) {
+      tokens.push_back(id);
+    } else {
+      for (const char c : chunk) {
+        const int byte_id = static_cast<unsigned char>(c) + kvcache::Tokenizer::kByteFallbackOffset;
+        if (static_cast<std::size_t>(byte_id) >= tok.vocab_size())
+          throw std::runtime_error("naive_encode: no byte-fallback token");
+        tokens.push_back(byte_id);
+      }
+    }
+    i += length;
+  }
+  for (;;) {
+    float best_score = -1e10f;
+    int best_id = -1;
+    std::size_t best_index = 0;
+    for (std::size_t i = 0; i + 1 < tokens.size(); ++i) {
+      const int id = tok.find(tok.piece(tokens[i]) + tok.piece(tokens[i + 1]));
+      if (id >= 0 && tok.score(id) > best_score) {
+        best_score = tok.score(id);
+        best_id = id;
+        best_index = i;
+      }
+    }
+    if (best_id < 0) break;
+    tokens[best_index] = best_id;
+    tokens.erase(tokens.begin() + static_cast<std::ptrdiff_t>(best_index) + 1);
+  }
+  if (eos) tokens.push_back(kvcache::Tokenizer::eos_id());
+  return tokens;
+}
+
+// The folder of the real model files: $KVCACHE_MODELS_DIR, else the
+// ../shared/models the build was configured with.
+inline std::string models_dir() {
+  const char* from_env = std::getenv("KVCACHE_MODELS_DIR");
+  if (from_env != nullptr && *from_env != '\0') return from_env;
+#ifdef KVCACHE_DEFAULT_MODELS_DIR
+  return KVCACHE_DEFAULT_MODELS_DIR;
+#else
+  return "";
+#endif
+}
+
+// The path of a real model file, or "" when it is absent; with
+// KVCACHE_REQUIRE_MODELS=1 an absent file aborts (CI must not fuzz less than
+// it claims).
+inline std::string model_file(const std::string& name) {
+  const std::filesystem::path path = std::filesystem::path(models_dir()) / name;
+  std::error_code ignored;
+  if (std::filesystem::is_regular_file(path, ignored)) return path.string();
+  const char* required = std::getenv("KVCACHE_REQUIRE_MODELS");
+  if (required != nullptr && std::string(required) == "1")
+    fail(name + " not found in '" + models_dir() + "' and KVCACHE_REQUIRE_MODELS=1");
+  std::fprintf(stderr, "kvcache fuzz: %s not found in '%s', fuzzing without it\n", name.c_str(),
+               models_dir().c_str());
+  return "";
+}
+
+}  // namespace kvcache_fuzz

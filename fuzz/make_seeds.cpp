@@ -1,0 +1,133 @@
+// fuzz/make_seeds.cpp — writes small valid inputs for each harness into
+// OUT/<harness>/, the part of the seed corpus that is not a real model file
+// (fuzz/run.sh adds those). Small seeds keep the fuzzers fast and put them
+// one mutation away from every interesting header field.
+//
+//   kvcache_fuzz_seeds OUT
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <kvcache/decoder.hpp>
+#include <kvcache/llama2c.hpp>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+void write(const fs::path& dir, const std::string& name, const std::string& bytes) {
+  fs::create_directories(dir);
+  std::ofstream out(dir / name, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw std::runtime_error("cannot write " + (dir / name).string());
+}
+
+// Tiny llama2.c checkpoints of several shapes (tied and untied, multi-head,
+// grouped-query, multi-query), written by save_llama2c.
+void checkpoints(const fs::path& dir) {
+  struct Shape {
+    std::size_t dim, hidden, layers, heads, kv_heads, vocab, seq_len;
+    bool tied;
+  };
+  const std::vector<Shape> shapes = {
+      {8, 12, 1, 2, 2, 11, 4, true},  {8, 12, 2, 2, 1, 10, 4, false}, {16, 24, 1, 4, 2, 16, 8, true},
+      {2, 1, 1, 1, 1, 3, 1, true},    {4, 4, 2, 2, 1, 5, 2, false},
+  };
+  fs::create_directories(dir);
+  int i = 0;
+  for (const Shape& s : shapes) {
+    const kvcache::ModelConfig c =
+        kvcache::llama2c_config(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, s.vocab, s.seq_len, s.tied);
+    const kvcache::Decoder<float> d(c, kvcache::random_weights<float>(c, static_cast<std::uint64_t>(i + 1)));
+    kvcache::save_llama2c(d, (dir / ("tiny" + std::to_string(i++) + ".bin")).string());
+  }
+}
+
+void append_int32(std::string& out, std::int32_t v) {
+  char raw[4];
+  std::memcpy(raw, &v, 4);
+  out.append(raw, 4);
+}
+
+void append_token(std::string& out, const std::string& piece, float score) {
+  char raw[4];
+  std::memcpy(raw, &score, 4);
+  out.append(raw, 4);
+  append_int32(out, static_cast<std::int32_t>(piece.size()));
+  out += piece;
+}
+
+std::string tokenizer(const std::vector<std::pair<std::string, float>>& vocab) {
+  std::size_t longest = 0;
+  for (const auto& entry : vocab) longest = std::max(longest, entry.first.size());
+  std::string out;
+  append_int32(out, static_cast<std::int32_t>(longest));
+  for (const auto& [piece, score] : vocab) append_token(out, piece, score);
+  return out;
+}
+
+// Small tokenizer.bin files: the special tokens only, with a few merges, and
+// with the 256 byte-fallback tokens.
+void tokenizers(const fs::path& dir) {
+  std::vector<std::pair<std::string, float>> vocab = {{"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}};
+  write(dir, "special.bin", tokenizer(vocab));
+  std::vector<std::pair<std::string, float>> merges = vocab;
+  for (const char* piece : {" ", "a", "b", "ab", " ab", "ba", "\xC3\xA9"}) merges.push_back({piece, -1.0f});
+  write(dir, "merges.bin", tokenizer(merges));
+  static const char* const kHex = "0123456789ABCDEF";
+  for (int b = 0; b < 256; ++b) vocab.push_back({std::string("<0x") + kHex[b >> 4] + kHex[b & 15] + ">", 0});
+  vocab.insert(vocab.end(), {{" ", -1}, {"t", -2}, {"he", -3}, {"the", 1}, {" the", 2}, {" c", 0}, {"at", 0}});
+  write(dir, "bytes.bin", tokenizer(vocab));
+}
+
+void prompts(const fs::path& dir) {
+  const std::vector<std::string> texts = {
+      "The cat", "", " ", "  leading spaces", "a\nb\tc", "h\xC3\xA9llo w\xC3\xB6rld \xE2\x9C\x93 \xF0\x9F\x98\x80",
+      "\x80\xBF\xC3", "<0x41> <s> </s>", std::string("nul\0byte", 8), "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+  };
+  int i = 0;
+  for (const auto& t : texts) write(dir, "prompt" + std::to_string(i++), t);
+}
+
+void command_lines(const fs::path& dir) {
+  const auto join = [](const std::vector<std::string>& args) {
+    std::string out;
+    for (std::size_t i = 0; i < args.size(); ++i) out += (i ? std::string(1, '\0') : std::string()) + args[i];
+    return out;
+  };
+  const std::vector<std::vector<std::string>> lines = {
+      {"model.bin"},
+      {"model.bin", "-z", "tok.bin", "-i", "The cat", "-n", "128", "-t", "0"},
+      {"model.bin", "-t", "0.8", "-p", "0.9", "-s", "42", "--threads", "2", "--stats"},
+      {"model.bin", "--prompt-ids", "1,368,430", "--ids", "--no-cache", "--ignore-eos"},
+      {"--help"},
+  };
+  int i = 0;
+  for (const auto& l : lines) write(dir, "args" + std::to_string(i++), join(l));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
+    return 1;
+  }
+  try {
+    const fs::path out = argv[1];
+    checkpoints(out / "fuzz_llama2c");
+    tokenizers(out / "fuzz_tokenizer_load");
+    prompts(out / "fuzz_tokenizer_encode");
+    command_lines(out / "fuzz_cli_args");
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "kvcache_fuzz_seeds: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
