@@ -132,8 +132,8 @@ kvcache::SavedSession<float> load_prompt_cache(const std::string& path, const kv
     throw std::runtime_error("it was saved with " + window_text(s.window()) + ", this run has " +
                              window_text(wanted.window));
   if (s.window().window == 0 && s.max_tokens() < steps)
-    throw std::runtime_error("its session holds at most " + std::to_string(s.max_tokens()) + " tokens, this run needs " +
-                             std::to_string(steps));
+    throw std::runtime_error("its session holds at most " + std::to_string(s.max_tokens()) +
+                             " tokens, this run needs " + std::to_string(steps));
   const std::vector<int>& t = saved.tokens;
   if (t.size() > prompt.size() || !std::equal(t.begin(), t.end(), prompt.begin()))
     throw std::runtime_error("its prompt of " + std::to_string(t.size()) +
@@ -149,23 +149,26 @@ kvcache::SavedSession<float> load_prompt_cache(const std::string& path, const kv
 Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, const kvcache::SessionOptions& options,
                                     const std::vector<int>& prompt, std::size_t steps, std::size_t threads,
                                     const std::string& path, PromptCacheResult& result) {
+  std::optional<kvcache::SavedSession<float>> saved;
   std::error_code ec;
   if (std::filesystem::exists(path, ec) || ec) {
     try {
-      kvcache::SavedSession<float> saved = load_prompt_cache(path, decoder, options, prompt, steps);
-      Prefilled p{std::move(saved.session), std::move(saved.last_logits)};
-      p.session.set_threads(threads);
-      result.status = "hit";
-      result.reused = saved.tokens.size();
-      if (result.reused < prompt.size()) {
-        const std::vector<int> rest(prompt.begin() + static_cast<std::ptrdiff_t>(result.reused), prompt.end());
-        p.logits = decoder.forward(rest, p.session, kvcache::Logits::last).row(0);
-      }
-      return p;
+      saved.emplace(load_prompt_cache(path, decoder, options, prompt, steps));
     } catch (const std::exception& e) {
       std::cerr << kProgram << ": prompt cache " << path << " rejected: " << e.what() << "; ignoring it" << std::endl;
       result.status = "rejected";
     }
+  }
+  if (saved) {
+    Prefilled p{std::move(saved->session), std::move(saved->last_logits)};
+    p.session.set_threads(threads);
+    result.status = "hit";
+    result.reused = saved->tokens.size();
+    if (result.reused < prompt.size()) {
+      const std::vector<int> rest(prompt.begin() + static_cast<std::ptrdiff_t>(result.reused), prompt.end());
+      p.logits = decoder.forward(rest, p.session, kvcache::Logits::last).row(0);
+    }
+    return p;
   }
   Prefilled p{decoder.new_session(options), {}};
   p.session.set_threads(threads);
@@ -295,7 +298,8 @@ int run(int argc, char** argv) {
               << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
               << " decode_tok_s=" << format_rate(static_cast<double>(generated - 1), decode_s)
               << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
-    if (o.prompt_cache) std::cerr << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
+    if (o.prompt_cache)
+      std::cerr << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
     std::cerr << std::endl;
   }
   return 0;

@@ -180,7 +180,9 @@ inline bool host_is_little_endian() {
 // a·b and a+b saturating at 2^64 − 1, so that a huge count from a file
 // fails the length check instead of wrapping into a small one.
 constexpr std::uint64_t kSaturated = std::numeric_limits<std::uint64_t>::max();
-inline std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) { return a != 0 && b > kSaturated / a ? kSaturated : a * b; }
+inline std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
+  return a != 0 && b > kSaturated / a ? kSaturated : a * b;
+}
 inline std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) { return b > kSaturated - a ? kSaturated : a + b; }
 inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "more than 2^64" : std::to_string(n); }
 
@@ -347,7 +349,7 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
     std::size_t n = 0;
     for (; i < tokens.size() && n + 4 <= sizeof block; ++i, n += 4) {
       const auto id = static_cast<std::uint32_t>(tokens[i]);
-      for (int b = 0; b < 4; ++b) block[n + static_cast<std::size_t>(b)] = static_cast<unsigned char>((id >> (8 * b)) & 0xFFu);
+      for (std::size_t b = 0; b < 4; ++b) block[n + b] = static_cast<unsigned char>((id >> (8 * b)) & 0xFFu);
     }
     emit(block, n);
   }
@@ -451,7 +453,7 @@ inline KVType kv_type_of(const std::string& name, std::uint64_t c) {
 // left in `in`, when known.
 template <typename T>
 SavedSession<T> read_all(std::istream& in, const std::string& name, std::optional<std::uint64_t> length,
-                             const Decoder<T>& decoder, const SessionLoadOptions& options) {
+                         const Decoder<T>& decoder, const SessionLoadOptions& options) {
   require_little_endian(name);
   if (length && *length > options.max_bytes)
     fail(name, "the file has " + std::to_string(*length) + " bytes, more than the limit of " +
@@ -546,7 +548,8 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
     }
   }
   RowVector<T> logits(static_cast<Eigen::Index>(f[kNLogits]));
-  reader.read(reinterpret_cast<unsigned char*>(logits.data()), static_cast<std::size_t>(logits.size()) * sizeof(T), "logits");
+  reader.read(reinterpret_cast<unsigned char*>(logits.data()), static_cast<std::size_t>(logits.size()) * sizeof(T),
+              "logits");
 
   const auto size = static_cast<std::size_t>(f[kSize]);
   session_options.reserve_tokens = std::max(size, std::min(options.reserve_tokens, probe->max_tokens()));
@@ -603,11 +606,11 @@ void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
   detail::session_file::check_saveable(decoder, session, tokens, n_logits);
   detail::session_file::require_little_endian("<stream>");
-  detail::session_file::write_all(decoder, session, tokens, last_logits.data(), n_logits,
-                                      [&](const unsigned char* p, std::size_t n) {
-                                        out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
-                                        if (!out) throw std::runtime_error("kvcache: write_session: write error");
-                                      });
+  const auto put = [&out](const unsigned char* p, std::size_t n) {
+    out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
+    if (!out) throw std::runtime_error("kvcache: write_session: write error");
+  };
+  detail::session_file::write_all(decoder, session, tokens, last_logits.data(), n_logits, put);
 }
 
 // The same into the file at `path`, atomically: the bytes go to a new
@@ -646,11 +649,11 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
                               (e != 0 ? ": " + std::generic_category().message(e) : std::string()));
   };
   try {
-    sf::write_all(decoder, session, tokens, last_logits.data(), n_logits,
-                      [&](const unsigned char* p, std::size_t n) {
-                        errno = 0;
-                        if (std::fwrite(p, 1, n, file) != n) throw io_error("write error on");
-                      });
+    const auto put = [&](const unsigned char* p, std::size_t n) {
+      errno = 0;
+      if (std::fwrite(p, 1, n, file) != n) throw io_error("write error on");
+    };
+    sf::write_all(decoder, session, tokens, last_logits.data(), n_logits, put);
     errno = 0;
     if (std::fflush(file) != 0) throw io_error("write error on");
 #if defined(__unix__) || defined(__APPLE__)
@@ -679,9 +682,11 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
 
 // Reads a session written by write_session from `in`, for `decoder`, whose
 // model must be the one that saved it. At most options.max_bytes are
-// accepted (the bound for untrusted input; when `in` can seek, its length is
-// checked exactly before anything is read past the header). `name` is used
-// in error messages.
+// accepted. When `in` can seek (a file, a string stream), its length is
+// checked exactly against the header before anything large is allocated;
+// when it cannot, max_bytes is the only bound on what a hostile header can
+// make it allocate, so set it for untrusted input. `name` is used in error
+// messages.
 //
 // Throws std::invalid_argument when the file was saved for another model
 // (naming the field: "was saved for n_layers = 6, this model has 5") and
