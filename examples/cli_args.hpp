@@ -5,8 +5,8 @@
 //
 // The options of llama2.c's `run` (-z -i -n -t -p -s) with the same defaults
 // and meanings, plus --prompt-ids, --ids, --threads, --no-cache,
-// --ignore-eos, --stats, the cache's --kv-type, --window and --sinks, and
-// -h/--help. Every malformed argument throws
+// --ignore-eos, --stats, the cache's --kv-type, --window and --sinks,
+// --prompt-cache, and -h/--help. Every malformed argument throws
 // UsageError with a one-line message; checks that need the model (ids within
 // the vocabulary, prompt length against steps) happen after loading it.
 #pragma once
@@ -55,6 +55,9 @@ struct Options {
   kvcache::KVType kv_type = kvcache::KVType::full;
   std::size_t window = 0;  // --window: a sliding window of this many tokens (0: none)
   std::size_t sinks = 0;   // --sinks: tokens the window keeps for ever
+  // --prompt-cache: a session file holding the state after a prompt, reused
+  // when this run's prompt starts with that prompt, (re)written otherwise.
+  std::optional<std::string> prompt_cache;
 
   // Text is needed to encode a non-empty -i prompt (without --prompt-ids) or
   // to print pieces (without --ids); otherwise no tokenizer is read.
@@ -99,6 +102,11 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 W - S; generation may then go past seq_len (-n counts\n"
          "                 positions as usual; 0 means seq_len). W <= seq_len.\n"
          "  --sinks S      tokens the window keeps from the start, S < W (default 0)\n"
+         "  --prompt-cache FILE  reuse the prompt's prefill: when FILE holds the state\n"
+         "                 after a prompt this prompt starts with (same model and cache\n"
+         "                 options), load it and prefill only the rest; otherwise\n"
+         "                 prefill as usual and save the prompt's state to FILE (a\n"
+         "                 file that does not fit is reported on stderr and replaced)\n"
          "  -h, --help     print this help and exit\n"
          "\n"
          "Generation stops after STEPS positions or when the model produces BOS.\n"
@@ -243,6 +251,9 @@ inline Options parse_args(const std::vector<std::string>& args) {
     } else if (a == "--sinks") {
       o.sinks = static_cast<std::size_t>(
           detail::parse_unsigned(a, value(), static_cast<std::uint64_t>(std::numeric_limits<int>::max())));
+    } else if (a == "--prompt-cache") {
+      o.prompt_cache = value();
+      if (o.prompt_cache->empty()) throw UsageError("--prompt-cache needs a file name, got ''");
     } else if (a == "--ids") {
       o.print_ids = true;
     } else if (a == "--no-cache") {
@@ -269,6 +280,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
                      std::to_string(o.window));
   if (o.no_cache && (o.window != 0 || o.kv_type != kvcache::KVType::full))
     throw UsageError("--no-cache keeps no cache: it cannot take --window or --kv-type");
+  if (o.no_cache && o.prompt_cache) throw UsageError("--no-cache keeps no cache: it cannot take --prompt-cache");
   return o;
 }
 

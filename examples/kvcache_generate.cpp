@@ -6,6 +6,7 @@
 //                    [-t TEMPERATURE] [-p TOPP] [-s SEED] [--prompt-ids IDS]
 //                    [--ids] [--threads N] [--no-cache] [--ignore-eos] [--stats]
 //                    [--kv-type f32|bf16|int8] [--window W] [--sinks S]
+//                    [--prompt-cache FILE]
 //
 // What is printed follows run: the pieces of every token after the leading
 // BOS (the prompt's, then the generated ones) as they come, pieces that are a
@@ -15,19 +16,24 @@
 // Generation stops early when the model produces BOS, which is not printed as
 // text (--ids prints it, as the reference id lists do). See cli_args.hpp for
 // the options.
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <ctime>
 #include <exception>
+#include <filesystem>
 #include <iostream>
 #include <kvcache/decoder.hpp>
 #include <kvcache/generate.hpp>
 #include <kvcache/llama2c.hpp>
+#include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 #include <optional>
 #include <string>
+#include <system_error>
+#include <utility>
 #include <vector>
 
 #include "cli_args.hpp"
@@ -70,6 +76,124 @@ std::string format_rate(double tokens, double seconds) {
   char buffer[64];
   std::snprintf(buffer, sizeof buffer, "%.2f", seconds > 0.0 ? tokens / seconds : 0.0);
   return buffer;
+}
+
+// ---- --prompt-cache -----------------------------------------------------------
+//
+// The file holds the session after the whole prompt and the logits of its
+// last token (SavedSession::last_logits). Storing those vocab_size floats
+// is what keeps the cache invisible in the output:
+//   - a miss prefills the prompt in one pass, exactly as a run without the
+//     cache does, and saves that very state, so its output is the same;
+//   - a hit whose prompt is the saved one samples its first token from the
+//     saved logits: the same numbers a one-pass prefill produced, so the
+//     same output again;
+//   - a hit with a longer prompt prefills only the new tokens on top of the
+//     loaded state (the sums then run in another order than in one pass:
+//     the same logits up to rounding, as any chunked prefill).
+// Saving the state after all prompt tokens but the last instead would save
+// the logits' bytes but make every miss prefill in two passes, whose last
+// logits may differ from one pass in their last bits.
+
+// A session that has been fed the whole prompt, with the last token's logits.
+struct Prefilled {
+  kvcache::Session<float> session;
+  kvcache::RowVector<float> logits;
+};
+
+// What --prompt-cache did, for --stats.
+struct PromptCacheResult {
+  const char* status = "miss";  // hit, miss (no file) or rejected
+  std::size_t reused = 0;       // prompt tokens loaded instead of prefilled
+};
+
+const char* kv_type_flag(kvcache::KVType t) { return t == kvcache::KVType::full ? "f32" : kvcache::to_string(t); }
+
+std::string window_text(kvcache::SlidingWindow w) {
+  return w.window == 0 ? "no window"
+                       : "a window of " + std::to_string(w.window) + " with " + std::to_string(w.sinks) + " sinks";
+}
+
+// Loads the prompt cache at `path` and checks that it fits this run: the
+// options that decide the cache's bytes, and a saved prompt that this
+// prompt starts with. Throws std::exception with the reason when it does
+// not.
+kvcache::SavedSession<float> load_prompt_cache(const std::string& path, const kvcache::Decoder<float>& decoder,
+                                               const kvcache::SessionOptions& wanted, const std::vector<int>& prompt,
+                                               std::size_t steps) {
+  kvcache::SessionLoadOptions load_options;
+  load_options.reserve_tokens = wanted.reserve_tokens;
+  kvcache::SavedSession<float> saved = kvcache::load_session(path, decoder, load_options);
+  const kvcache::Session<float>& s = saved.session;
+  if (s.kv_type() != wanted.kv_type)
+    throw std::runtime_error(std::string("it was saved with --kv-type ") + kv_type_flag(s.kv_type()) +
+                             ", this run has --kv-type " + kv_type_flag(wanted.kv_type));
+  if (s.window().window != wanted.window.window || s.window().sinks != wanted.window.sinks)
+    throw std::runtime_error("it was saved with " + window_text(s.window()) + ", this run has " +
+                             window_text(wanted.window));
+  if (s.window().window == 0 && s.max_tokens() < steps)
+    throw std::runtime_error("its session holds at most " + std::to_string(s.max_tokens()) +
+                             " tokens, this run needs " + std::to_string(steps));
+  const std::vector<int>& t = saved.tokens;
+  if (t.size() > prompt.size() || !std::equal(t.begin(), t.end(), prompt.begin()))
+    throw std::runtime_error("its prompt of " + std::to_string(t.size()) +
+                             " tokens is not the start of this prompt of " + std::to_string(prompt.size()));
+  if (t.size() == prompt.size() && saved.last_logits.size() == 0)
+    throw std::runtime_error("it holds this prompt but not the logits of its last token");
+  return saved;
+}
+
+// Prefills `prompt`, from the prompt cache at `path` when it fits, and
+// (re)writes the cache when it did not. A cache that does not fit or cannot
+// be written costs one line on stderr, never the run.
+Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, const kvcache::SessionOptions& options,
+                                    const std::vector<int>& prompt, std::size_t steps, std::size_t threads,
+                                    const std::string& path, PromptCacheResult& result) {
+  std::optional<kvcache::SavedSession<float>> saved;
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) || ec) {
+    try {
+      saved.emplace(load_prompt_cache(path, decoder, options, prompt, steps));
+    } catch (const std::exception& e) {
+      std::cerr << kProgram << ": prompt cache " << path << " rejected: " << e.what() << "; ignoring it" << std::endl;
+      result.status = "rejected";
+    }
+  }
+  if (saved) {
+    Prefilled p{std::move(saved->session), std::move(saved->last_logits)};
+    p.session.set_threads(threads);
+    result.status = "hit";
+    result.reused = saved->tokens.size();
+    if (result.reused < prompt.size()) {
+      const std::vector<int> rest(prompt.begin() + static_cast<std::ptrdiff_t>(result.reused), prompt.end());
+      p.logits = decoder.forward(rest, p.session, kvcache::Logits::last).row(0);
+    }
+    return p;
+  }
+  Prefilled p{decoder.new_session(options), {}};
+  p.session.set_threads(threads);
+  p.logits = decoder.forward(prompt, p.session, kvcache::Logits::last).row(0);
+  try {
+    kvcache::save_session(path, decoder, p.session, prompt, p.logits);
+  } catch (const std::exception& e) {
+    std::cerr << kProgram << ": cannot save prompt cache " << path << ": " << e.what() << std::endl;
+  }
+  return p;
+}
+
+// kvcache::generate's decode loop, from the logits of the last prompt token
+// on: pick a token, hand it to on_token, feed it, until max_new_tokens or
+// the end token.
+void decode(const kvcache::Decoder<float>& decoder, Prefilled& p, const kvcache::GenerateOptions& options) {
+  kvcache::Sampler sampler(decoder.config().vocab_size, options);
+  std::vector<int> step(1);
+  for (std::size_t produced = 1;; ++produced) {
+    const int token = sampler.sample(p.logits);
+    options.on_token(token);
+    if ((options.end_token && token == *options.end_token) || produced >= options.max_new_tokens) return;
+    step[0] = token;
+    p.logits = decoder.forward(step, p.session, kvcache::Logits::last).row(0);  // same size: no allocation
+  }
 }
 
 int run(int argc, char** argv) {
@@ -142,6 +266,7 @@ int run(int argc, char** argv) {
   };
 
   std::size_t kv_bytes = 0;  // what is cached between steps: nothing with --no-cache
+  PromptCacheResult prompt_cache;
   if (o.no_cache) {
     kvcache::generate_uncached(decoder, prompt, options, o.threads);
   } else {
@@ -150,10 +275,17 @@ int run(int argc, char** argv) {
     session_options.reserve_tokens = steps;
     session_options.kv_type = o.kv_type;
     session_options.window = kvcache::SlidingWindow{o.window, o.sinks};
-    kvcache::Session<float> session = decoder.new_session(session_options);
-    session.set_threads(o.threads);
-    kvcache::generate(decoder, session, prompt, options);
-    kv_bytes = session.kv_bytes();
+    if (o.prompt_cache) {
+      Prefilled p =
+          prefill_with_prompt_cache(decoder, session_options, prompt, steps, o.threads, *o.prompt_cache, prompt_cache);
+      decode(decoder, p, options);
+      kv_bytes = p.session.kv_bytes();
+    } else {
+      kvcache::Session<float> session = decoder.new_session(session_options);
+      session.set_threads(o.threads);
+      kvcache::generate(decoder, session, prompt, options);
+      kv_bytes = session.kv_bytes();
+    }
   }
   std::cout << '\n';
   std::cout.flush();
@@ -165,7 +297,10 @@ int run(int argc, char** argv) {
     std::cerr << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
               << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
               << " decode_tok_s=" << format_rate(static_cast<double>(generated - 1), decode_s)
-              << " kv_bytes=" << kv_bytes << " threads=" << o.threads << std::endl;
+              << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
+    if (o.prompt_cache)
+      std::cerr << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
+    std::cerr << std::endl;
   }
   return 0;
 }

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <kvcache/decoder.hpp>
 #include <kvcache/llama2c.hpp>
 #include <regex>
 #include <string>
@@ -87,6 +88,18 @@ TEST(CliArgs, CacheOptions) {
            {"m", "--kv-type", "int8", "--no-cache"},
        })
     EXPECT_THROW((void)parse_args(bad), UsageError) << bad[1];
+}
+
+TEST(CliArgs, PromptCache) {
+  EXPECT_FALSE(parse_args({"m"}).prompt_cache);
+  EXPECT_EQ(*parse_args({"m", "--prompt-cache", "c.kvs"}).prompt_cache, "c.kvs");
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"m", "--prompt-cache"},
+           {"m", "--prompt-cache", ""},
+           {"m", "--prompt-cache", "c.kvs", "--no-cache"},
+       })
+    EXPECT_THROW((void)parse_args(bad), UsageError) << bad.back();
+  EXPECT_NE(kvcache_cli::usage().find("--prompt-cache FILE"), std::string::npos);
 }
 
 TEST(CliArgs, Help) {
@@ -172,18 +185,23 @@ std::string slurp(const fs::path& p) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+// A folder per test (ctest may run tests in parallel), also the working
+// directory of the runs, so that no stray ./tokenizer.bin is found.
+fs::path test_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const fs::path dir =
+      fs::path(KVCACHE_TEST_TMP_DIR) / "cli_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
+  fs::create_directories(dir);
+  return dir;
+}
+
 Result run(const std::vector<std::string>& args) {
   Result r;
 #if defined(_WIN32)
   (void)args;
   ADD_FAILURE() << "the CLI test runs the program through a POSIX shell";
 #else
-  // A folder per test (ctest may run tests in parallel), also the working
-  // directory, so that no stray ./tokenizer.bin is found.
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const fs::path dir =
-      fs::path(KVCACHE_TEST_TMP_DIR) / "cli_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
-  fs::create_directories(dir);
+  const fs::path dir = test_dir();
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
   std::string command = "cd " + shell_quote(dir.string()) + " && " + shell_quote(KVCACHE_GENERATE_EXE);
   for (const auto& a : args) command += " " + shell_quote(a);
@@ -352,6 +370,185 @@ TEST_F(Cli, Stats) {
   EXPECT_NE(r.err.find(" threads=2"), std::string::npos) << r.err;
   const Result nc = run(greedy({"-i", "The cat", "--stats", "--no-cache"}));
   EXPECT_TRUE(std::regex_match(nc.err, line)) << nc.err;
+}
+
+// ---------------------------------------------------------------------------
+// --prompt-cache
+
+// The lines of `err` other than the --stats line.
+std::vector<std::string> messages(const std::string& err) {
+  std::vector<std::string> lines;
+  std::size_t at = 0;
+  while (at < err.size()) {
+    const std::size_t end = err.find('\n', at);
+    const std::string line = err.substr(at, end == std::string::npos ? std::string::npos : end - at);
+    if (line.rfind("stats: ", 0) != 0) lines.push_back(line);
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return lines;
+}
+
+std::string stats_field(const std::string& err, const std::string& name) {
+  const std::size_t at = err.find(" " + name + "=");
+  if (at == std::string::npos) return "(no " + name + ")";
+  const std::size_t begin = at + name.size() + 2;
+  return err.substr(begin, err.find_first_of(" \n", begin) - begin);
+}
+
+class PromptCache : public Cli {
+ protected:
+  void SetUp() override {
+    Cli::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    cache_ = (test_dir() / "prompt.kvs").string();
+    fs::remove(cache_);
+  }
+
+  // greedy(extra) with --prompt-cache and --stats.
+  std::vector<std::string> cached(std::vector<std::string> extra) const {
+    extra.insert(extra.end(), {"--prompt-cache", cache_, "--stats"});
+    return greedy(extra);
+  }
+
+  // Runs `args` with the cache, which must be rejected with a reason that
+  // contains `reason`, and checks that the output is that of `args` without
+  // the cache, and that the cache now holds this run's prompt.
+  void expect_rejected(const std::vector<std::string>& args, const std::string& reason) {
+    const Result plain = run(greedy(args));
+    const Result r = run(cached(args));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, plain.out) << reason;
+    const std::vector<std::string> lines = messages(r.err);
+    ASSERT_EQ(lines.size(), 1u) << r.err;
+    const std::string start = "kvcache-generate: prompt cache " + cache_ + " rejected: ";
+    EXPECT_EQ(lines[0].rfind(start, 0), 0u) << lines[0];
+    EXPECT_NE(lines[0].find(reason), std::string::npos) << lines[0];
+    EXPECT_EQ(lines[0].substr(lines[0].size() - 13), "; ignoring it") << lines[0];
+    EXPECT_EQ(stats_field(r.err, "prompt_cache"), "rejected");
+    const Result again = run(cached(args));
+    EXPECT_EQ(stats_field(again.err, "prompt_cache"), "hit") << again.err;
+    EXPECT_EQ(again.out, plain.out);
+  }
+
+  std::string cache_;
+};
+
+TEST_F(PromptCache, MissSavesThePromptAndLaterRunsReuseIt) {
+  const Result miss = run(cached({"-i", "The cat"}));
+  EXPECT_EQ(miss.exit_code, 0) << miss.err;
+  EXPECT_EQ(miss.out, kTheCatText);
+  EXPECT_EQ(messages(miss.err), std::vector<std::string>{}) << miss.err;
+  EXPECT_EQ(stats_field(miss.err, "prompt_cache"), "miss");
+  EXPECT_EQ(stats_field(miss.err, "reused_tokens"), "0");
+  ASSERT_TRUE(fs::is_regular_file(cache_));
+  // Nothing but the cache is left beside it (no temporary file).
+  std::size_t files = 0;
+  for (const auto& e : fs::directory_iterator(fs::path(cache_).parent_path()))
+    files += e.path().filename().string().find("prompt.kvs") != std::string::npos;
+  EXPECT_EQ(files, 1u);
+
+  // The same prompt: all 5 tokens reused, the same text.
+  const Result hit = run(cached({"-i", "The cat"}));
+  EXPECT_EQ(hit.out, kTheCatText);
+  EXPECT_EQ(messages(hit.err), std::vector<std::string>{}) << hit.err;
+  EXPECT_EQ(stats_field(hit.err, "prompt_cache"), "hit");
+  EXPECT_EQ(stats_field(hit.err, "reused_tokens"), "5");
+  const std::regex line(
+      R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ )"
+      R"(threads=\d+ prompt_cache=(hit|miss|rejected) reused_tokens=\d+\n$)");
+  EXPECT_TRUE(std::regex_match(hit.err, line)) << hit.err;
+  EXPECT_EQ(run(cached({"-i", "The cat", "--ids"})).out, kTheCatIds);
+
+  // A prompt that goes on: 5 tokens reused, the rest prefilled, the text of
+  // a run without the cache. A hit leaves the file as it was.
+  const std::string before = slurp(cache_);
+  const Result longer = run(cached({"-i", "The cat sat on the mat"}));
+  EXPECT_EQ(stats_field(longer.err, "prompt_cache"), "hit");
+  EXPECT_EQ(stats_field(longer.err, "reused_tokens"), "5");
+  EXPECT_EQ(longer.out, run(greedy({"-i", "The cat sat on the mat"})).out);
+  EXPECT_EQ(slurp(cache_), before);
+
+  // Sampling with a seed picks the same tokens from the saved logits.
+  const std::vector<std::string> sampled{"-i", "The cat", "-t", "1", "-s", "42"};
+  EXPECT_EQ(run(cached(sampled)).out, run(greedy(sampled)).out);
+}
+
+TEST_F(PromptCache, CacheOptionsKeepTheOutput) {
+  const std::vector<std::string> args{"-i", "The cat", "--kv-type", "int8", "--window", "64", "--sinks", "4",
+                                      "-n", "300", "--ignore-eos"};
+  const Result plain = run(greedy(args));
+  const Result miss = run(cached(args)), hit = run(cached(args));
+  EXPECT_EQ(stats_field(miss.err, "prompt_cache"), "miss") << miss.err;
+  EXPECT_EQ(stats_field(hit.err, "prompt_cache"), "hit") << hit.err;
+  EXPECT_EQ(miss.out, plain.out);
+  EXPECT_EQ(hit.out, plain.out);
+}
+
+TEST_F(PromptCache, AnotherPromptIsRejectedAndReplaced) {
+  ASSERT_EQ(run(cached({"-i", "The dog"})).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "its prompt of 6 tokens is not the start of this prompt of 5");
+  // A prompt shorter than the saved one, and its start.
+  expect_rejected({"--prompt-ids", "1,368"}, "its prompt of 5 tokens is not the start of this prompt of 2");
+}
+
+TEST_F(PromptCache, OtherCacheOptionsAreRejected) {
+  ASSERT_EQ(run(cached({"-i", "The cat", "--kv-type", "int8"})).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "it was saved with --kv-type int8, this run has --kv-type f32");
+  ASSERT_EQ(run(cached({"-i", "The cat", "--window", "64", "--sinks", "4"})).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "it was saved with a window of 64 with 4 sinks, this run has no window");
+}
+
+TEST_F(PromptCache, AnotherModelIsRejected) {
+  KVCACHE_MODEL_FILE_OR_SKIP(stories, "stories260K.bin");
+  const Result other = run({stories, "-t", "0", "-n", "20", "--prompt-ids", "1,368,430,273,268", "--ids",
+                            "--prompt-cache", cache_});
+  ASSERT_EQ(other.exit_code, 0) << other.err;
+  expect_rejected({"-i", "The cat"}, "was saved for n_layers = 5, this model has 4");
+
+  // The same shape with other weights.
+  const kvcache::ModelConfig c = kvcache::read_llama2c_header(model_).config();
+  const std::string twin = (test_dir() / "twin.bin").string();
+  kvcache::save_llama2c(kvcache::Decoder<float>(c, kvcache::random_weights<float>(c, 5)), twin);
+  ASSERT_EQ(run({twin, "-z", tok_, "-t", "0", "-n", "20", "-i", "The cat", "--prompt-cache", cache_}).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "was saved for a model of this shape with other weights");
+  fs::remove(twin);
+}
+
+TEST_F(PromptCache, DamagedFilesAreRejected) {
+  ASSERT_EQ(run(cached({"-i", "The cat"})).exit_code, 0);
+  const std::string good = slurp(cache_);
+  const auto write = [&](const std::string& bytes) {
+    std::ofstream out(cache_, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  };
+  std::string flipped = good;
+  flipped[good.size() / 2] = static_cast<char>(flipped[good.size() / 2] ^ 0x10);
+  write(flipped);
+  expect_rejected({"-i", "The cat"}, "checksum mismatch");
+  write(good.substr(0, good.size() - 1));
+  expect_rejected({"-i", "The cat"}, "file is truncated");
+  write(good + "x");
+  expect_rejected({"-i", "The cat"}, "trailing bytes");
+  write(slurp(tok_));
+  expect_rejected({"-i", "The cat"}, "not a kvcache session file");
+  write("");
+  expect_rejected({"-i", "The cat"}, "file is truncated");
+}
+
+// A cache that can be neither read nor written costs two lines on stderr,
+// not the run.
+TEST_F(PromptCache, UnusableCachePathStillGenerates) {
+  fs::create_directories(fs::path(cache_) / "inside");
+  const Result r = run(cached({"-i", "The cat"}));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatText);
+  const std::vector<std::string> lines = messages(r.err);
+  ASSERT_EQ(lines.size(), 2u) << r.err;
+  EXPECT_NE(lines[0].find("rejected: kvcache: session file '" + cache_ + "': is a directory"), std::string::npos)
+      << lines[0];
+  EXPECT_EQ(lines[1].rfind("kvcache-generate: cannot save prompt cache " + cache_ + ": ", 0), 0u) << lines[1];
+  fs::remove_all(cache_);
 }
 
 TEST_F(Cli, SeededSamplingIsReproducible) {

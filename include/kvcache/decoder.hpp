@@ -213,6 +213,31 @@ class Session {
     return s;
   }
 
+  // ---- Raw state, for session files (session_file.hpp) ----------------------
+  // Every layer's cache is in the same state: size(), position() and
+  // ring_start() describe them all.
+
+  std::size_t ring_start() const { return caches_.empty() ? 0 : caches_.front().ring_start(); }
+
+  // Puts every layer in the state given (see KVCache::restore_state), slot
+  // contents unspecified until write_raw fills them. Throws as
+  // KVCache::restore_state; on any exception the session is unchanged.
+  void restore_state(std::size_t size, std::size_t position, std::size_t ring_start) {
+    for (const auto& c : caches_) c.check_state(size, position, ring_start);
+    for (auto& c : caches_) c.reserve(size);  // all allocations before any change
+    for (auto& c : caches_) c.restore_state(size, position, ring_start);
+  }
+
+  // KVCache::read_raw / write_raw of layer 0, then layer 1, …
+  template <typename F>
+  void read_raw(F&& f) const {
+    for (const auto& c : caches_) c.read_raw(f);
+  }
+  template <typename F>
+  void write_raw(F&& f) {
+    for (auto& c : caches_) c.write_raw(f);
+  }
+
  private:
   friend class Decoder<T>;
   explicit Session(std::vector<KVCache<T>> caches) : caches_(std::move(caches)) {}

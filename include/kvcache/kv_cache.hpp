@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
@@ -238,6 +239,65 @@ class KVCache {
     if (capacity_ > size_) reallocate(size_);
   }
 
+  // ---- Raw storage, for saving and restoring a cache (session_file.hpp) ----
+
+  // Where the ring's oldest token is: slot sinks + ring_start() (0 until a
+  // sliding window wraps, and after truncate).
+  std::size_t ring_start() const { return ring_start_; }
+
+  // Calls f(bytes, n) once for each stored array and kv head, with the n
+  // bytes of that head's size() held slots (contiguous, in slot order), in
+  // this order: the keys of heads 0 … n_kv_heads − 1, then the values; for
+  // int8 then the keys' scale codes and the values' (a byte per slot).
+  // Elements are in the host's byte order. n = size() × the array's bytes
+  // per slot, so the arrays of one head add up to 2 × size() × row_bytes().
+  template <typename F>
+  void read_raw(F&& f) const {
+    visit_raw(*this, f);
+  }
+  // The same with writable bytes: how a restored cache gets its contents.
+  template <typename F>
+  void write_raw(F&& f) {
+    visit_raw(*this, f);
+  }
+
+  // Makes the cache hold `size` tokens in the ring state given, with the
+  // contents of their slots unspecified until write_raw fills them: the
+  // first half of restoring a saved cache. The state must be one that
+  // appends, truncates and clears can reach: without a window position ==
+  // size and ring_start == 0; with one size <= window, position >= size,
+  // ring_start < window − sinks, and ring_start == 0 unless the window is
+  // full. Throws std::invalid_argument otherwise, std::length_error past
+  // max_tokens(); on any exception the cache is unchanged.
+  void restore_state(std::size_t size, std::size_t position, std::size_t ring_start) {
+    check_state(size, position, ring_start);
+    reserve(size);
+    size_ = size;
+    position_ = position;
+    ring_start_ = ring_start;
+  }
+
+  // Throws std::invalid_argument unless restore_state(size, position,
+  // ring_start) describes a state this cache can be in.
+  void check_state(std::size_t size, std::size_t position, std::size_t ring_start) const {
+    const auto fail = [&](const std::string& why) {
+      throw std::invalid_argument("kvcache: KVCache state size = " + std::to_string(size) + ", position = " +
+                                  std::to_string(position) + ", ring_start = " + std::to_string(ring_start) +
+                                  " is impossible: " + why);
+    };
+    if (max_tokens_ != 0 && size > max_tokens_) fail("size > max_tokens = " + std::to_string(max_tokens_));
+    if (window_.window == 0) {
+      if (position != size) fail("without a sliding window position == size");
+      if (ring_start != 0) fail("without a sliding window ring_start == 0");
+      return;
+    }
+    const std::size_t ring = window_.window - window_.sinks;
+    if (position < size) fail("position < size");
+    if (ring_start >= ring) fail("ring_start >= window - sinks = " + std::to_string(ring));
+    if (ring_start != 0 && size != window_.window)
+      fail("only a full window (size = " + std::to_string(window_.window) + ") has wrapped");
+  }
+
  private:
   template <typename E>
   using Buffer = Eigen::Matrix<E, Eigen::Dynamic, 1>;  // uninitialised on allocation, aligned
@@ -268,6 +328,34 @@ class KVCache {
         f(a.V8, b.V8, d_k_);
         f(a.K_scale, b.K_scale, 1);
         f(a.V_scale, b.V_scale, 1);
+        break;
+    }
+  }
+
+  // read_raw / write_raw for a const or mutable cache.
+  template <typename Self, typename F>
+  static void visit_raw(Self& self, F& f) {
+    auto& s = self.s_;
+    const auto heads = [&](auto& buffer, std::size_t width) {
+      using Element = std::remove_reference_t<decltype(*buffer.data())>;
+      using Byte = std::conditional_t<std::is_const<Self>::value, const unsigned char, unsigned char>;
+      for (std::size_t h = 0; h < self.n_kv_heads_; ++h)
+        f(reinterpret_cast<Byte*>(buffer.data() + h * self.capacity_ * width), self.size_ * width * sizeof(Element));
+    };
+    switch (self.type_) {
+      case KVType::full:
+        heads(s.K, self.d_k_);
+        heads(s.V, self.d_k_);
+        break;
+      case KVType::bf16:
+        heads(s.K16, self.d_k_);
+        heads(s.V16, self.d_k_);
+        break;
+      case KVType::int8:
+        heads(s.K8, self.d_k_);
+        heads(s.V8, self.d_k_);
+        heads(s.K_scale, 1);
+        heads(s.V_scale, 1);
         break;
     }
   }
