@@ -149,3 +149,98 @@ TEST(BatchAttention, RejectsMalformedBatchesAndChangesNothing) {
   EXPECT_EQ(full.size(), 7u);
 }
 
+// ---- The decoder ------------------------------------------------------------
+
+// Logits of batched steps (prefill chunks and decode steps mixed, both
+// Logits::all and ::last) against each session alone and against the
+// formula in double. float: GEMM and GEMV round differently, so the batch is
+// equal only within 1e-5 relative; double: within 1e-12 of the formula.
+TEST(DecoderBatch, EachSessionGetsItsOwnLogits) {
+  for (const auto& v : fixtures::variants()) {
+    const ModelConfig c = fixtures::model(v, 48);
+    const Decoder<float> f = fixtures::make_decoder<float>(c);
+    const Decoder<double> d = fixtures::make_decoder<double>(c);
+    constexpr std::size_t B = 4;
+    std::vector<std::vector<int>> sequence(B);
+    std::vector<Session<float>> batched, alone;
+    std::vector<Session<double>> batched64;
+    for (std::size_t b = 0; b < B; ++b) {
+      batched.push_back(f.new_session());
+      alone.push_back(f.new_session());
+      batched64.push_back(d.new_session());
+    }
+    std::vector<Session<float>*> sessions;
+    std::vector<Session<double>*> sessions64;
+    for (std::size_t b = 0; b < B; ++b) {
+      sessions.push_back(&batched[b]);
+      sessions64.push_back(&batched64[b]);
+    }
+    BatchScratch<float> scratch;
+    BatchScratch<double> scratch64;
+    for (std::size_t step = 0; step < 6; ++step) {
+      // Step 0 prefills 1..4 tokens, later steps are mostly single tokens.
+      std::vector<std::vector<int>> tokens(B);
+      for (std::size_t b = 0; b < B; ++b) {
+        const std::size_t m = step == 0 ? b + 1 : (step == 3 && b == 2 ? 3 : 1);
+        tokens[b] = fixtures::random_tokens(m, c.vocab_size, static_cast<std::uint32_t>(10 * step + b));
+        sequence[b].insert(sequence[b].end(), tokens[b].begin(), tokens[b].end());
+      }
+      const Logits which = step % 2 == 0 ? Logits::all : Logits::last;
+      const Mat logits = f.forward_batch(tokens, sessions, scratch, which);
+      const kvcache::Matrix<double> logits64 = d.forward_batch(tokens, sessions64, scratch64, which, 2);
+      Eigen::Index row = 0;
+      for (std::size_t b = 0; b < B; ++b) {
+        const Mat own = f.forward(tokens[b], alone[b], which);
+        const auto rows = own.rows();
+        ASSERT_EQ(rows, which == Logits::all ? static_cast<Eigen::Index>(tokens[b].size()) : 1);
+        EXPECT_LE(reference::relative_error(logits.middleRows(row, rows), own), 1e-5)
+            << v.name << " step " << step << " sequence " << b;
+        const reference::Mat formula = reference::decoder_logits(d, sequence[b]).bottomRows(rows);
+        EXPECT_LE(reference::relative_error(logits64.middleRows(row, rows), formula), 1e-12)
+            << v.name << " step " << step << " sequence " << b;
+        EXPECT_EQ(batched[b].position(), sequence[b].size());
+        row += rows;
+      }
+      EXPECT_EQ(row, logits.rows());
+    }
+  }
+}
+
+TEST(DecoderBatch, RejectsBadBatchesAndChangesNoSession) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4], 16);
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  Session<float> a = d.new_session(), b = d.new_session(), near_full = d.new_session();
+  d.forward(fixtures::random_tokens(3, c.vocab_size, 1), a);
+  d.forward(fixtures::random_tokens(15, c.vocab_size, 2), near_full);
+  ModelConfig other_config = c;
+  other_config.n_layers = 3;
+  const Decoder<float> other_model = fixtures::make_decoder<float>(other_config);
+  Session<float> other = other_model.new_session();
+  const Mat a_before = probe(d, a), b_before = probe(d, b);
+  BatchScratch<float> scratch;
+  using Tokens = std::vector<std::vector<int>>;
+  using Sessions = std::vector<Session<float>*>;
+  const auto call = [&](Tokens tokens, Sessions sessions, std::size_t threads = 1) {
+    return [&d, &scratch, tokens, sessions, threads] {
+      d.forward_batch(tokens, sessions, scratch, Logits::last, threads);
+    };
+  };
+  expect_throw_naming<std::invalid_argument>(call({}, {}), "no sessions");
+  expect_throw_naming<std::invalid_argument>(call({{1}}, {&a, &b}), "1 token lists for 2 sessions");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1 has no tokens");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sessions[0] and sessions[1]");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sessions[1] is null");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "another model shape (sequence 1)");
+  expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "token id 99 at index 1");
+  expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "(sequence 1)");
+  expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &near_full}), "(sequence 1)");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &b}, 0), "threads = 0");
+  EXPECT_EQ(a.position(), 3u);
+  EXPECT_EQ(b.position(), 0u);
+  EXPECT_EQ(near_full.position(), 15u);
+  EXPECT_EQ(probe(d, a), a_before);
+  EXPECT_EQ(probe(d, b), b_before);
+  // And the scratch still works after all that.
+  EXPECT_EQ(d.forward_batch({{1}, {2}}, {&a, &b}, scratch).rows(), 2);
+}
+
