@@ -388,22 +388,24 @@ class MultiHeadAttentionWithCache {
                                   std::to_string(rows));
     for (std::size_t b = 0; b < B; ++b) {
       if (first_row[b + 1] <= first_row[b])
-        throw std::invalid_argument("kvcache: forward_batch: sequence " + std::to_string(b) + " has no rows (first_row[" +
-                                    std::to_string(b) + "] = " + std::to_string(first_row[b]) + ", first_row[" +
-                                    std::to_string(b + 1) + "] = " + std::to_string(first_row[b + 1]) + ")");
+        throw std::invalid_argument("kvcache: forward_batch: sequence " + std::to_string(b) +
+                                    " has no rows (first_row[" + std::to_string(b) + "] = " +
+                                    std::to_string(first_row[b]) + ", first_row[" + std::to_string(b + 1) +
+                                    "] = " + std::to_string(first_row[b + 1]) + ")");
       if (caches[b] == nullptr)
         throw std::invalid_argument("kvcache: forward_batch: caches[" + std::to_string(b) + "] is null");
       for (std::size_t c = 0; c < b; ++c)
         if (caches[c] == caches[b])
           throw std::invalid_argument("kvcache: forward_batch: caches[" + std::to_string(c) + "] and caches[" +
                                       std::to_string(b) + "] are the same cache");
-      const std::string at = " (sequence " + std::to_string(b) + ")";
+      // The sequence is named only on error: a batch step builds no strings.
+      const auto at = [b] { return " (sequence " + std::to_string(b) + ")"; };
       try {
         check_input(static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]), cols, *caches[b]);
       } catch (const std::length_error& e) {
-        throw std::length_error(e.what() + at);
+        throw std::length_error(e.what() + at());
       } catch (const std::invalid_argument& e) {
-        throw std::invalid_argument(e.what() + at);
+        throw std::invalid_argument(e.what() + at());
       }
     }
   }

@@ -453,7 +453,8 @@ class Decoder {
         // The last row of each sequence, gathered so that the final norm
         // reads contiguous rows as it does for a single session.
         for (std::size_t b = 0; b < B; ++b)
-          scratch.last_rows_.row(static_cast<Eigen::Index>(b)) = rows.x_.row(static_cast<Eigen::Index>(first_row[b + 1] - 1));
+          scratch.last_rows_.row(static_cast<Eigen::Index>(b)) =
+              rows.x_.row(static_cast<Eigen::Index>(first_row[b + 1] - 1));
         normalize(scratch.last_rows_, final_norm_, rows.head_in_);
         detail::linear<T>(rows.head_in_, lm_head(), Vector<T>(), rows.logits_, threads);
       }
@@ -522,22 +523,25 @@ class Decoder {
                                   " token lists for " + std::to_string(sessions.size()) + " sessions");
     if (threads == 0) throw std::invalid_argument("kvcache: Decoder::forward_batch: threads = 0, need at least 1");
     for (std::size_t b = 0; b < sessions.size(); ++b) {
-      const std::string at = " (sequence " + std::to_string(b) + ")";
-      if (sessions[b] == nullptr) throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(b) + "] is null");
+      // The sequence is named only on error: a batch step builds no strings.
+      const auto at = [b] { return " (sequence " + std::to_string(b) + ")"; };
+      if (sessions[b] == nullptr)
+        throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(b) + "] is null");
       for (std::size_t c = 0; c < b; ++c)
         if (sessions[c] == sessions[b])
           throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(c) +
                                       "] and sessions[" + std::to_string(b) + "] are the same session");
       if (tokens[b].empty())
-        throw std::invalid_argument("kvcache: Decoder::forward_batch: sequence " + std::to_string(b) + " has no tokens");
+        throw std::invalid_argument("kvcache: Decoder::forward_batch: sequence " + std::to_string(b) +
+                                    " has no tokens");
       try {
         check_tokens(tokens[b], *sessions[b]);
       } catch (const std::out_of_range& e) {
-        throw std::out_of_range(e.what() + at);
+        throw std::out_of_range(e.what() + at());
       } catch (const std::length_error& e) {
-        throw std::length_error(e.what() + at);
+        throw std::length_error(e.what() + at());
       } catch (const std::invalid_argument& e) {
-        throw std::invalid_argument(e.what() + at);
+        throw std::invalid_argument(e.what() + at());
       }
     }
   }
