@@ -41,6 +41,12 @@ Mat random_rows(Eigen::Index m, Eigen::Index cols, std::uint64_t seed) {
   return M;
 }
 
+GenerateOptions greedy(std::size_t n) {
+  GenerateOptions o;
+  o.max_new_tokens = n;
+  return o;
+}
+
 // Expects `call` to throw E with a message containing `part`.
 template <typename E, typename F>
 void expect_throw_naming(F&& call, const std::string& part) {
@@ -244,3 +250,168 @@ TEST(DecoderBatch, RejectsBadBatchesAndChangesNoSession) {
   EXPECT_EQ(d.forward_batch({{1}, {2}}, {&a, &b}, scratch).rows(), 2);
 }
 
+// ---- generate_batch -----------------------------------------------------------
+
+// Greedy: every sequence of a batch of prompts of different lengths gets
+// exactly the ids generate() gives it alone, with sequences leaving the
+// batch at different steps (an end token, then the length limit).
+TEST(GenerateBatch, GreedyEqualsGenerateAlone) {
+  for (const auto& v : fixtures::variants()) {
+    const ModelConfig c = fixtures::model(v, 64);
+    const Decoder<float> d = fixtures::make_decoder<float>(c);
+    std::vector<std::vector<int>> prompts;
+    for (std::size_t i = 0; i < 6; ++i)
+      prompts.push_back(fixtures::random_tokens(1 + (i * 5) % 7, c.vocab_size, 50 + static_cast<std::uint32_t>(i)));
+    GenerateOptions options = greedy(30);
+    // An end token that some sequence produces partway: it leaves early.
+    const std::vector<int> first = kvcache::generate(d, prompts[1], options);
+    options.end_token = first[10];
+    std::vector<std::vector<int>> alone;
+    std::size_t stopped_early = 0;
+    for (const auto& p : prompts) {
+      alone.push_back(kvcache::generate(d, p, options));
+      stopped_early += alone.back().size() < 30;
+    }
+    EXPECT_GT(stopped_early, 0u) << v.name;
+    EXPECT_EQ(kvcache::generate_batch(d, prompts, options), alone) << v.name;
+    EXPECT_EQ(kvcache::generate_batch(d, prompts, options, 2), alone) << v.name << " with 2 threads";
+  }
+}
+
+// One GenerateOptions per sequence: each its own limit, sampler and stream;
+// sessions of every storage type and a window, some holding a prefix.
+TEST(GenerateBatch, PerSequenceOptionsAndSessions) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4], 64);
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  const std::vector<SessionOptions> kinds = {
+      {}, {0, 0, KVType::bf16, {}}, {0, 0, KVType::int8, {}}, {0, 0, KVType::full, {12, 3}}};
+  std::vector<Session<float>> batched, alone;
+  std::vector<std::vector<int>> prompts, streamed(kinds.size()), expected;
+  std::vector<GenerateOptions> options;
+  for (std::size_t i = 0; i < kinds.size(); ++i) {
+    batched.push_back(d.new_session(kinds[i]));
+    alone.push_back(d.new_session(kinds[i]));
+    if (i % 2 == 1) {  // a conversation that goes on
+      const auto prefix = fixtures::random_tokens(4, c.vocab_size, 70 + static_cast<std::uint32_t>(i));
+      d.forward(prefix, batched[i]);
+      d.forward(prefix, alone[i]);
+    }
+    prompts.push_back(fixtures::random_tokens(2 + i, c.vocab_size, 80 + static_cast<std::uint32_t>(i)));
+    GenerateOptions o = greedy(10 + 7 * i);  // the window runs past 12 tokens
+    if (i >= 2) {
+      o.temperature = 0.8f;
+      o.top_p = i == 3 ? 0.9f : 1.0f;
+      o.seed = 1234 + i;
+    }
+    expected.push_back(kvcache::generate(d, alone[i], prompts[i], o));
+    o.on_token = [&streamed, i](int id) { streamed[i].push_back(id); };
+    options.push_back(o);
+  }
+  std::vector<Session<float>*> sessions;
+  for (auto& s : batched) sessions.push_back(&s);
+  sessions.front()->set_threads(2);
+  const auto ids = kvcache::generate_batch(d, sessions, prompts, options);
+  EXPECT_EQ(ids, expected);
+  EXPECT_EQ(streamed, expected);
+  for (std::size_t i = 0; i < kinds.size(); ++i) EXPECT_EQ(batched[i].position(), alone[i].position()) << i;
+  EXPECT_GT(batched[3].cache(0).evicted(), 0u);
+}
+
+// Sampling with one set of options: sequence i samples with seed + i.
+TEST(GenerateBatch, SharedOptionsSeedEachSequence) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[1], 64);
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  GenerateOptions o = greedy(20);
+  o.temperature = 1.0f;
+  o.seed = 99;
+  const std::vector<std::vector<int>> prompts = {{1, 2, 3}, {4}, {5, 6}};
+  const auto ids = kvcache::generate_batch(d, prompts, o);
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    GenerateOptions own = o;
+    own.seed = 99 + i;
+    EXPECT_EQ(ids[i], kvcache::generate(d, prompts[i], own)) << i;
+  }
+  EXPECT_EQ(kvcache::detail::sequence_seed(~std::uint64_t{0}, 1), 1u);  // wraps past 0
+  EXPECT_TRUE(kvcache::generate_batch(d, {}, o).empty());
+  EXPECT_EQ(kvcache::generate_batch(d, prompts, greedy(0)), std::vector<std::vector<int>>(3));
+}
+
+TEST(GenerateBatch, RejectsBadInputBeforeAnySessionChanges) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[0], 16);
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  ModelConfig other_config = c;
+  other_config.n_kv_heads = 2;
+  const Decoder<float> other_model = fixtures::make_decoder<float>(other_config);
+  Session<float> a = d.new_session(), b = d.new_session(), other = other_model.new_session();
+  using Prompts = std::vector<std::vector<int>>;
+  using Sessions = std::vector<Session<float>*>;
+  const auto call = [&](Prompts prompts, Sessions sessions, std::size_t n = 4) {
+    return [&d, prompts, sessions, n] {
+      kvcache::generate_batch(d, sessions, prompts, std::vector<GenerateOptions>(prompts.size(), greedy(n)));
+    };
+  };
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a}), "2 prompts, 1 sessions");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1: the prompt is empty");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sequence 1: the same session as sequence 0");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sequence 1: the session is null");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "sequence 1: the session was made");
+  expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "sequence 1: token id -1 at index 1");
+  expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &b}, 16), "sequence 1: ");
+  GenerateOptions streaming = greedy(3);
+  streaming.on_token = [](int) {};
+  EXPECT_THROW(kvcache::generate_batch(d, {{1}}, streaming), std::invalid_argument);
+  EXPECT_THROW(kvcache::generate_batch(d, {{1}}, greedy(3), 0), std::invalid_argument);
+  GenerateOptions zero_seed = greedy(3);
+  zero_seed.seed = 0;
+  EXPECT_THROW(kvcache::generate_batch(d, {&a}, {{1}}, {zero_seed}), std::invalid_argument);
+  EXPECT_EQ(a.position(), 0u);
+  EXPECT_EQ(b.position(), 0u);
+}
+
+// ---- The real checkpoints -----------------------------------------------------
+
+// stories260K and aidreams260K: prompts of 1 to 9 tokens generated as a
+// batch equal each prompt alone, and a batched decode step's logits are
+// within 1e-5 (relative) of the single-session step's.
+TEST(GenerateBatch, RealModelsGreedyEqualsAlone) {
+  for (const char* file : {"stories260K.bin", "aidreams260K.bin"}) {
+    KVCACHE_MODEL_FILE_OR_SKIP(path, file);
+    const Decoder<float> d = kvcache::load_llama2c(path);
+    const ModelConfig& c = d.config();
+    std::vector<std::vector<int>> prompts;
+    for (std::size_t i = 0; i < 8; ++i) {
+      std::vector<int> p{1};
+      const auto rest = fixtures::random_tokens(i + (i % 3), c.vocab_size, 300 + static_cast<std::uint32_t>(i));
+      p.insert(p.end(), rest.begin(), rest.end());
+      prompts.push_back(p);
+    }
+    GenerateOptions o = greedy(100);
+    o.end_token = 1;
+    std::vector<std::vector<int>> alone;
+    for (const auto& p : prompts) alone.push_back(kvcache::generate(d, p, o));
+    EXPECT_EQ(kvcache::generate_batch(d, prompts, o), alone) << file;
+
+    // One batched decode step after the prefills, against the same step alone.
+    std::vector<Session<float>> batched, single;
+    std::vector<Session<float>*> sessions;
+    std::vector<std::vector<int>> step;
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      batched.push_back(d.new_session());
+      single.push_back(d.new_session());
+      d.forward(prompts[i], batched.back(), Logits::last);
+      d.forward(prompts[i], single.back(), Logits::last);
+      step.push_back({alone[i][0]});
+    }
+    for (auto& s : batched) sessions.push_back(&s);
+    BatchScratch<float> scratch;
+    const Mat logits = d.forward_batch(step, sessions, scratch);
+    double worst = 0.0;
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      const Mat own = d.forward(step[i], single[i], Logits::last);
+      worst = std::max(worst, reference::relative_error(logits.row(static_cast<Eigen::Index>(i)), own));
+    }
+    EXPECT_LE(worst, 1e-5) << file;
+    std::cout << "[          ] " << file << ": batched vs single decode step, largest relative logit difference "
+              << worst << "\n";
+  }
+}
