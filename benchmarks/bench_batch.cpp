@@ -75,7 +75,8 @@ void BM_BatchedDecode(benchmark::State& state) {
     const std::clock_t start = std::clock();
     for (std::size_t t = 0; t < kSteps; ++t) {
       const auto& logits = model.forward_batch(step, batch, scratch, kvcache::Logits::last);
-      for (std::size_t b = 0; b < B; ++b) step[b][0] = kvcache::Sampler::argmax(logits.row(static_cast<Eigen::Index>(b)));
+      for (std::size_t b = 0; b < B; ++b)
+        step[b][0] = kvcache::Sampler::argmax(logits.row(static_cast<Eigen::Index>(b)));
     }
     seconds += static_cast<double>(std::clock() - start) / CLOCKS_PER_SEC;
     // Back to the prompts (O(1)): every iteration decodes the same positions.
