@@ -7,6 +7,7 @@
 //                    [--ids] [--threads N] [--no-cache] [--ignore-eos] [--stats]
 //                    [--kv-type f32|bf16|int8] [--window W] [--sinks S]
 //                    [--prompt-cache FILE]
+//                    [--prompts-file FILE [--parallel N]]
 //
 // What is printed follows run: the pieces of every token after the leading
 // BOS (the prompt's, then the generated ones) as they come, pieces that are a
@@ -14,8 +15,9 @@
 // prompt included, so a prompt of P tokens (BOS included) leaves
 // STEPS - P + 1 tokens to generate (the last one is printed, never fed).
 // Generation stops early when the model produces BOS, which is not printed as
-// text (--ids prints it, as the reference id lists do). See cli_args.hpp for
-// the options.
+// text (--ids prints it, as the reference id lists do). With --prompts-file,
+// each line's output is printed as one line once its batch is done. See
+// cli_args.hpp for the options.
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -24,13 +26,16 @@
 #include <ctime>
 #include <exception>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <kvcache/decoder.hpp>
 #include <kvcache/generate.hpp>
 #include <kvcache/llama2c.hpp>
 #include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -44,22 +49,23 @@ using Clock = std::chrono::steady_clock;
 constexpr int kBos = kvcache::Tokenizer::kBosId;
 constexpr const char* kProgram = "kvcache-generate";
 
-// Either the ids or the text of each token, streamed to stdout.
+// Either the ids or the text of each token, streamed to stdout (or `out`).
 class Printer {
  public:
-  Printer(bool ids, const kvcache::Tokenizer* tokenizer) : ids_(ids), tokenizer_(tokenizer) {}
+  Printer(bool ids, const kvcache::Tokenizer* tokenizer, std::ostream& out = std::cout)
+      : ids_(ids), tokenizer_(tokenizer), out_(out) {}
 
   // `stop` marks the BOS that ends generation: run does not print it as text.
   void print(int token, bool stop = false) {
     if (ids_) {
-      std::cout << (first_ ? "" : " ") << token;
+      out_ << (first_ ? "" : " ") << token;
       first_ = false;
     } else if (!stop) {
       const std::string piece = tokenizer_->decode(prev_, token);
-      if (kvcache::Tokenizer::is_printable_piece(piece)) std::cout << piece;
+      if (kvcache::Tokenizer::is_printable_piece(piece)) out_ << piece;
     }
     prev_ = token;
-    std::cout.flush();
+    out_.flush();
   }
 
   // The token before the first printed one (decides the leading space).
@@ -68,6 +74,7 @@ class Printer {
  private:
   bool ids_;
   const kvcache::Tokenizer* tokenizer_;
+  std::ostream& out_;
   bool first_ = true;
   int prev_ = -1;  // no token yet: the first piece keeps its leading space
 };
@@ -196,6 +203,88 @@ void decode(const kvcache::Decoder<float>& decoder, Prefilled& p, const kvcache:
   }
 }
 
+// The whole of a --prompts-file, as text.
+std::string read_prompts_file(const std::string& path) {
+  std::error_code ignored;
+  if (std::filesystem::is_directory(path, ignored))
+    throw std::runtime_error("cannot read prompts file '" + path + "': it is a directory");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open prompts file '" + path + "'");
+  std::string content{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  if (in.bad()) throw std::runtime_error("cannot read prompts file '" + path + "'");
+  return content;
+}
+
+// --prompts-file: every line a prompt, generated o.parallel at a time by
+// kvcache::generate_batch; each output printed as one line once its batch
+// is done, in the file's order. Prompt k (from 0) samples with seed + k.
+int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
+                     const kvcache::Tokenizer& tokenizer, std::size_t steps) {
+  const std::vector<std::string> lines =
+      kvcache_cli::parse_prompt_lines(*o.prompts_file, read_prompts_file(*o.prompts_file));
+  std::vector<std::vector<int>> prompts;
+  std::size_t prompt_tokens = 0;
+  for (std::size_t k = 0; k < lines.size(); ++k) {
+    prompts.push_back(tokenizer.encode(lines[k], /*bos=*/true, /*eos=*/false));
+    prompt_tokens += prompts.back().size();
+    if (prompts.back().size() > steps)
+      throw kvcache_cli::UsageError("--prompts-file line " + std::to_string(k + 1) + ": the prompt has " +
+                                    std::to_string(prompts.back().size()) + " tokens but only " +
+                                    std::to_string(steps) + " positions are run (-n " + std::to_string(o.steps) +
+                                    ", seq_len " + std::to_string(decoder.config().max_seq_len) + ")");
+  }
+  std::uint64_t seed = o.seed != 0 ? o.seed : static_cast<std::uint64_t>(std::time(nullptr));
+  if (seed == 0) seed = 1;
+
+  kvcache::SessionOptions session_options;
+  session_options.reserve_tokens = steps;
+  session_options.kv_type = o.kv_type;
+  session_options.window = kvcache::SlidingWindow{o.window, o.sinks};
+  std::size_t generated = 0;
+  const Clock::time_point start = Clock::now();
+  for (std::size_t first = 0; first < prompts.size(); first += o.parallel) {
+    const std::size_t B = std::min(o.parallel, prompts.size() - first);
+    std::vector<kvcache::Session<float>> sessions;
+    std::vector<kvcache::Session<float>*> batch;
+    std::vector<std::vector<int>> batch_prompts;
+    std::vector<kvcache::GenerateOptions> options(B);
+    sessions.reserve(B);
+    for (std::size_t b = 0; b < B; ++b) {
+      const std::vector<int>& prompt = prompts[first + b];
+      sessions.push_back(decoder.new_session(session_options));
+      sessions.back().set_threads(o.threads);
+      batch.push_back(&sessions.back());
+      batch_prompts.push_back(prompt);
+      options[b].max_new_tokens = steps - prompt.size() + 1;
+      if (!o.ignore_eos) options[b].end_token = kBos;
+      options[b].temperature = o.temperature;
+      options[b].top_p = o.top_p;
+      options[b].seed = kvcache::detail::sequence_seed(seed, first + b);
+    }
+    const std::vector<std::vector<int>> ids = kvcache::generate_batch(decoder, batch, batch_prompts, options);
+    for (std::size_t b = 0; b < B; ++b) {
+      // What a single run prints, echoed prompt first, on one line.
+      std::ostringstream text;
+      Printer printer(o.print_ids, &tokenizer, text);
+      const std::vector<int>& prompt = batch_prompts[b];
+      printer.set_previous(kBos);
+      for (std::size_t i = 1; i < prompt.size(); ++i) printer.print(prompt[i]);
+      for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == kBos);
+      std::cout << (o.print_ids ? text.str() : kvcache_cli::escape_line(text.str())) << '\n';
+      generated += ids[b].size();
+    }
+    std::cout.flush();
+    if (!std::cout) throw std::runtime_error("cannot write to stdout");
+  }
+  if (o.stats) {
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    std::cerr << "stats: prompts=" << prompts.size() << " prompt_tokens=" << prompt_tokens
+              << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
+              << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
+  }
+  return 0;
+}
+
 int run(int argc, char** argv) {
   const kvcache_cli::Options o = kvcache_cli::parse_args(argc, argv);
   if (o.help) {
@@ -216,6 +305,7 @@ int run(int argc, char** argv) {
 
   std::optional<kvcache::Tokenizer> tokenizer;
   if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
+  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps);
 
   std::vector<int> prompt;
   if (o.prompt_ids) {

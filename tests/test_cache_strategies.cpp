@@ -363,6 +363,22 @@ TEST(WindowAttention, EqualsAttentionOverExactlyTheKeptTokens) {
       }
 }
 
+// After a window dropped tokens and was truncated, a chunk of several new
+// tokens must give what feeding them one by one gives: each query scores the
+// sinks rotated to its own position in the window. (It used to read past a
+// one-row buffer.)
+TEST(WindowAttention, AChunkAfterTruncatingAnEvictedWindowEqualsOneByOne) {
+  const AttentionConfig c = config_of(kShapes[1], 16);
+  MultiHeadAttentionWithCache<float> layer(c, weights_of<float>(c, 41));
+  const Mat x = random_rows(30, static_cast<Eigen::Index>(c.d_model), 42);
+  KVCache<float> a = layer.make_cache(KVType::full, SlidingWindow{8, 2});
+  layer.forward(x.topRows(20), a);
+  a.truncate(4);
+  KVCache<float> b = a.copy();
+  const Mat chunk = layer.forward(x.middleRows(20, 3), a);
+  for (Eigen::Index i = 0; i < 3; ++i) EXPECT_EQ(Mat(layer.forward(x.row(20 + i), b)), Mat(chunk.row(i))) << i;
+}
+
 TEST(WindowAttention, RejectsAWindowLongerThanMaxSeqLen) {
   const AttentionConfig c = config_of(kShapes[1], 16);
   MultiHeadAttentionWithCache<float> layer(c, weights_of<float>(c, 1));

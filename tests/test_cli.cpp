@@ -102,6 +102,48 @@ TEST(CliArgs, PromptCache) {
   EXPECT_NE(kvcache_cli::usage().find("--prompt-cache FILE"), std::string::npos);
 }
 
+TEST(CliArgs, PromptsFile) {
+  const Options o = parse_args({"m", "--prompts-file", "p.txt", "--parallel", "8"});
+  EXPECT_EQ(*o.prompts_file, "p.txt");
+  EXPECT_EQ(o.parallel, 8u);
+  EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).parallel, 1u);
+  EXPECT_FALSE(parse_args({"m"}).prompts_file);
+  EXPECT_TRUE(parse_args({"m", "--prompts-file", "p.txt", "--ids"}).needs_tokenizer());  // lines are text
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"m", "--prompts-file"},
+           {"m", "--prompts-file", ""},
+           {"m", "--prompts-file", "p", "--parallel", "0"},
+           {"m", "--prompts-file", "p", "--parallel", "1025"},
+           {"m", "--prompts-file", "p", "--parallel", "x"},
+           {"m", "--parallel", "2"},
+           {"m", "--prompts-file", "p", "-i", "The cat"},
+           {"m", "--prompts-file", "p", "--prompt-ids", "1,2"},
+           {"m", "--prompts-file", "p", "--no-cache"},
+           {"m", "--prompts-file", "p", "--prompt-cache", "c.kvs"},
+       })
+    EXPECT_THROW((void)parse_args(bad), UsageError) << bad[1] << " " << bad.back();
+}
+
+TEST(CliArgs, PromptLines) {
+  using kvcache_cli::parse_prompt_lines;
+  EXPECT_EQ(parse_prompt_lines("f", "a b\nc\n"), (std::vector<std::string>{"a b", "c"}));
+  EXPECT_EQ(parse_prompt_lines("f", "a\r\nc"), (std::vector<std::string>{"a", "c"}));
+  EXPECT_EQ(parse_prompt_lines("f", " "), (std::vector<std::string>{" "}));
+  const auto message = [](const std::string& content) {
+    try {
+      (void)parse_prompt_lines("p.txt", content);
+    } catch (const UsageError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message("a\n\nb\n"), "--prompts-file 'p.txt': line 2 is empty (one prompt per line)");
+  EXPECT_EQ(message("a\n\r\n"), "--prompts-file 'p.txt': line 2 is empty (one prompt per line)");
+  EXPECT_EQ(message("\n"), "--prompts-file 'p.txt': line 1 is empty (one prompt per line)");
+  EXPECT_EQ(message(""), "--prompts-file 'p.txt' has no prompts");
+  EXPECT_EQ(kvcache_cli::escape_line("a\\b\nc\n"), "a\\\\b\\nc\\n");
+}
+
 TEST(CliArgs, Help) {
   EXPECT_TRUE(parse_args({"--help"}).help);
   EXPECT_TRUE(parse_args({"m.bin", "-h"}).help);
@@ -620,6 +662,102 @@ TEST(CliModel, OverflowingCheckpoint) {
     EXPECT_NE(r.err.find("NaN or infinity"), std::string::npos) << r.err;
   }
   fs::remove(file);
+}
+
+// --prompts-file: one output line per prompt, in the file's order, each what
+// the single-prompt run prints (newlines escaped), whatever --parallel.
+class CliBatch : public Cli {
+ protected:
+  // Writes `content` to a file in the test's folder and returns its path.
+  std::string write_prompts(const std::string& content) const {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    const fs::path dir =
+        fs::path(KVCACHE_TEST_TMP_DIR) / "cli_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
+    fs::create_directories(dir);
+    const fs::path file = dir / "prompts.txt";
+    std::ofstream(file, std::ios::binary) << content;
+    return file.string();
+  }
+
+  static std::vector<std::string> lines_of(const std::string& out) {
+    std::vector<std::string> lines;
+    std::size_t start = 0;
+    for (std::size_t end; (end = out.find('\n', start)) != std::string::npos; start = end + 1)
+      lines.push_back(out.substr(start, end - start));
+    EXPECT_EQ(start, out.size()) << "output does not end with a newline";
+    return lines;
+  }
+
+  // The single run's stdout as one line of a batch's output.
+  static std::string as_line(const std::string& out) {
+    EXPECT_FALSE(out.empty());
+    return kvcache_cli::escape_line(out.substr(0, out.size() - 1));
+  }
+
+  const std::vector<std::string> prompts_{"The cat", "Once upon a time there was", "I", "The dog ran to the big red",
+                                          "Dimensions"};
+};
+
+TEST_F(CliBatch, EachLineIsTheSinglePromptRun) {
+  std::string content;
+  for (const auto& p : prompts_) content += p + "\n";
+  const std::string file = write_prompts(content);
+  std::vector<std::string> text, ids;
+  for (const auto& p : prompts_) {
+    text.push_back(as_line(run(greedy({"-i", p})).out));
+    ids.push_back(as_line(run(greedy({"-i", p, "--ids"})).out));
+  }
+  EXPECT_EQ(text[0], kvcache_cli::escape_line(kTheCatText.substr(0, kTheCatText.size() - 1)));
+  for (const char* parallel : {"1", "2", "5", "16"}) {
+    const Result r = run(greedy({"--prompts-file", file, "--parallel", parallel}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.err, "");
+    EXPECT_EQ(lines_of(r.out), text) << "--parallel " << parallel;
+    const Result r_ids = run(greedy({"--prompts-file", file, "--parallel", parallel, "--ids"}));
+    EXPECT_EQ(lines_of(r_ids.out), ids) << "--parallel " << parallel << " --ids";
+  }
+  // Per-sequence options: --ignore-eos and a compact cache in a window.
+  const Result long_run = run({model_, "-z", tok_, "-t", "0", "-n", "300", "--window", "128", "--sinks", "4", "--kv-type",
+                               "int8", "--ignore-eos", "--ids", "--prompts-file", file, "--parallel", "3"});
+  ASSERT_EQ(long_run.exit_code, 0) << long_run.err;
+  const auto long_lines = lines_of(long_run.out);
+  ASSERT_EQ(long_lines.size(), prompts_.size());
+  for (std::size_t k = 0; k < prompts_.size(); ++k)
+    EXPECT_EQ(long_lines[k], as_line(run({model_, "-z", tok_, "-t", "0", "-n", "300", "--window", "128", "--sinks",
+                                           "4", "--kv-type", "int8", "--ignore-eos", "--ids", "-i", prompts_[k]})
+                                          .out))
+        << k;
+}
+
+// Line k samples with seed + k - 1: line 1 is the run with -s SEED.
+TEST_F(CliBatch, SampledLinesUseConsecutiveSeeds) {
+  const std::string file = write_prompts("The cat\nOnce upon a time\r\nI\n");
+  // Two batches: the seed follows the line, not the place in its batch.
+  const Result r = run({model_, "-z", tok_, "-n", "64", "-t", "1", "-s", "42", "--prompts-file", file, "--parallel",
+                        "2", "--ids", "--stats"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<std::string> lines = lines_of(r.out);
+  ASSERT_EQ(lines.size(), 3u);
+  const std::vector<std::string> prompts{"The cat", "Once upon a time", "I"};
+  for (std::size_t k = 0; k < 3; ++k)
+    EXPECT_EQ(lines[k], as_line(run({model_, "-z", tok_, "-n", "64", "-t", "1", "-s", std::to_string(42 + k), "-i",
+                                     prompts[k], "--ids"})
+                                    .out))
+        << k;
+  const std::regex line(
+      R"(^stats: prompts=3 prompt_tokens=\d+ generated_tokens=\d+ tok_s=[0-9.]+ parallel=2 threads=1\n$)");
+  EXPECT_TRUE(std::regex_match(r.err, line)) << r.err;
+}
+
+TEST_F(CliBatch, BadPromptFiles) {
+  expect_failure(greedy({"--prompts-file", "/nonexistent/prompts.txt"}), "/nonexistent/prompts.txt");
+  expect_failure(greedy({"--prompts-file", fs::path(model_).parent_path().string()}), "directory");
+  expect_failure(greedy({"--prompts-file", write_prompts("The cat\n\nI\n")}), "line 2 is empty");
+  expect_failure(greedy({"--prompts-file", write_prompts("")}), "has no prompts");
+  expect_failure(greedy({"-n", "4", "--prompts-file", write_prompts("I\nThe cat\n")}),
+                 "line 2: the prompt has 5 tokens");
+  expect_failure(greedy({"--prompts-file", write_prompts("I\n"), "--parallel", "0"}), "--parallel");
+  expect_failure(greedy({"--prompts-file", write_prompts("I\n"), "-i", "The cat"}), "cannot take -i");
 }
 
 TEST_F(Cli, Stories260KIds) {

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -260,6 +261,26 @@ class Session {
 // the last; the LM head costs vocab_size × d_model per row.
 enum class Logits { all, last };
 
+// The buffers of Decoder::forward_batch. Keep one per batch loop and reuse
+// it: once it has grown to a step's size (the same sequences, the same
+// number of rows), a batched step allocates nothing.
+template <typename T = float>
+class BatchScratch {
+ public:
+  BatchScratch() = default;
+
+ private:
+  friend class Decoder<T>;
+  // The stacked rows of all sequences live in the buffers of a session
+  // without caches, so they go through the very norm, MLP and head code a
+  // single session's rows do.
+  std::optional<Session<T>> rows_;
+  Matrix<T> last_rows_;                 // each sequence's last row of x, B × d_model
+  std::vector<std::size_t> first_row_;  // sequence b owns rows [first_row_[b], first_row_[b + 1])
+  std::vector<std::size_t> position_;   // each session's position before the call (for rollback)
+  std::vector<KVCache<T>*> caches_;     // one layer's caches, one per sequence
+};
+
 // ============================================================================
 // Decoder
 // ============================================================================
@@ -400,6 +421,78 @@ class Decoder {
     return session.logits_;
   }
 
+  // Several sessions stepped together: sequence b feeds tokens[b] (at least
+  // one) to *sessions[b], at that session's own positions. The rows of all
+  // sequences are stacked into one (Σ m_b × d_model) matrix, so each weight
+  // (W_Q, W_K, W_V, W_O, the MLP, the LM head) is one matrix-matrix product
+  // per step, read once for the whole batch; RoPE or learned positions, the
+  // cache append and attention are per session. The sessions must be
+  // distinct, of this model's shape; their kv types and windows may differ.
+  //
+  // Returns logits: with Logits::last one row per sequence (B × vocab_size,
+  // row b for the last token of sequence b), with Logits::all the rows of
+  // all tokens stacked in the same order. The reference points into scratch
+  // and stays valid until its next use. Products and attention use
+  // `threads` (the sessions' own thread counts are not consulted).
+  //
+  // Each sequence's logits are those Decoder::forward gives it alone, up to
+  // the rounding of a matrix-matrix product against a matrix-vector one.
+  // Throws as forward() does, naming the sequence, and on no sequences, a
+  // different number of token lists and sessions, a null or repeated
+  // session, or threads = 0; on any exception every cache is as it was.
+  const Matrix<T>& forward_batch(const std::vector<std::vector<int>>& tokens, const std::vector<Session<T>*>& sessions,
+                                 BatchScratch<T>& scratch, Logits which = Logits::last, std::size_t threads = 1) const {
+    check_batch(tokens, sessions, threads);
+    const std::size_t B = sessions.size();
+    auto& first_row = scratch.first_row_;
+    first_row.resize(B + 1);
+    scratch.position_.resize(B);
+    scratch.caches_.resize(B);
+    first_row[0] = 0;
+    for (std::size_t b = 0; b < B; ++b) {
+      first_row[b + 1] = first_row[b] + tokens[b].size();
+      scratch.position_[b] = sessions[b]->position();
+    }
+    if (!scratch.rows_) scratch.rows_.emplace(Session<T>(std::vector<KVCache<T>>{}));
+    Session<T>& rows = *scratch.rows_;
+    rows.threads_ = threads;
+    try {
+      // Everything that can throw comes before the first cache changes.
+      for (std::size_t b = 0; b < B; ++b)
+        for (auto& c : sessions[b]->caches_) c.reserve_more(tokens[b].size());
+      prepare_batch(scratch, which);
+      for (std::size_t b = 0; b < B; ++b)
+        embed_rows(tokens[b], scratch.position_[b], rows.x_, static_cast<Eigen::Index>(first_row[b]));
+      for (std::size_t l = 0; l < blocks_.size(); ++l) {
+        for (std::size_t b = 0; b < B; ++b) scratch.caches_[b] = &sessions[b]->caches_[l];
+        const Block& block = blocks_[l];
+        normalize(rows.x_, block.attention_norm, rows.normed_);
+        block.attention.forward_batch(rows.normed_, first_row, scratch.caches_, rows.delta_, rows.attention_, threads);
+        rows.x_ += rows.delta_;
+        normalize(rows.x_, block.mlp_norm, rows.normed_);
+        mlp(block.mlp, rows);
+        rows.x_ += rows.delta_;
+      }
+      if (which == Logits::all) {
+        head(rows, Logits::all);
+      } else {
+        // The last row of each sequence, gathered so that the final norm
+        // reads contiguous rows as it does for a single session.
+        for (std::size_t b = 0; b < B; ++b)
+          scratch.last_rows_.row(static_cast<Eigen::Index>(b)) =
+              rows.x_.row(static_cast<Eigen::Index>(first_row[b + 1] - 1));
+        normalize(scratch.last_rows_, final_norm_, rows.head_in_);
+        detail::linear<T>(rows.head_in_, lm_head(), Vector<T>(), rows.logits_, threads);
+      }
+    } catch (...) {
+      // Only reached before any eviction: undo the appends.
+      for (std::size_t b = 0; b < B; ++b)
+        for (auto& c : sessions[b]->caches_) c.truncate(c.size() - (c.position() - scratch.position_[b]));
+      throw;
+    }
+    return rows.logits_;
+  }
+
  private:
   template <typename M>
   static std::size_t count(const M& m) {
@@ -446,6 +539,64 @@ class Decoder {
                               std::to_string(session.position()) + " cached + " + std::to_string(tokens.size()) +
                               " new) exceeds the limit of " + std::to_string(session.max_tokens()) +
                               " (max_seq_len = " + std::to_string(config_.max_seq_len) + ")");
+  }
+
+  void check_batch(const std::vector<std::vector<int>>& tokens, const std::vector<Session<T>*>& sessions,
+                   std::size_t threads) const {
+    if (sessions.empty()) throw std::invalid_argument("kvcache: Decoder::forward_batch: no sessions");
+    if (tokens.size() != sessions.size())
+      throw std::invalid_argument("kvcache: Decoder::forward_batch: " + std::to_string(tokens.size()) +
+                                  " token lists for " + std::to_string(sessions.size()) + " sessions");
+    if (threads == 0) throw std::invalid_argument("kvcache: Decoder::forward_batch: threads = 0, need at least 1");
+    for (std::size_t b = 0; b < sessions.size(); ++b) {
+      // The sequence is named only on error: a batch step builds no strings.
+      const auto at = [b] { return " (sequence " + std::to_string(b) + ")"; };
+      if (sessions[b] == nullptr)
+        throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(b) + "] is null");
+      for (std::size_t c = 0; c < b; ++c)
+        if (sessions[c] == sessions[b])
+          throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(c) +
+                                      "] and sessions[" + std::to_string(b) + "] are the same session");
+      if (tokens[b].empty())
+        throw std::invalid_argument("kvcache: Decoder::forward_batch: sequence " + std::to_string(b) +
+                                    " has no tokens");
+      try {
+        check_tokens(tokens[b], *sessions[b]);
+      } catch (const std::out_of_range& e) {
+        throw std::out_of_range(e.what() + at());
+      } catch (const std::length_error& e) {
+        throw std::length_error(e.what() + at());
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(e.what() + at());
+      }
+    }
+  }
+
+  // Sizes the stacked buffers of a batch, as prepare() does for one session.
+  void prepare_batch(BatchScratch<T>& scratch, Logits which) const {
+    const auto B = static_cast<Eigen::Index>(scratch.caches_.size());
+    const auto R = static_cast<Eigen::Index>(scratch.first_row_.back());
+    const auto d = static_cast<Eigen::Index>(config_.d_model), ff = static_cast<Eigen::Index>(config_.d_ff);
+    Session<T>& s = *scratch.rows_;
+    s.x_.resize(R, d);
+    s.normed_.resize(R, d);
+    s.delta_.resize(R, d);
+    s.hidden_.resize(R, ff);
+    if (config_.mlp == MlpKind::swiglu) s.gate_.resize(R, ff);
+    const Eigen::Index head_rows = which == Logits::last ? B : R;
+    if (which == Logits::last) scratch.last_rows_.resize(B, d);
+    s.head_in_.resize(head_rows, d);
+    s.logits_.resize(head_rows, static_cast<Eigen::Index>(config_.vocab_size));
+  }
+
+  // Rows [first, first + m) of x = the embeddings of tokens at positions p, p + 1, ...
+  void embed_rows(const std::vector<int>& tokens, std::size_t p, Matrix<T>& x, Eigen::Index first) const {
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      const auto row = first + static_cast<Eigen::Index>(i);
+      x.row(row) = token_embedding_.row(tokens[i]);
+      if (config_.positions == PositionEncoding::learned)
+        x.row(row) += position_embedding_.row(static_cast<Eigen::Index>(p + i));
+    }
   }
 
   // Sizes every buffer a forward of m tokens writes, so that the layers
