@@ -10,12 +10,14 @@
 //      get the length right, so this is what reaches the loading of every
 //      odd shape (one layer of dim 2, vocab 1, seq_len 1, …). A header this
 //      harness computes as valid must load.
-// Every decoder that loads then generates a few tokens, so shapes the reader
-// accepts are also shapes the forward pass survives.
+// Every decoder that loads then generates a few tokens (greedy or sampled),
+// so shapes the reader accepts are also shapes the forward pass and the
+// sampler survive.
 //
 // LoadLimits keeps the models small (max_parameters = 2^19 floats, 2 MiB;
 // max_kv_cache_bytes = 64 MiB), and libFuzzer's -malloc_limit_mb catches any allocation the header could
 // inflate past what the input justifies.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -88,6 +90,11 @@ void generate_a_little(const kvcache::Decoder<float>& decoder, const std::uint8_
   if (prompt.empty()) prompt.push_back(0);
   kvcache::GenerateOptions options;
   options.max_new_tokens = std::min<std::size_t>(4, c.max_seq_len - prompt.size() + 1);
+  // Greedy or sampled, with or without a nucleus, as the input says.
+  const std::uint8_t knob = size > 3 ? data[3] : 0;
+  options.temperature = static_cast<float>(knob % 4) * 0.5f;
+  options.top_p = static_cast<float>((knob / 4) % 5) / 4.0f;
+  options.seed = 1 + knob;
   try {
     const std::vector<int> ids = kvcache::generate(decoder, prompt, options);
     check(ids.size() == options.max_new_tokens, "generate returned a wrong number of ids");

@@ -192,12 +192,15 @@ TEST(CliArgs, Errors) {
 }
 
 // Messages are printed as one line: control characters in an argument or a
-// file name are escaped (fuzzing finding: "--bogus\nx" made two lines).
+// file name are escaped. (fuzz_cli_args found it in seconds against the old
+// parser: the arguments "\x03" and "\n" gave "unexpected argument '\n'"
+// over two lines.)
 TEST(CliArgs, MessagesStayOnOneLine) {
   EXPECT_EQ(kvcache_cli::one_line("a\nb\rc\td\x01\x7f\xc3\xa9"), "a\\nb\\rc\\td\\x01\\x7f\xc3\xa9");
   EXPECT_EQ(kvcache_cli::one_line(kvcache_cli::one_line("a\n")), "a\\n");
   for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
-           {"m", "--bogus\nx"}, {"m", "-n", "1\n2"}, {"m", "second\nfile"}, {"m", "--prompt-ids", "1,\x1b[2J"}}) {
+           {"\x03", "\n"}, {"m", "--bogus\nx"}, {"m", "-n", "1\n2"}, {"m", "second\nfile"},
+           {"m", "--prompt-ids", "1,\x1b[2J"}}) {
     try {
       (void)parse_args(args);
       ADD_FAILURE() << "no error";

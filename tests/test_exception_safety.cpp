@@ -50,6 +50,8 @@ namespace fault {
 // Allocations left before one fails; negative: none fails.
 std::atomic<long> g_allocations_left{-1};
 std::atomic<long> g_allocations{0};
+std::atomic<long> g_eigen_allocations{0};
+std::atomic<std::size_t> g_largest_new{0};  // the largest operator new request
 
 // Counts an allocation and throws std::bad_alloc when it is the one to fail.
 void on_allocation() {
@@ -68,6 +70,7 @@ constexpr const char* kEigenMallocCheck = "heap allocation is forbidden";
 
 void eigen_assert_hook(bool ok, const char* expression) {
   if (std::strstr(expression, kEigenMallocCheck) != nullptr) {
+    ++g_eigen_allocations;
     on_allocation();  // malloc stays allowed: only this hook fails it
     return;
   }
@@ -111,6 +114,9 @@ long fail_each_allocation(Op&& op, AfterFailure&& after_failure, long max_alloca
 
 void* operator new(std::size_t n) {
   fault::on_allocation();
+  for (std::size_t largest = fault::g_largest_new.load();
+       n > largest && !fault::g_largest_new.compare_exchange_weak(largest, n);) {
+  }
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
@@ -525,6 +531,46 @@ TEST(ReaderExceptionSafety, TokenizerLoadFailingAtEveryAllocation) {
   std::vector<int> ids;
   fault::fail_each_allocation([&] { ids = tok->encode(" ab a", true, false); }, [](long) {});
   EXPECT_EQ(tok->decode(std::vector<int>(ids.begin() + 1, ids.end())), " ab a");
+}
+
+// "The header says huge" is refused before anything is allocated: no Eigen
+// allocation at all, and nothing from operator new bigger than an error
+// message, for headers that claim terabytes, overflow 64 bits, or promise a
+// KV cache of 34 GB; and a tokenizer claiming a 2 GB token allocates no
+// more than its own few bytes.
+TEST(ReaderExceptionSafety, HugeHeadersFailBeforeAllocating) {
+  const auto header = [](std::vector<std::int32_t> fields) {
+    std::string h;
+    for (const std::int32_t v : fields) h.append(reinterpret_cast<const char*>(&v), 4);
+    return h + std::string(64, '\0');
+  };
+  const std::int32_t max = std::numeric_limits<std::int32_t>::max();
+  const std::vector<std::string> files = {
+      header({1 << 30, 12, 2, 2, 1, 10, 4}),          // 2^60 parameters
+      header({max - 3, max, max, 2, 1, -max, max}),   // past 2^64
+      header({2, 1, 13000, 1, 1, 3, 167000}),         // a 34 GB KV cache
+      header({8, 12, 2, 2, 1, 10, max}),              // a huge context
+      header({4096, 11008, 32, 32, 32, 32000, 4096}), // Llama 2 7B's header on 92 bytes
+  };
+  for (const std::string& bytes : files) {
+    std::istringstream in(bytes);
+    const long eigen_before = fault::g_eigen_allocations;
+    fault::g_largest_new = 0;
+    EXPECT_THROW((void)kvcache::load_llama2c(in, "huge.bin"), std::runtime_error);
+    EXPECT_EQ(fault::g_eigen_allocations - eigen_before, 0);
+    EXPECT_LT(fault::g_largest_new.load(), 1024u);
+  }
+
+  std::string tok;
+  const auto append_int32 = [&](std::int32_t v) { tok.append(reinterpret_cast<const char*>(&v), 4); };
+  append_int32(max);  // max_token_length
+  append_int32(0);    // score
+  append_int32(max);  // length: 2 GB
+  tok += "abc";
+  std::istringstream in(tok);
+  fault::g_largest_new = 0;
+  EXPECT_THROW((void)kvcache::Tokenizer::load(in, "huge-token.bin", 1), std::runtime_error);
+  EXPECT_LT(fault::g_largest_new.load(), std::size_t{1} << 17);  // one 64 KiB read chunk at most
 }
 
 }  // namespace

@@ -331,14 +331,18 @@ class Tokenizer {
         throw too_large(std::to_string(static_cast<std::uint64_t>(end - start)));
     }
     in.clear();
+    // Read straight into the string, a chunk at a time, never asking for
+    // more than max_bytes + 1 in total.
+    constexpr std::uint64_t kChunk = 1 << 16;
     std::string bytes;
-    char chunk[1 << 16];
     while (in) {
-      in.read(chunk, sizeof chunk);
-      const auto got = static_cast<std::size_t>(in.gcount());
-      if (got > max_bytes - std::min<std::uint64_t>(max_bytes, bytes.size()))
-        throw too_large("more than " + std::to_string(max_bytes));
-      bytes.append(chunk, got);
+      const std::size_t old = bytes.size();
+      const std::uint64_t room = max_bytes - old;  // old <= max_bytes here
+      const auto want = static_cast<std::size_t>(room >= kChunk ? kChunk : room + 1);
+      bytes.resize(old + want);
+      in.read(&bytes[old], static_cast<std::streamsize>(want));
+      bytes.resize(old + static_cast<std::size_t>(in.gcount()));
+      if (bytes.size() > max_bytes) throw too_large("more than " + std::to_string(max_bytes));
     }
     if (in.bad()) throw std::runtime_error("error while reading " + describe(name));
     return bytes;
