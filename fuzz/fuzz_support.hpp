@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <istream>
+#include <streambuf>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -31,6 +33,29 @@ namespace kvcache_fuzz {
 inline void check(bool condition, const std::string& what) {
   if (!condition) fail(what);
 }
+
+// A seekable std::istream over bytes that stay where they are: the fuzz
+// input is read in place, without the copy a std::istringstream makes.
+class MemoryStream : private std::streambuf, public std::istream {
+ public:
+  MemoryStream(const void* data, std::size_t size) : std::istream(static_cast<std::streambuf*>(this)) {
+    char* begin = const_cast<char*>(static_cast<const char*>(data));  // only ever read
+    setg(begin, begin, begin + size);
+  }
+
+ private:
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir, std::ios_base::openmode which) override {
+    if (!(which & std::ios_base::in)) return pos_type(off_type(-1));
+    const off_type base = dir == std::ios_base::beg ? 0 : dir == std::ios_base::cur ? gptr() - eback() : egptr() - eback();
+    const off_type target = base + off;
+    if (target < 0 || target > egptr() - eback()) return pos_type(off_type(-1));
+    setg(eback(), eback() + target, egptr());
+    return pos_type(target);
+  }
+  pos_type seekpos(pos_type pos, std::ios_base::openmode which) override {
+    return seekoff(off_type(pos), std::ios_base::beg, which);
+  }
+};
 
 // llama2.c's encode as it is written there: cut into chunks, look each up
 // (byte fallback otherwise), then merge the best-scoring adjacent pair,
