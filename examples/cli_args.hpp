@@ -5,7 +5,9 @@
 //
 // The options of llama2.c's `run` (-z -i -n -t -p -s) with the same defaults
 // and meanings, plus --prompt-ids, --ids, --threads, --no-cache,
-// --ignore-eos, --stats and -h/--help. Every malformed argument throws
+// --ignore-eos, --stats, the cache's --kv-type, --window and --sinks,
+// --prompt-cache, batches (--prompts-file, --parallel), and -h/--help.
+// Every malformed argument throws
 // UsageError with a one-line message; checks that need the model (ids within
 // the vocabulary, prompt length against steps) happen after loading it.
 #pragma once
@@ -20,6 +22,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvcache_cli {
@@ -32,6 +35,8 @@ struct UsageError : std::runtime_error {
 // The largest --threads accepted: more threads than that only add overhead
 // (and an absurd count would ask OpenMP for thousands of threads).
 constexpr std::size_t kMaxThreads = 256;
+// The largest --parallel accepted: a batch's buffers grow with it.
+constexpr std::size_t kMaxParallel = 1024;
 
 struct Options {
   std::string model_path;                        // the one positional argument
@@ -50,11 +55,23 @@ struct Options {
   bool ignore_eos = false;   // --ignore-eos: do not stop when BOS is produced
   bool stats = false;        // --stats: one line of timings on stderr
   bool help = false;         // -h, --help
+  // --kv-type: what the cache stores keys and values as.
+  kvcache::KVType kv_type = kvcache::KVType::full;
+  std::size_t window = 0;  // --window: a sliding window of this many tokens (0: none)
+  std::size_t sinks = 0;   // --sinks: tokens the window keeps for ever
+  // --prompt-cache: a session file holding the state after a prompt, reused
+  // when this run's prompt starts with that prompt, (re)written otherwise.
+  std::optional<std::string> prompt_cache;
+  // --prompts-file: one text prompt per line, generated in batches of
+  // --parallel sequences; outputs one line each, in the file's order.
+  std::optional<std::string> prompts_file;
+  std::size_t parallel = 1;  // --parallel
 
   // Text is needed to encode a non-empty -i prompt (without --prompt-ids) or
-  // to print pieces (without --ids); otherwise no tokenizer is read.
+  // the lines of --prompts-file, or to print pieces (without --ids);
+  // otherwise no tokenizer is read.
   bool needs_tokenizer() const {
-    const bool encode = !prompt_ids && prompt && !prompt->empty();
+    const bool encode = prompts_file || (!prompt_ids && prompt && !prompt->empty());
     return encode || !print_ids;
   }
 };
@@ -87,6 +104,30 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 slower: the baseline the cache is measured against)\n"
          "  --ignore-eos   do not stop when the model produces BOS (id 1)\n"
          "  --stats        print one line of statistics on stderr at the end\n"
+         "Cache options:\n"
+         "  --kv-type TYPE store keys and values as f32 (default), bf16 or int8 (one\n"
+         "                 byte per value plus a byte of scale per token and head)\n"
+         "  --window W     keep only W tokens: the first S (--sinks) and the newest\n"
+         "                 W - S; generation may then go past seq_len (-n counts\n"
+         "                 positions as usual; 0 means seq_len). W <= seq_len.\n"
+         "  --sinks S      tokens the window keeps from the start, S < W (default 0)\n"
+         "  --prompt-cache FILE  reuse the prompt's prefill: when FILE holds the state\n"
+         "                 after a prompt this prompt starts with (same model and cache\n"
+         "                 options), load it and prefill only the rest; otherwise\n"
+         "                 prefill as usual and save the prompt's state to FILE (a\n"
+         "                 file that does not fit is reported on stderr and replaced)\n"
+         "Batches:\n"
+         "  --prompts-file FILE  one text prompt per line (encoded as -i, BOS first; no\n"
+         "                 empty lines); prints one output line per prompt, in the\n"
+         "                 file's order: what a run with -i prints, with newlines\n"
+         "                 written as \\n and backslashes as \\\\ (--ids: the ids).\n"
+         "                 -n, -t, -p, --ignore-eos and the cache options apply to each\n"
+         "                 prompt; line k samples with seed + k - 1, so line 1 is\n"
+         "                 what -s SEED -i LINE gives\n"
+         "  --parallel N   prompts decoded together, one forward per step for all of\n"
+         "                 them, 1.." +
+         std::to_string(kMaxParallel) +
+         " (default 1)\n"
          "  -h, --help     print this help and exit\n"
          "\n"
          "Generation stops after STEPS positions or when the model produces BOS.\n"
@@ -182,7 +223,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
       o.help = true;
       return o;
     }
-  bool have_model = false;
+  bool have_model = false, have_parallel = false;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     const auto value = [&]() -> const std::string& {
@@ -214,6 +255,36 @@ inline Options parse_args(const std::vector<std::string>& args) {
       o.threads = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
       if (o.threads < 1 || o.threads > kMaxThreads)
         throw UsageError("--threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + detail::quoted(text));
+    } else if (a == "--kv-type") {
+      const std::string& text = value();
+      if (text == "f32")
+        o.kv_type = kvcache::KVType::full;
+      else if (text == "bf16")
+        o.kv_type = kvcache::KVType::bf16;
+      else if (text == "int8")
+        o.kv_type = kvcache::KVType::int8;
+      else
+        throw UsageError("--kv-type must be f32, bf16 or int8, got " + detail::quoted(text));
+    } else if (a == "--window") {
+      o.window = static_cast<std::size_t>(
+          detail::parse_unsigned(a, value(), static_cast<std::uint64_t>(std::numeric_limits<int>::max())));
+      if (o.window == 0) throw UsageError("--window must be at least 1, got '0'");
+    } else if (a == "--sinks") {
+      o.sinks = static_cast<std::size_t>(
+          detail::parse_unsigned(a, value(), static_cast<std::uint64_t>(std::numeric_limits<int>::max())));
+    } else if (a == "--prompt-cache") {
+      o.prompt_cache = value();
+      if (o.prompt_cache->empty()) throw UsageError("--prompt-cache needs a file name, got ''");
+    } else if (a == "--prompts-file") {
+      o.prompts_file = value();
+      if (o.prompts_file->empty()) throw UsageError("--prompts-file needs a file name, got ''");
+    } else if (a == "--parallel") {
+      const std::string& text = value();
+      o.parallel = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
+      if (o.parallel < 1 || o.parallel > kMaxParallel)
+        throw UsageError("--parallel must be in [1, " + std::to_string(kMaxParallel) + "], got " +
+                         detail::quoted(text));
+      have_parallel = true;
     } else if (a == "--ids") {
       o.print_ids = true;
     } else if (a == "--no-cache") {
@@ -234,7 +305,58 @@ inline Options parse_args(const std::vector<std::string>& args) {
     }
   }
   if (!have_model) throw UsageError("no model file given");
+  if (o.sinks != 0 && o.window == 0) throw UsageError("--sinks needs --window");
+  if (o.window != 0 && o.sinks >= o.window)
+    throw UsageError("--sinks must be less than --window, got " + std::to_string(o.sinks) + " sinks for a window of " +
+                     std::to_string(o.window));
+  if (o.no_cache && (o.window != 0 || o.kv_type != kvcache::KVType::full))
+    throw UsageError("--no-cache keeps no cache: it cannot take --window or --kv-type");
+  if (o.no_cache && o.prompt_cache) throw UsageError("--no-cache keeps no cache: it cannot take --prompt-cache");
+  if (have_parallel && !o.prompts_file) throw UsageError("--parallel needs --prompts-file");
+  if (o.prompts_file && (o.prompt || o.prompt_ids))
+    throw UsageError("--prompts-file gives the prompts: it cannot take -i or --prompt-ids");
+  if (o.prompts_file && o.no_cache)
+    throw UsageError("--prompts-file decodes with the cache: it cannot take --no-cache");
+  if (o.prompts_file && o.prompt_cache)
+    throw UsageError("--prompts-file runs many prompts: it cannot take --prompt-cache");
   return o;
+}
+
+// The prompts of a --prompts-file, one per line (a final newline ends the
+// last line; a trailing carriage return is dropped, for files written on
+// Windows). Throws UsageError, naming `file_name` and the line, on an empty
+// line, or when there is no line at all.
+inline std::vector<std::string> parse_prompt_lines(const std::string& file_name, const std::string& content) {
+  std::vector<std::string> lines;
+  for (std::size_t start = 0; start < content.size();) {
+    std::size_t end = content.find('\n', start);
+    if (end == std::string::npos) end = content.size();
+    std::string line = content.substr(start, end - start);
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty())
+      throw UsageError("--prompts-file " + detail::quoted(file_name) + ": line " + std::to_string(lines.size() + 1) +
+                       " is empty (one prompt per line)");
+    lines.push_back(std::move(line));
+    start = end + 1;
+  }
+  if (lines.empty()) throw UsageError("--prompts-file " + detail::quoted(file_name) + " has no prompts");
+  return lines;
+}
+
+// A line of output for a --prompts-file prompt: newlines become \n and
+// backslashes \\, so that each output stays on one line.
+inline std::string escape_line(const std::string& text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
+  }
+  return out;
 }
 
 inline Options parse_args(int argc, const char* const argv[]) {

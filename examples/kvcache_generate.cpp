@@ -5,6 +5,9 @@
 //   kvcache-generate MODEL.bin [-z TOKENIZER] [-i PROMPT] [-n STEPS]
 //                    [-t TEMPERATURE] [-p TOPP] [-s SEED] [--prompt-ids IDS]
 //                    [--ids] [--threads N] [--no-cache] [--ignore-eos] [--stats]
+//                    [--kv-type f32|bf16|int8] [--window W] [--sinks S]
+//                    [--prompt-cache FILE]
+//                    [--prompts-file FILE [--parallel N]]
 //
 // What is printed follows run: the pieces of every token after the leading
 // BOS (the prompt's, then the generated ones) as they come, pieces that are a
@@ -12,21 +15,30 @@
 // prompt included, so a prompt of P tokens (BOS included) leaves
 // STEPS - P + 1 tokens to generate (the last one is printed, never fed).
 // Generation stops early when the model produces BOS, which is not printed as
-// text (--ids prints it, as the reference id lists do). See cli_args.hpp for
-// the options.
+// text (--ids prints it, as the reference id lists do). With --prompts-file,
+// each line's output is printed as one line once its batch is done. See
+// cli_args.hpp for the options.
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <ctime>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <kvcache/decoder.hpp>
 #include <kvcache/generate.hpp>
 #include <kvcache/llama2c.hpp>
+#include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 #include <optional>
+#include <sstream>
 #include <string>
+#include <system_error>
+#include <utility>
 #include <vector>
 
 #include "cli_args.hpp"
@@ -37,22 +49,23 @@ using Clock = std::chrono::steady_clock;
 constexpr int kBos = kvcache::Tokenizer::kBosId;
 constexpr const char* kProgram = "kvcache-generate";
 
-// Either the ids or the text of each token, streamed to stdout.
+// Either the ids or the text of each token, streamed to stdout (or `out`).
 class Printer {
  public:
-  Printer(bool ids, const kvcache::Tokenizer* tokenizer) : ids_(ids), tokenizer_(tokenizer) {}
+  Printer(bool ids, const kvcache::Tokenizer* tokenizer, std::ostream& out = std::cout)
+      : ids_(ids), tokenizer_(tokenizer), out_(out) {}
 
   // `stop` marks the BOS that ends generation: run does not print it as text.
   void print(int token, bool stop = false) {
     if (ids_) {
-      std::cout << (first_ ? "" : " ") << token;
+      out_ << (first_ ? "" : " ") << token;
       first_ = false;
     } else if (!stop) {
       const std::string piece = tokenizer_->decode(prev_, token);
-      if (kvcache::Tokenizer::is_printable_piece(piece)) std::cout << piece;
+      if (kvcache::Tokenizer::is_printable_piece(piece)) out_ << piece;
     }
     prev_ = token;
-    std::cout.flush();
+    out_.flush();
   }
 
   // The token before the first printed one (decides the leading space).
@@ -61,6 +74,7 @@ class Printer {
  private:
   bool ids_;
   const kvcache::Tokenizer* tokenizer_;
+  std::ostream& out_;
   bool first_ = true;
   int prev_ = -1;  // no token yet: the first piece keeps its leading space
 };
@@ -69,6 +83,206 @@ std::string format_rate(double tokens, double seconds) {
   char buffer[64];
   std::snprintf(buffer, sizeof buffer, "%.2f", seconds > 0.0 ? tokens / seconds : 0.0);
   return buffer;
+}
+
+// ---- --prompt-cache -----------------------------------------------------------
+//
+// The file holds the session after the whole prompt and the logits of its
+// last token (SavedSession::last_logits). Storing those vocab_size floats
+// is what keeps the cache invisible in the output:
+//   - a miss prefills the prompt in one pass, exactly as a run without the
+//     cache does, and saves that very state, so its output is the same;
+//   - a hit whose prompt is the saved one samples its first token from the
+//     saved logits: the same numbers a one-pass prefill produced, so the
+//     same output again;
+//   - a hit with a longer prompt prefills only the new tokens on top of the
+//     loaded state (the sums then run in another order than in one pass:
+//     the same logits up to rounding, as any chunked prefill).
+// Saving the state after all prompt tokens but the last instead would save
+// the logits' bytes but make every miss prefill in two passes, whose last
+// logits may differ from one pass in their last bits.
+
+// A session that has been fed the whole prompt, with the last token's logits.
+struct Prefilled {
+  kvcache::Session<float> session;
+  kvcache::RowVector<float> logits;
+};
+
+// What --prompt-cache did, for --stats.
+struct PromptCacheResult {
+  const char* status = "miss";  // hit, miss (no file) or rejected
+  std::size_t reused = 0;       // prompt tokens loaded instead of prefilled
+};
+
+const char* kv_type_flag(kvcache::KVType t) { return t == kvcache::KVType::full ? "f32" : kvcache::to_string(t); }
+
+std::string window_text(kvcache::SlidingWindow w) {
+  return w.window == 0 ? "no window"
+                       : "a window of " + std::to_string(w.window) + " with " + std::to_string(w.sinks) + " sinks";
+}
+
+// Loads the prompt cache at `path` and checks that it fits this run: the
+// options that decide the cache's bytes, and a saved prompt that this
+// prompt starts with. Throws std::exception with the reason when it does
+// not.
+kvcache::SavedSession<float> load_prompt_cache(const std::string& path, const kvcache::Decoder<float>& decoder,
+                                               const kvcache::SessionOptions& wanted, const std::vector<int>& prompt,
+                                               std::size_t steps) {
+  kvcache::SessionLoadOptions load_options;
+  load_options.reserve_tokens = wanted.reserve_tokens;
+  kvcache::SavedSession<float> saved = kvcache::load_session(path, decoder, load_options);
+  const kvcache::Session<float>& s = saved.session;
+  if (s.kv_type() != wanted.kv_type)
+    throw std::runtime_error(std::string("it was saved with --kv-type ") + kv_type_flag(s.kv_type()) +
+                             ", this run has --kv-type " + kv_type_flag(wanted.kv_type));
+  if (s.window().window != wanted.window.window || s.window().sinks != wanted.window.sinks)
+    throw std::runtime_error("it was saved with " + window_text(s.window()) + ", this run has " +
+                             window_text(wanted.window));
+  if (s.window().window == 0 && s.max_tokens() < steps)
+    throw std::runtime_error("its session holds at most " + std::to_string(s.max_tokens()) +
+                             " tokens, this run needs " + std::to_string(steps));
+  const std::vector<int>& t = saved.tokens;
+  if (t.size() > prompt.size() || !std::equal(t.begin(), t.end(), prompt.begin()))
+    throw std::runtime_error("its prompt of " + std::to_string(t.size()) +
+                             " tokens is not the start of this prompt of " + std::to_string(prompt.size()));
+  if (t.size() == prompt.size() && saved.last_logits.size() == 0)
+    throw std::runtime_error("it holds this prompt but not the logits of its last token");
+  return saved;
+}
+
+// Prefills `prompt`, from the prompt cache at `path` when it fits, and
+// (re)writes the cache when it did not. A cache that does not fit or cannot
+// be written costs one line on stderr, never the run.
+Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, const kvcache::SessionOptions& options,
+                                    const std::vector<int>& prompt, std::size_t steps, std::size_t threads,
+                                    const std::string& path, PromptCacheResult& result) {
+  std::optional<kvcache::SavedSession<float>> saved;
+  std::error_code ec;
+  if (std::filesystem::exists(path, ec) || ec) {
+    try {
+      saved.emplace(load_prompt_cache(path, decoder, options, prompt, steps));
+    } catch (const std::exception& e) {
+      std::cerr << kProgram << ": prompt cache " << path << " rejected: " << e.what() << "; ignoring it" << std::endl;
+      result.status = "rejected";
+    }
+  }
+  if (saved) {
+    Prefilled p{std::move(saved->session), std::move(saved->last_logits)};
+    p.session.set_threads(threads);
+    result.status = "hit";
+    result.reused = saved->tokens.size();
+    if (result.reused < prompt.size()) {
+      const std::vector<int> rest(prompt.begin() + static_cast<std::ptrdiff_t>(result.reused), prompt.end());
+      p.logits = decoder.forward(rest, p.session, kvcache::Logits::last).row(0);
+    }
+    return p;
+  }
+  Prefilled p{decoder.new_session(options), {}};
+  p.session.set_threads(threads);
+  p.logits = decoder.forward(prompt, p.session, kvcache::Logits::last).row(0);
+  try {
+    kvcache::save_session(path, decoder, p.session, prompt, p.logits);
+  } catch (const std::exception& e) {
+    std::cerr << kProgram << ": cannot save prompt cache " << path << ": " << e.what() << std::endl;
+  }
+  return p;
+}
+
+// kvcache::generate's decode loop, from the logits of the last prompt token
+// on: pick a token, hand it to on_token, feed it, until max_new_tokens or
+// the end token.
+void decode(const kvcache::Decoder<float>& decoder, Prefilled& p, const kvcache::GenerateOptions& options) {
+  kvcache::Sampler sampler(decoder.config().vocab_size, options);
+  std::vector<int> step(1);
+  for (std::size_t produced = 1;; ++produced) {
+    const int token = sampler.sample(p.logits);
+    options.on_token(token);
+    if ((options.end_token && token == *options.end_token) || produced >= options.max_new_tokens) return;
+    step[0] = token;
+    p.logits = decoder.forward(step, p.session, kvcache::Logits::last).row(0);  // same size: no allocation
+  }
+}
+
+// The whole of a --prompts-file, as text.
+std::string read_prompts_file(const std::string& path) {
+  std::error_code ignored;
+  if (std::filesystem::is_directory(path, ignored))
+    throw std::runtime_error("cannot read prompts file '" + path + "': it is a directory");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open prompts file '" + path + "'");
+  std::string content{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  if (in.bad()) throw std::runtime_error("cannot read prompts file '" + path + "'");
+  return content;
+}
+
+// --prompts-file: every line a prompt, generated o.parallel at a time by
+// kvcache::generate_batch; each output printed as one line once its batch
+// is done, in the file's order. Prompt k (from 0) samples with seed + k.
+int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
+                     const kvcache::Tokenizer& tokenizer, std::size_t steps) {
+  const std::vector<std::string> lines =
+      kvcache_cli::parse_prompt_lines(*o.prompts_file, read_prompts_file(*o.prompts_file));
+  std::vector<std::vector<int>> prompts;
+  std::size_t prompt_tokens = 0;
+  for (std::size_t k = 0; k < lines.size(); ++k) {
+    prompts.push_back(tokenizer.encode(lines[k], /*bos=*/true, /*eos=*/false));
+    prompt_tokens += prompts.back().size();
+    if (prompts.back().size() > steps)
+      throw kvcache_cli::UsageError("--prompts-file line " + std::to_string(k + 1) + ": the prompt has " +
+                                    std::to_string(prompts.back().size()) + " tokens but only " +
+                                    std::to_string(steps) + " positions are run (-n " + std::to_string(o.steps) +
+                                    ", seq_len " + std::to_string(decoder.config().max_seq_len) + ")");
+  }
+  std::uint64_t seed = o.seed != 0 ? o.seed : static_cast<std::uint64_t>(std::time(nullptr));
+  if (seed == 0) seed = 1;
+
+  kvcache::SessionOptions session_options;
+  session_options.reserve_tokens = steps;
+  session_options.kv_type = o.kv_type;
+  session_options.window = kvcache::SlidingWindow{o.window, o.sinks};
+  std::size_t generated = 0;
+  const Clock::time_point start = Clock::now();
+  for (std::size_t first = 0; first < prompts.size(); first += o.parallel) {
+    const std::size_t B = std::min(o.parallel, prompts.size() - first);
+    std::vector<kvcache::Session<float>> sessions;
+    std::vector<kvcache::Session<float>*> batch;
+    std::vector<std::vector<int>> batch_prompts;
+    std::vector<kvcache::GenerateOptions> options(B);
+    sessions.reserve(B);
+    for (std::size_t b = 0; b < B; ++b) {
+      const std::vector<int>& prompt = prompts[first + b];
+      sessions.push_back(decoder.new_session(session_options));
+      sessions.back().set_threads(o.threads);
+      batch.push_back(&sessions.back());
+      batch_prompts.push_back(prompt);
+      options[b].max_new_tokens = steps - prompt.size() + 1;
+      if (!o.ignore_eos) options[b].end_token = kBos;
+      options[b].temperature = o.temperature;
+      options[b].top_p = o.top_p;
+      options[b].seed = kvcache::detail::sequence_seed(seed, first + b);
+    }
+    const std::vector<std::vector<int>> ids = kvcache::generate_batch(decoder, batch, batch_prompts, options);
+    for (std::size_t b = 0; b < B; ++b) {
+      // What a single run prints, echoed prompt first, on one line.
+      std::ostringstream text;
+      Printer printer(o.print_ids, &tokenizer, text);
+      const std::vector<int>& prompt = batch_prompts[b];
+      printer.set_previous(kBos);
+      for (std::size_t i = 1; i < prompt.size(); ++i) printer.print(prompt[i]);
+      for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == kBos);
+      std::cout << (o.print_ids ? text.str() : kvcache_cli::escape_line(text.str())) << '\n';
+      generated += ids[b].size();
+    }
+    std::cout.flush();
+    if (!std::cout) throw std::runtime_error("cannot write to stdout");
+  }
+  if (o.stats) {
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    std::cerr << "stats: prompts=" << prompts.size() << " prompt_tokens=" << prompt_tokens
+              << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
+              << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
+  }
+  return 0;
 }
 
 int run(int argc, char** argv) {
@@ -82,11 +296,16 @@ int run(int argc, char** argv) {
   const kvcache::ModelConfig& config = decoder.config();
 
   // As run: 0, or more than the model can hold, means the model's seq_len.
+  // A sliding window holds any number of positions.
   std::size_t steps = o.steps;
-  if (steps == 0 || steps > config.max_seq_len) steps = config.max_seq_len;
+  if (steps == 0 || (steps > config.max_seq_len && o.window == 0)) steps = config.max_seq_len;
+  if (o.window > config.max_seq_len)
+    throw kvcache_cli::UsageError("--window " + std::to_string(o.window) + " is longer than the model's seq_len " +
+                                  std::to_string(config.max_seq_len));
 
   std::optional<kvcache::Tokenizer> tokenizer;
   if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
+  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps);
 
   std::vector<int> prompt;
   if (o.prompt_ids) {
@@ -137,14 +356,26 @@ int run(int argc, char** argv) {
   };
 
   std::size_t kv_bytes = 0;  // what is cached between steps: nothing with --no-cache
+  PromptCacheResult prompt_cache;
   if (o.no_cache) {
     kvcache::generate_uncached(decoder, prompt, options, o.threads);
   } else {
     // Room for every position the run can need: decoding never reallocates.
-    kvcache::Session<float> session = decoder.new_session(0, steps);
-    session.set_threads(o.threads);
-    kvcache::generate(decoder, session, prompt, options);
-    kv_bytes = session.kv_bytes();
+    kvcache::SessionOptions session_options;
+    session_options.reserve_tokens = steps;
+    session_options.kv_type = o.kv_type;
+    session_options.window = kvcache::SlidingWindow{o.window, o.sinks};
+    if (o.prompt_cache) {
+      Prefilled p =
+          prefill_with_prompt_cache(decoder, session_options, prompt, steps, o.threads, *o.prompt_cache, prompt_cache);
+      decode(decoder, p, options);
+      kv_bytes = p.session.kv_bytes();
+    } else {
+      kvcache::Session<float> session = decoder.new_session(session_options);
+      session.set_threads(o.threads);
+      kvcache::generate(decoder, session, prompt, options);
+      kv_bytes = session.kv_bytes();
+    }
   }
   std::cout << '\n';
   std::cout.flush();
@@ -156,7 +387,10 @@ int run(int argc, char** argv) {
     std::cerr << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
               << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
               << " decode_tok_s=" << format_rate(static_cast<double>(generated - 1), decode_s)
-              << " kv_bytes=" << kv_bytes << " threads=" << o.threads << std::endl;
+              << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
+    if (o.prompt_cache)
+      std::cerr << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
+    std::cerr << std::endl;
   }
   return 0;
 }

@@ -52,10 +52,17 @@ inline void rope(Mat& X, std::size_t d_k, double base, std::size_t first_pos) {
     }
 }
 
+// Leaves the keys and values as computed.
+struct Exact {
+  void operator()(Mat&, std::size_t) const {}
+};
+
 // Causal attention of the whole sequence x (n × d_model) with no cache:
-// position i attends to positions 0..i.
-template <typename T>
-Mat attention(const Mat& x, const kvcache::AttentionConfig& c, const kvcache::AttentionWeights<T>& w) {
+// position i attends to positions 0..i. store(M, d_k) may round the keys and
+// values (after RoPE) the way a compact cache stores them.
+template <typename T, typename Store = Exact>
+Mat attention(const Mat& x, const kvcache::AttentionConfig& c, const kvcache::AttentionWeights<T>& w,
+              Store store = {}) {
   Mat Q = linear(x, to_double(w.W_Q), to_double(w.b_Q));
   Mat K = linear(x, to_double(w.W_K), to_double(w.b_K));
   Mat V = linear(x, to_double(w.W_V), to_double(w.b_V));
@@ -64,6 +71,8 @@ Mat attention(const Mat& x, const kvcache::AttentionConfig& c, const kvcache::At
     rope(Q, d_k, c.rope_base, 0);
     rope(K, d_k, c.rope_base, 0);
   }
+  store(K, d_k);
+  store(V, d_k);
   const Eigen::Index n = x.rows();
   Mat O = Mat::Zero(n, static_cast<Eigen::Index>(c.d_model));
   for (std::size_t h = 0; h < c.n_heads; ++h) {

@@ -4,11 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <kvcache/decoder.hpp>
 #include <kvcache/llama2c.hpp>
 #include <regex>
 #include <string>
@@ -65,6 +67,81 @@ TEST(CliArgs, EveryOption) {
   EXPECT_FALSE(o.needs_tokenizer());  // ids in, ids out
   EXPECT_TRUE(parse_args({"m", "-i", "x", "--ids"}).needs_tokenizer());
   EXPECT_FALSE(parse_args({"m", "-i", "", "--ids"}).needs_tokenizer());
+}
+
+TEST(CliArgs, CacheOptions) {
+  const Options o = parse_args({"m", "--kv-type", "int8", "--window", "128", "--sinks", "4"});
+  EXPECT_EQ(o.kv_type, kvcache::KVType::int8);
+  EXPECT_EQ(o.window, 128u);
+  EXPECT_EQ(o.sinks, 4u);
+  EXPECT_EQ(parse_args({"m", "--kv-type", "bf16"}).kv_type, kvcache::KVType::bf16);
+  EXPECT_EQ(parse_args({"m", "--kv-type", "f32"}).kv_type, kvcache::KVType::full);
+  EXPECT_EQ(parse_args({"m"}).window, 0u);
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"m", "--kv-type", "f16"},
+           {"m", "--kv-type"},
+           {"m", "--window", "0"},
+           {"m", "--window", "x"},
+           {"m", "--sinks", "4"},
+           {"m", "--window", "4", "--sinks", "4"},
+           {"m", "--window", "4", "--no-cache"},
+           {"m", "--kv-type", "int8", "--no-cache"},
+       })
+    EXPECT_THROW((void)parse_args(bad), UsageError) << bad[1];
+}
+
+TEST(CliArgs, PromptCache) {
+  EXPECT_FALSE(parse_args({"m"}).prompt_cache);
+  EXPECT_EQ(*parse_args({"m", "--prompt-cache", "c.kvs"}).prompt_cache, "c.kvs");
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"m", "--prompt-cache"},
+           {"m", "--prompt-cache", ""},
+           {"m", "--prompt-cache", "c.kvs", "--no-cache"},
+       })
+    EXPECT_THROW((void)parse_args(bad), UsageError) << bad.back();
+  EXPECT_NE(kvcache_cli::usage().find("--prompt-cache FILE"), std::string::npos);
+}
+
+TEST(CliArgs, PromptsFile) {
+  const Options o = parse_args({"m", "--prompts-file", "p.txt", "--parallel", "8"});
+  EXPECT_EQ(*o.prompts_file, "p.txt");
+  EXPECT_EQ(o.parallel, 8u);
+  EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).parallel, 1u);
+  EXPECT_FALSE(parse_args({"m"}).prompts_file);
+  EXPECT_TRUE(parse_args({"m", "--prompts-file", "p.txt", "--ids"}).needs_tokenizer());  // lines are text
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"m", "--prompts-file"},
+           {"m", "--prompts-file", ""},
+           {"m", "--prompts-file", "p", "--parallel", "0"},
+           {"m", "--prompts-file", "p", "--parallel", "1025"},
+           {"m", "--prompts-file", "p", "--parallel", "x"},
+           {"m", "--parallel", "2"},
+           {"m", "--prompts-file", "p", "-i", "The cat"},
+           {"m", "--prompts-file", "p", "--prompt-ids", "1,2"},
+           {"m", "--prompts-file", "p", "--no-cache"},
+           {"m", "--prompts-file", "p", "--prompt-cache", "c.kvs"},
+       })
+    EXPECT_THROW((void)parse_args(bad), UsageError) << bad[1] << " " << bad.back();
+}
+
+TEST(CliArgs, PromptLines) {
+  using kvcache_cli::parse_prompt_lines;
+  EXPECT_EQ(parse_prompt_lines("f", "a b\nc\n"), (std::vector<std::string>{"a b", "c"}));
+  EXPECT_EQ(parse_prompt_lines("f", "a\r\nc"), (std::vector<std::string>{"a", "c"}));
+  EXPECT_EQ(parse_prompt_lines("f", " "), (std::vector<std::string>{" "}));
+  const auto message = [](const std::string& content) {
+    try {
+      (void)parse_prompt_lines("p.txt", content);
+    } catch (const UsageError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message("a\n\nb\n"), "--prompts-file 'p.txt': line 2 is empty (one prompt per line)");
+  EXPECT_EQ(message("a\n\r\n"), "--prompts-file 'p.txt': line 2 is empty (one prompt per line)");
+  EXPECT_EQ(message("\n"), "--prompts-file 'p.txt': line 1 is empty (one prompt per line)");
+  EXPECT_EQ(message(""), "--prompts-file 'p.txt' has no prompts");
+  EXPECT_EQ(kvcache_cli::escape_line("a\\b\nc\n"), "a\\\\b\\nc\\n");
 }
 
 TEST(CliArgs, Help) {
@@ -153,18 +230,23 @@ std::string slurp(const fs::path& p) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+// A folder per test (ctest may run tests in parallel), also the working
+// directory of the runs, so that no stray ./tokenizer.bin is found.
+fs::path test_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const fs::path dir =
+      fs::path(KVCACHE_TEST_TMP_DIR) / "cli_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
+  fs::create_directories(dir);
+  return dir;
+}
+
 Result run(const std::vector<std::string>& args) {
   Result r;
 #if defined(_WIN32)
   (void)args;
   ADD_FAILURE() << "the CLI test runs the program through a POSIX shell";
 #else
-  // A folder per test (ctest may run tests in parallel), also the working
-  // directory, so that no stray ./tokenizer.bin is found.
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const fs::path dir =
-      fs::path(KVCACHE_TEST_TMP_DIR) / "cli_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
-  fs::create_directories(dir);
+  const fs::path dir = test_dir();
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
   std::string command = "cd " + shell_quote(dir.string()) + " && " + shell_quote(KVCACHE_GENERATE_EXE);
   for (const auto& a : args) command += " " + shell_quote(a);
@@ -252,6 +334,45 @@ TEST_F(Cli, ReferenceIds) {
   EXPECT_EQ(run(greedy({"-i", "ignored", "--prompt-ids", "1 368 430 273 268"})).out, kTheCatText);
 }
 
+// aidreams has a context of 128: a window of 128 with 4 sinks goes on to 2000
+// positions, its first 128 exactly those of the plain cache, and the text
+// stays text.
+TEST_F(Cli, SlidingWindowGoesFarPastSeqLen) {
+  const Result plain = run(greedy({"--ids", "--ignore-eos"}));
+  const Result windowed = run({model_, "-z", tok_, "-t", "0", "-n", "2000", "--window", "128", "--sinks", "4",
+                               "--ignore-eos", "--ids", "--stats"});
+  ASSERT_EQ(windowed.exit_code, 0) << windowed.err;
+  EXPECT_EQ(windowed.out.substr(0, plain.out.size() - 1), plain.out.substr(0, plain.out.size() - 1));
+  // 2000 positions, BOS first: 2000 generated ids (the last one never fed).
+  EXPECT_EQ(std::count(windowed.out.begin(), windowed.out.end(), ' '), 2000 - 1);
+  EXPECT_NE(windowed.err.find("generated_tokens=2000"), std::string::npos) << windowed.err;
+
+  const Result text = run({model_, "-z", tok_, "-n", "2000", "-s", "7", "--window", "128", "--sinks", "4",
+                           "--ignore-eos"});
+  ASSERT_EQ(text.exit_code, 0) << text.err;
+  ASSERT_GT(text.out.size(), 4000u);
+  // The last thousand characters: mostly letters and spaces, in words of
+  // ordinary length, as at the start.
+  const std::string tail = text.out.substr(text.out.size() - 1000);
+  const auto letters = std::count_if(tail.begin(), tail.end(), [](char c) { return std::isalpha(static_cast<unsigned char>(c)) || c == ' '; });
+  EXPECT_GT(letters, 850) << tail;
+  const auto words = std::count(tail.begin(), tail.end(), ' ');
+  EXPECT_GT(words, 100) << tail;
+  EXPECT_LT(words, 300) << tail;
+}
+
+TEST_F(Cli, CompactCacheTypes) {
+  const Result f32 = run(greedy({"-i", "The cat", "--stats"}));
+  for (const char* type : {"bf16", "int8"}) {
+    const Result r = run(greedy({"-i", "The cat", "--stats", "--kv-type", type}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out.substr(0, 40), f32.out.substr(0, 40)) << type;  // the start is greedy-identical
+    const auto bytes = [](const std::string& err) { return std::stoull(err.substr(err.find("kv_bytes=") + 9)); };
+    EXPECT_LT(bytes(r.err), bytes(f32.err)) << type;
+  }
+  expect_failure(greedy({"--window", "129"}), "seq_len 128");
+}
+
 TEST_F(Cli, NoCacheAndThreadsGiveTheSameOutput) {
   EXPECT_EQ(run(greedy({"-i", "The cat", "--no-cache"})).out, kTheCatText);
   EXPECT_EQ(run(greedy({"-i", "The cat", "--threads", "2"})).out, kTheCatText);
@@ -294,6 +415,185 @@ TEST_F(Cli, Stats) {
   EXPECT_NE(r.err.find(" threads=2"), std::string::npos) << r.err;
   const Result nc = run(greedy({"-i", "The cat", "--stats", "--no-cache"}));
   EXPECT_TRUE(std::regex_match(nc.err, line)) << nc.err;
+}
+
+// ---------------------------------------------------------------------------
+// --prompt-cache
+
+// The lines of `err` other than the --stats line.
+std::vector<std::string> messages(const std::string& err) {
+  std::vector<std::string> lines;
+  std::size_t at = 0;
+  while (at < err.size()) {
+    const std::size_t end = err.find('\n', at);
+    const std::string line = err.substr(at, end == std::string::npos ? std::string::npos : end - at);
+    if (line.rfind("stats: ", 0) != 0) lines.push_back(line);
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return lines;
+}
+
+std::string stats_field(const std::string& err, const std::string& name) {
+  const std::size_t at = err.find(" " + name + "=");
+  if (at == std::string::npos) return "(no " + name + ")";
+  const std::size_t begin = at + name.size() + 2;
+  return err.substr(begin, err.find_first_of(" \n", begin) - begin);
+}
+
+class PromptCache : public Cli {
+ protected:
+  void SetUp() override {
+    Cli::SetUp();
+    if (IsSkipped() || HasFatalFailure()) return;
+    cache_ = (test_dir() / "prompt.kvs").string();
+    fs::remove(cache_);
+  }
+
+  // greedy(extra) with --prompt-cache and --stats.
+  std::vector<std::string> cached(std::vector<std::string> extra) const {
+    extra.insert(extra.end(), {"--prompt-cache", cache_, "--stats"});
+    return greedy(extra);
+  }
+
+  // Runs `args` with the cache, which must be rejected with a reason that
+  // contains `reason`, and checks that the output is that of `args` without
+  // the cache, and that the cache now holds this run's prompt.
+  void expect_rejected(const std::vector<std::string>& args, const std::string& reason) {
+    const Result plain = run(greedy(args));
+    const Result r = run(cached(args));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, plain.out) << reason;
+    const std::vector<std::string> lines = messages(r.err);
+    ASSERT_EQ(lines.size(), 1u) << r.err;
+    const std::string start = "kvcache-generate: prompt cache " + cache_ + " rejected: ";
+    EXPECT_EQ(lines[0].rfind(start, 0), 0u) << lines[0];
+    EXPECT_NE(lines[0].find(reason), std::string::npos) << lines[0];
+    EXPECT_EQ(lines[0].substr(lines[0].size() - 13), "; ignoring it") << lines[0];
+    EXPECT_EQ(stats_field(r.err, "prompt_cache"), "rejected");
+    const Result again = run(cached(args));
+    EXPECT_EQ(stats_field(again.err, "prompt_cache"), "hit") << again.err;
+    EXPECT_EQ(again.out, plain.out);
+  }
+
+  std::string cache_;
+};
+
+TEST_F(PromptCache, MissSavesThePromptAndLaterRunsReuseIt) {
+  const Result miss = run(cached({"-i", "The cat"}));
+  EXPECT_EQ(miss.exit_code, 0) << miss.err;
+  EXPECT_EQ(miss.out, kTheCatText);
+  EXPECT_EQ(messages(miss.err), std::vector<std::string>{}) << miss.err;
+  EXPECT_EQ(stats_field(miss.err, "prompt_cache"), "miss");
+  EXPECT_EQ(stats_field(miss.err, "reused_tokens"), "0");
+  ASSERT_TRUE(fs::is_regular_file(cache_));
+  // Nothing but the cache is left beside it (no temporary file).
+  std::size_t files = 0;
+  for (const auto& e : fs::directory_iterator(fs::path(cache_).parent_path()))
+    files += e.path().filename().string().find("prompt.kvs") != std::string::npos;
+  EXPECT_EQ(files, 1u);
+
+  // The same prompt: all 5 tokens reused, the same text.
+  const Result hit = run(cached({"-i", "The cat"}));
+  EXPECT_EQ(hit.out, kTheCatText);
+  EXPECT_EQ(messages(hit.err), std::vector<std::string>{}) << hit.err;
+  EXPECT_EQ(stats_field(hit.err, "prompt_cache"), "hit");
+  EXPECT_EQ(stats_field(hit.err, "reused_tokens"), "5");
+  const std::regex line(
+      R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ )"
+      R"(threads=\d+ prompt_cache=(hit|miss|rejected) reused_tokens=\d+\n$)");
+  EXPECT_TRUE(std::regex_match(hit.err, line)) << hit.err;
+  EXPECT_EQ(run(cached({"-i", "The cat", "--ids"})).out, kTheCatIds);
+
+  // A prompt that goes on: 5 tokens reused, the rest prefilled, the text of
+  // a run without the cache. A hit leaves the file as it was.
+  const std::string before = slurp(cache_);
+  const Result longer = run(cached({"-i", "The cat sat on the mat"}));
+  EXPECT_EQ(stats_field(longer.err, "prompt_cache"), "hit");
+  EXPECT_EQ(stats_field(longer.err, "reused_tokens"), "5");
+  EXPECT_EQ(longer.out, run(greedy({"-i", "The cat sat on the mat"})).out);
+  EXPECT_EQ(slurp(cache_), before);
+
+  // Sampling with a seed picks the same tokens from the saved logits.
+  const std::vector<std::string> sampled{"-i", "The cat", "-t", "1", "-s", "42"};
+  EXPECT_EQ(run(cached(sampled)).out, run(greedy(sampled)).out);
+}
+
+TEST_F(PromptCache, CacheOptionsKeepTheOutput) {
+  const std::vector<std::string> args{"-i", "The cat", "--kv-type", "int8", "--window", "64", "--sinks", "4",
+                                      "-n", "300", "--ignore-eos"};
+  const Result plain = run(greedy(args));
+  const Result miss = run(cached(args)), hit = run(cached(args));
+  EXPECT_EQ(stats_field(miss.err, "prompt_cache"), "miss") << miss.err;
+  EXPECT_EQ(stats_field(hit.err, "prompt_cache"), "hit") << hit.err;
+  EXPECT_EQ(miss.out, plain.out);
+  EXPECT_EQ(hit.out, plain.out);
+}
+
+TEST_F(PromptCache, AnotherPromptIsRejectedAndReplaced) {
+  ASSERT_EQ(run(cached({"-i", "The dog"})).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "its prompt of 6 tokens is not the start of this prompt of 5");
+  // A prompt shorter than the saved one, and its start.
+  expect_rejected({"--prompt-ids", "1,368"}, "its prompt of 5 tokens is not the start of this prompt of 2");
+}
+
+TEST_F(PromptCache, OtherCacheOptionsAreRejected) {
+  ASSERT_EQ(run(cached({"-i", "The cat", "--kv-type", "int8"})).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "it was saved with --kv-type int8, this run has --kv-type f32");
+  ASSERT_EQ(run(cached({"-i", "The cat", "--window", "64", "--sinks", "4"})).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "it was saved with a window of 64 with 4 sinks, this run has no window");
+}
+
+TEST_F(PromptCache, AnotherModelIsRejected) {
+  KVCACHE_MODEL_FILE_OR_SKIP(stories, "stories260K.bin");
+  const Result other = run({stories, "-t", "0", "-n", "20", "--prompt-ids", "1,368,430,273,268", "--ids",
+                            "--prompt-cache", cache_});
+  ASSERT_EQ(other.exit_code, 0) << other.err;
+  expect_rejected({"-i", "The cat"}, "was saved for n_layers = 5, this model has 4");
+
+  // The same shape with other weights.
+  const kvcache::ModelConfig c = kvcache::read_llama2c_header(model_).config();
+  const std::string twin = (test_dir() / "twin.bin").string();
+  kvcache::save_llama2c(kvcache::Decoder<float>(c, kvcache::random_weights<float>(c, 5)), twin);
+  ASSERT_EQ(run({twin, "-z", tok_, "-t", "0", "-n", "20", "-i", "The cat", "--prompt-cache", cache_}).exit_code, 0);
+  expect_rejected({"-i", "The cat"}, "was saved for a model of this shape with other weights");
+  fs::remove(twin);
+}
+
+TEST_F(PromptCache, DamagedFilesAreRejected) {
+  ASSERT_EQ(run(cached({"-i", "The cat"})).exit_code, 0);
+  const std::string good = slurp(cache_);
+  const auto write = [&](const std::string& bytes) {
+    std::ofstream out(cache_, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  };
+  std::string flipped = good;
+  flipped[good.size() / 2] = static_cast<char>(flipped[good.size() / 2] ^ 0x10);
+  write(flipped);
+  expect_rejected({"-i", "The cat"}, "checksum mismatch");
+  write(good.substr(0, good.size() - 1));
+  expect_rejected({"-i", "The cat"}, "file is truncated");
+  write(good + "x");
+  expect_rejected({"-i", "The cat"}, "trailing bytes");
+  write(slurp(tok_));
+  expect_rejected({"-i", "The cat"}, "not a kvcache session file");
+  write("");
+  expect_rejected({"-i", "The cat"}, "file is truncated");
+}
+
+// A cache that can be neither read nor written costs two lines on stderr,
+// not the run.
+TEST_F(PromptCache, UnusableCachePathStillGenerates) {
+  fs::create_directories(fs::path(cache_) / "inside");
+  const Result r = run(cached({"-i", "The cat"}));
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatText);
+  const std::vector<std::string> lines = messages(r.err);
+  ASSERT_EQ(lines.size(), 2u) << r.err;
+  EXPECT_NE(lines[0].find("rejected: kvcache: session file '" + cache_ + "': is a directory"), std::string::npos)
+      << lines[0];
+  EXPECT_EQ(lines[1].rfind("kvcache-generate: cannot save prompt cache " + cache_ + ": ", 0), 0u) << lines[1];
+  fs::remove_all(cache_);
 }
 
 TEST_F(Cli, SeededSamplingIsReproducible) {
@@ -365,6 +665,102 @@ TEST(CliModel, OverflowingCheckpoint) {
     EXPECT_NE(r.err.find("NaN or infinity"), std::string::npos) << r.err;
   }
   fs::remove(file);
+}
+
+// --prompts-file: one output line per prompt, in the file's order, each what
+// the single-prompt run prints (newlines escaped), whatever --parallel.
+class CliBatch : public Cli {
+ protected:
+  // Writes `content` to a file in the test's folder and returns its path.
+  std::string write_prompts(const std::string& content) const {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    const fs::path dir =
+        fs::path(KVCACHE_TEST_TMP_DIR) / "cli_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
+    fs::create_directories(dir);
+    const fs::path file = dir / "prompts.txt";
+    std::ofstream(file, std::ios::binary) << content;
+    return file.string();
+  }
+
+  static std::vector<std::string> lines_of(const std::string& out) {
+    std::vector<std::string> lines;
+    std::size_t start = 0;
+    for (std::size_t end; (end = out.find('\n', start)) != std::string::npos; start = end + 1)
+      lines.push_back(out.substr(start, end - start));
+    EXPECT_EQ(start, out.size()) << "output does not end with a newline";
+    return lines;
+  }
+
+  // The single run's stdout as one line of a batch's output.
+  static std::string as_line(const std::string& out) {
+    EXPECT_FALSE(out.empty());
+    return kvcache_cli::escape_line(out.substr(0, out.size() - 1));
+  }
+
+  const std::vector<std::string> prompts_{"The cat", "Once upon a time there was", "I", "The dog ran to the big red",
+                                          "Dimensions"};
+};
+
+TEST_F(CliBatch, EachLineIsTheSinglePromptRun) {
+  std::string content;
+  for (const auto& p : prompts_) content += p + "\n";
+  const std::string file = write_prompts(content);
+  std::vector<std::string> text, ids;
+  for (const auto& p : prompts_) {
+    text.push_back(as_line(run(greedy({"-i", p})).out));
+    ids.push_back(as_line(run(greedy({"-i", p, "--ids"})).out));
+  }
+  EXPECT_EQ(text[0], kvcache_cli::escape_line(kTheCatText.substr(0, kTheCatText.size() - 1)));
+  for (const char* parallel : {"1", "2", "5", "16"}) {
+    const Result r = run(greedy({"--prompts-file", file, "--parallel", parallel}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.err, "");
+    EXPECT_EQ(lines_of(r.out), text) << "--parallel " << parallel;
+    const Result r_ids = run(greedy({"--prompts-file", file, "--parallel", parallel, "--ids"}));
+    EXPECT_EQ(lines_of(r_ids.out), ids) << "--parallel " << parallel << " --ids";
+  }
+  // Per-sequence options: --ignore-eos and a compact cache in a window.
+  const Result long_run = run({model_, "-z", tok_, "-t", "0", "-n", "300", "--window", "128", "--sinks", "4", "--kv-type",
+                               "int8", "--ignore-eos", "--ids", "--prompts-file", file, "--parallel", "3"});
+  ASSERT_EQ(long_run.exit_code, 0) << long_run.err;
+  const auto long_lines = lines_of(long_run.out);
+  ASSERT_EQ(long_lines.size(), prompts_.size());
+  for (std::size_t k = 0; k < prompts_.size(); ++k)
+    EXPECT_EQ(long_lines[k], as_line(run({model_, "-z", tok_, "-t", "0", "-n", "300", "--window", "128", "--sinks",
+                                           "4", "--kv-type", "int8", "--ignore-eos", "--ids", "-i", prompts_[k]})
+                                          .out))
+        << k;
+}
+
+// Line k samples with seed + k - 1: line 1 is the run with -s SEED.
+TEST_F(CliBatch, SampledLinesUseConsecutiveSeeds) {
+  const std::string file = write_prompts("The cat\nOnce upon a time\r\nI\n");
+  // Two batches: the seed follows the line, not the place in its batch.
+  const Result r = run({model_, "-z", tok_, "-n", "64", "-t", "1", "-s", "42", "--prompts-file", file, "--parallel",
+                        "2", "--ids", "--stats"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<std::string> lines = lines_of(r.out);
+  ASSERT_EQ(lines.size(), 3u);
+  const std::vector<std::string> prompts{"The cat", "Once upon a time", "I"};
+  for (std::size_t k = 0; k < 3; ++k)
+    EXPECT_EQ(lines[k], as_line(run({model_, "-z", tok_, "-n", "64", "-t", "1", "-s", std::to_string(42 + k), "-i",
+                                     prompts[k], "--ids"})
+                                    .out))
+        << k;
+  const std::regex line(
+      R"(^stats: prompts=3 prompt_tokens=\d+ generated_tokens=\d+ tok_s=[0-9.]+ parallel=2 threads=1\n$)");
+  EXPECT_TRUE(std::regex_match(r.err, line)) << r.err;
+}
+
+TEST_F(CliBatch, BadPromptFiles) {
+  expect_failure(greedy({"--prompts-file", "/nonexistent/prompts.txt"}), "/nonexistent/prompts.txt");
+  expect_failure(greedy({"--prompts-file", fs::path(model_).parent_path().string()}), "directory");
+  expect_failure(greedy({"--prompts-file", write_prompts("The cat\n\nI\n")}), "line 2 is empty");
+  expect_failure(greedy({"--prompts-file", write_prompts("")}), "has no prompts");
+  expect_failure(greedy({"-n", "4", "--prompts-file", write_prompts("I\nThe cat\n")}),
+                 "line 2: the prompt has 5 tokens");
+  expect_failure(greedy({"--prompts-file", write_prompts("I\n"), "--parallel", "0"}), "--parallel");
+  expect_failure(greedy({"--prompts-file", write_prompts("I\n"), "-i", "The cat"}), "cannot take -i");
 }
 
 TEST_F(Cli, Stories260KIds) {

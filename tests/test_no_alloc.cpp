@@ -1,10 +1,12 @@
 // A decode step allocates nothing once the session's buffers have grown:
 // Eigen's own allocations are trapped with EIGEN_RUNTIME_NO_MALLOC, and
 // operator new is counted.
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
+#include <vector>
 
 #define EIGEN_RUNTIME_NO_MALLOC
 // Eigen reports a forbidden allocation through eigen_assert: make it throw so
@@ -23,13 +25,22 @@ namespace {
 std::atomic<long> g_news{0};
 }
 
-void* operator new(std::size_t n) {
+// Not inlined: once g++ sees malloc inside operator new and free inside
+// operator delete at the same call site, it warns (-Wmismatched-new-delete)
+// about the very pairing that the replacement makes correct.
+#if defined(__GNUC__)
+#define KVCACHE_TEST_NOINLINE __attribute__((noinline))
+#else
+#define KVCACHE_TEST_NOINLINE
+#endif
+
+KVCACHE_TEST_NOINLINE void* operator new(std::size_t n) {
   ++g_news;
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+KVCACHE_TEST_NOINLINE void operator delete(void* p) noexcept { std::free(p); }
+KVCACHE_TEST_NOINLINE void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 TEST(NoAllocation, DecodeStepsAllocateNothing) {
   for (const auto& v : fixtures::variants()) {
@@ -53,5 +64,47 @@ TEST(NoAllocation, DecodeStepsAllocateNothing) {
     }
     Eigen::internal::set_is_malloc_allowed(true);
     EXPECT_EQ(g_news - before, 0) << v.name;
+  }
+}
+
+// The same for a batch: three sessions at different lengths (full, int8 and,
+// with RoPE, bf16 in a sliding window with sinks that overflows) stepped
+// together by Decoder::forward_batch, one token each, reusing a BatchScratch.
+TEST(NoAllocation, BatchedDecodeStepsAllocateNothing) {
+  for (const auto& v : fixtures::variants()) {
+    const kvcache::ModelConfig c = fixtures::model(v, 128);
+    const kvcache::Decoder<float> d(c, kvcache::random_weights<float>(c, 1));
+    const bool rope = v.positions == kvcache::PositionEncoding::rope;
+    std::array<kvcache::SessionOptions, 3> kinds{};
+    kinds[1].kv_type = kvcache::KVType::int8;
+    kinds[2].kv_type = kvcache::KVType::bf16;
+    if (rope) kinds[2].window = {12, 2};
+    std::vector<kvcache::Session<float>> sessions;
+    std::vector<kvcache::Session<float>*> batch;
+    for (std::size_t b = 0; b < kinds.size(); ++b) {
+      kinds[b].reserve_tokens = 128;
+      sessions.push_back(d.new_session(kinds[b]));
+      d.forward(fixtures::random_tokens(3 + 2 * b, c.vocab_size, static_cast<std::uint32_t>(b)), sessions.back());
+    }
+    for (auto& s : sessions) batch.push_back(&s);
+    const std::vector<std::vector<int>> step{{3}, {4}, {5}};
+    kvcache::BatchScratch<float> scratch;
+    // Grow every buffer (the scores with the longest cache) past the positions tested below.
+    for (int i = 0; i < 40; ++i) d.forward_batch(step, batch, scratch, kvcache::Logits::last);
+    for (auto& s : sessions)
+      if (s.window().window == 0) s.truncate(10);  // a window stays full
+    const long before = g_news;
+    Eigen::internal::set_is_malloc_allowed(false);
+    try {
+      for (int i = 0; i < 30; ++i) d.forward_batch(step, batch, scratch, kvcache::Logits::last);
+    } catch (const std::exception& e) {
+      Eigen::internal::set_is_malloc_allowed(true);
+      FAIL() << v.name << ": " << e.what();
+    }
+    Eigen::internal::set_is_malloc_allowed(true);
+    EXPECT_EQ(g_news - before, 0) << v.name;
+    if (rope) {
+      EXPECT_GT(sessions[2].cache(0).evicted(), 0u) << v.name;
+    }
   }
 }

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -131,6 +133,14 @@ DecoderWeights<T> random_weights(const ModelConfig& c, std::uint64_t seed) {
 template <typename T>
 class Decoder;
 
+// How a new session stores its tokens (see KVCache).
+struct SessionOptions {
+  std::size_t max_tokens = 0;      // 0: the model's max_seq_len (ignored with a window)
+  std::size_t reserve_tokens = 0;  // preallocate the caches (0: they grow as needed)
+  KVType kv_type = KVType::full;   // what keys and values are stored as
+  SlidingWindow window;            // window = 0: no window, the default
+};
+
 // ============================================================================
 // Session: the state of one request
 // ============================================================================
@@ -148,13 +158,24 @@ class Session {
   Session& operator=(Session&&) noexcept = default;
   ~Session() = default;
 
-  // Tokens seen so far: the position the next token will take.
+  // Tokens each cache holds (at most the window, with a sliding window).
   std::size_t size() const { return caches_.empty() ? 0 : caches_.front().size(); }
+  // Tokens fed since the last clear(): the position the next token takes.
+  // Equal to size() unless a sliding window has dropped tokens.
+  std::size_t position() const { return caches_.empty() ? 0 : caches_.front().position(); }
   std::size_t max_tokens() const { return caches_.empty() ? 0 : caches_.front().max_tokens(); }
+  // The most positions the session can reach: max_tokens(), or no limit
+  // with a sliding window.
+  std::size_t position_limit() const {
+    return window().window != 0 ? std::numeric_limits<std::size_t>::max() : max_tokens();
+  }
+  KVType kv_type() const { return caches_.empty() ? KVType::full : caches_.front().type(); }
+  SlidingWindow window() const { return caches_.empty() ? SlidingWindow{} : caches_.front().window(); }
   std::size_t n_layers() const { return caches_.size(); }
   const KVCache<T>& cache(std::size_t layer) const { return caches_.at(layer); }
 
-  // Memory held by the caches: 2 × n_layers × n_kv_heads × d_k × capacity × sizeof(T).
+  // Memory held by the caches: 2 × n_layers × n_kv_heads × capacity × row bytes
+  // (d_k × sizeof(T) for KVType::full).
   std::size_t kv_bytes() const {
     std::size_t total = 0;
     for (const auto& c : caches_) total += c.bytes();
@@ -174,7 +195,7 @@ class Session {
     for (auto& c : caches_) c.clear();
   }
 
-  // Rolls every layer back to the first n tokens.
+  // Rolls every layer back to the first n tokens held.
   void truncate(std::size_t n) {
     if (n > size())
       throw std::out_of_range("kvcache: Session::truncate(" + std::to_string(n) + ") past size() = " +
@@ -193,6 +214,31 @@ class Session {
     return s;
   }
 
+  // ---- Raw state, for session files (session_file.hpp) ----------------------
+  // Every layer's cache is in the same state: size(), position() and
+  // ring_start() describe them all.
+
+  std::size_t ring_start() const { return caches_.empty() ? 0 : caches_.front().ring_start(); }
+
+  // Puts every layer in the state given (see KVCache::restore_state), slot
+  // contents unspecified until write_raw fills them. Throws as
+  // KVCache::restore_state; on any exception the session is unchanged.
+  void restore_state(std::size_t size, std::size_t position, std::size_t ring_start) {
+    for (const auto& c : caches_) c.check_state(size, position, ring_start);
+    for (auto& c : caches_) c.reserve(size);  // all allocations before any change
+    for (auto& c : caches_) c.restore_state(size, position, ring_start);
+  }
+
+  // KVCache::read_raw / write_raw of layer 0, then layer 1, …
+  template <typename F>
+  void read_raw(F&& f) const {
+    for (const auto& c : caches_) c.read_raw(f);
+  }
+  template <typename F>
+  void write_raw(F&& f) {
+    for (auto& c : caches_) c.write_raw(f);
+  }
+
  private:
   friend class Decoder<T>;
   explicit Session(std::vector<KVCache<T>> caches) : caches_(std::move(caches)) {}
@@ -206,13 +252,34 @@ class Session {
   Matrix<T> delta_;   // a sublayer's output, m × d_model
   Matrix<T> hidden_;  // MLP, m × d_ff
   Matrix<T> gate_;    // SwiGLU's W_3 x, m × d_ff
-  Matrix<T> logits_;  // rows × vocab_size
+  Matrix<T> head_in_;  // final norm of the rows that get logits, rows × d_model
+  Matrix<T> logits_;   // rows × vocab_size
   AttentionScratch<T> attention_;
 };
 
 // Which positions Decoder::forward computes logits for. Generation needs only
 // the last; the LM head costs vocab_size × d_model per row.
 enum class Logits { all, last };
+
+// The buffers of Decoder::forward_batch. Keep one per batch loop and reuse
+// it: once it has grown to a step's size (the same sequences, the same
+// number of rows), a batched step allocates nothing.
+template <typename T = float>
+class BatchScratch {
+ public:
+  BatchScratch() = default;
+
+ private:
+  friend class Decoder<T>;
+  // The stacked rows of all sequences live in the buffers of a session
+  // without caches, so they go through the very norm, MLP and head code a
+  // single session's rows do.
+  std::optional<Session<T>> rows_;
+  Matrix<T> last_rows_;                 // each sequence's last row of x, B × d_model
+  std::vector<std::size_t> first_row_;  // sequence b owns rows [first_row_[b], first_row_[b + 1])
+  std::vector<std::size_t> position_;   // each session's position before the call (for rollback)
+  std::vector<KVCache<T>*> caches_;     // one layer's caches, one per sequence
+};
 
 // ============================================================================
 // Decoder
@@ -291,20 +358,41 @@ class Decoder {
   // A new, empty session. max_tokens = 0 means the model's max_seq_len;
   // reserve_tokens preallocates the caches (0: they grow as needed).
   Session<T> new_session(std::size_t max_tokens = 0, std::size_t reserve_tokens = 0) const {
-    if (max_tokens == 0) max_tokens = config_.max_seq_len;
+    SessionOptions options;
+    options.max_tokens = max_tokens;
+    options.reserve_tokens = reserve_tokens;
+    return new_session(options);
+  }
+
+  // A new, empty session storing keys and values as options.kv_type, with an
+  // optional sliding window. Throws std::invalid_argument on a limit past
+  // max_seq_len, a window longer than max_seq_len or with sinks >= window,
+  // or a window on a model with learned positions (whose positions cannot
+  // go past max_seq_len).
+  Session<T> new_session(const SessionOptions& options) const {
+    const std::size_t W = options.window.window;
+    KVCache<T>::check_window(options.window);
+    if (W > config_.max_seq_len)
+      throw std::invalid_argument("kvcache: new_session: sliding window of " + std::to_string(W) +
+                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len));
+    if (W != 0 && config_.positions == PositionEncoding::learned)
+      throw std::invalid_argument("kvcache: new_session: a sliding window needs RoPE or no position encoding; "
+                                  "learned positions stop at max_seq_len");
+    std::size_t max_tokens = options.max_tokens == 0 ? config_.max_seq_len : options.max_tokens;
     if (max_tokens > config_.max_seq_len)
       throw std::invalid_argument("kvcache: new_session: max_tokens = " + std::to_string(max_tokens) +
                                   " exceeds max_seq_len = " + std::to_string(config_.max_seq_len));
+    if (W != 0) max_tokens = 0;  // the window is the limit
     std::vector<KVCache<T>> caches;
     caches.reserve(config_.n_layers);
     for (std::size_t l = 0; l < config_.n_layers; ++l) {
-      caches.emplace_back(config_.kv_heads(), config_.d_k(), max_tokens);
-      caches.back().reserve(reserve_tokens);
+      caches.emplace_back(config_.kv_heads(), config_.d_k(), max_tokens, options.kv_type, options.window);
+      caches.back().reserve(options.reserve_tokens);
     }
     return Session<T>(std::move(caches));
   }
 
-  // Feeds tokens at positions [session.size(), session.size() + m) and
+  // Feeds tokens at positions [session.position(), session.position() + m) and
   // returns their logits (m × vocab_size, or 1 × vocab_size for the last
   // position only). The reference points into the session and stays valid
   // until its next forward.
@@ -315,17 +403,94 @@ class Decoder {
   // exception every cache is as it was before the call.
   const Matrix<T>& forward(const std::vector<int>& tokens, Session<T>& session, Logits which = Logits::all) const {
     check_tokens(tokens, session);
-    const std::size_t p = session.size();
+    const std::size_t p = session.position();
     try {
+      // Everything that can throw comes before the first layer changes its
+      // cache: afterwards nothing allocates (a sliding window could not
+      // bring back the tokens it drops).
       for (auto& c : session.caches_) c.reserve_more(tokens.size());
+      prepare(session, tokens.size(), which);
       embed(tokens, p, session);
       for (const auto& b : blocks_) run_block(b, session, &b - blocks_.data());
       head(session, which);
     } catch (...) {
-      for (auto& c : session.caches_) c.truncate(p);  // every cache holds at least the p tokens it had
+      // Only reached before any eviction: undo the appends.
+      for (auto& c : session.caches_) c.truncate(c.size() - (c.position() - p));
       throw;
     }
     return session.logits_;
+  }
+
+  // Several sessions stepped together: sequence b feeds tokens[b] (at least
+  // one) to *sessions[b], at that session's own positions. The rows of all
+  // sequences are stacked into one (Σ m_b × d_model) matrix, so each weight
+  // (W_Q, W_K, W_V, W_O, the MLP, the LM head) is one matrix-matrix product
+  // per step, read once for the whole batch; RoPE or learned positions, the
+  // cache append and attention are per session. The sessions must be
+  // distinct, of this model's shape; their kv types and windows may differ.
+  //
+  // Returns logits: with Logits::last one row per sequence (B × vocab_size,
+  // row b for the last token of sequence b), with Logits::all the rows of
+  // all tokens stacked in the same order. The reference points into scratch
+  // and stays valid until its next use. Products and attention use
+  // `threads` (the sessions' own thread counts are not consulted).
+  //
+  // Each sequence's logits are those Decoder::forward gives it alone, up to
+  // the rounding of a matrix-matrix product against a matrix-vector one.
+  // Throws as forward() does, naming the sequence, and on no sequences, a
+  // different number of token lists and sessions, a null or repeated
+  // session, or threads = 0; on any exception every cache is as it was.
+  const Matrix<T>& forward_batch(const std::vector<std::vector<int>>& tokens, const std::vector<Session<T>*>& sessions,
+                                 BatchScratch<T>& scratch, Logits which = Logits::last, std::size_t threads = 1) const {
+    check_batch(tokens, sessions, threads);
+    const std::size_t B = sessions.size();
+    auto& first_row = scratch.first_row_;
+    first_row.resize(B + 1);
+    scratch.position_.resize(B);
+    scratch.caches_.resize(B);
+    first_row[0] = 0;
+    for (std::size_t b = 0; b < B; ++b) {
+      first_row[b + 1] = first_row[b] + tokens[b].size();
+      scratch.position_[b] = sessions[b]->position();
+    }
+    if (!scratch.rows_) scratch.rows_.emplace(Session<T>(std::vector<KVCache<T>>{}));
+    Session<T>& rows = *scratch.rows_;
+    rows.threads_ = threads;
+    try {
+      // Everything that can throw comes before the first cache changes.
+      for (std::size_t b = 0; b < B; ++b)
+        for (auto& c : sessions[b]->caches_) c.reserve_more(tokens[b].size());
+      prepare_batch(scratch, which);
+      for (std::size_t b = 0; b < B; ++b)
+        embed_rows(tokens[b], scratch.position_[b], rows.x_, static_cast<Eigen::Index>(first_row[b]));
+      for (std::size_t l = 0; l < blocks_.size(); ++l) {
+        for (std::size_t b = 0; b < B; ++b) scratch.caches_[b] = &sessions[b]->caches_[l];
+        const Block& block = blocks_[l];
+        normalize(rows.x_, block.attention_norm, rows.normed_);
+        block.attention.forward_batch(rows.normed_, first_row, scratch.caches_, rows.delta_, rows.attention_, threads);
+        rows.x_ += rows.delta_;
+        normalize(rows.x_, block.mlp_norm, rows.normed_);
+        mlp(block.mlp, rows);
+        rows.x_ += rows.delta_;
+      }
+      if (which == Logits::all) {
+        head(rows, Logits::all);
+      } else {
+        // The last row of each sequence, gathered so that the final norm
+        // reads contiguous rows as it does for a single session.
+        for (std::size_t b = 0; b < B; ++b)
+          scratch.last_rows_.row(static_cast<Eigen::Index>(b)) =
+              rows.x_.row(static_cast<Eigen::Index>(first_row[b + 1] - 1));
+        normalize(scratch.last_rows_, final_norm_, rows.head_in_);
+        detail::linear<T>(rows.head_in_, lm_head(), Vector<T>(), rows.logits_, threads);
+      }
+    } catch (...) {
+      // Only reached before any eviction: undo the appends.
+      for (std::size_t b = 0; b < B; ++b)
+        for (auto& c : sessions[b]->caches_) c.truncate(c.size() - (c.position() - scratch.position_[b]));
+      throw;
+    }
+    return rows.logits_;
   }
 
  private:
@@ -368,12 +533,85 @@ class Decoder {
     if (session.caches_.size() != config_.n_layers || session.caches_.front().n_kv_heads() != config_.kv_heads() ||
         session.caches_.front().d_k() != config_.d_k())
       throw std::invalid_argument("kvcache: Decoder::forward: the session was made for another model shape");
-    const std::size_t end = session.size() + tokens.size();
-    if (end > session.max_tokens())
+    const std::size_t end = session.position() + tokens.size();
+    if (end > session.position_limit())
       throw std::length_error("kvcache: sequence of " + std::to_string(end) + " tokens (" +
-                              std::to_string(session.size()) + " cached + " + std::to_string(tokens.size()) +
+                              std::to_string(session.position()) + " cached + " + std::to_string(tokens.size()) +
                               " new) exceeds the limit of " + std::to_string(session.max_tokens()) +
                               " (max_seq_len = " + std::to_string(config_.max_seq_len) + ")");
+  }
+
+  void check_batch(const std::vector<std::vector<int>>& tokens, const std::vector<Session<T>*>& sessions,
+                   std::size_t threads) const {
+    if (sessions.empty()) throw std::invalid_argument("kvcache: Decoder::forward_batch: no sessions");
+    if (tokens.size() != sessions.size())
+      throw std::invalid_argument("kvcache: Decoder::forward_batch: " + std::to_string(tokens.size()) +
+                                  " token lists for " + std::to_string(sessions.size()) + " sessions");
+    if (threads == 0) throw std::invalid_argument("kvcache: Decoder::forward_batch: threads = 0, need at least 1");
+    for (std::size_t b = 0; b < sessions.size(); ++b) {
+      // The sequence is named only on error: a batch step builds no strings.
+      const auto at = [b] { return " (sequence " + std::to_string(b) + ")"; };
+      if (sessions[b] == nullptr)
+        throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(b) + "] is null");
+      for (std::size_t c = 0; c < b; ++c)
+        if (sessions[c] == sessions[b])
+          throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(c) +
+                                      "] and sessions[" + std::to_string(b) + "] are the same session");
+      if (tokens[b].empty())
+        throw std::invalid_argument("kvcache: Decoder::forward_batch: sequence " + std::to_string(b) +
+                                    " has no tokens");
+      try {
+        check_tokens(tokens[b], *sessions[b]);
+      } catch (const std::out_of_range& e) {
+        throw std::out_of_range(e.what() + at());
+      } catch (const std::length_error& e) {
+        throw std::length_error(e.what() + at());
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(e.what() + at());
+      }
+    }
+  }
+
+  // Sizes the stacked buffers of a batch, as prepare() does for one session.
+  void prepare_batch(BatchScratch<T>& scratch, Logits which) const {
+    const auto B = static_cast<Eigen::Index>(scratch.caches_.size());
+    const auto R = static_cast<Eigen::Index>(scratch.first_row_.back());
+    const auto d = static_cast<Eigen::Index>(config_.d_model), ff = static_cast<Eigen::Index>(config_.d_ff);
+    Session<T>& s = *scratch.rows_;
+    s.x_.resize(R, d);
+    s.normed_.resize(R, d);
+    s.delta_.resize(R, d);
+    s.hidden_.resize(R, ff);
+    if (config_.mlp == MlpKind::swiglu) s.gate_.resize(R, ff);
+    const Eigen::Index head_rows = which == Logits::last ? B : R;
+    if (which == Logits::last) scratch.last_rows_.resize(B, d);
+    s.head_in_.resize(head_rows, d);
+    s.logits_.resize(head_rows, static_cast<Eigen::Index>(config_.vocab_size));
+  }
+
+  // Rows [first, first + m) of x = the embeddings of tokens at positions p, p + 1, ...
+  void embed_rows(const std::vector<int>& tokens, std::size_t p, Matrix<T>& x, Eigen::Index first) const {
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      const auto row = first + static_cast<Eigen::Index>(i);
+      x.row(row) = token_embedding_.row(tokens[i]);
+      if (config_.positions == PositionEncoding::learned)
+        x.row(row) += position_embedding_.row(static_cast<Eigen::Index>(p + i));
+    }
+  }
+
+  // Sizes every buffer a forward of m tokens writes, so that the layers
+  // allocate nothing.
+  void prepare(Session<T>& s, std::size_t m, Logits which) const {
+    const auto rows = static_cast<Eigen::Index>(m), d = static_cast<Eigen::Index>(config_.d_model);
+    const auto ff = static_cast<Eigen::Index>(config_.d_ff);
+    detail::resize_buffer(s.x_, rows, d);
+    detail::resize_buffer(s.normed_, rows, d);
+    detail::resize_buffer(s.delta_, rows, d);
+    detail::resize_buffer(s.hidden_, rows, ff);
+    if (config_.mlp == MlpKind::swiglu) detail::resize_buffer(s.gate_, rows, ff);
+    const Eigen::Index head_rows = which == Logits::last ? 1 : rows;
+    detail::resize_buffer(s.head_in_, head_rows, d);
+    detail::resize_buffer(s.logits_, head_rows, static_cast<Eigen::Index>(config_.vocab_size));
   }
 
   // x_i = E[token_i] (+ P[p + i] with learned positions).
@@ -438,9 +676,8 @@ class Decoder {
   void head(Session<T>& s, Logits which) const {
     const Eigen::Index m = s.x_.rows();
     const Eigen::Index rows = which == Logits::last ? 1 : m;
-    normalize(s.x_.bottomRows(rows), final_norm_, s.normed_);
-    detail::resize_buffer(s.logits_, rows, static_cast<Eigen::Index>(config_.vocab_size));
-    detail::linear<T>(s.normed_, lm_head(), Vector<T>(), s.logits_, s.threads_);
+    normalize(s.x_.bottomRows(rows), final_norm_, s.head_in_);
+    detail::linear<T>(s.head_in_, lm_head(), Vector<T>(), s.logits_, s.threads_);
   }
 
   ModelConfig config_;

@@ -162,11 +162,12 @@ namespace detail {
 inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::size_t max_new_tokens,
                                   std::size_t limit) {
   if (prompt == 0) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
-  const std::size_t needed = cached + prompt + (max_new_tokens == 0 ? 0 : max_new_tokens - 1);
-  if (needed > limit)
+  const std::size_t later = max_new_tokens == 0 ? 0 : max_new_tokens - 1;
+  // Compared by subtraction, so that a huge max_new_tokens cannot wrap around.
+  if (cached > limit || prompt > limit - cached || later > limit - cached - prompt)
     throw std::length_error("kvcache: generate: " + std::to_string(cached) + " cached + " + std::to_string(prompt) +
-                            " prompt tokens + " + std::to_string(max_new_tokens) + " new tokens need " +
-                            std::to_string(needed) + " positions, past the limit of " + std::to_string(limit));
+                            " prompt tokens + " + std::to_string(max_new_tokens) +
+                            " new tokens need more positions than the limit of " + std::to_string(limit));
 }
 
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
@@ -185,16 +186,17 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
 // When anything throws midway (out of memory, non-finite logits, the
 // caller's on_token), the session is rolled back to the tokens it held
 // before the call: the caller never gets the ids, so the cache must not keep
-// them either.
+// them either. (A sliding window that dropped tokens during the call cannot
+// be rolled back: the session is then cleared.)
 template <typename T>
 std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const std::vector<int>& prompt,
                           const GenerateOptions& options = {}) {
-  detail::check_generation_fits(session.size(), prompt.size(), options.max_new_tokens, session.max_tokens());
+  detail::check_generation_fits(session.position(), prompt.size(), options.max_new_tokens, session.position_limit());
   Sampler sampler(decoder.config().vocab_size, options);
   std::vector<int> out;
   if (options.max_new_tokens == 0) return out;
   out.reserve(options.max_new_tokens);
-  const std::size_t start = session.size();
+  const std::size_t start = session.size(), start_position = session.position();
   try {
     const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
     std::vector<int> step(1);
@@ -204,7 +206,11 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
     }
   } catch (...) {
     // (An on_token that shortened the session itself is left as it made it.)
-    if (session.size() >= start) session.truncate(start);
+    const bool dropped = session.position() - start_position != session.size() - start;
+    if (dropped)
+      session.clear();  // a sliding window dropped tokens it cannot bring back
+    else if (session.size() >= start)
+      session.truncate(start);
     throw;
   }
   return out;
@@ -217,6 +223,128 @@ std::vector<int> generate(const Decoder<T>& decoder, const std::vector<int>& pro
   Session<T> session = decoder.new_session();
   session.set_threads(threads);
   return generate(decoder, session, prompt, options);
+}
+
+// ============================================================================
+// Batches: several sequences, one forward per step
+// ============================================================================
+
+namespace detail {
+
+// The seed of sequence i of a batch that shares one seed: seed + i (mod 2⁶⁴;
+// 0, which xorshift cannot start from, becomes 1).
+inline std::uint64_t sequence_seed(std::uint64_t seed, std::size_t i) {
+  const std::uint64_t s = seed + static_cast<std::uint64_t>(i);
+  return s == 0 ? 1 : s;
+}
+
+}  // namespace detail
+
+// Generates a continuation of every prompt, the sequences stepped together:
+// each prompt is prefilled alone in its session (exactly as generate()
+// does), then every sequence that has not finished feeds its last id, all of
+// them in one Decoder::forward_batch per step, so the weights are read once
+// per step for the whole batch. A sequence leaves the batch when it produces
+// its end_token or reaches its max_new_tokens. Sequence i uses options[i]
+// (its own limit, stopping id, sampler and seed; its on_token is called with
+// its ids only) and sessions[i], which may already hold a prefix. The
+// batched steps use sessions.front()->threads() threads.
+//
+// Returns the new ids of each sequence, in the prompts' order: for greedy
+// decoding those generate() gives each prompt alone, unless two logits are
+// so close that the rounding of a batched product (against a single one)
+// swaps them. Throws std::invalid_argument (different counts, a null or
+// repeated session, a session of another model shape, an empty prompt),
+// std::out_of_range (an id outside the vocabulary) or std::length_error (a
+// sequence past its session's limit), naming the sequence, before any
+// session changes.
+template <typename T>
+std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
+                                             const std::vector<std::vector<int>>& prompts,
+                                             const std::vector<GenerateOptions>& options) {
+  const ModelConfig& c = decoder.config();
+  const std::size_t B = prompts.size();
+  if (sessions.size() != B || options.size() != B)
+    throw std::invalid_argument("kvcache: generate_batch: " + std::to_string(B) + " prompts, " +
+                                std::to_string(sessions.size()) + " sessions and " + std::to_string(options.size()) +
+                                " options; need one of each per sequence");
+  for (std::size_t i = 0; i < B; ++i) {
+    const std::string at = "kvcache: generate_batch: sequence " + std::to_string(i) + ": ";
+    const Session<T>* s = sessions[i];
+    if (s == nullptr) throw std::invalid_argument(at + "the session is null");
+    for (std::size_t j = 0; j < i; ++j)
+      if (sessions[j] == s) throw std::invalid_argument(at + "the same session as sequence " + std::to_string(j));
+    if (s->n_layers() != c.n_layers || s->cache(0).n_kv_heads() != c.kv_heads() || s->cache(0).d_k() != c.d_k())
+      throw std::invalid_argument(at + "the session was made for another model shape");
+    if (prompts[i].empty()) throw std::invalid_argument(at + "the prompt is empty (give at least one token)");
+    for (std::size_t k = 0; k < prompts[i].size(); ++k)
+      if (prompts[i][k] < 0 || static_cast<std::size_t>(prompts[i][k]) >= c.vocab_size)
+        throw std::out_of_range(at + "token id " + std::to_string(prompts[i][k]) + " at index " + std::to_string(k) +
+                                " is outside [0, vocab_size = " + std::to_string(c.vocab_size) + ")");
+    try {
+      detail::check_generation_fits(s->position(), prompts[i].size(), options[i].max_new_tokens, s->position_limit());
+    } catch (const std::length_error& e) {
+      throw std::length_error(at + e.what());
+    }
+  }
+  std::vector<Sampler> samplers;
+  samplers.reserve(B);
+  for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(c.vocab_size, options[i]);
+
+  std::vector<std::vector<int>> out(B);
+  std::vector<std::size_t> active;  // the sequences still generating, in order
+  for (std::size_t i = 0; i < B; ++i) {
+    if (options[i].max_new_tokens == 0) continue;
+    out[i].reserve(options[i].max_new_tokens);
+    const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], Logits::last);  // prefill, alone
+    if (!detail::emit(samplers[i].sample(logits.row(0)), out[i], options[i])) active.push_back(i);
+  }
+  BatchScratch<T> scratch;
+  std::vector<std::vector<int>> step;
+  std::vector<Session<T>*> batch;
+  const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
+  while (!active.empty()) {
+    step.resize(active.size());
+    batch.resize(active.size());
+    for (std::size_t k = 0; k < active.size(); ++k) {
+      step[k].assign(1, out[active[k]].back());
+      batch[k] = sessions[active[k]];
+    }
+    const Matrix<T>& logits = decoder.forward_batch(step, batch, scratch, Logits::last, threads);  // decode
+    std::size_t kept = 0;
+    for (std::size_t k = 0; k < active.size(); ++k) {
+      const std::size_t i = active[k];
+      if (!detail::emit(samplers[i].sample(logits.row(static_cast<Eigen::Index>(k))), out[i], options[i]))
+        active[kept++] = i;
+    }
+    active.resize(kept);
+  }
+  return out;
+}
+
+// The same with fresh sessions of `threads` threads and one set of options:
+// sequence i samples with the seed detail::sequence_seed(options.seed, i),
+// i.e. options.seed + i, so that sequence 0 is generate() with `options`.
+// options.on_token must be empty (with one stream of ids for all sequences,
+// it could not tell them apart: give one GenerateOptions per sequence).
+template <typename T>
+std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const std::vector<std::vector<int>>& prompts,
+                                             const GenerateOptions& options = {}, std::size_t threads = 1) {
+  if (options.on_token)
+    throw std::invalid_argument("kvcache: generate_batch: on_token is set for the whole batch; give one "
+                                "GenerateOptions per sequence to stream each one's ids");
+  if (threads == 0) throw std::invalid_argument("kvcache: generate_batch: threads = 0, need at least 1");
+  std::vector<Session<T>> sessions;
+  std::vector<Session<T>*> pointers;
+  std::vector<GenerateOptions> per_sequence(prompts.size(), options);
+  sessions.reserve(prompts.size());
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    sessions.push_back(decoder.new_session());
+    sessions.back().set_threads(threads);
+    pointers.push_back(&sessions.back());
+    per_sequence[i].seed = detail::sequence_seed(options.seed, i);
+  }
+  return generate_batch(decoder, pointers, prompts, per_sequence);
 }
 
 // The baseline without a cache: every step clears the session and feeds the

@@ -5,6 +5,7 @@
 //   attention.hpp  MultiHeadAttentionWithCache: one causal attention layer
 //   decoder.hpp    Decoder (immutable weights) and Session (per-request caches)
 //   generate.hpp   prefill/decode loop, sampler, uncached baseline
+//   session_file.hpp  save a Session to a file and load it back (prompt cache)
 #pragma once
 
 #include "config.hpp"
@@ -12,3 +13,4 @@
 #include "attention.hpp"
 #include "decoder.hpp"
 #include "generate.hpp"
+#include "session_file.hpp"
