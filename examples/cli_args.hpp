@@ -25,6 +25,8 @@
 #include <utility>
 #include <vector>
 
+#include <kvcache/kv_cache.hpp>  // KVType
+
 namespace kvcache_cli {
 
 // A bad command line; what() is the one-line problem.
