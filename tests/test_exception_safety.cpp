@@ -37,6 +37,7 @@ void eigen_assert_hook(bool ok, const char* expression);
 
 #include <kvcache/kvcache.hpp>
 #include <kvcache/llama2c.hpp>
+#include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 
 #include "fixtures.hpp"
@@ -762,6 +763,76 @@ TEST(ReaderExceptionSafety, HugeHeadersFailBeforeAllocating) {
   fault::g_largest_new = 0;
   EXPECT_THROW((void)kvcache::Tokenizer::load(in, "huge-token.bin", 1), std::runtime_error);
   EXPECT_LT(fault::g_largest_new.load(), std::size_t{1} << 17);  // one 64 KiB read chunk at most
+}
+
+// A session file from a stream that cannot seek (a pipe) has no length to
+// check its header against: a header claiming 2^26 token ids made the
+// reader allocate (and zero) 256 MB before reading any of them, and 2^31
+// made it 8 GB, from 216 bytes of input. The ids now arrive before the
+// memory for them does.
+TEST(ReaderExceptionSafety, SessionFromAPipeAllocatesOnlyWhatArrives) {
+  const kvcache::ModelConfig c = small_model();
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  kvcache::SessionOptions o;
+  o.window = {8, 2};
+  Session<float> s = d.new_session(o);
+  std::vector<int> tokens = fixtures::random_tokens(13, c.vocab_size, 1);
+  d.forward(tokens, s);
+  std::ostringstream out;
+  kvcache::write_session(out, d, s, tokens);
+  std::string bytes = out.str();
+  // position (field 22) = n_tokens (field 24) = 2^26, header checksum redone.
+  const auto put_u64 = [&](std::size_t offset, std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) bytes[offset + static_cast<std::size_t>(i)] = static_cast<char>((v >> (8 * i)) & 0xFF);
+  };
+  put_u64(22 * 8, std::uint64_t{1} << 26);
+  put_u64(24 * 8, std::uint64_t{1} << 26);
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (std::size_t i = 0; i < 26 * 8; ++i) h = (h ^ static_cast<unsigned char>(bytes[i])) * 0x100000001b3ull;
+  put_u64(26 * 8, h);
+
+  struct Pipe : std::streambuf {
+    explicit Pipe(std::string& b) { setg(&b[0], &b[0], &b[0] + b.size()); }
+  } pipe(bytes);
+  std::istream unseekable(&pipe);
+  fault::g_largest_new = 0;
+  try {
+    (void)kvcache::read_session(unseekable, d, {}, "pipe");
+    ADD_FAILURE() << "a truncated session loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(fault::g_largest_new.load(), std::size_t{1} << 20);
+  // From a file (seekable) the length check refuses it outright.
+  std::istringstream file(bytes);
+  EXPECT_THROW((void)kvcache::read_session(file, d, {}, "file"), std::runtime_error);
+}
+
+// Loading a session file fails cleanly at every allocation, and leaks nothing.
+TEST(ReaderExceptionSafety, SessionLoadFailingAtEveryAllocation) {
+  const Decoder<float> d = fixtures::make_decoder<float>(small_model());
+  for (const CacheKind& kind : cache_kinds()) {
+    SCOPED_TRACE(kind.name);
+    kvcache::SessionOptions o;
+    o.kv_type = kind.type;
+    o.window = kind.window;
+    Session<float> s = d.new_session(o);
+    const std::vector<int> tokens = fixtures::random_tokens(11, small_model().vocab_size, 2);
+    const kvcache::RowVector<float> logits = d.forward(tokens, s, kvcache::Logits::last).row(0);
+    std::ostringstream out;
+    kvcache::write_session(out, d, s, tokens, logits);
+    const std::string bytes = out.str();
+    std::optional<kvcache::SavedSession<float>> loaded;
+    fault::fail_each_allocation(
+        [&] {
+          std::istringstream in(bytes);
+          loaded.emplace(kvcache::read_session(in, d, {}, "saved"));
+        },
+        [](long) {});
+    ASSERT_TRUE(loaded);
+    EXPECT_EQ(loaded->tokens, tokens);
+    EXPECT_TRUE(snapshot(loaded->session).same_tokens(snapshot(s)));
+  }
 }
 
 }  // namespace
