@@ -408,9 +408,9 @@ class Decoder {
     check_tokens(tokens, session);
     const std::size_t p = session.position(), held = session.size();
     try {
-      // Everything that can throw comes before the first layer changes its
-      // cache: afterwards nothing allocates (a sliding window could not
-      // bring back the tokens it drops).
+      // Every allocation of ours comes before the first layer changes its
+      // cache (a sliding window could not bring back the tokens it drops);
+      // afterwards only Eigen's own, inside large products (undo_appends).
       for (auto& c : session.caches_) c.reserve_more(tokens.size());
       prepare(session, tokens.size(), which);
       embed(tokens, p, session);
@@ -462,7 +462,8 @@ class Decoder {
     Session<T>& rows = *scratch.rows_;
     rows.threads_ = threads;
     try {
-      // Everything that can throw comes before the first cache changes.
+      // Every allocation of ours comes before the first cache changes (as in
+      // forward()).
       for (std::size_t b = 0; b < B; ++b)
         for (auto& c : sessions[b]->caches_) c.reserve_more(tokens[b].size());
       prepare_batch(scratch, which);
