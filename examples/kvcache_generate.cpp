@@ -162,7 +162,8 @@ Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, cons
     try {
       saved.emplace(load_prompt_cache(path, decoder, options, prompt, steps));
     } catch (const std::exception& e) {
-      std::cerr << kProgram << ": prompt cache " << path << " rejected: " << e.what() << "; ignoring it" << std::endl;
+      std::cerr << kProgram << ": " << kvcache_cli::one_line("prompt cache " + path + " rejected: " + e.what())
+                << "; ignoring it" << std::endl;
       result.status = "rejected";
     }
   }
@@ -183,7 +184,8 @@ Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, cons
   try {
     kvcache::save_session(path, decoder, p.session, prompt, p.logits);
   } catch (const std::exception& e) {
-    std::cerr << kProgram << ": cannot save prompt cache " << path << ": " << e.what() << std::endl;
+    std::cerr << kProgram << ": " << kvcache_cli::one_line("cannot save prompt cache " + path + ": " + e.what())
+              << std::endl;
   }
   return p;
 }
@@ -203,14 +205,29 @@ void decode(const kvcache::Decoder<float>& decoder, Prefilled& p, const kvcache:
   }
 }
 
-// The whole of a --prompts-file, as text.
+// The most a --prompts-file may hold: its text is read whole, so a mistaken
+// path (/dev/zero, a pipe that never ends, a 50 GB file) must fail, not
+// fill the memory.
+constexpr std::size_t kMaxPromptsFileBytes = std::size_t{1} << 28;
+
+// The whole of a --prompts-file, as text, at most kMaxPromptsFileBytes.
 std::string read_prompts_file(const std::string& path) {
   std::error_code ignored;
   if (std::filesystem::is_directory(path, ignored))
     throw std::runtime_error("cannot read prompts file '" + path + "': it is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot open prompts file '" + path + "'");
-  std::string content{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  std::string content;
+  constexpr std::size_t kChunk = std::size_t{1} << 16;
+  while (in) {
+    const std::size_t old = content.size();
+    content.resize(old + kChunk);
+    in.read(&content[old], static_cast<std::streamsize>(kChunk));
+    content.resize(old + static_cast<std::size_t>(in.gcount()));
+    if (content.size() > kMaxPromptsFileBytes)
+      throw std::runtime_error("prompts file '" + path + "' is larger than " + std::to_string(kMaxPromptsFileBytes) +
+                               " bytes");
+  }
   if (in.bad()) throw std::runtime_error("cannot read prompts file '" + path + "'");
   return content;
 }

@@ -22,7 +22,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -38,7 +37,7 @@ using kvcache_fuzz::check;
 
 constexpr std::uint64_t kMaxParameters = std::uint64_t{1} << 19;
 constexpr std::uint64_t kMaxKvCacheBytes = std::uint64_t{1} << 26;
-constexpr std::uint64_t kMaxFittedBytes = std::uint64_t{1} << 20;
+constexpr std::uint64_t kMaxFittedBytes = std::uint64_t{1} << 18;
 
 kvcache::LoadLimits limits() {
   kvcache::LoadLimits l;
@@ -104,26 +103,26 @@ void generate_a_little(const kvcache::Decoder<float>& decoder, const std::uint8_
   }
 }
 
-// Loads `bytes` both ways. Returns whether it loaded.
-bool try_load(const std::string& bytes, const std::uint8_t* data, std::size_t size) {
+// Loads the file `bytes` both ways. Returns whether it loaded.
+bool try_load(const std::uint8_t* bytes, std::size_t n_bytes, const std::uint8_t* data, std::size_t size) {
   std::optional<kvcache::Llama2cHeader> header;
   try {
-    std::istringstream in(bytes);
+    kvcache_fuzz::MemoryStream in(bytes, n_bytes);
     header = kvcache::read_llama2c_header(in, "fuzz.bin", limits());
   } catch (const std::runtime_error&) {
   }
   std::optional<kvcache::Decoder<float>> decoder;
   try {
-    std::istringstream in(bytes);
+    kvcache_fuzz::MemoryStream in(bytes, n_bytes);
     decoder.emplace(kvcache::load_llama2c(in, "fuzz.bin", limits()));
   } catch (const std::runtime_error&) {
   }
   if (!decoder) return false;
   check(header.has_value(), "load_llama2c accepted a file whose header read_llama2c_header refuses");
-  const std::optional<Shape> shape = shape_of(reinterpret_cast<const std::uint8_t*>(bytes.data()));
+  const std::optional<Shape> shape = shape_of(bytes);
   check(shape && shape->valid, "the library accepted a header this harness finds invalid");
-  check(shape->file_bytes == bytes.size(), "the library accepted a file of the wrong length");
-  check(header->file_bytes == bytes.size() && header->n_parameters == shape->parameters,
+  check(shape->file_bytes == n_bytes, "the library accepted a file of the wrong length");
+  check(header->file_bytes == n_bytes && header->n_parameters == shape->parameters,
         "the header's sizes disagree with the format");
   const kvcache::ModelConfig& c = decoder->config();
   check(c.d_model == header->dim && c.n_layers == header->n_layers && c.vocab_size == header->vocab_size &&
@@ -136,25 +135,23 @@ bool try_load(const std::string& bytes, const std::uint8_t* data, std::size_t si
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  const std::string bytes(reinterpret_cast<const char*>(data), size);
-  try_load(bytes, data, size);
+  try_load(data, size, data, size);
 
-  // 2. The header with a body of the implied length.
+  // 2. The header with a body of the implied length (when the input is not
+  //    already that long: then step 1 read it as it is).
   if (size < 28) return 0;
   const std::optional<Shape> shape = shape_of(data);
-  if (!shape || shape->file_bytes > kMaxFittedBytes) return 0;
-  std::string fitted(bytes.substr(0, 28));
-  const std::size_t n_floats = static_cast<std::size_t>((shape->file_bytes - 28) / 4);
-  fitted.reserve(28 + 4 * n_floats);
+  if (!shape || shape->file_bytes > kMaxFittedBytes || shape->file_bytes == size) return 0;
+  std::vector<std::uint8_t> fitted(static_cast<std::size_t>(shape->file_bytes));
+  std::memcpy(fitted.data(), data, 28);
+  const std::size_t n_floats = (fitted.size() - 28) / 4;
   for (std::size_t i = 0; i < n_floats; ++i) {
     // Small finite weights in [-2, 2) from the bytes after the header.
     const std::uint8_t b = size > 28 ? data[28 + i % (size - 28)] : 0;
     const float value = static_cast<float>(static_cast<std::int8_t>(b ^ static_cast<std::uint8_t>(i))) / 64.0f;
-    char raw[4];
-    std::memcpy(raw, &value, 4);
-    fitted.append(raw, 4);
+    std::memcpy(fitted.data() + 28 + 4 * i, &value, 4);
   }
-  const bool loaded = try_load(fitted, data, size);
+  const bool loaded = try_load(fitted.data(), fitted.size(), data, size);
   check(loaded == shape->valid, loaded ? "a header this harness finds invalid loaded"
                                        : "a valid header with a body of the right length did not load");
   return 0;

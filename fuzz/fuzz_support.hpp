@@ -12,10 +12,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <istream>
+#include <streambuf>
 #include <string>
 #include <system_error>
 #include <vector>
 
+#include <kvcache/decoder.hpp>
 #include <kvcache/tokenizer.hpp>
 
 namespace kvcache_fuzz {
@@ -31,6 +34,33 @@ namespace kvcache_fuzz {
 inline void check(bool condition, const std::string& what) {
   if (!condition) fail(what);
 }
+
+// A std::istream over bytes that stay where they are: the fuzz input is read
+// in place, without the copy a std::istringstream makes. Seekable like a
+// file, or not, like a pipe.
+class MemoryStream : private std::streambuf, public std::istream {
+ public:
+  MemoryStream(const void* data, std::size_t size, bool seekable = true)
+      : std::istream(static_cast<std::streambuf*>(this)), seekable_(seekable) {
+    char* begin = const_cast<char*>(static_cast<const char*>(data));  // only ever read
+    setg(begin, begin, begin + size);
+  }
+
+ private:
+  bool seekable_;
+
+  pos_type seekoff(off_type off, std::ios_base::seekdir dir, std::ios_base::openmode which) override {
+    if (!seekable_ || !(which & std::ios_base::in)) return pos_type(off_type(-1));
+    const off_type base = dir == std::ios_base::beg ? 0 : dir == std::ios_base::cur ? gptr() - eback() : egptr() - eback();
+    const off_type target = base + off;
+    if (target < 0 || target > egptr() - eback()) return pos_type(off_type(-1));
+    setg(eback(), eback() + target, egptr());
+    return pos_type(target);
+  }
+  pos_type seekpos(pos_type pos, std::ios_base::openmode which) override {
+    return seekoff(off_type(pos), std::ios_base::beg, which);
+  }
+};
 
 // llama2.c's encode as it is written there: cut into chunks, look each up
 // (byte fallback otherwise), then merge the best-scoring adjacent pair,
@@ -78,6 +108,35 @@ inline std::vector<int> naive_encode(const kvcache::Tokenizer& tok, const std::s
   }
   if (eos) tokens.push_back(kvcache::Tokenizer::eos_id());
   return tokens;
+}
+
+// ---- Session files ----------------------------------------------------------
+
+// The model the session-file harness loads into and the seeds are saved
+// from: Llama-style (RoPE, RMSNorm, SwiGLU, untied head) with grouped-query
+// attention, small enough that a forward step costs microseconds. Session
+// files name their model's shape and weights (a fingerprint), so harness and
+// seeds must build exactly this one.
+inline kvcache::ModelConfig session_fuzz_config() {
+  kvcache::ModelConfig c;
+  c.vocab_size = 37;
+  c.d_model = 16;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.d_ff = 24;
+  c.max_seq_len = 32;
+  c.positions = kvcache::PositionEncoding::rope;
+  c.norm = kvcache::NormKind::rms_norm;
+  c.mlp = kvcache::MlpKind::swiglu;
+  c.tied_lm_head = false;
+  return c;
+}
+
+inline const kvcache::Decoder<float>& session_fuzz_decoder() {
+  static const kvcache::Decoder<float> decoder(session_fuzz_config(),
+                                               kvcache::random_weights<float>(session_fuzz_config(), 2024));
+  return decoder;
 }
 
 // The folder of the real model files: $KVCACHE_MODELS_DIR, else the

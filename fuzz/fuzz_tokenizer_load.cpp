@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,7 +33,7 @@ kvcache::LoadLimits limits() {
 }
 
 std::optional<Tokenizer> load(const std::string& bytes, std::optional<std::size_t> vocab_size) {
-  std::istringstream in(bytes);
+  kvcache_fuzz::MemoryStream in(bytes.data(), bytes.size());
   try {
     return vocab_size ? Tokenizer::load(in, "fuzz.bin", *vocab_size, limits()) : Tokenizer::load(in, "fuzz.bin", limits());
   } catch (const std::runtime_error&) {

@@ -10,12 +10,16 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <kvcache/decoder.hpp>
 #include <kvcache/llama2c.hpp>
+#include <kvcache/session_file.hpp>
+
+#include "fuzz_support.hpp"
 
 namespace fs = std::filesystem;
 
@@ -112,6 +116,42 @@ void command_lines(const fs::path& dir) {
   for (const auto& l : lines) write(dir, "args" + std::to_string(i++), join(l));
 }
 
+// Session files of the harness's model: every storage type, with and
+// without a sliding window (wrapped), with and without the last logits,
+// empty and full.
+void session_files(const fs::path& dir) {
+  const kvcache::Decoder<float>& d = kvcache_fuzz::session_fuzz_decoder();
+  struct Kind {
+    kvcache::KVType type;
+    kvcache::SlidingWindow window;
+    std::size_t tokens;
+    bool logits;
+  };
+  const std::vector<Kind> kinds = {
+      {kvcache::KVType::full, {}, 0, false},     {kvcache::KVType::full, {}, 5, true},
+      {kvcache::KVType::bf16, {}, 7, false},     {kvcache::KVType::int8, {}, 6, true},
+      {kvcache::KVType::full, {8, 2}, 13, true}, {kvcache::KVType::int8, {6, 0}, 9, false},
+      {kvcache::KVType::full, {}, 32, false},
+  };
+  int i = 0;
+  for (const Kind& k : kinds) {
+    kvcache::SessionOptions o;
+    o.kv_type = k.type;
+    o.window = k.window;
+    kvcache::Session<float> s = d.new_session(o);
+    std::vector<int> tokens;
+    for (std::size_t t = 0; t < k.tokens; ++t) tokens.push_back(static_cast<int>((7 * t + 3) % d.config().vocab_size));
+    kvcache::RowVector<float> logits;
+    if (!tokens.empty()) {
+      const kvcache::Matrix<float>& l = d.forward(tokens, s, kvcache::Logits::last);
+      if (k.logits) logits = l.row(0);
+    }
+    std::ostringstream out;
+    kvcache::write_session(out, d, s, tokens, logits);
+    write(dir, "session" + std::to_string(i++) + ".kvs", out.str());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -125,6 +165,7 @@ int main(int argc, char** argv) {
     tokenizers(out / "fuzz_tokenizer_load");
     prompts(out / "fuzz_tokenizer_encode");
     command_lines(out / "fuzz_cli_args");
+    session_files(out / "fuzz_session_file");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "kvcache_fuzz_seeds: %s\n", e.what());
     return 1;

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # tests/cli_bad_inputs.sh — kvcache-generate against everything a user (or an
 # attacker) can hand it: missing, empty, truncated, oversized and random
-# checkpoints and tokenizers, and bad flags. Every case must end with
+# checkpoints, tokenizers and prompts files, and bad flags. Every case must
+# end with
 #   - exit code 1 (not a signal: no crash, no core dump, no hang),
 #   - exactly one line on stderr, starting with "kvcache-generate: ",
 #   - nothing on stdout,
 #   - no sanitizer report (ASan, UBSan, LSan) anywhere in the output.
+# Bad --prompt-cache files (empty, truncated, changed, random, another
+# model's) are instead reported on one line and ignored: exit 0 and the very
+# output of a run without the cache.
 #
 #   tests/cli_bad_inputs.sh KVCACHE_GENERATE [WORK_DIR]
 #
@@ -153,6 +157,16 @@ for seed in 11 12 13 14 15; do
   expect_error "random tokenizer (seed $seed)" "${m[@]}" -z "$work/random-tok.bin"
 done
 
+# ---- prompts files ----------------------------------------------------------
+expect_error "missing prompts file" "${m[@]}" -z "$tok" --prompts-file /nonexistent/prompts.txt
+expect_error "directory as prompts file" "${m[@]}" -z "$tok" --prompts-file "$work/a-directory"
+expect_error "empty prompts file" "${m[@]}" -z "$tok" --prompts-file "$work/empty.bin"
+printf 'The cat\n\nA dog\n' >"$work/blank-line.txt"
+expect_error "prompts file with an empty line" "${m[@]}" -z "$tok" --prompts-file "$work/blank-line.txt"
+expect_error "/dev/zero as prompts file (bounded read)" "${m[@]}" -z "$tok" --prompts-file /dev/zero
+printf 'The cat\nThe cat and the dog and the bird\n' >"$work/long-line.txt"
+expect_error "prompts file line longer than -n" "$model" -z "$tok" -t 0 -n 4 --prompts-file "$work/long-line.txt"
+
 # ---- flags ----------------------------------------------------------------
 expect_error "no arguments"
 expect_error "empty model name" ""
@@ -174,6 +188,84 @@ expect_error "--prompt-ids outside the vocabulary" "$model" --prompt-ids 1,512 -
 expect_error "--prompt-ids past int" "$model" --prompt-ids 1,99999999999
 expect_error "two model files" "$model" "$model"
 expect_error "prompt longer than -n" "$model" -z "$tok" -n 2 -i "The cat and the dog"
+expect_error "--kv-type unknown" "$model" --kv-type f16
+expect_error "--window 0" "$model" --window 0
+expect_error "--sinks without --window" "$model" --sinks 2
+expect_error "--sinks as large as --window" "$model" --window 4 --sinks 4
+expect_error "--parallel without --prompts-file" "$model" --parallel 2
+expect_error "--parallel 0" "$model" --prompts-file x --parallel 0
+expect_error "--no-cache with --window" "$model" --no-cache --window 8
+expect_error "--no-cache with --prompt-cache" "$model" --no-cache --prompt-cache x.kvs
+expect_error "--prompts-file with -i" "$model" --prompts-file x -i "The cat"
+expect_error "empty --prompt-cache name" "$model" --prompt-cache ""
+
+# ---- prompt caches --------------------------------------------------------
+# A prompt cache that does not fit is reported on one line and ignored: the
+# run goes on (exit 0) and prints what it prints without a cache.
+expect_ignored_cache() {
+  local name="$1" cache="$2"
+  cases=$((cases + 1))
+  local out="$work/stdout" err="$work/stderr" status problems=()
+  (cd "$work" && timeout 120 "$exe" "${cached_run[@]}" --prompt-cache "$cache" >"$out" 2>"$err" </dev/null)
+  status=$?
+  ((status == 0)) || problems+=("exit status $status (want 0)")
+  cmp -s "$out" "$work/reference.txt" || problems+=("stdout differs from the run without a cache")
+  local lines
+  lines=$(wc -l <"$err")
+  ((lines == 1)) || problems+=("$lines lines on stderr (want 1)")
+  grep -q "rejected: .*; ignoring it" "$err" || problems+=("no 'rejected ... ignoring it' on stderr")
+  if grep -qE 'Sanitizer|runtime error:|==[0-9]+==' "$err" "$out"; then problems+=("a sanitizer report"); fi
+  if ((${#problems[@]} > 0)); then
+    failures=$((failures + 1))
+    echo "FAIL: $name: ${problems[*]}"
+    head -n 20 "$err" | sed 's/^/    /'
+  else
+    echo "ok: $name: $(cat "$err")"
+  fi
+}
+cached_run=("$model" -z "$tok" -t 0 -n 32 -i "The cat")
+(cd "$work" && timeout 120 "$exe" "${cached_run[@]}" >"$work/reference.txt" 2>/dev/null </dev/null)
+rm -f "$work/good.kvs"
+(cd "$work" && timeout 120 "$exe" "${cached_run[@]}" --prompt-cache "$work/good.kvs" >/dev/null 2>&1 </dev/null)
+if [[ ! -s "$work/good.kvs" ]]; then
+  echo "FAIL: the first --prompt-cache run wrote no cache"
+  failures=$((failures + 1))
+else
+  cache_size=$(stat -c %s "$work/good.kvs")
+  : >"$work/bad.kvs"
+  expect_ignored_cache "empty prompt cache" "$work/bad.kvs"
+  for cut in 100 216 $((cache_size / 2)) $((cache_size - 1)); do
+    head -c "$cut" "$work/good.kvs" >"$work/bad.kvs"
+    expect_ignored_cache "prompt cache truncated to $cut bytes" "$work/bad.kvs"
+  done
+  for at in 0 9 100 250 $((cache_size - 20)); do
+    cp "$work/good.kvs" "$work/bad.kvs"
+    printf '\377' | dd of="$work/bad.kvs" bs=1 seek="$at" conv=notrunc status=none
+    expect_ignored_cache "prompt cache with byte $at changed" "$work/bad.kvs"
+  done
+  { cat "$work/good.kvs"; printf 'x'; } >"$work/bad.kvs"
+  expect_ignored_cache "prompt cache with a trailing byte" "$work/bad.kvs"
+  random_file "$work/bad.kvs" 3000 21
+  expect_ignored_cache "random prompt cache" "$work/bad.kvs"
+  cp "$model" "$work/bad.kvs"
+  expect_ignored_cache "checkpoint as prompt cache" "$work/bad.kvs"
+  if [[ -f "$models/stories260K.bin" ]]; then
+    rm -f "$work/other.kvs"
+    (cd "$work" && timeout 120 "$exe" "$models/stories260K.bin" -z "$tok" -t 0 -n 32 -i "The cat" \
+      --prompt-cache "$work/other.kvs" >/dev/null 2>&1 </dev/null)
+    expect_ignored_cache "prompt cache of another model" "$work/other.kvs"
+  fi
+  cp "$work/good.kvs" "$work/bad.kvs"
+  (cd "$work" && timeout 120 "$exe" "${cached_run[@]}" --kv-type int8 --prompt-cache "$work/bad.kvs" \
+    >/dev/null 2>"$work/stderr" </dev/null)
+  cases=$((cases + 1))
+  if grep -q "rejected: it was saved with --kv-type f32" "$work/stderr"; then
+    echo "ok: prompt cache of another --kv-type: $(cat "$work/stderr")"
+  else
+    failures=$((failures + 1))
+    echo "FAIL: prompt cache of another --kv-type was not rejected as such: $(cat "$work/stderr")"
+  fi
+fi
 
 echo
 echo "$cases cases, $failures failures"

@@ -1,12 +1,14 @@
 // Concurrency: one Decoder (immutable weights) and one Tokenizer shared by
-// several threads, each with its own Session, must give every thread exactly
-// what it gets when the same work runs alone, one request after another.
+// several threads, each with its own Session (or its own batch of sessions),
+// must give every thread exactly what it gets when the same work runs alone,
+// one request after another.
 // .ci/run also runs this file under ThreadSanitizer (OpenMP off there: libomp
 // is not instrumented), which turns any data race into a failure.
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -14,6 +16,7 @@
 #include <gtest/gtest.h>
 #include <kvcache/generate.hpp>
 #include <kvcache/llama2c.hpp>
+#include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 
 #include "fixtures.hpp"
@@ -148,6 +151,67 @@ TEST(Concurrency, DoublePrecision) {
   std::vector<std::vector<int>> alone, together(kThreads);
   for (std::size_t i = 0; i < kThreads; ++i) alone.push_back(run(i));
   run_concurrently(kThreads, [&](std::size_t i) { together[i] = run(i); });
+  EXPECT_EQ(together, alone);
+}
+
+// The batched path: each thread steps its own batch of sessions (different
+// lengths, storage types and windows) through generate_batch on the shared
+// decoder, and gets what that batch gets alone.
+TEST(Concurrency, BatchesOnOneDecoderMatchSequentialRuns) {
+  const kvcache::ModelConfig c = fixtures::model(fixtures::variants()[4], 64);
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  const auto run_batch = [&](std::size_t t) {
+    std::vector<Session<float>> sessions;
+    const kvcache::KVType types[] = {kvcache::KVType::full, kvcache::KVType::bf16, kvcache::KVType::int8};
+    for (std::size_t i = 0; i < 3; ++i) {
+      kvcache::SessionOptions o;
+      o.kv_type = types[(t + i) % 3];
+      if (i == 2) o.window = {8, 2};
+      sessions.push_back(d.new_session(o));
+    }
+    std::vector<Session<float>*> batch;
+    std::vector<std::vector<int>> prompts;
+    std::vector<GenerateOptions> options(3);
+    for (std::size_t i = 0; i < 3; ++i) {
+      batch.push_back(&sessions[i]);
+      prompts.push_back(fixtures::random_tokens(2 + t + i, c.vocab_size, static_cast<std::uint32_t>(10 * t + i)));
+      options[i].max_new_tokens = 10 + i;
+      if (i == 1) {
+        options[i].temperature = 0.8f;
+        options[i].seed = 5 + t;
+      }
+    }
+    return kvcache::generate_batch(d, batch, prompts, options);
+  };
+  std::vector<std::vector<std::vector<int>>> alone, together(kThreads);
+  for (std::size_t t = 0; t < kThreads; ++t) alone.push_back(run_batch(t));
+  run_concurrently(kThreads, [&](std::size_t t) { together[t] = run_batch(t); });
+  EXPECT_EQ(together, alone);
+}
+
+// Session files: one saved prefix loaded by every thread at once (the
+// decoder's weights fingerprinted concurrently), each continuing it.
+TEST(Concurrency, OneSessionFileLoadedByEveryThread) {
+  const kvcache::ModelConfig c = fixtures::model(fixtures::variants()[5], 64);
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  Session<float> s = d.new_session();
+  const std::vector<int> prefix = fixtures::random_tokens(12, c.vocab_size, 4);
+  d.forward(prefix, s);
+  std::ostringstream out;
+  kvcache::write_session(out, d, s, prefix);
+  const std::string file = out.str();
+  const auto continue_saved = [&](std::size_t i) {
+    std::istringstream in(file);
+    kvcache::SavedSession<float> saved = kvcache::read_session(in, d, {});
+    GenerateOptions o;
+    o.max_new_tokens = 12;
+    o.temperature = 0.7f;
+    o.seed = 31 + i;
+    return kvcache::generate(d, saved.session, {static_cast<int>(i % c.vocab_size)}, o);
+  };
+  std::vector<std::vector<int>> alone, together(kThreads);
+  for (std::size_t i = 0; i < kThreads; ++i) alone.push_back(continue_saved(i));
+  run_concurrently(kThreads, [&](std::size_t i) { together[i] = continue_saved(i); });
   EXPECT_EQ(together, alone);
 }
 

@@ -312,18 +312,18 @@ class MultiHeadAttentionWithCache {
                             std::size_t B, const BatchPlan& plan, std::size_t threads) const {
     const auto rows = static_cast<Eigen::Index>(first_row.back());
     const auto d = static_cast<Eigen::Index>(config_.d_model);
-    s.Q.resize(rows, d);
-    s.K.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.V.resize(rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    s.O.resize(rows, d);
+    detail::resize_buffer(s.Q, rows, d);
+    detail::resize_buffer(s.K, rows, static_cast<Eigen::Index>(config_.kv_dim()));
+    detail::resize_buffer(s.V, rows, static_cast<Eigen::Index>(config_.kv_dim()));
+    detail::resize_buffer(s.O, rows, d);
     if (plan.rebase_sinks) {
-      s.Q_unrotated.resize(rows, d);
-      s.Q_in_window.resize(static_cast<Eigen::Index>(B), d);  // a row per sequence
+      detail::resize_buffer(s.Q_unrotated, rows, d);
+      detail::resize_buffer(s.Q_in_window, static_cast<Eigen::Index>(B), d);  // a row per sequence
     }
     const auto needed = static_cast<Eigen::Index>(threads * plan.region);
-    if (s.S.size() < needed) s.S.resize(std::max(needed, 2 * s.S.size()));
-    s.tile.resize(static_cast<Eigen::Index>(threads * kTile * config_.d_k()));
-    out.resize(rows, d);
+    if (s.S.size() < needed) detail::resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
+    detail::resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * config_.d_k()), 1);
+    detail::resize_buffer(out, rows, d);
   }
 
   // Row b of Q_in_window = the query in row `row` of the batch (sequence

@@ -278,6 +278,7 @@ class BatchScratch {
   Matrix<T> last_rows_;                 // each sequence's last row of x, B × d_model
   std::vector<std::size_t> first_row_;  // sequence b owns rows [first_row_[b], first_row_[b + 1])
   std::vector<std::size_t> position_;   // each session's position before the call (for rollback)
+  std::vector<std::size_t> held_;       // and the tokens it held
   std::vector<KVCache<T>*> caches_;     // one layer's caches, one per sequence
 };
 
@@ -400,22 +401,23 @@ class Decoder {
   // Throws std::invalid_argument (no tokens, a session of another model),
   // std::out_of_range (a token id outside [0, vocab_size)) or
   // std::length_error (past max_seq_len or the session's limit); on any
-  // exception every cache is as it was before the call.
+  // exception every cache is as it was before the call, with one exception:
+  // running out of memory inside a large product after a full sliding window
+  // has overwritten tokens clears the session (see undo_appends).
   const Matrix<T>& forward(const std::vector<int>& tokens, Session<T>& session, Logits which = Logits::all) const {
     check_tokens(tokens, session);
-    const std::size_t p = session.position();
+    const std::size_t p = session.position(), held = session.size();
     try {
-      // Everything that can throw comes before the first layer changes its
-      // cache: afterwards nothing allocates (a sliding window could not
-      // bring back the tokens it drops).
+      // Every allocation of ours comes before the first layer changes its
+      // cache (a sliding window could not bring back the tokens it drops);
+      // afterwards only Eigen's own, inside large products (undo_appends).
       for (auto& c : session.caches_) c.reserve_more(tokens.size());
       prepare(session, tokens.size(), which);
       embed(tokens, p, session);
       for (const auto& b : blocks_) run_block(b, session, &b - blocks_.data());
       head(session, which);
     } catch (...) {
-      // Only reached before any eviction: undo the appends.
-      for (auto& c : session.caches_) c.truncate(c.size() - (c.position() - p));
+      undo_appends(session, p, held);
       throw;
     }
     return session.logits_;
@@ -439,7 +441,8 @@ class Decoder {
   // the rounding of a matrix-matrix product against a matrix-vector one.
   // Throws as forward() does, naming the sequence, and on no sequences, a
   // different number of token lists and sessions, a null or repeated
-  // session, or threads = 0; on any exception every cache is as it was.
+  // session, or threads = 0; on any exception every cache is as it was
+  // (but for the sliding-window case of forward(): that session is cleared).
   const Matrix<T>& forward_batch(const std::vector<std::vector<int>>& tokens, const std::vector<Session<T>*>& sessions,
                                  BatchScratch<T>& scratch, Logits which = Logits::last, std::size_t threads = 1) const {
     check_batch(tokens, sessions, threads);
@@ -447,17 +450,20 @@ class Decoder {
     auto& first_row = scratch.first_row_;
     first_row.resize(B + 1);
     scratch.position_.resize(B);
+    scratch.held_.resize(B);
     scratch.caches_.resize(B);
     first_row[0] = 0;
     for (std::size_t b = 0; b < B; ++b) {
       first_row[b + 1] = first_row[b] + tokens[b].size();
       scratch.position_[b] = sessions[b]->position();
+      scratch.held_[b] = sessions[b]->size();
     }
     if (!scratch.rows_) scratch.rows_.emplace(Session<T>(std::vector<KVCache<T>>{}));
     Session<T>& rows = *scratch.rows_;
     rows.threads_ = threads;
     try {
-      // Everything that can throw comes before the first cache changes.
+      // Every allocation of ours comes before the first cache changes (as in
+      // forward()).
       for (std::size_t b = 0; b < B; ++b)
         for (auto& c : sessions[b]->caches_) c.reserve_more(tokens[b].size());
       prepare_batch(scratch, which);
@@ -485,9 +491,7 @@ class Decoder {
         detail::linear<T>(rows.head_in_, lm_head(), Vector<T>(), rows.logits_, threads);
       }
     } catch (...) {
-      // Only reached before any eviction: undo the appends.
-      for (std::size_t b = 0; b < B; ++b)
-        for (auto& c : sessions[b]->caches_) c.truncate(c.size() - (c.position() - scratch.position_[b]));
+      for (std::size_t b = 0; b < B; ++b) undo_appends(*sessions[b], scratch.position_[b], scratch.held_[b]);
       throw;
     }
     return rows.logits_;
@@ -499,6 +503,30 @@ class Decoder {
     return static_cast<std::size_t>(m.size());
   }
   static std::size_t count(const NormWeights<T>& n) { return count(n.gamma) + count(n.beta); }
+
+  // Puts `s` back as it was before a failed call found it at position p
+  // holding `held` tokens. Every allocation of a forward pass is meant to
+  // come before the first append, so usually nothing was appended, and then
+  // nothing is touched (truncate would put a wrapped ring back in token
+  // order: the same tokens in other slots, so other rounding later). Eigen
+  // can still allocate inside a large product (its GEMM blocks above 128
+  // KiB): appends made before that are removed, unless a full sliding window
+  // has already overwritten its oldest tokens; those cannot be brought back,
+  // and the session is then cleared, a state it can be in, rather than left
+  // holding a mix of old and new tokens.
+  static void undo_appends(Session<T>& s, std::size_t p, std::size_t held) {
+    bool appended = false, evicted = false;
+    for (const auto& c : s.caches_) {
+      appended |= c.position() != p;
+      evicted |= c.position() - p != c.size() - held;
+    }
+    if (evicted) {
+      s.clear();
+    } else if (appended) {
+      for (auto& c : s.caches_)
+        if (c.position() != p) c.truncate(held);
+    }
+  }
 
   void check_norm(const char* name, const NormWeights<T>& n) const {
     const auto d = static_cast<Eigen::Index>(config_.d_model);
@@ -578,15 +606,15 @@ class Decoder {
     const auto R = static_cast<Eigen::Index>(scratch.first_row_.back());
     const auto d = static_cast<Eigen::Index>(config_.d_model), ff = static_cast<Eigen::Index>(config_.d_ff);
     Session<T>& s = *scratch.rows_;
-    s.x_.resize(R, d);
-    s.normed_.resize(R, d);
-    s.delta_.resize(R, d);
-    s.hidden_.resize(R, ff);
-    if (config_.mlp == MlpKind::swiglu) s.gate_.resize(R, ff);
+    detail::resize_buffer(s.x_, R, d);
+    detail::resize_buffer(s.normed_, R, d);
+    detail::resize_buffer(s.delta_, R, d);
+    detail::resize_buffer(s.hidden_, R, ff);
+    if (config_.mlp == MlpKind::swiglu) detail::resize_buffer(s.gate_, R, ff);
     const Eigen::Index head_rows = which == Logits::last ? B : R;
-    if (which == Logits::last) scratch.last_rows_.resize(B, d);
-    s.head_in_.resize(head_rows, d);
-    s.logits_.resize(head_rows, static_cast<Eigen::Index>(config_.vocab_size));
+    if (which == Logits::last) detail::resize_buffer(scratch.last_rows_, B, d);
+    detail::resize_buffer(s.head_in_, head_rows, d);
+    detail::resize_buffer(s.logits_, head_rows, static_cast<Eigen::Index>(config_.vocab_size));
   }
 
   // Rows [first, first + m) of x = the embeddings of tokens at positions p, p + 1, ...

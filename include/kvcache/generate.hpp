@@ -170,6 +170,21 @@ inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::s
                             " new tokens need more positions than the limit of " + std::to_string(limit));
 }
 
+// Puts a session that a failed generation found at `position`, holding
+// `held` tokens, back there: the tokens the call appended are truncated
+// away. A sliding window that has overwritten tokens cannot be put back
+// (nor a session something else shortened meanwhile): it is cleared.
+template <typename T>
+void roll_back(Session<T>& s, std::size_t position, std::size_t held) {
+  if (s.position() == position && s.size() == held) return;
+  const bool only_appended =
+      s.position() >= position && s.size() >= held && s.position() - position == s.size() - held;
+  if (only_appended)
+    s.truncate(held);
+  else
+    s.clear();
+}
+
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   out.push_back(id);
   if (o.on_token) o.on_token(id);
@@ -205,12 +220,7 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
       logits = &decoder.forward(step, session, Logits::last);  // decode
     }
   } catch (...) {
-    // (An on_token that shortened the session itself is left as it made it.)
-    const bool dropped = session.position() - start_position != session.size() - start;
-    if (dropped)
-      session.clear();  // a sliding window dropped tokens it cannot bring back
-    else if (session.size() >= start)
-      session.truncate(start);
+    detail::roll_back(session, start_position, start);
     throw;
   }
   return out;
@@ -257,7 +267,9 @@ inline std::uint64_t sequence_seed(std::uint64_t seed, std::size_t i) {
 // repeated session, a session of another model shape, an empty prompt),
 // std::out_of_range (an id outside the vocabulary) or std::length_error (a
 // sequence past its session's limit), naming the sequence, before any
-// session changes.
+// session changes. When something throws later (out of memory, non-finite
+// logits, an on_token callback), every session is rolled back as generate()
+// rolls back its one.
 template <typename T>
 std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
                                              const std::vector<std::vector<int>>& prompts,
@@ -292,32 +304,44 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
   for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(c.vocab_size, options[i]);
 
   std::vector<std::vector<int>> out(B);
-  std::vector<std::size_t> active;  // the sequences still generating, in order
+  // Where each session was, to roll all of them back if anything throws
+  // midway (as generate() does for one).
+  std::vector<std::size_t> start_position(B), start_held(B);
   for (std::size_t i = 0; i < B; ++i) {
-    if (options[i].max_new_tokens == 0) continue;
-    out[i].reserve(options[i].max_new_tokens);
-    const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], Logits::last);  // prefill, alone
-    if (!detail::emit(samplers[i].sample(logits.row(0)), out[i], options[i])) active.push_back(i);
+    start_position[i] = sessions[i]->position();
+    start_held[i] = sessions[i]->size();
   }
-  BatchScratch<T> scratch;
-  std::vector<std::vector<int>> step;
-  std::vector<Session<T>*> batch;
-  const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
-  while (!active.empty()) {
-    step.resize(active.size());
-    batch.resize(active.size());
-    for (std::size_t k = 0; k < active.size(); ++k) {
-      step[k].assign(1, out[active[k]].back());
-      batch[k] = sessions[active[k]];
+  try {
+    std::vector<std::size_t> active;  // the sequences still generating, in order
+    for (std::size_t i = 0; i < B; ++i) {
+      if (options[i].max_new_tokens == 0) continue;
+      out[i].reserve(options[i].max_new_tokens);
+      const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], Logits::last);  // prefill, alone
+      if (!detail::emit(samplers[i].sample(logits.row(0)), out[i], options[i])) active.push_back(i);
     }
-    const Matrix<T>& logits = decoder.forward_batch(step, batch, scratch, Logits::last, threads);  // decode
-    std::size_t kept = 0;
-    for (std::size_t k = 0; k < active.size(); ++k) {
-      const std::size_t i = active[k];
-      if (!detail::emit(samplers[i].sample(logits.row(static_cast<Eigen::Index>(k))), out[i], options[i]))
-        active[kept++] = i;
+    BatchScratch<T> scratch;
+    std::vector<std::vector<int>> step;
+    std::vector<Session<T>*> batch;
+    const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
+    while (!active.empty()) {
+      step.resize(active.size());
+      batch.resize(active.size());
+      for (std::size_t k = 0; k < active.size(); ++k) {
+        step[k].assign(1, out[active[k]].back());
+        batch[k] = sessions[active[k]];
+      }
+      const Matrix<T>& logits = decoder.forward_batch(step, batch, scratch, Logits::last, threads);  // decode
+      std::size_t kept = 0;
+      for (std::size_t k = 0; k < active.size(); ++k) {
+        const std::size_t i = active[k];
+        if (!detail::emit(samplers[i].sample(logits.row(static_cast<Eigen::Index>(k))), out[i], options[i]))
+          active[kept++] = i;
+      }
+      active.resize(kept);
     }
-    active.resize(kept);
+  } catch (...) {
+    for (std::size_t i = 0; i < B; ++i) detail::roll_back(*sessions[i], start_position[i], start_held[i]);
+    throw;
   }
   return out;
 }

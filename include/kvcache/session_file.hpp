@@ -529,21 +529,26 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
                    ": the header implies " + std::to_string(expected) + " bytes, the file has " +
                    std::to_string(*length));
 
-  // Everything is consistent: allocate and read.
-  std::vector<int> tokens(static_cast<std::size_t>(f[kNTokens]));
+  // Everything is consistent: allocate and read. With a known length the
+  // token count was checked against it; without one (a pipe) nothing but
+  // max_bytes bounds it, so the ids are stored as they arrive: a header
+  // claiming 2^31 ids then costs what the stream really delivers, not 8 GB.
+  const auto n_tokens = static_cast<std::size_t>(f[kNTokens]);
+  std::vector<int> tokens;
+  tokens.reserve(length ? n_tokens : std::min<std::size_t>(n_tokens, std::size_t{1} << 16));
   {
     unsigned char block[4096];
-    for (std::size_t i = 0; i < tokens.size();) {
-      const std::size_t n = std::min<std::size_t>(tokens.size() - i, sizeof block / 4);
+    while (tokens.size() < n_tokens) {
+      const std::size_t n = std::min<std::size_t>(n_tokens - tokens.size(), sizeof block / 4);
       reader.read(block, 4 * n, "token ids");
-      for (std::size_t k = 0; k < n; ++k, ++i) {
+      for (std::size_t k = 0; k < n; ++k) {
         const std::uint32_t bits = static_cast<std::uint32_t>(block[4 * k]) |
                                    (static_cast<std::uint32_t>(block[4 * k + 1]) << 8) |
                                    (static_cast<std::uint32_t>(block[4 * k + 2]) << 16) |
                                    (static_cast<std::uint32_t>(block[4 * k + 3]) << 24);
         std::int32_t id;
         std::memcpy(&id, &bits, sizeof id);
-        tokens[i] = static_cast<int>(id);
+        tokens.push_back(static_cast<int>(id));
       }
     }
   }
