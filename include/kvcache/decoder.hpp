@@ -2,6 +2,7 @@
 // weights, and Session: the per-request state (one KVCache per layer).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -16,6 +17,7 @@
 #include "config.hpp"
 #include "detail/parallel.hpp"
 #include "kv_cache.hpp"
+#include "weight_matrix.hpp"
 
 namespace kvcache {
 
@@ -275,16 +277,16 @@ class Decoder {
   const NormWeights<T>& final_norm() const { return final_norm_; }
   const WeightMatrix<T>& lm_head() const { return config_.tied_lm_head ? token_embedding_ : lm_head_; }
 
-  // Bytes of all parameters.
+  // Bytes of all parameters, as stored (a bfloat16 weight takes 2).
   std::size_t weight_bytes() const {
-    std::size_t n = count(token_embedding_) + count(position_embedding_) + count(final_norm_) + count(lm_head_);
+    std::size_t n = bytes(token_embedding_) + bytes(position_embedding_) + bytes(final_norm_) + bytes(lm_head_);
     for (const auto& b : blocks_) {
       const auto& a = b.attention.weights();
-      n += count(b.attention_norm) + count(b.mlp_norm) + count(a.W_Q) + count(a.W_K) + count(a.W_V) + count(a.W_O) +
-           count(a.b_Q) + count(a.b_K) + count(a.b_V) + count(a.b_O) + count(b.mlp.W_1) + count(b.mlp.W_2) +
-           count(b.mlp.W_3) + count(b.mlp.b_1) + count(b.mlp.b_2);
+      n += bytes(b.attention_norm) + bytes(b.mlp_norm) + bytes(a.W_Q) + bytes(a.W_K) + bytes(a.W_V) + bytes(a.W_O) +
+           bytes(a.b_Q) + bytes(a.b_K) + bytes(a.b_V) + bytes(a.b_O) + bytes(b.mlp.W_1) + bytes(b.mlp.W_2) +
+           bytes(b.mlp.W_3) + bytes(b.mlp.b_1) + bytes(b.mlp.b_2);
     }
-    return n * sizeof(T);
+    return n;
   }
 
   // A new, empty session. max_tokens = 0 means the model's max_seq_len;
@@ -328,11 +330,12 @@ class Decoder {
   }
 
  private:
-  template <typename M>
-  static std::size_t count(const M& m) {
-    return static_cast<std::size_t>(m.size());
+  template <typename Derived>
+  static std::size_t bytes(const Eigen::EigenBase<Derived>& m) {
+    return static_cast<std::size_t>(m.size()) * sizeof(typename Derived::Scalar);
   }
-  static std::size_t count(const NormWeights<T>& n) { return count(n.gamma) + count(n.beta); }
+  static std::size_t bytes(const WeightMatrix<T>& W) { return W.bytes(); }
+  static std::size_t bytes(const NormWeights<T>& n) { return bytes(n.gamma) + bytes(n.beta); }
 
   void check_norm(const char* name, const NormWeights<T>& n) const {
     const auto d = static_cast<Eigen::Index>(config_.d_model);
@@ -380,7 +383,7 @@ class Decoder {
     s.x_.resize(static_cast<Eigen::Index>(tokens.size()), static_cast<Eigen::Index>(config_.d_model));
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       const auto row = static_cast<Eigen::Index>(i);
-      s.x_.row(row) = token_embedding_.row(tokens[i]);
+      token_embedding_.row_to(tokens[i], s.x_.row(row).data());
       if (config_.positions == PositionEncoding::learned)
         s.x_.row(row) += position_embedding_.row(static_cast<Eigen::Index>(p + i));
     }

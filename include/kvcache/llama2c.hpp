@@ -26,9 +26,8 @@
 //
 // The model is a Llama block: RMSNorm (eps 1e-5), RoPE (base 10000) on
 // consecutive pairs, SwiGLU MLP out = w2·(silu(w1·h) ⊙ w3·h), no biases.
-// Decoder's weights have the same [out, in] shapes but are stored column by
-// column, so each matrix is read row by row into a buffer and transposed into
-// place (vectors are read straight into their memory).
+// Decoder's weights have the same [out, in] shapes, stored row by row too,
+// so every array is read straight into its memory.
 //
 // The file's floats are read as they are, which is right on a little-endian
 // host only; on a big-endian host both functions throw std::runtime_error.
@@ -267,17 +266,16 @@ inline void read_floats(std::ifstream& in, const std::string& path, float* dst, 
   }
 }
 
-// The file stores matrices row by row; kvcache's weights are stored column
-// by column (WeightMatrix), so a matrix goes through a row-major buffer.
-template <typename M>
-void read_tensor(std::ifstream& in, const std::string& path, M& m, const std::string& name, bool check_finite) {
-  if constexpr (M::IsRowMajor || M::ColsAtCompileTime == 1) {
-    read_floats(in, path, m.data(), static_cast<std::size_t>(m.size()), name, check_finite);
-  } else {
-    Matrix<float> rows(m.rows(), m.cols());
-    read_floats(in, path, rows.data(), static_cast<std::size_t>(rows.size()), name, check_finite);
-    m = rows;
-  }
+// The file stores matrices row by row, as WeightMatrix does: straight into
+// its memory.
+inline void read_tensor(std::ifstream& in, const std::string& path, WeightMatrix<float>& W, const std::string& name,
+                        bool check_finite) {
+  read_floats(in, path, W.f32().data(), static_cast<std::size_t>(W.size()), name, check_finite);
+}
+
+inline void read_tensor(std::ifstream& in, const std::string& path, Vector<float>& v, const std::string& name,
+                        bool check_finite) {
+  read_floats(in, path, v.data(), static_cast<std::size_t>(v.size()), name, check_finite);
 }
 
 inline std::string layer_name(const char* what, std::size_t l) {
@@ -480,28 +478,40 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
     if (!out) throw std::runtime_error("kvcache: " + path + ": write error on " + tmp);
   };
-  // Row by row, as the format stores matrices.
-  const auto write_all = [&](const auto& m) {
-    const Matrix<float> rows = m;
-    write(rows.data(), static_cast<std::size_t>(rows.size()) * sizeof(float));
+  const auto write_all = [&](const Vector<float>& v) {
+    write(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
+  };
+  // Row by row, as both the format and WeightMatrix store matrices; a
+  // bfloat16 matrix is written as the floats it holds (exact), a row at a time.
+  std::vector<float> row;
+  const auto write_matrix = [&](const WeightMatrix<float>& W) {
+    if (W.type() == WeightType::f32) {
+      write(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
+      return;
+    }
+    row.resize(static_cast<std::size_t>(W.cols()));
+    for (Eigen::Index i = 0; i < W.rows(); ++i) {
+      W.row_to(i, row.data());
+      write(row.data(), row.size() * sizeof(float));
+    }
   };
 
   try {
     write(header, sizeof header);
-    write_all(decoder.token_embedding());
+    write_matrix(decoder.token_embedding());
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_Q);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_K);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_V);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_O);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_Q);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_K);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_V);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_O);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_1);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_2);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_3);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_1);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_2);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_3);
     write_all(decoder.final_norm().gamma);
     write(rope_cos.data(), rope_cos.size() * sizeof(float));
     write(rope_sin.data(), rope_sin.size() * sizeof(float));
-    if (!c.tied_lm_head) write_all(decoder.lm_head());
+    if (!c.tied_lm_head) write_matrix(decoder.lm_head());
     out.close();
     if (!out) throw std::runtime_error("kvcache: " + path + ": write error while closing " + tmp);
     std::error_code ec;
