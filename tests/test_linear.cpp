@@ -1,6 +1,7 @@
 // WeightMatrix and the bfloat16 conversions, and the kernels of a linear
 // layer (the decode GEMV as T and as bfloat16, the prefill path, the split
 // across threads), each against a reference computed in double.
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -271,5 +272,56 @@ TEST(Linear, DecodeGivesTheSameBitsOnAnyNumberOfThreads) {
     kvcache::detail::linear<float>(x, W, Vector<float>(), three, 3);
     EXPECT_EQ(one, two) << kvcache::to_string(type);
     EXPECT_EQ(one, three) << kvcache::to_string(type);
+  }
+}
+
+// Q, K and V in one parallel region: each product equals the same product
+// run on its own (the same bits for a decode step, where every row is one
+// dot product), wherever the split between threads falls inside the terms.
+TEST(Linear, FusedTermsEqualSeparateProducts) {
+  for (const Eigen::Index m : {1, 5})
+    for (const std::size_t threads : {1u, 2u, 3u}) {
+      const WeightMatrix<float> W_Q = random<float>(48, 40, 21), W_K = random<float>(16, 40, 22);
+      WeightMatrix<float> W_V = random<float>(16, 40, 23);
+      W_V.convert_to(WeightType::bf16);  // terms of different types may share a region
+      const Vector<float> b_Q = random<float>(48, 1, 24), none;
+      const Matrix<float> X = random<float>(m, 40, 25);
+      Matrix<float> Q(m, 48), K(m, 16), V(m, 16);
+      const std::array<kvcache::detail::LinearTerm<float>, 3> qkv{{{W_Q, b_Q, Q}, {W_K, none, K}, {W_V, none, V}}};
+      kvcache::detail::linear<float>(X, qkv, threads);
+      Matrix<float> Q1(m, 48), K1(m, 16), V1(m, 16);
+      kvcache::detail::linear<float>(X, W_Q, b_Q, Q1, 1);
+      kvcache::detail::linear<float>(X, W_K, none, K1, 1);
+      kvcache::detail::linear<float>(X, W_V, none, V1, 1);
+      if (m == 1) {
+        EXPECT_EQ(Q, Q1) << threads;
+        EXPECT_EQ(K, K1) << threads;
+        EXPECT_EQ(V, V1) << threads;
+      } else {
+        EXPECT_LE((Q - Q1).cwiseAbs().maxCoeff(), 1e-5f) << threads;
+        EXPECT_LE((K - K1).cwiseAbs().maxCoeff(), 1e-5f) << threads;
+        EXPECT_LE((V - V1).cwiseAbs().maxCoeff(), 1e-5f) << threads;
+      }
+    }
+}
+
+// A team splits every range the same way, and its barrier holds every
+// thread until all have written: after it each thread reads what the others
+// wrote.
+TEST(Linear, TeamSlicesCoverTheRangeAndTheBarrierHolds) {
+  for (const std::size_t threads : {1u, 2u, 3u}) {
+    std::vector<int> first(100, 0), seen(3, -1);
+    kvcache::detail::parallel_team(threads, [&](const kvcache::detail::Team& team) {
+      const auto [begin, end] = team.slice(first.size(), 16);
+      EXPECT_EQ(begin % 16, 0u);
+      for (std::size_t i = begin; i < end; ++i) first[i] += 1;
+      team.barrier();
+      int sum = 0;
+      for (const int v : first) sum += v;
+      seen[team.id()] = sum;
+    });
+    for (const int v : first) EXPECT_EQ(v, 1) << threads;  // every index exactly once
+    EXPECT_EQ(seen[0], 100) << threads;
+    for (const int sum : seen) EXPECT_TRUE(sum == -1 || sum == 100) << threads;  // -1: fewer threads ran
   }
 }

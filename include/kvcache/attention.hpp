@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <optional>
@@ -200,11 +201,14 @@ class MultiHeadAttentionWithCache {
 
   static std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
 
+  // Q, K and V read the same x: one parallel region computes all three, its
+  // threads splitting the d_model + 2·kv_dim output features between them.
   template <typename Derived>
   void project(const Eigen::MatrixBase<Derived>& x, AttentionScratch<T>& s, std::size_t threads) const {
-    detail::linear<T>(x, weights_.W_Q, weights_.b_Q, s.Q, threads);
-    detail::linear<T>(x, weights_.W_K, weights_.b_K, s.K, threads);
-    detail::linear<T>(x, weights_.W_V, weights_.b_V, s.V, threads);
+    const std::array<detail::LinearTerm<T>, 3> qkv{{{weights_.W_Q, weights_.b_Q, s.Q},
+                                                    {weights_.W_K, weights_.b_K, s.K},
+                                                    {weights_.W_V, weights_.b_V, s.V}}};
+    detail::linear<T>(x, qkv, threads);
   }
 
   // O_h = softmax(Q_h·K_gᵀ/√d_k, causal from offset p)·V_g for every query

@@ -418,23 +418,37 @@ class Decoder {
     }
   }
 
+  // The whole MLP in one parallel region: each thread computes its slice of
+  // the d_ff hidden features (W_1 and W_3 rows together, so the activation
+  // needs nothing from other threads), then, once all of hidden is there,
+  // its slice of the d_model outputs of W_2.
   void mlp(const MlpWeights<T>& w, Session<T>& s) const {
     const Eigen::Index m = s.x_.rows(), ff = static_cast<Eigen::Index>(config_.d_ff);
+    const bool swiglu = config_.mlp == MlpKind::swiglu;
     s.hidden_.resize(m, ff);
+    if (swiglu) s.gate_.resize(m, ff);
     s.delta_.resize(m, static_cast<Eigen::Index>(config_.d_model));
-    detail::linear<T>(s.normed_, w.W_1, w.b_1, s.hidden_, s.threads_);
-    if (config_.mlp == MlpKind::swiglu) {
-      s.gate_.resize(m, ff);
-      detail::linear<T>(s.normed_, w.W_3, Vector<T>(), s.gate_, s.threads_);
-      // silu(a) · g = a · σ(a) · g
-      s.hidden_.array() = s.hidden_.array() * (T(1) / (T(1) + (-s.hidden_.array()).exp())) * s.gate_.array();
-    } else {
-      // GELU, tanh approximation (GPT-2): ½a(1 + tanh(√(2/π)(a + 0.044715a³)))
-      const T c = static_cast<T>(0.7978845608028654);
-      auto a = s.hidden_.array();
-      s.hidden_.array() = T(0.5) * a * (T(1) + (c * (a + T(0.044715) * a.cube())).tanh());
-    }
-    detail::linear<T>(s.hidden_, w.W_2, w.b_2, s.delta_, s.threads_);
+    const Vector<T> no_bias;
+    const std::size_t widest = std::max(config_.d_ff, config_.d_model);
+    detail::parallel_team(detail::team_size(s.threads_, widest, 16), [&](const detail::Team& team) {
+      const auto [f0, f1] = team.slice(config_.d_ff, 16);
+      const auto h0 = static_cast<Eigen::Index>(f0), hn = static_cast<Eigen::Index>(f1 - f0);
+      detail::linear_rows<T>(s.normed_, w.W_1, w.b_1, s.hidden_, h0, h0 + hn);
+      auto a = s.hidden_.middleCols(h0, hn).array();
+      if (swiglu) {
+        detail::linear_rows<T>(s.normed_, w.W_3, no_bias, s.gate_, h0, h0 + hn);
+        // silu(a) · g = a · σ(a) · g
+        a = a * (T(1) / (T(1) + (-a).exp())) * s.gate_.middleCols(h0, hn).array();
+      } else {
+        // GELU, tanh approximation (GPT-2): ½a(1 + tanh(√(2/π)(a + 0.044715a³)))
+        const T c = static_cast<T>(0.7978845608028654);
+        a = T(0.5) * a * (T(1) + (c * (a + T(0.044715) * a.cube())).tanh());
+      }
+      team.barrier();
+      const auto [d0, d1] = team.slice(config_.d_model, 16);
+      detail::linear_rows<T>(s.hidden_, w.W_2, w.b_2, s.delta_, static_cast<Eigen::Index>(d0),
+                             static_cast<Eigen::Index>(d1));
+    });
   }
 
   void head(Session<T>& s, Logits which) const {

@@ -1,9 +1,11 @@
-// kvcache/detail/parallel.hpp — the kernels that decide speed: a linear layer
-// split across threads by output features, and static parallel loops.
+// kvcache/detail/parallel.hpp — the kernels that decide speed: linear layers
+// split across threads by output features (several matrices in one parallel
+// region when they read the same input), and static parallel loops.
 // Not API.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <utility>
@@ -134,6 +136,35 @@ void linear(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, cons
   const auto out = static_cast<std::size_t>(W.rows());
   parallel_slices(out, threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
     linear_rows<T>(X, W, b, Y, static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end));
+  });
+}
+
+// One product of a fused linear: Y = X·Wᵀ + b (b empty: none).
+template <typename T>
+struct LinearTerm {
+  const WeightMatrix<T>& W;
+  const Vector<T>& b;
+  Matrix<T>& Y;
+};
+
+// Y_k = X · W_kᵀ + b_k for every term k, in one parallel region: the output
+// features of all the terms, side by side, are split across the threads
+// together (as if the W_k were stacked into one matrix), so a decode step
+// starts and joins the threads once, not once per matrix. Shapes as linear().
+template <typename T, std::size_t N>
+void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>, N>& terms, std::size_t threads) {
+  std::size_t total = 0;
+  for (const auto& term : terms) total += static_cast<std::size_t>(term.W.rows());
+  parallel_slices(total, threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
+    std::size_t offset = 0;  // where the current term's rows start in [0, total)
+    for (const auto& term : terms) {
+      const std::size_t rows = static_cast<std::size_t>(term.W.rows());
+      const std::size_t lo = std::max(begin, offset), hi = std::min(end, offset + rows);
+      if (lo < hi)
+        linear_rows<T>(X, term.W, term.b, term.Y, static_cast<Eigen::Index>(lo - offset),
+                       static_cast<Eigen::Index>(hi - offset));
+      offset += rows;
+    }
   });
 }
 
