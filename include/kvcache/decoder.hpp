@@ -232,8 +232,12 @@ class Decoder {
   };
 
   // Validates every size and shape, and throws std::invalid_argument naming
-  // the field and the values on the first that is wrong.
-  Decoder(ModelConfig config, DecoderWeights<T> weights) : config_(config) {
+  // the field and the values on the first that is wrong. Every weight matrix
+  // (embeddings, W_Q, W_K, W_V, W_O, W_1, W_2, W_3, LM head) is then stored as
+  // `weight_type`, converted one at a time (f32 → bf16: round to nearest even,
+  // the T values freed); norms, biases and learned positions stay T.
+  Decoder(ModelConfig config, DecoderWeights<T> weights, WeightType weight_type = WeightType::f32)
+      : config_(config), weight_type_(weight_type) {
     config_.validate();
     const std::size_t d = config_.d_model, V = config_.vocab_size;
     detail::check_weight("token_embedding", weights.token_embedding, V, d);
@@ -256,6 +260,9 @@ class Decoder {
       check_norm((at + "attention_norm").c_str(), b.attention_norm);
       check_norm((at + "mlp_norm").c_str(), b.mlp_norm);
       check_mlp(at, b.mlp);
+      for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_2,
+                      &b.mlp.W_3})
+        W->convert_to(weight_type);
       try {
         blocks_.push_back(Block{std::move(b.attention_norm),
                                 MultiHeadAttentionWithCache<T>(config_.attention(), std::move(b.attention)),
@@ -264,6 +271,8 @@ class Decoder {
         throw std::invalid_argument(std::string(e.what()) + " (in " + at + "attention)");
       }
     }
+    weights.token_embedding.convert_to(weight_type);
+    weights.lm_head.convert_to(weight_type);
     token_embedding_ = std::move(weights.token_embedding);
     position_embedding_ = std::move(weights.position_embedding);
     final_norm_ = std::move(weights.final_norm);
@@ -271,6 +280,8 @@ class Decoder {
   }
 
   const ModelConfig& config() const { return config_; }
+  // How the weight matrices are stored.
+  WeightType weight_type() const { return weight_type_; }
   const Block& block(std::size_t l) const { return blocks_.at(l); }
   const WeightMatrix<T>& token_embedding() const { return token_embedding_; }
   const Matrix<T>& position_embedding() const { return position_embedding_; }
@@ -460,6 +471,7 @@ class Decoder {
   }
 
   ModelConfig config_;
+  WeightType weight_type_;
   WeightMatrix<T> token_embedding_;
   Matrix<T> position_embedding_;
   std::vector<Block> blocks_;

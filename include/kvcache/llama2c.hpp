@@ -34,6 +34,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstddef>
@@ -51,6 +52,7 @@
 
 #include "config.hpp"
 #include "decoder.hpp"
+#include "weight_matrix.hpp"
 
 namespace kvcache {
 
@@ -252,8 +254,10 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   return h;
 }
 
+// Reads `count` floats into dst; `first` is the index of dst[0] in the
+// tensor, for the message about a non-finite value.
 inline void read_floats(std::ifstream& in, const std::string& path, float* dst, std::size_t count,
-                        const std::string& name, bool check_finite) {
+                        const std::string& name, bool check_finite, std::size_t first = 0) {
   const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
   in.read(reinterpret_cast<char*>(dst), bytes);
   if (!in || in.gcount() != bytes)
@@ -262,15 +266,27 @@ inline void read_floats(std::ifstream& in, const std::string& path, float* dst, 
     for (std::size_t i = 0; i < count; ++i)
       if (!std::isfinite(dst[i]))
         fail_file(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
-                            std::to_string(i));
+                            std::to_string(first + i));
   }
 }
 
 // The file stores matrices row by row, as WeightMatrix does: straight into
-// its memory.
+// its memory, or, for a bfloat16 matrix, through a buffer of 64K floats
+// rounded into place (so the float32 values never all exist at once).
 inline void read_tensor(std::ifstream& in, const std::string& path, WeightMatrix<float>& W, const std::string& name,
                         bool check_finite) {
-  read_floats(in, path, W.f32().data(), static_cast<std::size_t>(W.size()), name, check_finite);
+  const auto count = static_cast<std::size_t>(W.size());
+  if (W.type() == WeightType::f32) {
+    read_floats(in, path, W.f32().data(), count, name, check_finite);
+    return;
+  }
+  std::uint16_t* dst = W.bf16().data();
+  std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
+  for (std::size_t first = 0; first < count; first += buffer.size()) {
+    const std::size_t n = std::min(buffer.size(), count - first);
+    read_floats(in, path, buffer.data(), n, name, check_finite, first);
+    for (std::size_t i = 0; i < n; ++i) dst[first + i] = float_to_bf16(buffer[i]);
+  }
 }
 
 inline void read_tensor(std::ifstream& in, const std::string& path, Vector<float>& v, const std::string& name,
@@ -316,8 +332,12 @@ inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimi
 // for the format). Everything about the file is checked before the weights
 // are allocated: it exists and is readable, the header is sane, the sizes fit
 // in LoadLimits, and the file is exactly as long as the header implies.
+// With weights = WeightType::bf16 the weight matrices are rounded to
+// bfloat16 as they are read (to nearest even), so memory holds half their
+// float32 bytes and never all of them as float32.
 // Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
-inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {}) {
+inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {},
+                                   WeightType weights = WeightType::f32) {
   detail::require_little_endian(path);
   std::ifstream in;
   const Llama2cHeader h = detail::open_llama2c(path, in, limits);
@@ -330,21 +350,21 @@ inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& li
 
   DecoderWeights<float> w;
   try {
-    w.token_embedding.resize(V, d);
+    w.token_embedding.resize(V, d, weights);
     w.blocks.resize(L);
     for (auto& b : w.blocks) {
       b.attention_norm.gamma.resize(d);
-      b.attention.W_Q.resize(d, d);
-      b.attention.W_K.resize(kv, d);
-      b.attention.W_V.resize(kv, d);
-      b.attention.W_O.resize(d, d);
+      b.attention.W_Q.resize(d, d, weights);
+      b.attention.W_K.resize(kv, d, weights);
+      b.attention.W_V.resize(kv, d, weights);
+      b.attention.W_O.resize(d, d, weights);
       b.mlp_norm.gamma.resize(d);
-      b.mlp.W_1.resize(ff, d);
-      b.mlp.W_2.resize(d, ff);
-      b.mlp.W_3.resize(ff, d);
+      b.mlp.W_1.resize(ff, d, weights);
+      b.mlp.W_2.resize(d, ff, weights);
+      b.mlp.W_3.resize(ff, d, weights);
     }
     w.final_norm.gamma.resize(d);
-    if (!h.shared_classifier) w.lm_head.resize(V, d);
+    if (!h.shared_classifier) w.lm_head.resize(V, d, weights);
   } catch (const std::bad_alloc&) {
     detail::fail_file(path, "out of memory allocating " + std::to_string(h.n_parameters) + " parameters (" +
                                 std::to_string(h.n_parameters * 4) + " bytes)");
@@ -377,7 +397,7 @@ inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& li
   if (!in) detail::fail_file(path, "cannot skip the RoPE tables");
   if (!h.shared_classifier) detail::read_tensor(in, path, w.lm_head, "wcls", finite);
 
-  return Decoder<float>(config, std::move(w));
+  return Decoder<float>(config, std::move(w), weights);
 }
 
 // ============================================================================
