@@ -160,6 +160,28 @@ TEST(WeightMatrix, ResizeAssignAndCompare) {
   EXPECT_NE(V, W);
 }
 
+// A decode step streams every weight: matrices of 2 MB and more start on a
+// 2 MB boundary (where Linux can back them with huge pages), smaller ones on
+// a cache line; copies are deep.
+TEST(WeightMatrix, MemoryIsAlignedForStreaming) {
+  const auto address = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  WeightMatrix<float> big(1024, 600);  // 2.4 MB
+  EXPECT_EQ(address(big.f32().data()) % (std::uintptr_t{2} << 20), 0u);
+  big.f32().setConstant(0.5f);
+  const WeightMatrix<float> copy = big;
+  EXPECT_NE(copy.f32().data(), big.f32().data());
+  EXPECT_EQ(copy, big);
+  big.convert_to(WeightType::bf16);  // 1.2 MB: a cache line is enough
+  EXPECT_EQ(address(big.bf16().data()) % 64, 0u);
+  EXPECT_EQ(big(1023, 599), 0.5f);
+  const WeightMatrix<float> small(3, 5);
+  EXPECT_EQ(address(small.f32().data()) % 64, 0u);
+  WeightMatrix<float> empty(0, 7);
+  EXPECT_EQ(empty.size(), 0);
+  EXPECT_EQ(empty.to_dense().rows(), 0);
+  EXPECT_THROW(empty.resize(-1, 2), std::invalid_argument);
+}
+
 // ---- The kernels -------------------------------------------------------------
 
 namespace {

@@ -7,11 +7,17 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <Eigen/Core>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "config.hpp"
 
@@ -79,6 +85,65 @@ std::uint16_t to_bf16(T v) {
 }  // namespace detail
 
 // ============================================================================
+// Weight memory
+// ============================================================================
+
+namespace detail {
+
+// An array of n values for a weight matrix. A decode step streams through
+// every weight, and with 4 KB pages every 4 KB read is a TLB miss: an array
+// of 2 MB or more starts on a 2 MB boundary and, on Linux, asks the kernel
+// to back it with 2 MB pages (madvise MADV_HUGEPAGE, before any page is
+// touched; where transparent huge pages are off it changes nothing). Only
+// the whole 2 MB pages inside the array are asked for, so the array takes no
+// more memory than n values. Smaller arrays are aligned to 64 bytes.
+template <typename S>
+class WeightBuffer {
+ public:
+  static constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+  WeightBuffer() = default;
+  explicit WeightBuffer(std::size_t n) : n_(n) {
+    if (n_ == 0) return;
+    if (n_ > std::numeric_limits<std::size_t>::max() / sizeof(S)) throw std::bad_alloc();
+    data_ = static_cast<S*>(::operator new(n_ * sizeof(S), std::align_val_t(alignment())));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (n_ * sizeof(S) >= kHugePage) (void)madvise(data_, n_ * sizeof(S) / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
+  }
+  WeightBuffer(const WeightBuffer& other) : WeightBuffer(other.n_) {
+    if (n_ != 0) std::memcpy(data_, other.data_, n_ * sizeof(S));
+  }
+  WeightBuffer(WeightBuffer&& other) noexcept : data_(other.data_), n_(other.n_) {
+    other.data_ = nullptr;
+    other.n_ = 0;
+  }
+  WeightBuffer& operator=(WeightBuffer other) noexcept {
+    swap(other);
+    return *this;
+  }
+  ~WeightBuffer() {
+    if (data_ != nullptr) ::operator delete(data_, std::align_val_t(alignment()));
+  }
+
+  void swap(WeightBuffer& other) noexcept {
+    std::swap(data_, other.data_);
+    std::swap(n_, other.n_);
+  }
+  S* data() { return data_; }
+  const S* data() const { return data_; }
+  std::size_t size() const { return n_; }
+
+ private:
+  std::size_t alignment() const { return n_ * sizeof(S) >= kHugePage ? kHugePage : 64; }
+
+  S* data_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+}  // namespace detail
+
+// ============================================================================
 // WeightMatrix
 // ============================================================================
 
@@ -87,8 +152,9 @@ std::uint16_t to_bf16(T v) {
 // matrix-vector product (a decode step) streams through W once with one dot
 // product per row, and so that llama2.c's files read straight into it.
 //
-// Built as T (WeightType::f32) from any Eigen matrix; to_bf16() converts it in
-// place, rounding to nearest even, and frees the T values. Reading a value
+// Built as T (WeightType::f32) from any Eigen matrix; convert_to(bf16)
+// converts it in place, rounding to nearest even, and frees the T values.
+// f32() and bf16() view the values as stored (Eigen maps); reading a value
 // (operator(), row_to, to_dense) works in either type and gives T.
 template <typename T>
 class WeightMatrix {
@@ -98,22 +164,24 @@ class WeightMatrix {
   using Bf16 = Eigen::Matrix<std::uint16_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
   WeightMatrix() = default;
-  // rows × cols values of type T, uninitialised (as Eigen's constructor).
-  WeightMatrix(Eigen::Index rows, Eigen::Index cols) : dense_(rows, cols) {}
+  // rows × cols values of `type`, uninitialised (as Eigen's constructor).
+  WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) { resize(rows, cols, type); }
   // A copy of any Eigen matrix or expression, as T.
   template <typename Derived>
-  WeightMatrix(const Eigen::EigenBase<Derived>& m) : dense_(m) {}  // NOLINT: implicit, like Eigen's own
+  WeightMatrix(const Eigen::EigenBase<Derived>& m) {  // NOLINT: implicit, like Eigen's own
+    *this = m;
+  }
   template <typename Derived>
   WeightMatrix& operator=(const Eigen::EigenBase<Derived>& m) {
-    dense_ = m;
-    bf16_.resize(0, 0);
-    type_ = WeightType::f32;
+    WeightMatrix w(m.rows(), m.cols());
+    w.f32() = m.derived();
+    swap(w);
     return *this;
   }
 
-  Eigen::Index rows() const { return type_ == WeightType::f32 ? dense_.rows() : bf16_.rows(); }
-  Eigen::Index cols() const { return type_ == WeightType::f32 ? dense_.cols() : bf16_.cols(); }
-  Eigen::Index size() const { return rows() * cols(); }
+  Eigen::Index rows() const { return rows_; }
+  Eigen::Index cols() const { return cols_; }
+  Eigen::Index size() const { return rows_ * cols_; }
   WeightType type() const { return type_; }
   // Bytes the values take: size() × (sizeof(T) or 2).
   std::size_t bytes() const {
@@ -122,55 +190,63 @@ class WeightMatrix {
 
   // rows × cols values of `type`, uninitialised; the old values are freed.
   void resize(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) {
-    if (type == WeightType::f32) {
-      bf16_.resize(0, 0);
-      dense_.resize(rows, cols);
-    } else {
-      dense_.resize(0, 0);
-      bf16_.resize(rows, cols);
-    }
+    if (rows < 0 || cols < 0)
+      throw std::invalid_argument("kvcache: WeightMatrix::resize(" + std::to_string(rows) + ", " +
+                                  std::to_string(cols) + "): negative size");
+    const auto r = static_cast<std::size_t>(rows), c = static_cast<std::size_t>(cols);
+    if (c != 0 && r > std::numeric_limits<std::size_t>::max() / c) throw std::bad_alloc();
+    const std::size_t n = r * c;
+    dense_ = detail::WeightBuffer<T>();  // free first: the peak is the new size only
+    bf16_ = detail::WeightBuffer<std::uint16_t>();
+    if (type == WeightType::f32)
+      dense_ = detail::WeightBuffer<T>(n);
+    else
+      bf16_ = detail::WeightBuffer<std::uint16_t>(n);
+    rows_ = rows;
+    cols_ = cols;
     type_ = type;
   }
 
   // The values as stored; each throws std::logic_error when they are stored
   // in the other type.
-  const Dense& f32() const {
+  Eigen::Map<const Dense> f32() const {
     require(WeightType::f32);
-    return dense_;
+    return Eigen::Map<const Dense>(dense_.data(), rows_, cols_);
   }
-  Dense& f32() {
+  Eigen::Map<Dense> f32() {
     require(WeightType::f32);
-    return dense_;
+    return Eigen::Map<Dense>(dense_.data(), rows_, cols_);
   }
-  const Bf16& bf16() const {
+  Eigen::Map<const Bf16> bf16() const {
     require(WeightType::bf16);
-    return bf16_;
+    return Eigen::Map<const Bf16>(bf16_.data(), rows_, cols_);
   }
-  Bf16& bf16() {
+  Eigen::Map<Bf16> bf16() {
     require(WeightType::bf16);
-    return bf16_;
+    return Eigen::Map<Bf16>(bf16_.data(), rows_, cols_);
   }
 
   // W(i, j) as T (exact: a bfloat16 converts to any wider type without loss).
   T operator()(Eigen::Index i, Eigen::Index j) const {
-    return type_ == WeightType::f32 ? dense_(i, j) : static_cast<T>(detail::bf16_to_float(bf16_(i, j)));
+    const std::size_t k = static_cast<std::size_t>(i * cols_ + j);
+    return type_ == WeightType::f32 ? dense_.data()[k] : static_cast<T>(detail::bf16_to_float(bf16_.data()[k]));
   }
 
   // Row i (cols() values, as T) into out, which must hold cols() values.
   void row_to(Eigen::Index i, T* out) const {
+    const std::size_t first = static_cast<std::size_t>(i * cols_), n = static_cast<std::size_t>(cols_);
     if (type_ == WeightType::f32) {
-      std::memcpy(out, dense_.row(i).data(), static_cast<std::size_t>(cols()) * sizeof(T));
+      if (n != 0) std::memcpy(out, dense_.data() + first, n * sizeof(T));
     } else {
-      const std::uint16_t* h = bf16_.row(i).data();
-      for (Eigen::Index j = 0; j < cols(); ++j) out[j] = static_cast<T>(detail::bf16_to_float(h[j]));
+      const std::uint16_t* h = bf16_.data() + first;
+      for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<T>(detail::bf16_to_float(h[j]));
     }
   }
 
   // A copy of all values as T (allocates rows × cols).
   Dense to_dense() const {
-    if (type_ == WeightType::f32) return dense_;
-    Dense m(rows(), cols());
-    for (Eigen::Index i = 0; i < rows(); ++i) row_to(i, m.row(i).data());
+    Dense m(rows_, cols_);
+    for (Eigen::Index i = 0; i < rows_; ++i) row_to(i, m.data() + i * cols_);
     return m;
   }
 
@@ -179,23 +255,28 @@ class WeightMatrix {
   // matrix.
   void convert_to(WeightType type) {
     if (type == type_) return;
+    WeightMatrix w(rows_, cols_, type);
+    const std::size_t n = static_cast<std::size_t>(size());
     if (type == WeightType::bf16) {
-      Bf16 h(dense_.rows(), dense_.cols());
-      for (Eigen::Index k = 0; k < h.size(); ++k) h.data()[k] = detail::to_bf16(dense_.data()[k]);
-      dense_.resize(0, 0);
-      bf16_.swap(h);
+      for (std::size_t k = 0; k < n; ++k) w.bf16_.data()[k] = detail::to_bf16(dense_.data()[k]);
     } else {
-      Dense m = to_dense();
-      bf16_.resize(0, 0);
-      dense_.swap(m);
+      for (Eigen::Index i = 0; i < rows_; ++i) row_to(i, w.dense_.data() + i * cols_);
     }
-    type_ = type;
+    swap(w);
+  }
+
+  void swap(WeightMatrix& other) noexcept {
+    dense_.swap(other.dense_);
+    bf16_.swap(other.bf16_);
+    std::swap(rows_, other.rows_);
+    std::swap(cols_, other.cols_);
+    std::swap(type_, other.type_);
   }
 
   // Same shape, type and stored values.
   friend bool operator==(const WeightMatrix& a, const WeightMatrix& b) {
-    if (a.type_ != b.type_ || a.rows() != b.rows() || a.cols() != b.cols()) return false;
-    return a.type_ == WeightType::f32 ? a.dense_ == b.dense_ : a.bf16_ == b.bf16_;
+    if (a.type_ != b.type_ || a.rows_ != b.rows_ || a.cols_ != b.cols_) return false;
+    return a.type_ == WeightType::f32 ? a.f32() == b.f32() : a.bf16() == b.bf16();
   }
   friend bool operator!=(const WeightMatrix& a, const WeightMatrix& b) { return !(a == b); }
 
@@ -206,8 +287,9 @@ class WeightMatrix {
                              to_string(t));
   }
 
-  Dense dense_;  // rows × cols when type_ == f32, else empty
-  Bf16 bf16_;    // rows × cols bfloat16 bit patterns when type_ == bf16, else empty
+  detail::WeightBuffer<T> dense_;             // rows × cols values when type_ == f32, else empty
+  detail::WeightBuffer<std::uint16_t> bf16_;  // rows × cols bfloat16 bit patterns when type_ == bf16, else empty
+  Eigen::Index rows_ = 0, cols_ = 0;
   WeightType type_ = WeightType::f32;
 };
 
