@@ -259,6 +259,24 @@ TEST(DecoderBf16, EveryWeightMatrixIsStoredRoundedAndTheRestStaysT) {
   EXPECT_EQ(bf16.weight_bytes(), (f32.weight_bytes() - norms) / 2 + norms);
 }
 
+// The matrices under 2 MB share one block of memory, in order (so that
+// together they fill huge pages), whatever the weight type.
+TEST(DecoderBf16, SmallMatricesShareOneBlock) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4]);
+  for (const auto type : {kvcache::WeightType::f32, kvcache::WeightType::bf16}) {
+    const Decoder<float> d(c, kvcache::random_weights<float>(c, 42), type);
+    const auto& a = d.block(0).attention.weights();
+    const auto address = [type](const kvcache::WeightMatrix<float>& W) {
+      return type == kvcache::WeightType::f32 ? reinterpret_cast<const char*>(W.f32().data())
+                                              : reinterpret_cast<const char*>(W.bf16().data());
+    };
+    EXPECT_EQ(address(a.W_K) - address(a.W_Q),
+              static_cast<std::ptrdiff_t>(kvcache::detail::WeightArena::slice_bytes(a.W_Q.bytes())));
+    EXPECT_EQ(address(d.block(1).attention.weights().W_Q) - address(d.block(0).mlp.W_3),
+              static_cast<std::ptrdiff_t>(kvcache::detail::WeightArena::slice_bytes(d.block(0).mlp.W_3.bytes())));
+  }
+}
+
 // The reference reads the weights the decoder holds, i.e. rounded to
 // bfloat16: in double the products match it to double precision. In float
 // the portable kernel lands near 3e-7, as float32 weights do; the AVX-512

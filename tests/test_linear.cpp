@@ -182,6 +182,31 @@ TEST(WeightMatrix, MemoryIsAlignedForStreaming) {
   EXPECT_THROW(empty.resize(-1, 2), std::invalid_argument);
 }
 
+// Small matrices side by side in one block: 64-byte aligned slices, the
+// values moved over intact, the block kept alive by the matrices.
+TEST(WeightMatrix, MovesIntoAnArena) {
+  const Matrix<float> A = random<float>(3, 5, 31), B = random<float>(7, 2, 32);
+  WeightMatrix<float> a = A, b = B;
+  b.convert_to(WeightType::bf16);
+  const WeightMatrix<float> b_before = b;
+  {
+    kvcache::detail::WeightArena arena(kvcache::detail::WeightArena::slice_bytes(15 * 4) +
+                                       kvcache::detail::WeightArena::slice_bytes(14 * 2));
+    a.move_into(arena);
+    b.move_into(arena);
+    EXPECT_EQ(arena.used(), 64u + 64u);
+    const auto* first = reinterpret_cast<const unsigned char*>(a.f32().data());
+    EXPECT_EQ(reinterpret_cast<const unsigned char*>(b.bf16().data()), first + 64);
+    WeightMatrix<float> c = A;
+    EXPECT_THROW(c.move_into(arena), std::length_error);  // full
+  }  // the arena object is gone; its memory lives on in a and b
+  EXPECT_EQ(a.f32(), A);
+  EXPECT_EQ(b, b_before);
+  const WeightMatrix<float> copy = a;  // a copy has memory of its own
+  EXPECT_NE(copy.f32().data(), a.f32().data());
+  EXPECT_EQ(copy, a);
+}
+
 // ---- The kernels -------------------------------------------------------------
 
 namespace {

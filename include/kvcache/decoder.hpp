@@ -253,6 +253,23 @@ class Decoder {
       detail::fail_config("lm_head given but tied_lm_head = true");
     if (!config_.tied_lm_head) detail::check_weight("lm_head", weights.lm_head, V, d);
 
+    // Each matrix is converted to weight_type in turn; those then under 2 MB
+    // move side by side into one arena, so that together they fill huge
+    // pages (bigger ones have huge pages of their own: see WeightArena).
+    const std::size_t value_bytes = weight_type == WeightType::f32 ? sizeof(T) : sizeof(std::uint16_t);
+    const auto in_arena = [&](const WeightMatrix<T>& W) {
+      const std::size_t bytes = static_cast<std::size_t>(W.size()) * value_bytes;
+      return bytes != 0 && bytes < detail::kHugePage;
+    };
+    std::size_t arena_bytes = 0;
+    for (WeightMatrix<T>* W : matrices(weights))
+      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(static_cast<std::size_t>(W->size()) * value_bytes);
+    detail::WeightArena arena(arena_bytes);
+    const auto store = [&](WeightMatrix<T>& W) {
+      W.convert_to(weight_type);
+      if (in_arena(W)) W.move_into(arena);
+    };
+
     blocks_.reserve(config_.n_layers);
     for (std::size_t l = 0; l < config_.n_layers; ++l) {
       auto& b = weights.blocks[l];
@@ -262,7 +279,7 @@ class Decoder {
       check_mlp(at, b.mlp);
       for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_2,
                       &b.mlp.W_3})
-        W->convert_to(weight_type);
+        store(*W);
       try {
         blocks_.push_back(Block{std::move(b.attention_norm),
                                 MultiHeadAttentionWithCache<T>(config_.attention(), std::move(b.attention)),
@@ -271,8 +288,8 @@ class Decoder {
         throw std::invalid_argument(std::string(e.what()) + " (in " + at + "attention)");
       }
     }
-    weights.token_embedding.convert_to(weight_type);
-    weights.lm_head.convert_to(weight_type);
+    store(weights.token_embedding);
+    store(weights.lm_head);
     token_embedding_ = std::move(weights.token_embedding);
     position_embedding_ = std::move(weights.position_embedding);
     final_norm_ = std::move(weights.final_norm);
@@ -341,6 +358,16 @@ class Decoder {
   }
 
  private:
+  // Every weight matrix of `w`, in the order the constructor stores them.
+  static std::vector<WeightMatrix<T>*> matrices(DecoderWeights<T>& w) {
+    std::vector<WeightMatrix<T>*> all;
+    for (auto& b : w.blocks)
+      all.insert(all.end(), {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1,
+                             &b.mlp.W_2, &b.mlp.W_3});
+    all.insert(all.end(), {&w.token_embedding, &w.lm_head});
+    return all;
+  }
+
   template <typename Derived>
   static std::size_t bytes(const Eigen::EigenBase<Derived>& m) {
     return static_cast<std::size_t>(m.size()) * sizeof(typename Derived::Scalar);

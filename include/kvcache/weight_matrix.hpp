@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -90,43 +91,53 @@ std::uint16_t to_bf16(T v) {
 
 namespace detail {
 
-// An array of n values for a weight matrix. A decode step streams through
-// every weight, and with 4 KB pages every 4 KB read is a TLB miss: an array
-// of 2 MB or more starts on a 2 MB boundary and, on Linux, asks the kernel
-// to back it with 2 MB pages (madvise MADV_HUGEPAGE, before any page is
-// touched; where transparent huge pages are off it changes nothing). Only
-// the whole 2 MB pages inside the array are asked for, so the array takes no
-// more memory than n values. Smaller arrays are aligned to 64 bytes.
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+// `bytes` of memory for weights. A decode step streams through every weight,
+// and with 4 KB pages every 4 KB read is a TLB miss: a block of 2 MB or more
+// starts on a 2 MB boundary and, on Linux, asks the kernel to back it with
+// 2 MB pages (madvise MADV_HUGEPAGE, before any page is touched; where
+// transparent huge pages are off it changes nothing). Only the whole 2 MB
+// pages inside the block are asked for, so it takes no more memory than
+// `bytes`. Smaller blocks are aligned to 64 bytes. Freed with the last copy
+// of the pointer.
+inline std::shared_ptr<void> allocate_weights(std::size_t bytes) {
+  const std::size_t alignment = bytes >= kHugePage ? kHugePage : 64;
+  void* p = ::operator new(bytes, std::align_val_t(alignment));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= kHugePage) (void)madvise(p, bytes / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
+  // (Should the control block fail to allocate, shared_ptr frees p itself.)
+  return std::shared_ptr<void>(p, [alignment](void* q) { ::operator delete(q, std::align_val_t(alignment)); });
+}
+
+// n values of a weight matrix: its own memory (allocate_weights), or a slice
+// of a WeightArena shared with other matrices. A copy always gets memory of
+// its own; a move keeps the memory.
 template <typename S>
 class WeightBuffer {
  public:
-  static constexpr std::size_t kHugePage = std::size_t{2} << 20;
-
   WeightBuffer() = default;
   explicit WeightBuffer(std::size_t n) : n_(n) {
     if (n_ == 0) return;
     if (n_ > std::numeric_limits<std::size_t>::max() / sizeof(S)) throw std::bad_alloc();
-    data_ = static_cast<S*>(::operator new(n_ * sizeof(S), std::align_val_t(alignment())));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (n_ * sizeof(S) >= kHugePage) (void)madvise(data_, n_ * sizeof(S) / kHugePage * kHugePage, MADV_HUGEPAGE);
-#endif
+    owner_ = allocate_weights(n_ * sizeof(S));
+    data_ = static_cast<S*>(owner_.get());
   }
+  // n values at `data`, inside memory that `owner` keeps alive.
+  WeightBuffer(std::shared_ptr<void> owner, S* data, std::size_t n) : owner_(std::move(owner)), data_(data), n_(n) {}
   WeightBuffer(const WeightBuffer& other) : WeightBuffer(other.n_) {
     if (n_ != 0) std::memcpy(data_, other.data_, n_ * sizeof(S));
   }
-  WeightBuffer(WeightBuffer&& other) noexcept : data_(other.data_), n_(other.n_) {
-    other.data_ = nullptr;
-    other.n_ = 0;
-  }
+  WeightBuffer(WeightBuffer&& other) noexcept { swap(other); }
   WeightBuffer& operator=(WeightBuffer other) noexcept {
     swap(other);
     return *this;
   }
-  ~WeightBuffer() {
-    if (data_ != nullptr) ::operator delete(data_, std::align_val_t(alignment()));
-  }
+  ~WeightBuffer() = default;
 
   void swap(WeightBuffer& other) noexcept {
+    owner_.swap(other.owner_);
     std::swap(data_, other.data_);
     std::swap(n_, other.n_);
   }
@@ -135,10 +146,40 @@ class WeightBuffer {
   std::size_t size() const { return n_; }
 
  private:
-  std::size_t alignment() const { return n_ * sizeof(S) >= kHugePage ? kHugePage : 64; }
-
+  std::shared_ptr<void> owner_;
   S* data_ = nullptr;
   std::size_t n_ = 0;
+};
+
+// One block of memory for many small weight matrices side by side (each
+// slice 64-byte aligned). The matrices of a model below 2 MB each (all of a
+// stories15M's layers) would otherwise each sit in 4 KB pages; together they
+// fill whole 2 MB pages. Matrices keep the block alive.
+class WeightArena {
+ public:
+  static std::size_t slice_bytes(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+  explicit WeightArena(std::size_t bytes) : capacity_(bytes) {
+    if (bytes != 0) memory_ = allocate_weights(bytes);
+  }
+
+  // A slice of n values; throws std::length_error past the capacity.
+  template <typename S>
+  WeightBuffer<S> take(std::size_t n) {
+    const std::size_t bytes = slice_bytes(n * sizeof(S));
+    if (bytes > capacity_ - used_)
+      throw std::length_error("kvcache: WeightArena: " + std::to_string(bytes) + " more bytes do not fit in " +
+                              std::to_string(capacity_ - used_));
+    S* data = reinterpret_cast<S*>(static_cast<unsigned char*>(memory_.get()) + used_);
+    used_ += bytes;
+    return WeightBuffer<S>(memory_, data, n);
+  }
+
+  std::size_t used() const { return used_; }
+
+ private:
+  std::shared_ptr<void> memory_;
+  std::size_t capacity_ = 0, used_ = 0;
 };
 
 }  // namespace detail
@@ -263,6 +304,21 @@ class WeightMatrix {
       for (Eigen::Index i = 0; i < rows_; ++i) row_to(i, w.dense_.data() + i * cols_);
     }
     swap(w);
+  }
+
+  // Moves the values into a slice of `arena` (which must have room for
+  // bytes() more, rounded up to 64), freeing the memory they had.
+  void move_into(detail::WeightArena& arena) {
+    const auto n = static_cast<std::size_t>(size());
+    if (type_ == WeightType::f32) {
+      detail::WeightBuffer<T> slice = arena.take<T>(n);
+      if (n != 0) std::memcpy(slice.data(), dense_.data(), n * sizeof(T));
+      dense_ = std::move(slice);
+    } else {
+      detail::WeightBuffer<std::uint16_t> slice = arena.take<std::uint16_t>(n);
+      if (n != 0) std::memcpy(slice.data(), bf16_.data(), n * sizeof(std::uint16_t));
+      bf16_ = std::move(slice);
+    }
   }
 
   void swap(WeightMatrix& other) noexcept {
