@@ -97,12 +97,14 @@ void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body
 
 // Y[:, begin:end] = X · W[begin:end, :]ᵀ (+ b[begin:end]): output features
 // [begin, end) of Y = X·Wᵀ + b, for the m rows (tokens) of X (m × in).
-// Y is m × out, sized by the caller; nothing here allocates.
-//   m == 1 (decode): one dot product per row of W (gemv.hpp), streaming W.
+// Y is m × out, sized by the caller.
+//   m == 1 (decode): one dot product per row of W (gemv.hpp), streaming W;
+//     allocates nothing.
 //   m > 1, W as T (prefill): Eigen's matrix-matrix product on those rows.
-//   m > 1, W as bfloat16: rows in tiles small enough to stay in the core's
-//     cache, each tile's dot products for every token in turn, so W is read
-//     from memory once.
+//   m > 1, W as bfloat16: tiles of rows widened to T (128 KB, in the core's
+//     L2 cache), each multiplied by Eigen; for a few tokens (m < 8), where
+//     widening would cost more than it saves, the decode kernel per token
+//     over tiles that stay in L1. Either way W is read from memory once.
 template <typename T>
 void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
                  Eigen::Index begin, Eigen::Index end) {
@@ -114,13 +116,21 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
     } else {
       Y.middleCols(begin, n).noalias() = X * W.f32().middleRows(begin, n).transpose();
     }
-  } else {
+  } else if (m < 8) {
     const std::uint16_t* W_bf16 = W.bf16().data();
     // 32 KB of bfloat16 per tile: a core's L1 data cache.
     const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (32 << 10) / (2 * in));
     for (Eigen::Index r = begin; r < end; r += tile)
       for (Eigen::Index t = 0; t < m; ++t)
         gemv_rows_bf16(W_bf16, in, X.row(t).data(), Y.row(t).data(), r, std::min(end, r + tile));
+  } else {
+    const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, (128 << 10) / (in * Eigen::Index{sizeof(T)})));
+    Matrix<T> widened(tile, in);
+    for (Eigen::Index r = begin; r < end; r += tile) {
+      const Eigen::Index rows = std::min(tile, end - r);
+      for (Eigen::Index i = 0; i < rows; ++i) W.row_to(r + i, widened.row(i).data());
+      Y.middleCols(r, rows).noalias() = X * widened.topRows(rows).transpose();
+    }
   }
   if (b.size() != 0) Y.middleCols(begin, n).rowwise() += b.segment(begin, n).transpose();
 }
