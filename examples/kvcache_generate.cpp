@@ -4,7 +4,8 @@
 //
 //   kvcache-generate MODEL.bin [-z TOKENIZER] [-i PROMPT] [-n STEPS]
 //                    [-t TEMPERATURE] [-p TOPP] [-s SEED] [--prompt-ids IDS]
-//                    [--ids] [--threads N] [--no-cache] [--ignore-eos] [--stats]
+//                    [--ids] [--threads N] [--weights f32|bf16] [--no-cache]
+//                    [--ignore-eos] [--stats]
 //                    [--kv-type f32|bf16|int8] [--window W] [--sinks S]
 //                    [--prompt-cache FILE]
 //                    [--prompts-file FILE [--parallel N]]
@@ -309,7 +310,8 @@ int run(int argc, char** argv) {
     return std::cout ? 0 : 1;
   }
 
-  const kvcache::Decoder<float> decoder = kvcache::load_llama2c(o.model_path);
+  const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;
+  const kvcache::Decoder<float> decoder = kvcache::load_llama2c(o.model_path, {}, weight_type);
   const kvcache::ModelConfig& config = decoder.config();
 
   // As run: 0, or more than the model can hold, means the model's seq_len.

@@ -18,9 +18,10 @@ template <typename T>
 Mat to_double(const kvcache::Matrix<T>& m) {
   return m.template cast<double>();
 }
+// The values the matrix holds, whether stored as T or as bfloat16.
 template <typename T>
 Mat to_double(const kvcache::WeightMatrix<T>& m) {
-  return m.template cast<double>();
+  return m.to_dense().template cast<double>();
 }
 template <typename T>
 Vec to_double(const kvcache::Vector<T>& v) {
@@ -135,8 +136,9 @@ template <typename T>
 Mat decoder_logits(const kvcache::Decoder<T>& d, const std::vector<int>& tokens) {
   const auto& c = d.config();
   Mat x(static_cast<Eigen::Index>(tokens.size()), static_cast<Eigen::Index>(c.d_model));
+  const Mat E = to_double(d.token_embedding());
   for (std::size_t i = 0; i < tokens.size(); ++i) {
-    x.row(static_cast<Eigen::Index>(i)) = d.token_embedding().row(tokens[i]).template cast<double>();
+    x.row(static_cast<Eigen::Index>(i)) = E.row(tokens[i]);
     if (c.positions == kvcache::PositionEncoding::learned)
       x.row(static_cast<Eigen::Index>(i)) +=
           d.position_embedding().row(static_cast<Eigen::Index>(i)).template cast<double>();

@@ -131,7 +131,7 @@ TEST(BatchAttention, RejectsMalformedBatchesAndChangesNothing) {
   c.n_kv_heads = 2;
   c.max_seq_len = 8;
   kvcache::AttentionWeights<float> w;
-  w.W_Q = w.W_K = w.W_V = w.W_O = kvcache::WeightMatrix<float>::Identity(16, 16);
+  w.W_Q = w.W_K = w.W_V = w.W_O = kvcache::WeightMatrix<float>(Mat::Identity(16, 16));
   const kvcache::MultiHeadAttentionWithCache<float> layer(c, w);
   KVCache<float> a = layer.make_cache(), b = layer.make_cache(), full = layer.make_cache();
   layer.forward(random_rows(7, 16, 1), full);

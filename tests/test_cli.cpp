@@ -44,6 +44,7 @@ TEST(CliArgs, Defaults) {
   EXPECT_EQ(o.top_p, 0.9f);
   EXPECT_EQ(o.seed, 0u);
   EXPECT_EQ(o.threads, 1u);
+  EXPECT_EQ(o.weights, "f32");
   EXPECT_FALSE(o.print_ids || o.no_cache || o.ignore_eos || o.stats || o.help);
   EXPECT_TRUE(o.needs_tokenizer());
 }
@@ -53,7 +54,7 @@ TEST(CliArgs, EveryOption) {
       parse_args({"-z",         "tok.bin",      "-i",         "The cat", "-n",        "0",
                   "-t",         "0.5",          "-p",         "1",       "-s",        "18446744073709551615",
                   "m.bin",      "--prompt-ids", "1, 368,430", "--ids",   "--threads", "4",
-                  "--no-cache", "--ignore-eos", "--stats"});
+                  "--no-cache", "--ignore-eos", "--stats", "--weights", "bf16"});
   EXPECT_EQ(o.model_path, "m.bin");
   EXPECT_EQ(o.tokenizer_path, "tok.bin");
   EXPECT_EQ(*o.prompt, "The cat");
@@ -63,6 +64,8 @@ TEST(CliArgs, EveryOption) {
   EXPECT_EQ(o.top_p, 1.0f);
   EXPECT_EQ(o.seed, 18446744073709551615ull);
   EXPECT_EQ(o.threads, 4u);
+  EXPECT_EQ(o.weights, "bf16");
+  EXPECT_EQ(parse_args({"m", "--weights", "f32"}).weights, "f32");
   EXPECT_TRUE(o.print_ids && o.no_cache && o.ignore_eos && o.stats);
   EXPECT_FALSE(o.needs_tokenizer());  // ids in, ids out
   EXPECT_TRUE(parse_args({"m", "-i", "x", "--ids"}).needs_tokenizer());
@@ -175,6 +178,10 @@ TEST(CliArgs, Errors) {
       {"m", "--threads", "0"},
       {"m", "--threads", "257"},
       {"m", "--threads", "two"},
+      {"m", "--weights"},
+      {"m", "--weights", ""},
+      {"m", "--weights", "bf8"},
+      {"m", "--weights", "BF16"},
       {"m", "--prompt-ids", ""},
       {"m", "--prompt-ids", ","},
       {"m", "--prompt-ids", "1,x"},
@@ -377,6 +384,22 @@ TEST_F(Cli, NoCacheAndThreadsGiveTheSameOutput) {
   EXPECT_EQ(run(greedy({"-i", "The cat", "--no-cache"})).out, kTheCatText);
   EXPECT_EQ(run(greedy({"-i", "The cat", "--threads", "2"})).out, kTheCatText);
   EXPECT_EQ(run(greedy({"-i", "The cat", "--no-cache", "--ids"})).out, kTheCatIds);
+}
+
+// bfloat16 weights: the first 32 generated tokens as with float32 (here all
+// of them are: this small model's greedy choices are far apart).
+TEST_F(Cli, Bf16WeightsKeepTheGreedyTokens) {
+  for (const char* threads : {"1", "2"}) {
+    const Result r = run(greedy({"-i", "The cat", "--ids", "--weights", "bf16", "--threads", threads}));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    const std::size_t first_36 = [] {
+      std::size_t at = 0;
+      for (int i = 0; i < 36; ++i) at = kTheCatIds.find(' ', at) + 1;
+      return at;
+    }();  // 4 prompt ids + 32 generated
+    EXPECT_EQ(r.out.substr(0, first_36), kTheCatIds.substr(0, first_36)) << threads;
+  }
+  expect_failure(greedy({"--weights", "f16"}), "--weights must be f32 or bf16, got 'f16'");
 }
 
 TEST_F(Cli, StepsZeroAndTooManyMeanSeqLen) {

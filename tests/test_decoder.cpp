@@ -1,6 +1,7 @@
 // Decoder and Session: the formula, cached == uncached at every step, chunked
 // prefill, session isolation, and the error paths that must leave the caches
 // as they were.
+#include <cstdint>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -215,6 +216,96 @@ TEST(Decoder, KvBytesFollowTheFormula) {
   // 2 × layers × kv_heads × d_k × tokens × bytes per value
   EXPECT_EQ(s.kv_bytes(), 2u * 2u * 2u * 8u * 40u * sizeof(float));
   EXPECT_EQ(c.kv_bytes_per_token<float>(), 2u * 2u * 2u * 8u * sizeof(float));
+}
+
+// ---- Weights stored as bfloat16 -----------------------------------------------
+
+namespace {
+
+template <typename T>
+Decoder<T> make_bf16_decoder(const ModelConfig& c, std::uint64_t seed = 42) {
+  return Decoder<T>(c, kvcache::random_weights<T>(c, seed), kvcache::WeightType::bf16);
+}
+
+}  // namespace
+
+TEST(DecoderBf16, EveryWeightMatrixIsStoredRoundedAndTheRestStaysT) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4]);  // rope, swiglu, untied
+  const auto w = kvcache::random_weights<float>(c, 42);
+  const Decoder<float> f32(c, w);
+  const Decoder<float> bf16 = make_bf16_decoder<float>(c);
+  EXPECT_EQ(f32.weight_type(), kvcache::WeightType::f32);
+  EXPECT_EQ(bf16.weight_type(), kvcache::WeightType::bf16);
+  const auto rounded = [](const kvcache::WeightMatrix<float>& W) {
+    kvcache::WeightMatrix<float> R = W;
+    R.convert_to(kvcache::WeightType::bf16);
+    return R;
+  };
+  EXPECT_EQ(bf16.token_embedding(), rounded(w.token_embedding));
+  EXPECT_EQ(bf16.lm_head(), rounded(w.lm_head));
+  for (std::size_t l = 0; l < c.n_layers; ++l) {
+    const auto& a = bf16.block(l).attention.weights();
+    EXPECT_EQ(a.W_Q, rounded(w.blocks[l].attention.W_Q));
+    EXPECT_EQ(a.W_K, rounded(w.blocks[l].attention.W_K));
+    EXPECT_EQ(a.W_V, rounded(w.blocks[l].attention.W_V));
+    EXPECT_EQ(a.W_O, rounded(w.blocks[l].attention.W_O));
+    EXPECT_EQ(bf16.block(l).mlp.W_1, rounded(w.blocks[l].mlp.W_1));
+    EXPECT_EQ(bf16.block(l).mlp.W_2, rounded(w.blocks[l].mlp.W_2));
+    EXPECT_EQ(bf16.block(l).mlp.W_3, rounded(w.blocks[l].mlp.W_3));
+    EXPECT_EQ(bf16.block(l).mlp_norm.gamma, w.blocks[l].mlp_norm.gamma);
+  }
+  // Matrices take 2 bytes a value, the norms still 4.
+  const std::size_t norms = (2 * c.n_layers + 1) * c.d_model * sizeof(float);
+  EXPECT_EQ(bf16.weight_bytes(), (f32.weight_bytes() - norms) / 2 + norms);
+}
+
+// The matrices under 2 MB share one block of memory, in order (so that
+// together they fill huge pages), whatever the weight type.
+TEST(DecoderBf16, SmallMatricesShareOneBlock) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[4]);
+  for (const auto type : {kvcache::WeightType::f32, kvcache::WeightType::bf16}) {
+    const Decoder<float> d(c, kvcache::random_weights<float>(c, 42), type);
+    const auto& a = d.block(0).attention.weights();
+    const auto address = [type](const kvcache::WeightMatrix<float>& W) {
+      return type == kvcache::WeightType::f32 ? reinterpret_cast<const char*>(W.f32().data())
+                                              : reinterpret_cast<const char*>(W.bf16().data());
+    };
+    EXPECT_EQ(address(a.W_K) - address(a.W_Q),
+              static_cast<std::ptrdiff_t>(kvcache::detail::WeightArena::slice_bytes(a.W_Q.bytes())));
+    EXPECT_EQ(address(d.block(1).attention.weights().W_Q) - address(d.block(0).mlp.W_3),
+              static_cast<std::ptrdiff_t>(kvcache::detail::WeightArena::slice_bytes(d.block(0).mlp.W_3.bytes())));
+  }
+}
+
+// The reference reads the weights the decoder holds, i.e. rounded to
+// bfloat16: in double the products match it to double precision. In float
+// the portable kernel lands near 3e-7, as float32 weights do; the AVX-512
+// BF16 one carries x with 16 significant bits (tests/test_linear.cpp), a
+// relative error up to 2^-16 = 1.5e-5 per product, and lands near 8e-6.
+TEST(DecoderBf16, MatchesTheFormulaOnTheRoundedWeights) {
+  for (const auto& v : fixtures::variants()) {
+    const ModelConfig c = fixtures::model(v);
+    const auto tokens = fixtures::random_tokens(17, c.vocab_size, 1);
+    const Decoder<double> d = make_bf16_decoder<double>(c);
+    Session<double> s = d.new_session();
+    EXPECT_LE(reference::relative_error(d.forward(tokens, s), reference::decoder_logits(d, tokens)), 1e-12) << v.name;
+    const Decoder<float> f = make_bf16_decoder<float>(c);
+    Session<float> sf = f.new_session();
+    EXPECT_LE(reference::relative_error(f.forward(tokens, sf), reference::decoder_logits(f, tokens)), 3e-5) << v.name;
+  }
+}
+
+TEST(DecoderBf16, CachedEqualsUncachedAndTwoThreadsEqualOne) {
+  for (const auto& v : fixtures::variants()) {
+    const ModelConfig c = fixtures::model(v);
+    const Decoder<float> d = make_bf16_decoder<float>(c);
+    const auto tokens = fixtures::random_tokens(20, c.vocab_size, 5);
+    Session<float> one = d.new_session(), two = d.new_session(), whole = d.new_session();
+    two.set_threads(2);
+    const kvcache::Matrix<float> stepped = chunked_logits(d, one, tokens, {12, 1, 1, 6});
+    EXPECT_LE(reference::relative_error(chunked_logits(d, two, tokens, {12, 1, 1, 6}), stepped), 1e-5) << v.name;
+    EXPECT_LE(reference::relative_error(d.forward(tokens, whole), stepped), 1e-5) << v.name;
+  }
 }
 
 // ---- Configuration errors ---------------------------------------------------

@@ -175,6 +175,41 @@ TEST(Llama2cReference, Stories260KUncachedPrefix) {
   EXPECT_EQ(run_like(d, {1}, 40, /*cached=*/false), expected);
 }
 
+// Weights stored as bfloat16 (rounded while loading): greedy output on the
+// real models must not change for at least the first 32 generated tokens.
+TEST(Llama2cReference, Bf16KeepsTheFirst32GreedyTokens) {
+  KVCACHE_MODEL_FILE_OR_SKIP(aidreams, "aidreams260K.bin");
+  KVCACHE_MODEL_FILE_OR_SKIP(stories, "stories260K.bin");
+  const auto first = [](const std::vector<int>& ids, std::size_t n) {
+    return std::vector<int>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(n));
+  };
+  const Decoder<float> a = kvcache::load_llama2c(aidreams, {}, kvcache::WeightType::bf16);
+  EXPECT_EQ(a.weight_type(), kvcache::WeightType::bf16);
+  const std::vector<int> prompt{1, 368, 430, 273, 268};
+  for (const std::size_t threads : {1u, 2u}) {
+    // 4 prompt ids, then the generated ones.
+    EXPECT_EQ(first(run_like(a, prompt, 36, true, threads), 36), first(kTheCatIds, 36)) << threads;
+    EXPECT_EQ(first(run_like(a, {1}, 32, true, threads), 32), first(kNoPromptIds, 32)) << threads;
+  }
+  const Decoder<float> s = kvcache::load_llama2c(stories, {}, kvcache::WeightType::bf16);
+  EXPECT_EQ(first(run_like(s, {1}, 32), 32), first(kStoriesIds, 32));
+}
+
+// Rounding while reading gives what rounding a float32 load gives, in half
+// the bytes for the matrices.
+TEST(Llama2cReference, Bf16LoadEqualsAConvertedFloatLoad) {
+  KVCACHE_MODEL_FILE_OR_SKIP(model, "stories260K.bin");
+  const Decoder<float> f32 = kvcache::load_llama2c(model);
+  const Decoder<float> bf16 = kvcache::load_llama2c(model, {}, kvcache::WeightType::bf16);
+  kvcache::WeightMatrix<float> E = f32.token_embedding(), W_2 = f32.block(4).mlp.W_2;
+  E.convert_to(kvcache::WeightType::bf16);
+  W_2.convert_to(kvcache::WeightType::bf16);
+  EXPECT_EQ(bf16.token_embedding(), E);
+  EXPECT_EQ(bf16.block(4).mlp.W_2, W_2);
+  EXPECT_EQ(bf16.block(4).mlp_norm.gamma, f32.block(4).mlp_norm.gamma);
+  EXPECT_LT(bf16.weight_bytes(), f32.weight_bytes() * 51 / 100);
+}
+
 // ---------------------------------------------------------------------------
 // Files in the test's temporary folder
 
@@ -384,6 +419,17 @@ TEST_F(Llama2cFiles, NonFiniteWeight) {
   std::memcpy(&bytes[bytes.size() - 4], &inf, sizeof inf);  // last element of wcls
   write_file(path("inf.bin"), bytes);
   expect_load_error(path("inf.bin"), {"wcls", "non-finite"});
+
+  // Loading as bfloat16 checks the same floats, and names the same element.
+  try {
+    (void)kvcache::load_llama2c(path("inf.bin"), {}, kvcache::WeightType::bf16);
+    ADD_FAILURE() << "no exception";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("wcls holds a non-finite value (inf) at element 79"), std::string::npos)
+        << e.what();
+  }
+  const Decoder<float> b = kvcache::load_llama2c(path("nan.bin"), unchecked, kvcache::WeightType::bf16);
+  EXPECT_TRUE(std::isnan(b.block(0).attention.weights().W_Q(0, 0)));
 }
 
 // ---------------------------------------------------------------------------
@@ -536,6 +582,24 @@ TEST_F(Llama2cFiles, StreamErrorsNameTheStream) {
     ADD_FAILURE() << "an unseekable stream was read";
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("cannot determine the file's length"), std::string::npos) << e.what();
+  }
+}
+
+// A bfloat16 decoder is saved as the float32 values it holds: loading that
+// file as bfloat16 gives the same decoder back, as float32 its values.
+TEST_F(Llama2cFiles, RoundTripBf16) {
+  for (const bool tied : {true, false}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    const Decoder<float> f32 = random_decoder(tied, 9);
+    const Decoder<float> bf16(f32.config(), kvcache::random_weights<float>(f32.config(), 9), kvcache::WeightType::bf16);
+    const std::string file = path("bf16.bin");
+    kvcache::save_llama2c(bf16, file);
+    expect_same_weights(bf16, kvcache::load_llama2c(file, {}, kvcache::WeightType::bf16));
+    const Decoder<float> widened = kvcache::load_llama2c(file);
+    EXPECT_EQ(widened.weight_type(), kvcache::WeightType::f32);
+    EXPECT_EQ(widened.block(1).mlp.W_2.f32(), bf16.block(1).mlp.W_2.to_dense());
+    EXPECT_EQ(widened.lm_head().f32(), bf16.lm_head().to_dense());
+    EXPECT_NE(widened.lm_head().f32(), f32.lm_head().f32());  // rounded, not the originals
   }
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <optional>
@@ -443,11 +444,14 @@ class MultiHeadAttentionWithCache {
   // Rows of a compact cache converted to T at a time: 64 × d_k fits in L1.
   static constexpr std::size_t kTile = 64;
 
+  // Q, K and V read the same x: one parallel region computes all three, its
+  // threads splitting the d_model + 2·kv_dim output features between them.
   template <typename Derived>
   void project(const Eigen::MatrixBase<Derived>& x, AttentionScratch<T>& s, std::size_t threads) const {
-    detail::linear<T>(x, weights_.W_Q, weights_.b_Q, s.Q, threads);
-    detail::linear<T>(x, weights_.W_K, weights_.b_K, s.K, threads);
-    detail::linear<T>(x, weights_.W_V, weights_.b_V, s.V, threads);
+    const std::array<detail::LinearTerm<T>, 3> qkv{{{weights_.W_Q, weights_.b_Q, s.Q},
+                                                    {weights_.W_K, weights_.b_K, s.K},
+                                                    {weights_.W_V, weights_.b_V, s.V}}};
+    detail::linear<T>(x, qkv, threads);
   }
 
   using ConstStridedMap = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;

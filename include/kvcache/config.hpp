@@ -15,13 +15,7 @@ namespace kvcache {
 // contiguous.
 template <typename T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-// Weights have the shape [out, in] but are stored column by column: y = W·x
-// then streams through W once, adding x_j times column j into y (which stays
-// in cache). For the tall matrices that dominate decoding (the LM head:
-// vocab × d_model) this reads memory about twice as fast as a dot product per
-// row. Assigning a row-major matrix converts it.
-template <typename T>
-using WeightMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+// Weights are WeightMatrix<T> (weight_matrix.hpp): [out, in], row by row.
 template <typename T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 template <typename T>

@@ -2,6 +2,7 @@
 // weights, and Session: the per-request state (one KVCache per layer).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -19,6 +20,7 @@
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
 #include "kv_cache.hpp"
+#include "weight_matrix.hpp"
 
 namespace kvcache {
 
@@ -299,8 +301,12 @@ class Decoder {
   };
 
   // Validates every size and shape, and throws std::invalid_argument naming
-  // the field and the values on the first that is wrong.
-  Decoder(ModelConfig config, DecoderWeights<T> weights) : config_(config) {
+  // the field and the values on the first that is wrong. Every weight matrix
+  // (embeddings, W_Q, W_K, W_V, W_O, W_1, W_2, W_3, LM head) is then stored as
+  // `weight_type`, converted one at a time (f32 → bf16: round to nearest even,
+  // the T values freed); norms, biases and learned positions stay T.
+  Decoder(ModelConfig config, DecoderWeights<T> weights, WeightType weight_type = WeightType::f32)
+      : config_(config), weight_type_(weight_type) {
     config_.validate();
     const std::size_t d = config_.d_model, V = config_.vocab_size;
     detail::check_weight("token_embedding", weights.token_embedding, V, d);
@@ -316,6 +322,23 @@ class Decoder {
       detail::fail_config("lm_head given but tied_lm_head = true");
     if (!config_.tied_lm_head) detail::check_weight("lm_head", weights.lm_head, V, d);
 
+    // Each matrix is converted to weight_type in turn; those then under 2 MB
+    // move side by side into one arena, so that together they fill huge
+    // pages (bigger ones have huge pages of their own: see WeightArena).
+    const std::size_t value_bytes = weight_type == WeightType::f32 ? sizeof(T) : sizeof(std::uint16_t);
+    const auto in_arena = [&](const WeightMatrix<T>& W) {
+      const std::size_t bytes = static_cast<std::size_t>(W.size()) * value_bytes;
+      return bytes != 0 && bytes < detail::kHugePage;
+    };
+    std::size_t arena_bytes = 0;
+    for (WeightMatrix<T>* W : matrices(weights))
+      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(static_cast<std::size_t>(W->size()) * value_bytes);
+    detail::WeightArena arena(arena_bytes);
+    const auto store = [&](WeightMatrix<T>& W) {
+      W.convert_to(weight_type);
+      if (in_arena(W)) W.move_into(arena);
+    };
+
     blocks_.reserve(config_.n_layers);
     for (std::size_t l = 0; l < config_.n_layers; ++l) {
       auto& b = weights.blocks[l];
@@ -323,6 +346,9 @@ class Decoder {
       check_norm((at + "attention_norm").c_str(), b.attention_norm);
       check_norm((at + "mlp_norm").c_str(), b.mlp_norm);
       check_mlp(at, b.mlp);
+      for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_2,
+                      &b.mlp.W_3})
+        store(*W);
       try {
         blocks_.push_back(Block{std::move(b.attention_norm),
                                 MultiHeadAttentionWithCache<T>(config_.attention(), std::move(b.attention)),
@@ -331,6 +357,8 @@ class Decoder {
         throw std::invalid_argument(std::string(e.what()) + " (in " + at + "attention)");
       }
     }
+    store(weights.token_embedding);
+    store(weights.lm_head);
     token_embedding_ = std::move(weights.token_embedding);
     position_embedding_ = std::move(weights.position_embedding);
     final_norm_ = std::move(weights.final_norm);
@@ -338,22 +366,24 @@ class Decoder {
   }
 
   const ModelConfig& config() const { return config_; }
+  // How the weight matrices are stored.
+  WeightType weight_type() const { return weight_type_; }
   const Block& block(std::size_t l) const { return blocks_.at(l); }
   const WeightMatrix<T>& token_embedding() const { return token_embedding_; }
   const Matrix<T>& position_embedding() const { return position_embedding_; }
   const NormWeights<T>& final_norm() const { return final_norm_; }
   const WeightMatrix<T>& lm_head() const { return config_.tied_lm_head ? token_embedding_ : lm_head_; }
 
-  // Bytes of all parameters.
+  // Bytes of all parameters, as stored (a bfloat16 weight takes 2).
   std::size_t weight_bytes() const {
-    std::size_t n = count(token_embedding_) + count(position_embedding_) + count(final_norm_) + count(lm_head_);
+    std::size_t n = bytes(token_embedding_) + bytes(position_embedding_) + bytes(final_norm_) + bytes(lm_head_);
     for (const auto& b : blocks_) {
       const auto& a = b.attention.weights();
-      n += count(b.attention_norm) + count(b.mlp_norm) + count(a.W_Q) + count(a.W_K) + count(a.W_V) + count(a.W_O) +
-           count(a.b_Q) + count(a.b_K) + count(a.b_V) + count(a.b_O) + count(b.mlp.W_1) + count(b.mlp.W_2) +
-           count(b.mlp.W_3) + count(b.mlp.b_1) + count(b.mlp.b_2);
+      n += bytes(b.attention_norm) + bytes(b.mlp_norm) + bytes(a.W_Q) + bytes(a.W_K) + bytes(a.W_V) + bytes(a.W_O) +
+           bytes(a.b_Q) + bytes(a.b_K) + bytes(a.b_V) + bytes(a.b_O) + bytes(b.mlp.W_1) + bytes(b.mlp.W_2) +
+           bytes(b.mlp.W_3) + bytes(b.mlp.b_1) + bytes(b.mlp.b_2);
     }
-    return n * sizeof(T);
+    return n;
   }
 
   // A new, empty session. max_tokens = 0 means the model's max_seq_len;
@@ -498,11 +528,22 @@ class Decoder {
   }
 
  private:
-  template <typename M>
-  static std::size_t count(const M& m) {
-    return static_cast<std::size_t>(m.size());
+  // Every weight matrix of `w`, in the order the constructor stores them.
+  static std::vector<WeightMatrix<T>*> matrices(DecoderWeights<T>& w) {
+    std::vector<WeightMatrix<T>*> all;
+    for (auto& b : w.blocks)
+      all.insert(all.end(), {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1,
+                             &b.mlp.W_2, &b.mlp.W_3});
+    all.insert(all.end(), {&w.token_embedding, &w.lm_head});
+    return all;
   }
-  static std::size_t count(const NormWeights<T>& n) { return count(n.gamma) + count(n.beta); }
+
+  template <typename Derived>
+  static std::size_t bytes(const Eigen::EigenBase<Derived>& m) {
+    return static_cast<std::size_t>(m.size()) * sizeof(typename Derived::Scalar);
+  }
+  static std::size_t bytes(const WeightMatrix<T>& W) { return W.bytes(); }
+  static std::size_t bytes(const NormWeights<T>& n) { return bytes(n.gamma) + bytes(n.beta); }
 
   // Puts `s` back as it was before a failed call found it at position p
   // holding `held` tokens. Every allocation of a forward pass is meant to
@@ -621,7 +662,7 @@ class Decoder {
   void embed_rows(const std::vector<int>& tokens, std::size_t p, Matrix<T>& x, Eigen::Index first) const {
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       const auto row = first + static_cast<Eigen::Index>(i);
-      x.row(row) = token_embedding_.row(tokens[i]);
+      token_embedding_.row_to(tokens[i], x.row(row).data());
       if (config_.positions == PositionEncoding::learned)
         x.row(row) += position_embedding_.row(static_cast<Eigen::Index>(p + i));
     }
@@ -647,7 +688,7 @@ class Decoder {
     detail::resize_buffer(s.x_, static_cast<Eigen::Index>(tokens.size()), static_cast<Eigen::Index>(config_.d_model));
     for (std::size_t i = 0; i < tokens.size(); ++i) {
       const auto row = static_cast<Eigen::Index>(i);
-      s.x_.row(row) = token_embedding_.row(tokens[i]);
+      token_embedding_.row_to(tokens[i], s.x_.row(row).data());
       if (config_.positions == PositionEncoding::learned)
         s.x_.row(row) += position_embedding_.row(static_cast<Eigen::Index>(p + i));
     }
@@ -682,23 +723,37 @@ class Decoder {
     }
   }
 
+  // The whole MLP in one parallel region: each thread computes its slice of
+  // the d_ff hidden features (W_1 and W_3 rows together, so the activation
+  // needs nothing from other threads), then, once all of hidden is there,
+  // its slice of the d_model outputs of W_2.
   void mlp(const MlpWeights<T>& w, Session<T>& s) const {
     const Eigen::Index m = s.x_.rows(), ff = static_cast<Eigen::Index>(config_.d_ff);
+    const bool swiglu = config_.mlp == MlpKind::swiglu;
     detail::resize_buffer(s.hidden_, m, ff);
+    if (swiglu) detail::resize_buffer(s.gate_, m, ff);
     detail::resize_buffer(s.delta_, m, static_cast<Eigen::Index>(config_.d_model));
-    detail::linear<T>(s.normed_, w.W_1, w.b_1, s.hidden_, s.threads_);
-    if (config_.mlp == MlpKind::swiglu) {
-      detail::resize_buffer(s.gate_, m, ff);
-      detail::linear<T>(s.normed_, w.W_3, Vector<T>(), s.gate_, s.threads_);
-      // silu(a) · g = a · σ(a) · g
-      s.hidden_.array() = s.hidden_.array() * (T(1) / (T(1) + (-s.hidden_.array()).exp())) * s.gate_.array();
-    } else {
-      // GELU, tanh approximation (GPT-2): ½a(1 + tanh(√(2/π)(a + 0.044715a³)))
-      const T c = static_cast<T>(0.7978845608028654);
-      auto a = s.hidden_.array();
-      s.hidden_.array() = T(0.5) * a * (T(1) + (c * (a + T(0.044715) * a.cube())).tanh());
-    }
-    detail::linear<T>(s.hidden_, w.W_2, w.b_2, s.delta_, s.threads_);
+    const Vector<T> no_bias;
+    const std::size_t widest = std::max(config_.d_ff, config_.d_model);
+    detail::parallel_team(detail::team_size(s.threads_, widest, 16), [&](const detail::Team& team) {
+      const auto [f0, f1] = team.slice(config_.d_ff, 16);
+      const auto h0 = static_cast<Eigen::Index>(f0), hn = static_cast<Eigen::Index>(f1 - f0);
+      detail::linear_rows<T>(s.normed_, w.W_1, w.b_1, s.hidden_, h0, h0 + hn);
+      auto a = s.hidden_.middleCols(h0, hn).array();
+      if (swiglu) {
+        detail::linear_rows<T>(s.normed_, w.W_3, no_bias, s.gate_, h0, h0 + hn);
+        // silu(a) · g = a · σ(a) · g
+        a = a * (T(1) / (T(1) + (-a).exp())) * s.gate_.middleCols(h0, hn).array();
+      } else {
+        // GELU, tanh approximation (GPT-2): ½a(1 + tanh(√(2/π)(a + 0.044715a³)))
+        const T c = static_cast<T>(0.7978845608028654);
+        a = T(0.5) * a * (T(1) + (c * (a + T(0.044715) * a.cube())).tanh());
+      }
+      team.barrier();
+      const auto [d0, d1] = team.slice(config_.d_model, 16);
+      detail::linear_rows<T>(s.hidden_, w.W_2, w.b_2, s.delta_, static_cast<Eigen::Index>(d0),
+                             static_cast<Eigen::Index>(d1));
+    });
   }
 
   void head(Session<T>& s, Logits which) const {
@@ -709,6 +764,7 @@ class Decoder {
   }
 
   ModelConfig config_;
+  WeightType weight_type_;
   WeightMatrix<T> token_embedding_;
   Matrix<T> position_embedding_;
   std::vector<Block> blocks_;

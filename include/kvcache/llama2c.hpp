@@ -26,15 +26,15 @@
 //
 // The model is a Llama block: RMSNorm (eps 1e-5), RoPE (base 10000) on
 // consecutive pairs, SwiGLU MLP out = w2·(silu(w1·h) ⊙ w3·h), no biases.
-// Decoder's weights have the same [out, in] shapes but are stored column by
-// column, so each matrix is read row by row into a buffer and transposed into
-// place (vectors are read straight into their memory).
+// Decoder's weights have the same [out, in] shapes, stored row by row too,
+// so every array is read straight into its memory.
 //
 // The file's floats are read as they are, which is right on a little-endian
 // host only; on a big-endian host both functions throw std::runtime_error.
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstddef>
@@ -54,6 +54,7 @@
 #include "config.hpp"
 #include "decoder.hpp"
 #include "limits.hpp"
+#include "weight_matrix.hpp"
 
 namespace kvcache {
 
@@ -260,8 +261,10 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   return h;
 }
 
+// Reads `count` floats into dst; `first` is the index of dst[0] in the
+// tensor, for the message about a non-finite value.
 inline void read_floats(std::istream& in, const std::string& path, float* dst, std::size_t count,
-                        const std::string& name, bool check_finite) {
+                        const std::string& name, bool check_finite, std::size_t first = 0) {
   const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
   in.read(reinterpret_cast<char*>(dst), bytes);
   if (!in || in.gcount() != bytes)
@@ -270,21 +273,32 @@ inline void read_floats(std::istream& in, const std::string& path, float* dst, s
     for (std::size_t i = 0; i < count; ++i)
       if (!std::isfinite(dst[i]))
         fail_file(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
-                            std::to_string(i));
+                            std::to_string(first + i));
   }
 }
 
-// The file stores matrices row by row; kvcache's weights are stored column
-// by column (WeightMatrix), so a matrix goes through a row-major buffer.
-template <typename M>
-void read_tensor(std::istream& in, const std::string& path, M& m, const std::string& name, bool check_finite) {
-  if constexpr (M::IsRowMajor || M::ColsAtCompileTime == 1) {
-    read_floats(in, path, m.data(), static_cast<std::size_t>(m.size()), name, check_finite);
-  } else {
-    Matrix<float> rows(m.rows(), m.cols());
-    read_floats(in, path, rows.data(), static_cast<std::size_t>(rows.size()), name, check_finite);
-    m = rows;
+// The file stores matrices row by row, as WeightMatrix does: straight into
+// its memory, or, for a bfloat16 matrix, through a buffer of 64K floats
+// rounded into place (so the float32 values never all exist at once).
+inline void read_tensor(std::istream& in, const std::string& path, WeightMatrix<float>& W, const std::string& name,
+                        bool check_finite) {
+  const auto count = static_cast<std::size_t>(W.size());
+  if (W.type() == WeightType::f32) {
+    read_floats(in, path, W.f32().data(), count, name, check_finite);
+    return;
   }
+  std::uint16_t* dst = W.bf16().data();
+  std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
+  for (std::size_t first = 0; first < count; first += buffer.size()) {
+    const std::size_t n = std::min(buffer.size(), count - first);
+    read_floats(in, path, buffer.data(), n, name, check_finite, first);
+    for (std::size_t i = 0; i < n; ++i) dst[first + i] = float_to_bf16(buffer[i]);
+  }
+}
+
+inline void read_tensor(std::istream& in, const std::string& path, Vector<float>& v, const std::string& name,
+                        bool check_finite) {
+  read_floats(in, path, v.data(), static_cast<std::size_t>(v.size()), name, check_finite);
 }
 
 inline std::string layer_name(const char* what, std::size_t l) {
@@ -330,27 +344,27 @@ namespace detail {
 
 // The weights after a validated header, `in` positioned at the first float.
 inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
-                                           bool finite) {
+                                           bool finite, WeightType weights) {
   const auto d = static_cast<Eigen::Index>(h.dim), ff = static_cast<Eigen::Index>(h.hidden_dim);
   const auto V = static_cast<Eigen::Index>(h.vocab_size), kv = static_cast<Eigen::Index>(h.kv_dim());
   const std::size_t L = h.n_layers;
 
   DecoderWeights<float> w;
-  w.token_embedding.resize(V, d);
+  w.token_embedding.resize(V, d, weights);
   w.blocks.resize(L);
   for (auto& b : w.blocks) {
     b.attention_norm.gamma.resize(d);
-    b.attention.W_Q.resize(d, d);
-    b.attention.W_K.resize(kv, d);
-    b.attention.W_V.resize(kv, d);
-    b.attention.W_O.resize(d, d);
+    b.attention.W_Q.resize(d, d, weights);
+    b.attention.W_K.resize(kv, d, weights);
+    b.attention.W_V.resize(kv, d, weights);
+    b.attention.W_O.resize(d, d, weights);
     b.mlp_norm.gamma.resize(d);
-    b.mlp.W_1.resize(ff, d);
-    b.mlp.W_2.resize(d, ff);
-    b.mlp.W_3.resize(ff, d);
+    b.mlp.W_1.resize(ff, d, weights);
+    b.mlp.W_2.resize(d, ff, weights);
+    b.mlp.W_3.resize(ff, d, weights);
   }
   w.final_norm.gamma.resize(d);
-  if (!h.shared_classifier) w.lm_head.resize(V, d);
+  if (!h.shared_classifier) w.lm_head.resize(V, d, weights);
 
   // In file order: each array is [layers, ...], so one pass per kind of
   // tensor, layer by layer.
@@ -379,7 +393,7 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
   if (!in) detail::fail_file(name, "cannot skip the RoPE tables");
   if (!h.shared_classifier) detail::read_tensor(in, name, w.lm_head, "wcls", finite);
 
-  return Decoder<float>(h.config(), std::move(w));
+  return Decoder<float>(h.config(), std::move(w), weights);
 }
 
 }  // namespace detail
@@ -388,13 +402,14 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
 // position to its end, which must be exactly the checkpoint (see
 // load_llama2c(path) below for the checks); `name` stands for the path in
 // messages. Throws std::runtime_error "kvcache: <name>: <problem>".
-inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {},
+                                   WeightType weights = WeightType::f32) {
   detail::require_little_endian(name);
   const Llama2cHeader h = detail::read_llama2c_header_from(in, name, limits);
 
   // Every allocation is bounded by the file's length; one can still fail.
   try {
-    return detail::read_llama2c_weights(in, name, h, limits.check_finite);
+    return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
   } catch (const std::bad_alloc&) {
     detail::fail_file(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
                                 detail::count_string(detail::sat_mul(4, h.n_parameters)) + " bytes)");
@@ -406,11 +421,15 @@ inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, co
 // are allocated: it exists and is readable, the header is sane, the sizes fit
 // in LoadLimits (the weights, and the KV cache at seq_len positions), and
 // the file is exactly as long as the header implies.
+// With weights = WeightType::bf16 the weight matrices are rounded to
+// bfloat16 as they are read (to nearest even), so memory holds half their
+// float32 bytes and never all of them as float32.
 // Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
-inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {}) {
+inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {},
+                                   WeightType weights = WeightType::f32) {
   std::ifstream in;
   detail::open_for_reading(path, in);
-  return load_llama2c(in, path, limits);
+  return load_llama2c(in, path, limits, weights);
 }
 
 // ============================================================================
@@ -511,28 +530,40 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
     if (!out) throw std::runtime_error("kvcache: " + path + ": write error on " + tmp);
   };
-  // Row by row, as the format stores matrices.
-  const auto write_all = [&](const auto& m) {
-    const Matrix<float> rows = m;
-    write(rows.data(), static_cast<std::size_t>(rows.size()) * sizeof(float));
+  const auto write_all = [&](const Vector<float>& v) {
+    write(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
+  };
+  // Row by row, as both the format and WeightMatrix store matrices; a
+  // bfloat16 matrix is written as the floats it holds (exact), a row at a time.
+  std::vector<float> row;
+  const auto write_matrix = [&](const WeightMatrix<float>& W) {
+    if (W.type() == WeightType::f32) {
+      write(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
+      return;
+    }
+    row.resize(static_cast<std::size_t>(W.cols()));
+    for (Eigen::Index i = 0; i < W.rows(); ++i) {
+      W.row_to(i, row.data());
+      write(row.data(), row.size() * sizeof(float));
+    }
   };
 
   try {
     write(header, sizeof header);
-    write_all(decoder.token_embedding());
+    write_matrix(decoder.token_embedding());
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_Q);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_K);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_V);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention.weights().W_O);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_Q);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_K);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_V);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_O);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_1);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_2);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp.W_3);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_1);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_2);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_3);
     write_all(decoder.final_norm().gamma);
     write(rope_cos.data(), rope_cos.size() * sizeof(float));
     write(rope_sin.data(), rope_sin.size() * sizeof(float));
-    if (!c.tied_lm_head) write_all(decoder.lm_head());
+    if (!c.tied_lm_head) write_matrix(decoder.lm_head());
     out.close();
     if (!out) throw std::runtime_error("kvcache: " + path + ": write error while closing " + tmp);
     std::error_code ec;

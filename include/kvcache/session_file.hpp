@@ -233,13 +233,18 @@ inline void require_little_endian(const std::string& name) {
 template <typename T>
 std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
   detail::session_file::Fnv1a64 h;
+  // Values are taken row by row through m(i, j), so that a matrix stored as
+  // bfloat16 gives the rounded values it computes with (and a fingerprint of
+  // its own).
   const auto add = [&h](const auto& m) {
     const auto n = static_cast<std::uint64_t>(m.size());
+    const auto cols = static_cast<std::uint64_t>(m.cols());
     h.update_u64(static_cast<std::uint64_t>(m.rows()));
-    h.update_u64(static_cast<std::uint64_t>(m.cols()));
+    h.update_u64(cols);
     const std::uint64_t samples = std::min<std::uint64_t>(n, 256);
     for (std::uint64_t k = 0; k < samples; ++k) {
-      const T value = m.data()[(2 * k + 1) * n / (2 * samples)];  // the middle of the k-th of `samples` parts
+      const std::uint64_t at = (2 * k + 1) * n / (2 * samples);  // the middle of the k-th of `samples` parts
+      const T value = m(static_cast<Eigen::Index>(at / cols), static_cast<Eigen::Index>(at % cols));
       h.update(reinterpret_cast<const unsigned char*>(&value), sizeof value);
     }
   };

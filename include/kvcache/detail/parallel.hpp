@@ -1,10 +1,14 @@
-// kvcache/detail/parallel.hpp — the two kernels that decide speed: a linear
-// layer split across threads by output features, and a static parallel loop.
+// kvcache/detail/parallel.hpp — the kernels that decide speed: linear layers
+// split across threads by output features (several matrices in one parallel
+// region when they read the same input), and static parallel loops.
 // Not API.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
+#include <cstdint>
+#include <utility>
 
 #include <Eigen/Core>
 
@@ -13,9 +17,67 @@
 #endif
 
 #include "../config.hpp"
+#include "../weight_matrix.hpp"
+#include "gemv.hpp"
 
 namespace kvcache {
 namespace detail {
+
+// ============================================================================
+// Threads
+// ============================================================================
+
+// The threads of one parallel region, as seen by one of them.
+class Team {
+ public:
+  Team(std::size_t id, std::size_t size) : id_(id), size_(size) {}
+  std::size_t id() const { return id_; }
+  std::size_t size() const { return size_; }
+
+  // This thread's contiguous part [first, second) of [0, n). Parts start at
+  // multiples of `align` (16 floats: a cache line), so threads never write
+  // the same line, and are as even as that allows.
+  std::pair<std::size_t, std::size_t> slice(std::size_t n, std::size_t align) const {
+    const std::size_t blocks = (n + align - 1) / align;
+    return {std::min(n, blocks * id_ / size_ * align), std::min(n, blocks * (id_ + 1) / size_ * align)};
+  }
+
+  // Every thread of the team waits here until all have arrived.
+  void barrier() const {
+#ifdef _OPENMP
+    if (size_ > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+
+ private:
+  std::size_t id_, size_;
+};
+
+// Runs body(team) on `threads` threads at once (one OpenMP parallel region;
+// without OpenMP, or when already inside one, on the calling thread alone as
+// a team of one). body must not throw, and must reach every barrier() on
+// every thread.
+template <typename Body>
+void parallel_team(std::size_t threads, Body&& body) {
+#ifdef _OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(threads))
+    body(Team(static_cast<std::size_t>(omp_get_thread_num()), static_cast<std::size_t>(omp_get_num_threads())));
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  body(Team(0, 1));
+}
+
+// Threads worth starting for n items handed out `align` at a time: no more
+// than there are blocks, at least 1.
+inline std::size_t team_size(std::size_t threads, std::size_t n, std::size_t align) {
+  return std::max<std::size_t>(1, std::min(threads, n / std::max<std::size_t>(align, 1)));
+}
 
 // Calls body(begin, end, slot) on up to `threads` contiguous slices of [0, n),
 // in parallel when OpenMP is available; slot in [0, threads) numbers the
@@ -23,41 +85,96 @@ namespace detail {
 // each thread's rows begin on a cache line. body must not throw.
 template <typename Body>
 void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body&& body) {
-#ifdef _OPENMP
-  const std::size_t usable = std::min(threads, n / std::max<std::size_t>(align, 1));
-  if (usable > 1 && !omp_in_parallel()) {
-#pragma omp parallel num_threads(static_cast<int>(usable))
-    {
-      const auto t = static_cast<std::size_t>(omp_get_thread_num());
-      const auto nt = static_cast<std::size_t>(omp_get_num_threads());
-      const std::size_t blocks = (n + align - 1) / align;
-      const std::size_t begin = std::min(n, blocks * t / nt * align);
-      const std::size_t end = std::min(n, blocks * (t + 1) / nt * align);
-      if (begin < end) body(begin, end, t);
+  parallel_team(team_size(threads, n, align), [&](const Team& team) {
+    const auto [begin, end] = team.slice(n, align);
+    if (begin < end) body(begin, end, team.id());
+  });
+}
+
+// ============================================================================
+// Linear layers
+// ============================================================================
+
+// Y[:, begin:end] = X · W[begin:end, :]ᵀ (+ b[begin:end]): output features
+// [begin, end) of Y = X·Wᵀ + b, for the m rows (tokens) of X (m × in).
+// Y is m × out, sized by the caller.
+//   m == 1 (decode): one dot product per row of W (gemv.hpp), streaming W;
+//     allocates nothing.
+//   m > 1, W as T (prefill): Eigen's matrix-matrix product on those rows.
+//   m > 1, W as bfloat16: tiles of rows widened to T (128 KB, in the core's
+//     L2 cache), each multiplied by Eigen; for a few tokens (m < 8), where
+//     widening would cost more than it saves, the decode kernel per token
+//     over tiles that stay in L1. Either way W is read from memory once.
+template <typename T>
+void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
+                 Eigen::Index begin, Eigen::Index end) {
+  if (begin >= end) return;
+  const Eigen::Index m = X.rows(), in = X.cols(), n = end - begin;
+  if (W.type() == WeightType::f32) {
+    if (m == 1) {
+      gemv_rows(W.f32().data(), in, X.data(), Y.data(), begin, end);
+    } else {
+      Y.middleCols(begin, n).noalias() = X * W.f32().middleRows(begin, n).transpose();
     }
-    return;
+  } else if (m < 8) {
+    const std::uint16_t* W_bf16 = W.bf16().data();
+    // 32 KB of bfloat16 per tile: a core's L1 data cache.
+    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (32 << 10) / (2 * in));
+    for (Eigen::Index r = begin; r < end; r += tile)
+      for (Eigen::Index t = 0; t < m; ++t)
+        gemv_rows_bf16(W_bf16, in, X.row(t).data(), Y.row(t).data(), r, std::min(end, r + tile));
+  } else {
+    const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, (128 << 10) / (in * Eigen::Index{sizeof(T)})));
+    Matrix<T> widened(tile, in);
+    for (Eigen::Index r = begin; r < end; r += tile) {
+      const Eigen::Index rows = std::min(tile, end - r);
+      for (Eigen::Index i = 0; i < rows; ++i) W.row_to(r + i, widened.row(i).data());
+      Y.middleCols(r, rows).noalias() = X * widened.topRows(rows).transpose();
+    }
   }
-#else
-  (void)threads;
-  (void)align;
-#endif
-  body(std::size_t{0}, n, std::size_t{0});
+  if (b.size() != 0) Y.middleCols(begin, n).rowwise() += b.segment(begin, n).transpose();
 }
 
 // Y = X · Wᵀ (+ b broadcast over rows).
-//   X: m × in (a row per token), W: out × in (stored column by column),
-//   Y: m × out, already sized by the caller so that this never allocates.
+//   X: m × in (a row per token), W: out × in, Y: m × out, already sized by
+//   the caller so that this never allocates.
 // Each thread computes a slice of output features, so W is read once in total
-// and the threads never write the same memory. For m == 1 (decode) Eigen runs
-// a matrix-vector product per slice; for m > 1 (prefill) a GEMM.
-template <typename T, typename DerivedX>
-void linear(const Eigen::MatrixBase<DerivedX>& X, const WeightMatrix<T>& W, const Vector<T>& b,
-            Eigen::Ref<Matrix<T>> Y, std::size_t threads) {
-  parallel_slices(static_cast<std::size_t>(W.rows()), threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
-    const auto c0 = static_cast<Eigen::Index>(begin);
-    const auto cn = static_cast<Eigen::Index>(end - begin);
-    Y.middleCols(c0, cn).noalias() = X * W.middleRows(c0, cn).transpose();
-    if (b.size() != 0) Y.middleCols(c0, cn).rowwise() += b.segment(c0, cn).transpose();
+// and the threads never write the same memory.
+template <typename T>
+void linear(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
+            std::size_t threads) {
+  const auto out = static_cast<std::size_t>(W.rows());
+  parallel_slices(out, threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
+    linear_rows<T>(X, W, b, Y, static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end));
+  });
+}
+
+// One product of a fused linear: Y = X·Wᵀ + b (b empty: none).
+template <typename T>
+struct LinearTerm {
+  const WeightMatrix<T>& W;
+  const Vector<T>& b;
+  Matrix<T>& Y;
+};
+
+// Y_k = X · W_kᵀ + b_k for every term k, in one parallel region: the output
+// features of all the terms, side by side, are split across the threads
+// together (as if the W_k were stacked into one matrix), so a decode step
+// starts and joins the threads once, not once per matrix. Shapes as linear().
+template <typename T, std::size_t N>
+void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>, N>& terms, std::size_t threads) {
+  std::size_t total = 0;
+  for (const auto& term : terms) total += static_cast<std::size_t>(term.W.rows());
+  parallel_slices(total, threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
+    std::size_t offset = 0;  // where the current term's rows start in [0, total)
+    for (const auto& term : terms) {
+      const std::size_t rows = static_cast<std::size_t>(term.W.rows());
+      const std::size_t lo = std::max(begin, offset), hi = std::min(end, offset + rows);
+      if (lo < hi)
+        linear_rows<T>(X, term.W, term.b, term.Y, static_cast<Eigen::Index>(lo - offset),
+                       static_cast<Eigen::Index>(hi - offset));
+      offset += rows;
+    }
   });
 }
 
