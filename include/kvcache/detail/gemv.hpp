@@ -27,29 +27,51 @@
 namespace kvcache {
 namespace detail {
 
-// y[i] = W[i, :] · x for i in [begin, end); W is row-major with n columns.
-// Eigen's packets (SSE, AVX, AVX-512, NEON: whatever the build targets),
-// four accumulators, then one packet at a time, then scalars.
-template <typename T>
-void gemv_rows(const T* W, Eigen::Index n, const T* x, T* y, Eigen::Index begin, Eigen::Index end) {
+// y_k[i] = W[i, :] · x_k for K tokens k = 0 … K−1 and i in [begin, end); W
+// is row-major with n columns. Eigen's packets (SSE, AVX, AVX-512, NEON:
+// whatever the build targets), four accumulators per token, then one packet
+// at a time, then scalars. Each packet of W is loaded once for all K tokens
+// (a batch of sessions decoding together), and every token's sum is formed
+// in the same order as for K = 1: a token's result does not depend on the
+// tokens it is batched with. W is read one row at a time, front to back,
+// which the hardware prefetchers follow best (interleaving four rows, to
+// load each packet of x once for several rows, made decode 3× slower).
+template <int K, typename T>
+void gemv_rows_k(const T* W, Eigen::Index n, const T* const* x, T* const* y, Eigen::Index begin, Eigen::Index end) {
   namespace ei = Eigen::internal;
   using Packet = typename ei::packet_traits<T>::type;
   constexpr Eigen::Index P = ei::packet_traits<T>::size;
   for (Eigen::Index i = begin; i < end; ++i) {
     const T* w = W + i * n;
-    Packet a0 = ei::pset1<Packet>(T(0)), a1 = a0, a2 = a0, a3 = a0;
+    Packet a[K][4];
+    for (int k = 0; k < K; ++k) a[k][0] = a[k][1] = a[k][2] = a[k][3] = ei::pset1<Packet>(T(0));
     Eigen::Index j = 0;
     for (; j + 4 * P <= n; j += 4 * P) {
-      a0 = ei::pmadd(ei::ploadu<Packet>(w + j), ei::ploadu<Packet>(x + j), a0);
-      a1 = ei::pmadd(ei::ploadu<Packet>(w + j + P), ei::ploadu<Packet>(x + j + P), a1);
-      a2 = ei::pmadd(ei::ploadu<Packet>(w + j + 2 * P), ei::ploadu<Packet>(x + j + 2 * P), a2);
-      a3 = ei::pmadd(ei::ploadu<Packet>(w + j + 3 * P), ei::ploadu<Packet>(x + j + 3 * P), a3);
+      for (int u = 0; u < 4; ++u) {
+        const Packet w_u = ei::ploadu<Packet>(w + j + u * P);
+        for (int k = 0; k < K; ++k) a[k][u] = ei::pmadd(w_u, ei::ploadu<Packet>(x[k] + j + u * P), a[k][u]);
+      }
     }
-    for (; j + P <= n; j += P) a0 = ei::pmadd(ei::ploadu<Packet>(w + j), ei::ploadu<Packet>(x + j), a0);
-    T sum = ei::predux(ei::padd(ei::padd(a0, a1), ei::padd(a2, a3)));
-    for (; j < n; ++j) sum += w[j] * x[j];
-    y[i] = sum;
+    for (; j + P <= n; j += P) {
+      const Packet w_j = ei::ploadu<Packet>(w + j);
+      for (int k = 0; k < K; ++k) a[k][0] = ei::pmadd(w_j, ei::ploadu<Packet>(x[k] + j), a[k][0]);
+    }
+    for (int k = 0; k < K; ++k) {
+      T sum = ei::predux(ei::padd(ei::padd(a[k][0], a[k][1]), ei::padd(a[k][2], a[k][3])));
+      for (Eigen::Index r = j; r < n; ++r) sum += w[r] * x[k][r];
+      y[k][i] = sum;
+    }
   }
+}
+
+// Tokens gemv_rows_k takes at once: its 4·K accumulators and a packet of W
+// and of x must fit in the vector registers (32 with AVX-512, 16 with AVX2).
+constexpr int kGemvTokens = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2;
+
+// y[i] = W[i, :] · x for i in [begin, end): one token.
+template <typename T>
+void gemv_rows(const T* W, Eigen::Index n, const T* x, T* y, Eigen::Index begin, Eigen::Index end) {
+  gemv_rows_k<1>(W, n, &x, &y, begin, end);
 }
 
 // The same with W stored as bfloat16; the products and sums are in T (for

@@ -98,31 +98,54 @@ void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body
 // Y[:, begin:end] = X · W[begin:end, :]ᵀ (+ b[begin:end]): output features
 // [begin, end) of Y = X·Wᵀ + b, for the m rows (tokens) of X (m × in).
 // Y is m × out, sized by the caller.
-//   m == 1 (decode): one dot product per row of W (gemv.hpp), streaming W;
-//     allocates nothing.
-//   m > 1, W as T (prefill): Eigen's matrix-matrix product on those rows.
-//   m > 1, W as bfloat16: tiles of rows widened to T (128 KB, in the core's
-//     L2 cache), each multiplied by Eigen; for a few tokens (m < 8), where
-//     widening would cost more than it saves, the decode kernel per token
-//     over tiles that stay in L1. Either way W is read from memory once.
+//   m < kFewTokens (decode, a batch of sessions decoding, a short chunk):
+//     the decode kernel (gemv.hpp), one dot product per row of W and token,
+//     over tiles of W that stay in the core's L1 cache while every token
+//     passes over them, so W is read from memory once. Each Y[t, i] is
+//     then computed exactly as for token t alone: batched decode gives the
+//     bits of single decode. Allocates nothing.
+//   more tokens, W as T (prefill): Eigen's matrix-matrix product on those
+//     rows, which packs W once per call and then runs at the multiply rate.
+//   more tokens, W as bfloat16: tiles of rows widened to T (128 KB, in the
+//     core's L2 cache), each multiplied by Eigen. W is read from memory once.
+// (kFewTokens, and the tiles' sizes: measured with bench_batch and
+// bench_decode on a 2-core AMD EPYC.)
+constexpr Eigen::Index kFewTokens = 16;
+
 template <typename T>
 void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
                  Eigen::Index begin, Eigen::Index end) {
   if (begin >= end) return;
   const Eigen::Index m = X.rows(), in = X.cols(), n = end - begin;
-  if (W.type() == WeightType::f32) {
-    if (m == 1) {
-      gemv_rows(W.f32().data(), in, X.data(), Y.data(), begin, end);
-    } else {
-      Y.middleCols(begin, n).noalias() = X * W.f32().middleRows(begin, n).transpose();
+  const bool f32 = W.type() == WeightType::f32;
+  if (m < kFewTokens) {
+    // 32 KB of weights per tile: a core's L1 data cache.
+    const Eigen::Index row_bytes = in * static_cast<Eigen::Index>(f32 ? sizeof(T) : sizeof(std::uint16_t));
+    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_bytes));
+    for (Eigen::Index r = begin; r < end; r += tile) {
+      const Eigen::Index r_end = std::min(end, r + tile);
+      Eigen::Index t = 0;
+      if (f32) {
+        // kGemvTokens tokens per pass over the tile, then one at a time.
+        for (; t + kGemvTokens <= m; t += kGemvTokens) {
+          const T* x[kGemvTokens];
+          T* y[kGemvTokens];
+          for (int k = 0; k < kGemvTokens; ++k) {
+            x[k] = X.row(t + k).data();
+            y[k] = Y.row(t + k).data();
+          }
+          gemv_rows_k<kGemvTokens>(W.f32().data(), in, x, y, r, r_end);
+        }
+      }
+      for (; t < m; ++t) {
+        if (f32)
+          gemv_rows(W.f32().data(), in, X.row(t).data(), Y.row(t).data(), r, r_end);
+        else
+          gemv_rows_bf16(W.bf16().data(), in, X.row(t).data(), Y.row(t).data(), r, r_end);
+      }
     }
-  } else if (m < 8) {
-    const std::uint16_t* W_bf16 = W.bf16().data();
-    // 32 KB of bfloat16 per tile: a core's L1 data cache.
-    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (32 << 10) / (2 * in));
-    for (Eigen::Index r = begin; r < end; r += tile)
-      for (Eigen::Index t = 0; t < m; ++t)
-        gemv_rows_bf16(W_bf16, in, X.row(t).data(), Y.row(t).data(), r, std::min(end, r + tile));
+  } else if (f32) {
+    Y.middleCols(begin, n).noalias() = X * W.f32().middleRows(begin, n).transpose();
   } else {
     const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, (128 << 10) / (in * Eigen::Index{sizeof(T)})));
     Matrix<T> widened(tile, in);
