@@ -10,9 +10,10 @@
 //      get the length right, so this is what reaches the loading of every
 //      odd shape (one layer of dim 2, vocab 1, seq_len 1, …). A header this
 //      harness computes as valid must load.
-// Every decoder that loads then generates a few tokens (greedy or sampled),
-// so shapes the reader accepts are also shapes the forward pass and the
-// sampler survive.
+// A file that loads must load with bfloat16 weights too, each the float32
+// weight rounded. Every decoder that loads then generates a few tokens
+// (greedy or sampled), so shapes the reader accepts are also shapes the
+// forward pass and the sampler survive.
 //
 // LoadLimits keeps the models small (max_parameters = 2^19 floats, 2 MiB;
 // max_kv_cache_bytes = 64 MiB), and libFuzzer's -malloc_limit_mb catches any allocation the header could
@@ -129,6 +130,20 @@ bool try_load(const std::uint8_t* bytes, std::size_t n_bytes, const std::uint8_t
             c.max_seq_len == header->seq_len && c.kv_heads() == header->n_kv_heads,
         "the decoder's shape is not the header's");
   generate_a_little(*decoder, data, size);
+
+  // The same file with the weights rounded to bfloat16 as they are read:
+  // it must load too, hold every weight rounded, and run.
+  kvcache_fuzz::MemoryStream again(bytes, n_bytes);
+  const kvcache::Decoder<float> bf16 = kvcache::load_llama2c(again, "fuzz.bin", limits(), kvcache::WeightType::bf16);
+  check(bf16.weight_type() == kvcache::WeightType::bf16, "a bf16 load did not store bfloat16");
+  const kvcache::WeightMatrix<float>& E = decoder->token_embedding();
+  for (Eigen::Index i = 0; i < E.rows(); ++i)
+    for (Eigen::Index j = 0; j < E.cols(); ++j) {
+      const float rounded = kvcache::detail::bf16_to_float(kvcache::detail::float_to_bf16(E(i, j)));
+      const float got = bf16.token_embedding()(i, j);
+      check(got == rounded || (got != got && rounded != rounded), "a bf16 weight is not the rounded float32 one");
+    }
+  generate_a_little(bf16, data, size);
   return true;
 }
 
