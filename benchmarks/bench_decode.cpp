@@ -9,6 +9,9 @@
 //   BM_Decode/MODEL/threads:t one decode step (forward of one token, logits of
 //                             it, argmax) at positions 1 ... 255 in turn, as
 //                             llama2.c's run decodes its default 256 steps
+//   BM_DecodeBf16/MODEL/threads:t  BM_Decode with the weight matrices stored
+//                             as bfloat16 (load_llama2c(path, {},
+//                             WeightType::bf16)): half the bytes per token
 //   BM_Prefill/MODEL/threads:t one forward of a 256-token prompt over an empty
 //                             cache, logits of the last position only
 //   BM_MemoryReadAfter/threads:t the read bandwidth again, at the end
@@ -31,6 +34,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <benchmark/benchmark.h>
@@ -48,17 +52,18 @@ constexpr int kBos = 1;
 constexpr std::size_t kDecodePositions = 256;  // run's default -n
 constexpr std::size_t kPromptTokens = 256;
 
-// Each shape written and loaded once, on first use.
-const kvcache::Decoder<float>& loaded_model(const std::string& name) {
-  static std::map<std::string, std::unique_ptr<kvcache::Decoder<float>>> models;
-  auto& slot = models[name];
+// Each shape written once, and loaded once per weight type, on first use.
+const kvcache::Decoder<float>& loaded_model(const std::string& name,
+                                            kvcache::WeightType weights = kvcache::WeightType::f32) {
+  static std::map<std::pair<std::string, kvcache::WeightType>, std::unique_ptr<kvcache::Decoder<float>>> models;
+  auto& slot = models[{name, weights}];
   if (!slot) {
     const kvcache_bench::ModelShape shape = kvcache_bench::stories_shape(name);
     const std::string path = kvcache_bench::write_checkpoint(shape);
-    slot = std::make_unique<kvcache::Decoder<float>>(kvcache::load_llama2c(path));
+    slot = std::make_unique<kvcache::Decoder<float>>(kvcache::load_llama2c(path, {}, weights));
     // The work model's bytes must be the decoder's own.
     const double counted = kvcache_bench::parameter_count(slot->config()) * sizeof(float);
-    if (counted != static_cast<double>(slot->weight_bytes()))
+    if (weights == kvcache::WeightType::f32 && counted != static_cast<double>(slot->weight_bytes()))
       throw std::logic_error("bench_work.hpp counts " + std::to_string(counted) + " weight bytes for " + name +
                              ", the decoder holds " + std::to_string(slot->weight_bytes()));
   }
@@ -88,9 +93,9 @@ void BM_MemoryRead(benchmark::State& state) {
 // Decode and prefill
 // ============================================================================
 
-void BM_Decode(benchmark::State& state, const std::string& name) {
+void BM_Decode(benchmark::State& state, const std::string& name, kvcache::WeightType weights) {
   const auto threads = static_cast<std::size_t>(state.range(0));
-  const auto& decoder = loaded_model(name);
+  const auto& decoder = loaded_model(name, weights);
   const kvcache::ModelConfig& c = decoder.config();
   kvcache::Session<float> session = decoder.new_session(0, kDecodePositions);
   session.set_threads(threads);
@@ -143,7 +148,10 @@ BENCHMARK(BM_MemoryRead)->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kM
 
 [[maybe_unused]] const bool models_registered = [] {
   for (const auto& shape : kvcache_bench::stories_shapes()) {
-    for (auto* b : {benchmark::RegisterBenchmark(("BM_Decode/" + shape.name).c_str(), BM_Decode, shape.name),
+    for (auto* b : {benchmark::RegisterBenchmark(("BM_Decode/" + shape.name).c_str(), BM_Decode, shape.name,
+                                                 kvcache::WeightType::f32),
+                    benchmark::RegisterBenchmark(("BM_DecodeBf16/" + shape.name).c_str(), BM_Decode, shape.name,
+                                                 kvcache::WeightType::bf16),
                     benchmark::RegisterBenchmark(("BM_Prefill/" + shape.name).c_str(), BM_Prefill, shape.name)})
       b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
   }

@@ -6,8 +6,9 @@
 #      figures of llama2.c's run in issue 4 are for -Ofast -march=native, so
 #      the comparison gets the same instruction set; kvcache keeps IEEE math,
 #      no -ffast-math) and builds the benchmark programs and kvcache-generate,
-#   3. runs bench_generate, bench_kv_cache, bench_decode and bench_rss, each
-#      writing Google Benchmark JSON to bench/results/NAME.json,
+#   3. runs bench_generate, bench_kv_cache, bench_decode, bench_rss and
+#      bench_batch, each writing Google Benchmark JSON to
+#      bench/results/NAME.json,
 #   4. writes bench/results/summary.md (scripts/bench_report.py) and draws
 #      bench/results/*.svg (scripts/bench_plots.gp).
 # It takes about 10 minutes on a 2-core machine, most of it the uncached
@@ -76,7 +77,7 @@ install_missing_packages
 log "configuring into $build_dir (CMAKE_CXX_FLAGS='$flags')"
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS=$flags" \
   -DKVCACHE_BUILD_TESTS=OFF -DKVCACHE_BUILD_BENCHMARKS=ON -DKVCACHE_BUILD_EXAMPLES=ON >/dev/null
-programs=(bench_generate bench_kv_cache bench_decode bench_rss)
+programs=(bench_generate bench_kv_cache bench_decode bench_rss bench_batch)
 log "building ${programs[*]} kvcache-generate with $jobs jobs"
 cmake --build "$build_dir" -j "$jobs" --target "${programs[@]}" kvcache-generate
 
@@ -102,7 +103,7 @@ rm -rf "$KVCACHE_BENCH_CHECKPOINTS"
 machine="$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
 BENCH_MACHINE="${machine:-unknown}" \
 BENCH_CORES="$(nproc) ($(lscpu 2>/dev/null | sed -n 's/^Thread(s) per core:[[:space:]]*//p' | head -n 1) thread(s) per core)" \
-BENCH_COMMAND="scripts/bench.sh${*:+ $*}" \
+BENCH_COMMAND="${OMP_WAIT_POLICY:+OMP_WAIT_POLICY=$OMP_WAIT_POLICY }scripts/bench.sh${*:+ $*}" \
 BENCH_FLAGS="-O3 -DNDEBUG $flags ($("${CXX:-c++}" --version | head -n 1))" \
 BENCH_OMP="$omp" \
 BENCH_WALL_SECONDS="$wall" \

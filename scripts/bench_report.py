@@ -260,6 +260,59 @@ def decode_section(runs, data_dir, out, targets):
                             f"{fmt(ratio)}×", verdict(ratio >= 5)])
 
 
+def bf16_section(runs, out, targets):
+    """Decode with bfloat16 weights next to float32 (same process) and llama2.c's run."""
+    f32 = {(r.args[0], r.threads()): r for r in family(runs, "BM_Decode")}
+    bf16 = {(r.args[0], r.threads()): r for r in family(runs, "BM_DecodeBf16")}
+    if not bf16:
+        return
+    rows = []
+    for model in ("stories15M", "stories42M", "stories110M"):
+        for t in (1, 2):
+            b, f = bf16.get((model, t)), f32.get((model, t))
+            if not b:
+                continue
+            tok = b["tokens_per_second"]
+            run = RUN_TOK_S_2_THREADS[model] if t == 2 else None
+            rows.append([model, t, fmt(tok), fmt(f["tokens_per_second"]) if f else "–",
+                         fmt(tok / f["tokens_per_second"]) if f else "–",
+                         fmt(b["bytes_per_token"] * 1e-6), fmt(b["effective_GBps"]), fmt(b.get("read_GBps")),
+                         fmt(tok / run) if run else "–"])
+    b = bf16.get(("stories110M", 2))
+    if b:
+        ratio = b["tokens_per_second"] / RUN_TOK_S_2_THREADS["stories110M"]
+        targets.append([f"stretch: bf16 weights, decode stories110M, 2 threads ≥ 1.7× llama2.c run "
+                        f"({fmt(1.7 * RUN_TOK_S_2_THREADS['stories110M'])} tok/s)",
+                        f"{fmt(b['tokens_per_second'])} tok/s = {ratio:.2f}×", verdict(ratio >= 1.7)])
+    out.append("## Decode with bfloat16 weights (`WeightType::bf16`, products in float32)\n")
+    out.append(table(["model", "threads", "bf16 decode tok/s", "f32 decode tok/s", "bf16 / f32", "MB read per token",
+                      "effective GB/s", "read GB/s (just before)", "× llama2.c run (quoted)"], rows) + "\n")
+
+
+def batch_section(runs, out, targets):
+    """Aggregate decode tokens/s of B sessions stepped together (issue 5), 1 and 2 threads."""
+    batch = family(runs, "BM_BatchedDecode")
+    if not batch:
+        return
+    tok = {(int(r.named["B"]), r.threads()): r["tokens_per_second"] for r in batch}
+    threads = sorted({t for _, t in tok})
+    rows = []
+    for b in sorted({b for b, _ in tok}):
+        row = [b]
+        for t in threads:
+            base = tok.get((1, t))
+            row += [fmt(tok.get((b, t))), fmt(tok[(b, t)] / base) if base and (b, t) in tok else "–"]
+        rows.append(row)
+    for t in threads:
+        if (1, t) in tok and (8, t) in tok:
+            ratio = tok[(8, t)] / tok[(1, t)]
+            targets.append([f"(issue 5) batch 8 ≥ 3× the tokens/s of batch 1 (stories15M shape, {t} thread{'s' if t > 1 else ''})",
+                            f"{ratio:.2f}×", verdict(ratio >= 3)])
+    out.append("## Batched decode (stories15M shape, random weights, `Decoder::forward_batch`)\n")
+    out.append(table(["sessions"] + [h for t in threads for h in (f"tokens/s, all sessions ({t} thr)", f"× batch 1 ({t} thr)")],
+                     rows) + "\n")
+
+
 def rss_section(runs, out, targets):
     rss = family(runs, "BM_GenerateRss")
     if not rss:
@@ -311,8 +364,11 @@ def main():
     attention_section(runs, data_dir, body)
     _, runs = load(results_dir, "bench_decode")
     decode_section(runs, data_dir, body, targets)
+    bf16_section(runs, body, targets)
     _, runs = load(results_dir, "bench_rss")
     rss_section(runs, body, targets)
+    _, runs = load(results_dir, "bench_batch")
+    batch_section(runs, body, targets)
 
     if targets:
         out.append("## Targets of issue 4\n")
