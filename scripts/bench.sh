@@ -11,8 +11,8 @@
 #      bench/results/NAME.json,
 #   4. writes bench/results/summary.md (scripts/bench_report.py) and draws
 #      bench/results/*.svg (scripts/bench_plots.gp).
-# It takes about 10 minutes on a 2-core machine, most of it the uncached
-# generation of 1024 positions.
+# It takes about 6 minutes on a quiet 2-core machine, build included; most of
+# the run is the uncached generation of 1024 positions.
 #
 # Environment:
 #   KVCACHE_BENCH_BUILD_DIR  build folder (default: build-bench/ in the project root)
