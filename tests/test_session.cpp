@@ -467,6 +467,11 @@ TEST(SessionFile, AnotherModelIsRefusedNamingTheField) {
   EXPECT_EQ(kvcache::weights_fingerprint(fixtures::make_decoder<float>(c)), kvcache::weights_fingerprint(d));
   EXPECT_NE(error_of<std::invalid_argument>([&] { kvcache::load_session(path, reseeded); }).find("other weights"),
             std::string::npos);
+  // The same weights stored as bfloat16: they compute other keys and values.
+  const Decoder<float> rounded(c, kvcache::random_weights<float>(c, 42), kvcache::WeightType::bf16);
+  EXPECT_NE(kvcache::weights_fingerprint(rounded), kvcache::weights_fingerprint(d));
+  EXPECT_NE(error_of<std::invalid_argument>([&] { kvcache::load_session(path, rounded); }).find("other weights"),
+            std::string::npos);
   // Another scalar type.
   const Decoder<double> wide = fixtures::make_decoder<double>(c);
   EXPECT_NE(error_of<std::invalid_argument>([&] { kvcache::load_session(path, wide); })
