@@ -37,34 +37,8 @@ jobs="${KVCACHE_JOBS:-2}"
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 
-as_root() {
-  if [[ $(id -u) -eq 0 ]]; then
-    "$@"
-  else
-    sudo "$@"
-  fi
-}
-
-install_missing_packages() {
-  local packages=(cmake make g++ libeigen3-dev libbenchmark-dev gnuplot-nox python3)
-  if ! command -v dpkg >/dev/null 2>&1; then
-    log "dpkg not found, so not installing anything: this needs CMake >= 3.20, a C++17 compiler," \
-        "Eigen 3.4, Google Benchmark, gnuplot and python3"
-    return 0
-  fi
-  local missing=() package
-  for package in "${packages[@]}"; do
-    if ! dpkg -s "$package" 2>/dev/null | grep -q '^Status: install ok installed'; then
-      missing+=("$package")
-    fi
-  done
-  if ((${#missing[@]} == 0)); then
-    return 0
-  fi
-  log "installing the missing packages: ${missing[*]}"
-  as_root apt-get update
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-}
+# shellcheck source=scripts/packages.sh
+source "$root/scripts/packages.sh"
 
 # -Wno-maybe-uninitialized: with AVX-512 enabled, g++ 12 reports false
 # positives inside its own avx512fintrin.h, inlined into Eigen's GEMM packing.
@@ -73,7 +47,8 @@ if "${CXX:-c++}" --version 2>/dev/null | grep -q 'Free Software Foundation'; the
   flags+=" -Wno-maybe-uninitialized"
 fi
 
-install_missing_packages
+install_missing_packages "CMake >= 3.20, a C++17 compiler, Eigen 3.4, Google Benchmark, gnuplot and python3" \
+  cmake make g++ libeigen3-dev libbenchmark-dev gnuplot-nox python3
 log "configuring into $build_dir (CMAKE_CXX_FLAGS='$flags')"
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS=$flags" \
   -DKVCACHE_BUILD_TESTS=OFF -DKVCACHE_BUILD_BENCHMARKS=ON -DKVCACHE_BUILD_EXAMPLES=ON >/dev/null

@@ -19,34 +19,8 @@ jobs="${KVCACHE_JOBS:-2}"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-as_root() {
-  if [[ $(id -u) -eq 0 ]]; then
-    "$@"
-  else
-    sudo "$@"
-  fi
-}
-
-install_missing_packages() {
-  local packages=(cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev)
-  if ! command -v dpkg >/dev/null 2>&1; then
-    log "dpkg not found, so not installing anything: this needs CMake >= 3.20, a C++17 compiler," \
-        "Eigen 3.4, GoogleTest and Google Benchmark"
-    return 0
-  fi
-  local missing=() package
-  for package in "${packages[@]}"; do
-    if ! dpkg -s "$package" 2>/dev/null | grep -q '^Status: install ok installed'; then
-      missing+=("$package")
-    fi
-  done
-  if ((${#missing[@]} == 0)); then
-    return 0
-  fi
-  log "installing the missing packages: ${missing[*]}"
-  as_root apt-get update
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-}
+# shellcheck source=scripts/packages.sh
+source "$root/scripts/packages.sh"
 
 configure() {
   local args=(-S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release "-DKVCACHE_WERROR=${KVCACHE_WERROR:-OFF}")
@@ -68,6 +42,7 @@ build() {
   fi
 }
 
-install_missing_packages
+install_missing_packages "CMake >= 3.20, a C++17 compiler, Eigen 3.4, GoogleTest and Google Benchmark" \
+  cmake make g++ libeigen3-dev libgtest-dev libbenchmark-dev
 configure
 build "$@"
