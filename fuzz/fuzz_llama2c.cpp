@@ -139,7 +139,7 @@ bool try_load(const std::uint8_t* bytes, std::size_t n_bytes, const std::uint8_t
   const kvcache::WeightMatrix<float>& E = decoder->token_embedding();
   for (Eigen::Index i = 0; i < E.rows(); ++i)
     for (Eigen::Index j = 0; j < E.cols(); ++j) {
-      const float rounded = kvcache::detail::bf16_to_float(kvcache::detail::float_to_bf16(E(i, j)));
+      const float rounded = kvcache::detail::from_bf16(kvcache::detail::float_to_bf16(E(i, j)));
       const float got = bf16.token_embedding()(i, j);
       check(got == rounded || (got != got && rounded != rounded), "a bf16 weight is not the rounded float32 one");
     }

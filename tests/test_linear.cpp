@@ -18,7 +18,7 @@ using kvcache::Matrix;
 using kvcache::Vector;
 using kvcache::WeightMatrix;
 using kvcache::WeightType;
-using kvcache::detail::bf16_to_float;
+using kvcache::detail::from_bf16;
 using kvcache::detail::bits_float;
 using kvcache::detail::float_bits;
 using kvcache::detail::to_bf16;
@@ -43,7 +43,7 @@ std::uint16_t bf16_of_bits(std::uint32_t bits) { return to_bf16(bits_float(bits)
 TEST(Bfloat16, KeepsTheTopSixteenBitsOfExactValues) {
   for (const float f : {0.0f, -0.0f, 1.0f, -2.5f, 0.15625f, 65536.0f, std::numeric_limits<float>::infinity()}) {
     EXPECT_EQ(to_bf16(f), float_bits(f) >> 16) << f;
-    EXPECT_EQ(bf16_to_float(to_bf16(f)), f) << f;
+    EXPECT_EQ(from_bf16(to_bf16(f)), f) << f;
   }
 }
 
@@ -61,8 +61,8 @@ TEST(Bfloat16, OverflowsToInfinityAndKeepsNaN) {
   EXPECT_EQ(to_bf16(-std::numeric_limits<float>::max()), 0xFF80u);
   EXPECT_EQ(bf16_of_bits(0x7F7F7FFFu), 0x7F7Fu);  // the largest bfloat16 itself
   // A NaN whose payload sits only in the low bits would truncate to infinity.
-  EXPECT_TRUE(std::isnan(bf16_to_float(bf16_of_bits(0x7F800001u))));
-  EXPECT_TRUE(std::isnan(bf16_to_float(to_bf16(std::numeric_limits<double>::quiet_NaN()))));
+  EXPECT_TRUE(std::isnan(from_bf16(bf16_of_bits(0x7F800001u))));
+  EXPECT_TRUE(std::isnan(from_bf16(to_bf16(std::numeric_limits<double>::quiet_NaN()))));
 }
 
 // A double first rounded to float and then to bfloat16 could land on a tie
@@ -113,7 +113,7 @@ TEST(WeightMatrix, ConvertsToBfloat16AndBack) {
   for (Eigen::Index i = 0; i < 4; ++i)
     for (Eigen::Index j = 0; j < 9; ++j) {
       EXPECT_EQ(W.bf16()(i, j), to_bf16(M(i, j)));
-      EXPECT_EQ(W(i, j), bf16_to_float(to_bf16(M(i, j))));
+      EXPECT_EQ(W(i, j), from_bf16(to_bf16(M(i, j))));
     }
   const Matrix<float> rounded = W.to_dense();
   EXPECT_LE((rounded - M).cwiseAbs().maxCoeff(), std::ldexp(1.0f, -8));  // half an ulp of values below 1

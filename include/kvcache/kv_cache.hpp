@@ -12,26 +12,9 @@
 #include <Eigen/Core>
 
 #include "config.hpp"
-#include "detail/kv_storage.hpp"
+#include "storage.hpp"
 
 namespace kvcache {
-
-// What a KVCache stores each key and value as. Attention always computes in
-// the cache's compute type T; compact types are converted back on the fly,
-// a tile of rows at a time, never as a copy of the whole cache.
-//   full: T itself (float32 for KVCache<float>).
-//   bf16: bfloat16, 2 bytes: float32's exponent, 8 bits of mantissa.
-//   int8: int8 with one 1-byte scale per token and kv head, d_k + 1 bytes.
-enum class KVType { full, bf16, int8 };
-
-inline const char* to_string(KVType type) {
-  switch (type) {
-    case KVType::bf16: return "bf16";
-    case KVType::int8: return "int8";
-    case KVType::full: break;
-  }
-  return "full";
-}
 
 // What a cache does when it runs out of room.
 //   window == 0: nothing; appending past max_tokens throws (the default).

@@ -1,5 +1,5 @@
 // kvcache/weight_matrix.hpp — WeightMatrix: the [out, in] matrix of a linear
-// layer, stored row by row as T or as bfloat16, and the bfloat16 conversions.
+// layer, stored row by row as T or as bfloat16.
 #pragma once
 
 #include <cmath>
@@ -21,69 +21,9 @@
 #endif
 
 #include "config.hpp"
+#include "storage.hpp"
 
 namespace kvcache {
-
-// How a WeightMatrix stores its values.
-enum class WeightType {
-  f32,   // as T itself (float32 for the usual Decoder<float>)
-  bf16,  // as bfloat16: half of float32's bytes, 8 significant bits; the
-         // products still run in T
-};
-
-inline const char* to_string(WeightType t) { return t == WeightType::bf16 ? "bf16" : "f32"; }
-
-// ============================================================================
-// bfloat16: the top 16 bits of a float32 (sign, 8-bit exponent, 7 stored
-// significand bits)
-// ============================================================================
-
-namespace detail {
-
-inline std::uint32_t float_bits(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-inline float bits_float(std::uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// Exact: a bfloat16 is a float32 whose low 16 bits are zero.
-inline float bf16_to_float(std::uint16_t h) { return bits_float(static_cast<std::uint32_t>(h) << 16); }
-
-// Round to nearest, ties to even. A NaN stays a NaN (its top bits could
-// otherwise read as infinity); values past the largest bfloat16 become ±inf.
-inline std::uint16_t float_to_bf16(float f) {
-  const std::uint32_t u = float_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((u >> 16) | 0x0040u);
-  const std::uint32_t round = 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>((u + round) >> 16);
-}
-
-// Any other T goes through float rounded to odd (truncate, and set the last
-// bit when anything was cut): float keeps 16 more bits than bfloat16, so the
-// second rounding then lands where rounding v directly would have.
-template <typename T>
-std::uint16_t to_bf16(T v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return float_to_bf16(v);
-  } else {
-    if (std::isnan(v)) return float_to_bf16(std::numeric_limits<float>::quiet_NaN());
-    float f = static_cast<float>(v);
-    if (std::isinf(f) && !std::isinf(v)) f = std::copysign(std::numeric_limits<float>::max(), f);
-    if (static_cast<T>(f) != v) {
-      if (std::fabs(static_cast<T>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
-      f = bits_float(float_bits(f) | 1u);
-    }
-    return float_to_bf16(f);
-  }
-}
-
-}  // namespace detail
 
 // ============================================================================
 // Weight memory
@@ -225,9 +165,7 @@ class WeightMatrix {
   Eigen::Index size() const { return rows_ * cols_; }
   WeightType type() const { return type_; }
   // Bytes the values take: size() × (sizeof(T) or 2).
-  std::size_t bytes() const {
-    return static_cast<std::size_t>(size()) * (type_ == WeightType::f32 ? sizeof(T) : sizeof(std::uint16_t));
-  }
+  std::size_t bytes() const { return row_bytes<T>(type_, static_cast<std::size_t>(size())); }
 
   // rows × cols values of `type`, uninitialised; the old values are freed.
   void resize(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) {
@@ -237,6 +175,7 @@ class WeightMatrix {
     const auto r = static_cast<std::size_t>(rows), c = static_cast<std::size_t>(cols);
     if (c != 0 && r > std::numeric_limits<std::size_t>::max() / c) throw std::bad_alloc();
     const std::size_t n = r * c;
+    check_type(type);
     dense_ = detail::WeightBuffer<T>();  // free first: the peak is the new size only
     bf16_ = detail::WeightBuffer<std::uint16_t>();
     if (type == WeightType::f32)
@@ -270,7 +209,7 @@ class WeightMatrix {
   // W(i, j) as T (exact: a bfloat16 converts to any wider type without loss).
   T operator()(Eigen::Index i, Eigen::Index j) const {
     const std::size_t k = static_cast<std::size_t>(i * cols_ + j);
-    return type_ == WeightType::f32 ? dense_.data()[k] : static_cast<T>(detail::bf16_to_float(bf16_.data()[k]));
+    return type_ == WeightType::f32 ? dense_.data()[k] : static_cast<T>(detail::from_bf16(bf16_.data()[k]));
   }
 
   // Row i (cols() values, as T) into out, which must hold cols() values.
@@ -280,7 +219,7 @@ class WeightMatrix {
       if (n != 0) std::memcpy(out, dense_.data() + first, n * sizeof(T));
     } else {
       const std::uint16_t* h = bf16_.data() + first;
-      for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<T>(detail::bf16_to_float(h[j]));
+      for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<T>(detail::from_bf16(h[j]));
     }
   }
 
@@ -295,6 +234,7 @@ class WeightMatrix {
   // to nearest even. To T: exact. The peak memory is both copies of this one
   // matrix.
   void convert_to(WeightType type) {
+    check_type(type);
     if (type == type_) return;
     WeightMatrix w(rows_, cols_, type);
     const std::size_t n = static_cast<std::size_t>(size());
@@ -337,6 +277,13 @@ class WeightMatrix {
   friend bool operator!=(const WeightMatrix& a, const WeightMatrix& b) { return !(a == b); }
 
  private:
+  // The types a WeightMatrix stores (every branch below is f32 or bf16).
+  static void check_type(WeightType type) {
+    if (type != WeightType::f32 && type != WeightType::bf16)
+      throw std::invalid_argument(std::string("kvcache: WeightMatrix stores f32 or bf16 values, not ") +
+                                  to_string(type));
+  }
+
   void require(WeightType t) const {
     if (t != type_)
       throw std::logic_error(std::string("kvcache: WeightMatrix holds ") + to_string(type_) + " values, not " +

@@ -87,10 +87,10 @@ void gemv_rows_bf16_portable(const std::uint16_t* W, Eigen::Index n, const T* x,
     T acc[L] = {};
     Eigen::Index j = 0;
     for (; j + L <= n; j += L)
-      for (int k = 0; k < L; ++k) acc[k] += static_cast<T>(bf16_to_float(w[j + k])) * x[j + k];
+      for (int k = 0; k < L; ++k) acc[k] += static_cast<T>(from_bf16(w[j + k])) * x[j + k];
     T sum = 0;
     for (int k = 0; k < L; ++k) sum += acc[k];
-    for (; j < n; ++j) sum += static_cast<T>(bf16_to_float(w[j])) * x[j];
+    for (; j < n; ++j) sum += static_cast<T>(from_bf16(w[j])) * x[j];
     y[i] = sum;
   }
 }
@@ -123,7 +123,7 @@ inline void gemv_rows_bf16_avx512(const std::uint16_t* W, Eigen::Index n, const 
     }
     for (; k < nc; ++k) {
       x_hi[k] = float_to_bf16(x[c0 + k]);
-      x_lo[k] = float_to_bf16(x[c0 + k] - bf16_to_float(x_hi[k]));
+      x_lo[k] = float_to_bf16(x[c0 + k] - from_bf16(x_hi[k]));
     }
     for (Eigen::Index i = begin; i < end; ++i) {
       const std::uint16_t* w = W + i * n + c0;
@@ -143,7 +143,7 @@ inline void gemv_rows_bf16_avx512(const std::uint16_t* W, Eigen::Index n, const 
         j += 32;
       }
       float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-      for (; j < nc; ++j) sum += bf16_to_float(w[j]) * x[c0 + j];
+      for (; j < nc; ++j) sum += from_bf16(w[j]) * x[c0 + j];
       y[i] = c0 == 0 ? sum : y[i] + sum;
     }
   }
