@@ -277,7 +277,7 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
       if (!o.ignore_eos) options[b].end_token = kBos;
       options[b].temperature = o.temperature;
       options[b].top_p = o.top_p;
-      options[b].seed = kvcache::detail::sequence_seed(seed, first + b);
+      options[b].seed = kvcache::sequence_seed(seed, first + b);
     }
     const std::vector<std::vector<int>> ids = kvcache::generate_batch(decoder, batch, batch_prompts, options);
     for (std::size_t b = 0; b < B; ++b) {

@@ -145,7 +145,7 @@ Mat decoder_logits(const kvcache::Decoder<T>& d, const std::vector<int>& tokens)
   }
   for (std::size_t l = 0; l < c.n_layers; ++l) {
     const auto& b = d.block(l);
-    x += attention(norm(x, c, b.attention_norm), c.attention(), b.attention.weights());
+    x += attention(norm(x, c, b.attention_norm), c.attention(), b.attention);
     x += mlp(norm(x, c, b.mlp_norm), c, b.mlp);
   }
   return linear(norm(x, c, d.final_norm()), to_double(d.lm_head()), Vec());

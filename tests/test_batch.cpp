@@ -83,7 +83,7 @@ TEST(BatchAttention, EachCacheGetsWhatItGetsAlone) {
     c.max_seq_len = 40;
     c.positions = v.positions == kvcache::PositionEncoding::rope ? v.positions : kvcache::PositionEncoding::none;
     const Decoder<float> weights_from = fixtures::make_decoder<float>(fixtures::model(v));
-    const kvcache::MultiHeadAttentionWithCache<float> layer(c, weights_from.block(0).attention.weights());
+    const kvcache::MultiHeadAttentionWithCache<float> layer(c, weights_from.block(0).attention);
 
     const std::vector<KVType> types = {KVType::full, KVType::bf16, KVType::int8, KVType::full};
     const std::vector<SlidingWindow> windows = {{}, {}, {6, 2}, {9, 0}};
@@ -279,10 +279,10 @@ TEST(DecoderBatch, RejectsBadBatchesAndChangesNoSession) {
   };
   expect_throw_naming<std::invalid_argument>(call({}, {}), "no sessions");
   expect_throw_naming<std::invalid_argument>(call({{1}}, {&a, &b}), "1 token lists for 2 sessions");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1 has no tokens");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "no tokens (sequence 1)");
   expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sessions[0] and sessions[1]");
   expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sessions[1] is null");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "another model shape (sequence 1)");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
   expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "token id 99 at index 1");
   expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "(sequence 1)");
   expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &near_full}), "(sequence 1)");
@@ -377,7 +377,7 @@ TEST(GenerateBatch, SharedOptionsSeedEachSequence) {
     own.seed = 99 + i;
     EXPECT_EQ(ids[i], kvcache::generate(d, prompts[i], own)) << i;
   }
-  EXPECT_EQ(kvcache::detail::sequence_seed(~std::uint64_t{0}, 1), 1u);  // wraps past 0
+  EXPECT_EQ(kvcache::sequence_seed(~std::uint64_t{0}, 1), 1u);  // wraps past 0
   EXPECT_TRUE(kvcache::generate_batch(d, {}, o).empty());
   EXPECT_EQ(kvcache::generate_batch(d, prompts, greedy(0)), std::vector<std::vector<int>>(3));
 }
@@ -400,8 +400,10 @@ TEST(GenerateBatch, RejectsBadInputBeforeAnySessionChanges) {
   expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1: the prompt is empty");
   expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sequence 1: the same session as sequence 0");
   expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sequence 1: the session is null");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "sequence 1: the session was made");
-  expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "sequence 1: token id -1 at index 1");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
+  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "(sequence 1)");
+  expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "token id -1 at index 1 is outside");
+  expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "(sequence 1)");
   expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &b}, 16), "sequence 1: ");
   GenerateOptions streaming = greedy(3);
   streaming.on_token = [](int) {};

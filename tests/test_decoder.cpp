@@ -244,7 +244,7 @@ TEST(DecoderBf16, EveryWeightMatrixIsStoredRoundedAndTheRestStaysT) {
   EXPECT_EQ(bf16.token_embedding(), rounded(w.token_embedding));
   EXPECT_EQ(bf16.lm_head(), rounded(w.lm_head));
   for (std::size_t l = 0; l < c.n_layers; ++l) {
-    const auto& a = bf16.block(l).attention.weights();
+    const auto& a = bf16.block(l).attention;
     EXPECT_EQ(a.W_Q, rounded(w.blocks[l].attention.W_Q));
     EXPECT_EQ(a.W_K, rounded(w.blocks[l].attention.W_K));
     EXPECT_EQ(a.W_V, rounded(w.blocks[l].attention.W_V));
@@ -265,14 +265,14 @@ TEST(DecoderBf16, SmallMatricesShareOneBlock) {
   const ModelConfig c = fixtures::model(fixtures::variants()[4]);
   for (const auto type : {kvcache::WeightType::f32, kvcache::WeightType::bf16}) {
     const Decoder<float> d(c, kvcache::random_weights<float>(c, 42), type);
-    const auto& a = d.block(0).attention.weights();
+    const auto& a = d.block(0).attention;
     const auto address = [type](const kvcache::WeightMatrix<float>& W) {
       return type == kvcache::WeightType::f32 ? reinterpret_cast<const char*>(W.f32().data())
                                               : reinterpret_cast<const char*>(W.bf16().data());
     };
     EXPECT_EQ(address(a.W_K) - address(a.W_Q),
               static_cast<std::ptrdiff_t>(kvcache::detail::WeightArena::slice_bytes(a.W_Q.bytes())));
-    EXPECT_EQ(address(d.block(1).attention.weights().W_Q) - address(d.block(0).mlp.W_3),
+    EXPECT_EQ(address(d.block(1).attention.W_Q) - address(d.block(0).mlp.W_3),
               static_cast<std::ptrdiff_t>(kvcache::detail::WeightArena::slice_bytes(d.block(0).mlp.W_3.bytes())));
   }
 }

@@ -163,7 +163,9 @@ struct CacheSnapshot {
   }
 };
 
-CacheSnapshot snapshot(const KVCache<float>& c) {
+// A KVCache, or a Session's layer (a KVCacheView): the same reader.
+template <typename Cache>
+CacheSnapshot snapshot(const Cache& c) {
   CacheSnapshot s{c.n_kv_heads(), c.d_k(),      c.max_tokens(), c.size(), c.capacity(), c.bytes(),
                   c.position(),   c.ring_start(), c.type(),     {},       {}};
   c.read_raw([&](const unsigned char* p, std::size_t n) {

@@ -10,7 +10,7 @@
 
 #include <gtest/gtest.h>
 #include <kvcache/detail/parallel.hpp>
-#include <kvcache/weight_matrix.hpp>
+#include <kvcache/weights.hpp>
 
 #include "fixtures.hpp"
 

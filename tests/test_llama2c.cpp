@@ -412,7 +412,7 @@ TEST_F(Llama2cFiles, NonFiniteWeight) {
   LoadLimits unchecked;
   unchecked.check_finite = false;
   const Decoder<float> d = kvcache::load_llama2c(path("nan.bin"), unchecked);
-  EXPECT_TRUE(std::isnan(d.block(0).attention.weights().W_Q(0, 0)));
+  EXPECT_TRUE(std::isnan(d.block(0).attention.W_Q(0, 0)));
 
   bytes = tiny_file(false);
   const float inf = std::numeric_limits<float>::infinity();
@@ -429,7 +429,7 @@ TEST_F(Llama2cFiles, NonFiniteWeight) {
         << e.what();
   }
   const Decoder<float> b = kvcache::load_llama2c(path("nan.bin"), unchecked, kvcache::WeightType::bf16);
-  EXPECT_TRUE(std::isnan(b.block(0).attention.weights().W_Q(0, 0)));
+  EXPECT_TRUE(std::isnan(b.block(0).attention.W_Q(0, 0)));
 }
 
 // ---------------------------------------------------------------------------
@@ -476,10 +476,10 @@ void expect_same_weights(const Decoder<float>& a, const Decoder<float>& b) {
     const auto &x = a.block(l), &y = b.block(l);
     EXPECT_EQ(x.attention_norm.gamma, y.attention_norm.gamma);
     EXPECT_EQ(x.mlp_norm.gamma, y.mlp_norm.gamma);
-    EXPECT_EQ(x.attention.weights().W_Q, y.attention.weights().W_Q);
-    EXPECT_EQ(x.attention.weights().W_K, y.attention.weights().W_K);
-    EXPECT_EQ(x.attention.weights().W_V, y.attention.weights().W_V);
-    EXPECT_EQ(x.attention.weights().W_O, y.attention.weights().W_O);
+    EXPECT_EQ(x.attention.W_Q, y.attention.W_Q);
+    EXPECT_EQ(x.attention.W_K, y.attention.W_K);
+    EXPECT_EQ(x.attention.W_V, y.attention.W_V);
+    EXPECT_EQ(x.attention.W_O, y.attention.W_O);
     EXPECT_EQ(x.mlp.W_1, y.mlp.W_1);
     EXPECT_EQ(x.mlp.W_2, y.mlp.W_2);
     EXPECT_EQ(x.mlp.W_3, y.mlp.W_3);

@@ -1,5 +1,20 @@
-// kvcache/attention.hpp — MultiHeadAttentionWithCache: one causal attention
-// layer whose keys and values of past tokens come from a KVCache.
+// kvcache/attention.hpp — causal attention over cached keys and values.
+//
+// For m new tokens x (m × d_model) of one sequence, at positions [p, p+m):
+//   Q = x·W_Qᵀ, K = x·W_Kᵀ, V = x·W_Vᵀ        (RoPE on Q and K at their positions)
+//   place K, V in the cache's slots           (it now holds n tokens)
+//   for each query head h, on kv head g = h / (n_heads / n_kv_heads):
+//     S = Q_h·K_gᵀ / √d_k                      (m × n)
+//     row i may see keys [0, n − m + i]        (the causal mask, behind the cached prefix)
+//     O_h = softmax(S)·V_g                     (m × d_k)
+//   out = O·W_Oᵀ                               (m × d_model)
+//
+// attend() does this for a batch of sequences at once: their rows stacked in
+// one x, so each weight is one product for the whole batch; RoPE, the slots
+// and the scores are per sequence. Each sequence's SlotTable has already
+// planned where its tokens go (slots.hpp), once for every layer.
+// MultiHeadAttentionWithCache, at the bottom, is the seed articles' layer: the
+// same function over a KVCache of the caller's, or one of its own.
 #pragma once
 
 #include <algorithm>
@@ -19,24 +34,29 @@
 #include "detail/resize.hpp"
 #include "detail/rope.hpp"
 #include "kv_cache.hpp"
+#include "slots.hpp"
+#include "weights.hpp"
 
 namespace kvcache {
 
-// The parameters of one attention layer, each of shape [out, in]:
-//   W_Q: d_model × d_model     W_K, W_V: kv_dim × d_model     W_O: d_model × d_model
-// with kv_dim = n_kv_heads · d_k. A bias left empty is no bias.
-template <typename T = float>
-struct AttentionWeights {
-  WeightMatrix<T> W_Q, W_K, W_V, W_O;
-  Vector<T> b_Q, b_K, b_V, b_O;
+// One sequence of a batch, as one layer's attention sees it.
+template <typename T>
+struct AttentionSequence {
+  std::size_t first_row = 0;  // its rows of the stacked x: [first_row, first_row + m)
+  std::size_t m = 0;
+  std::size_t position = 0;   // the position of its first new token
+  std::size_t sinks = 0;      // its window's sinks (re-based queries only)
+  const std::vector<SlotRun>* runs = nullptr;  // where its tokens go (SlotTable::plan)
+  KVRows<T>* rows = nullptr;  // this layer's keys and values of the sequence
 };
 
-// Buffers one forward call works in. Keep one per session (or per thread) and
-// reuse it: once it has grown to a step's size, decoding allocates nothing.
+// Buffers attention works in, sized for the rows of a call and reused across
+// calls, layers and sessions: once grown to a step's size, decoding
+// allocates nothing.
 template <typename T = float>
 struct AttentionScratch {
-  Matrix<T> Q, K, V;  // m × d_model, m × kv_dim, m × kv_dim
-  Matrix<T> O;        // m × d_model: the heads' outputs side by side, before W_O
+  Matrix<T> Q, K, V;  // rows × d_model, rows × kv_dim, rows × kv_dim
+  Matrix<T> O;        // rows × d_model: the heads' outputs side by side, before W_O
   // Per thread, rows × n scores then probabilities (n = cache length), rows
   // padded to a multiple of 16 values. The padding makes every row start on
   // the same alignment whatever the buffer's history, so the vectorised sums
@@ -45,29 +65,56 @@ struct AttentionScratch {
   Vector<T> S;
   // Per thread, kTile × d_k keys or values of a compact cache converted to T.
   Vector<T> tile;
-  // Sliding window with sinks only: Q before RoPE (m × d_model), and one
-  // query re-rotated to its position within the window (1 × d_model).
+  // Re-based sinks only: Q before RoPE, and each sequence's query rotated to
+  // its place in the window (a row per sequence).
   Matrix<T> Q_unrotated, Q_in_window;
+  // The sequences that have a run in the current round.
+  std::vector<std::size_t> active;
+  // The batch, one entry per sequence: its place in the rows, its slot
+  // table, where its tokens go, where it was before the call and where the
+  // call takes it, and whether its slots were written yet (a failed call that
+  // wrote none of them is undone exactly).
+  std::vector<AttentionSequence<T>> seqs;
+  std::vector<SlotTable*> tables;
+  std::vector<std::vector<SlotRun>> runs;
+  std::vector<SlotTable::State> checkpoints, ends;
+  std::vector<char> written_by;
+  std::vector<std::size_t> first_row;  // MultiHeadAttentionWithCache::forward's one sequence
+  std::vector<KVCache<T>*> caches;     // and its cache
 };
 
 namespace detail {
 
-inline std::string shape(Eigen::Index rows, Eigen::Index cols) {
-  return std::to_string(rows) + " x " + std::to_string(cols);
-}
+// ---- A batch's slots: planned once per call, for every layer --------------
 
-template <typename Derived>
-void check_weight(const char* name, const Eigen::EigenBase<Derived>& W, std::size_t rows, std::size_t cols) {
-  if (static_cast<std::size_t>(W.rows()) != rows || static_cast<std::size_t>(W.cols()) != cols)
-    fail_config(std::string(name) + " is " + shape(W.rows(), W.cols()) + ", expected " +
-                shape(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols)));
+// Plans the batch whose sequences are in s.seqs (first_row, m) and s.tables:
+// each sequence's runs, its position and sinks, where it stands and where
+// the call takes it. Changes no table (commit_batch does).
+template <typename T>
+void plan_batch(AttentionScratch<T>& s, bool rope) {
+  const std::size_t B = s.seqs.size();
+  if (s.runs.size() < B) s.runs.resize(B);
+  s.checkpoints.resize(B);
+  s.ends.resize(B);
+  for (std::size_t b = 0; b < B; ++b) {
+    const SlotTable& table = *s.tables[b];
+    s.checkpoints[b] = table.state();
+    s.ends[b] = table.plan(s.seqs[b].m, rope, s.runs[b]);
+    s.seqs[b].position = table.position();
+    s.seqs[b].sinks = table.window().sinks;
+    s.seqs[b].runs = &s.runs[b];
+  }
 }
 
 template <typename T>
-void check_bias(const char* name, const Vector<T>& b, std::size_t size) {
-  if (b.size() != 0 && static_cast<std::size_t>(b.size()) != size)
-    fail_config(std::string(name) + " has " + std::to_string(b.size()) + " entries, expected " +
-                std::to_string(size) + " (or none)");
+void commit_batch(AttentionScratch<T>& s) noexcept {
+  for (std::size_t b = 0; b < s.seqs.size(); ++b) s.tables[b]->commit(s.ends[b]);
+}
+
+// After a failure: every table back at its checkpoint (SlotTable::roll_back).
+template <typename T>
+void roll_back_batch(AttentionScratch<T>& s) noexcept {
+  for (std::size_t b = 0; b < s.seqs.size(); ++b) s.tables[b]->roll_back(s.checkpoints[b], !s.written_by[b]);
 }
 
 // Softmax of row[0, n_valid) in place, subtracting the maximum so exp never
@@ -82,20 +129,218 @@ void masked_softmax(Row&& row, Eigen::Index n_valid) {
   row.tail(row.size() - n_valid).setZero();
 }
 
+// Rows of a compact cache converted to T at a time: 64 × d_k fits in L1.
+constexpr std::size_t kTile = 64;
+
+inline std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
+
+// One layer's attention over a batch; see the top of the file.
+template <typename T>
+class Attention {
+ public:
+  Attention(const AttentionConfig& c, const AttentionWeights<T>& w, const Rope<T>* rope, AttentionScratch<T>& s)
+      : c_(c), w_(w), rope_(rope), s_(s) {}
+
+  // Sizes every buffer of s for the batch (the only step that allocates), so
+  // that nothing can throw once slots are written; marks no slot written.
+  static void prepare(const AttentionConfig& c, AttentionScratch<T>& s, const std::vector<AttentionSequence<T>>& seqs,
+                      std::size_t threads) {
+    const auto rows = static_cast<Eigen::Index>(seqs.back().first_row + seqs.back().m);
+    const auto d = static_cast<Eigen::Index>(c.d_model), kv = static_cast<Eigen::Index>(c.kv_dim());
+    resize_buffer(s.Q, rows, d);
+    resize_buffer(s.K, rows, kv);
+    resize_buffer(s.V, rows, kv);
+    resize_buffer(s.O, rows, d);
+    if (rebases(seqs)) {
+      resize_buffer(s.Q_unrotated, rows, d);
+      resize_buffer(s.Q_in_window, static_cast<Eigen::Index>(seqs.size()), d);
+    }
+    // Grown, never shrunk, so that a decode step, whose n grows by one,
+    // reallocates only when the size doubles.
+    const auto needed = static_cast<Eigen::Index>(threads * scores_region(c, seqs));
+    if (s.S.size() < needed) resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
+    resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * c.d_k()), 1);
+    if (s.active.capacity() < seqs.size()) s.active.reserve(seqs.size());
+    s.written_by.assign(seqs.size(), 0);
+  }
+
+  // out = attention(x) (rows × d_model), placing every sequence's keys and
+  // values; prepare() must have been called with the same batch.
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, const std::vector<AttentionSequence<T>>& seqs, Matrix<T>& out,
+           std::size_t threads) {
+    project(x, threads);
+    if (rebases(seqs)) s_.Q_unrotated = s_.Q;
+    if (rope_ != nullptr)
+      for (const auto& q : seqs) {
+        auto Q_b = s_.Q.middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
+        auto K_b = s_.K.middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
+        rope_->apply(Q_b, q.position);
+        rope_->apply(K_b, q.position);
+      }
+    // Round k takes the k-th run of every sequence: runs of one sequence
+    // must follow each other (a later one may overwrite slots an earlier one
+    // reads); runs of different sequences are independent.
+    const std::size_t region = scores_region(c_, seqs);
+    for (std::size_t k = 0;; ++k) {
+      s_.active.clear();
+      for (std::size_t b = 0; b < seqs.size(); ++b)
+        if (k < seqs[b].runs->size()) {
+          s_.active.push_back(b);
+          place(seqs[b], b, (*seqs[b].runs)[k]);
+        }
+      if (s_.active.empty()) break;
+      attend_round(seqs, k, region, threads);
+    }
+    linear<T>(s_.O, w_.W_O, w_.b_O, out, threads);
+  }
+
+ private:
+  static bool rebases(const std::vector<AttentionSequence<T>>& seqs) {
+    for (const auto& q : seqs)
+      for (const SlotRun& run : *q.runs)
+        if (run.rebased) return true;
+    return false;
+  }
+
+  // One thread's scores: enough rows and columns for the largest run.
+  static std::size_t scores_region(const AttentionConfig& c, const std::vector<AttentionSequence<T>>& seqs) {
+    std::size_t r = 0;
+    for (const auto& q : seqs)
+      for (const SlotRun& run : *q.runs) r = std::max(r, std::max(q.m, c.group_size()) * scores_stride(run.n));
+    return r;
+  }
+
+  // Q, K and V read the same x: one parallel region computes all three, its
+  // threads splitting the d_model + 2·kv_dim output features between them.
+  template <typename Derived>
+  void project(const Eigen::MatrixBase<Derived>& x, std::size_t threads) {
+    const std::array<LinearTerm<T>, 3> qkv{{{w_.W_Q, w_.b_Q, s_.Q}, {w_.W_K, w_.b_K, s_.K}, {w_.W_V, w_.b_V, s_.V}}};
+    linear<T>(x, qkv, threads);
+  }
+
+  // Writes the run's keys and values into its slots; a re-based run's query
+  // is rotated to its place in the window (row b of Q_in_window).
+  void place(const AttentionSequence<T>& q, std::size_t b, const SlotRun& run) {
+    s_.written_by[b] = 1;
+    for (std::size_t i = 0; i < run.rows; ++i) {
+      const auto r = static_cast<Eigen::Index>(q.first_row + run.first + i);
+      q.rows->write(run.slot + i, s_.K.row(r).data(), s_.V.row(r).data());
+    }
+    if (run.rebased) {
+      auto Q_w = s_.Q_in_window.row(static_cast<Eigen::Index>(b));
+      Q_w = s_.Q_unrotated.row(static_cast<Eigen::Index>(q.first_row + run.first));
+      rope_->apply(Q_w, run.n - 1);
+    }
+  }
+
+  // The k-th run of every active sequence, split across threads by
+  // (sequence, query head): unit u is head u % H of active sequence u / H.
+  void attend_round(const std::vector<AttentionSequence<T>>& seqs, std::size_t k, std::size_t region,
+                    std::size_t threads) {
+    const std::size_t H = c_.n_heads;
+    parallel_slices(s_.active.size() * H, threads, 1, [&](std::size_t begin, std::size_t end, std::size_t slot) {
+      T* scores = s_.S.data() + slot * region;
+      T* tile = s_.tile.data() + slot * kTile * c_.d_k();
+      for (std::size_t u = begin; u < end;) {
+        const std::size_t b = s_.active[u / H], h_begin = u % H, h_end = std::min(H, h_begin + (end - u));
+        attend_heads(seqs[b], b, (*seqs[b].runs)[k], h_begin, h_end, scores, tile);
+        u += h_end - h_begin;
+      }
+    });
+  }
+
+  using ConstStridedMap = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
+  using StridedMap = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
+
+  // O_h = softmax(Q_h·K_gᵀ/√d_k, causal)·V_g for the run's rows and the
+  // query heads [h_begin, h_end), with one thread's scores (max(rows, group
+  // size) × scores_stride(n)) and tile.
+  //
+  // A decode step (one row) takes the heads that share a kv head together,
+  // as a (heads × d_k) matrix, so each cached key and value is read once per
+  // kv head, not once per query head.
+  void attend_heads(const AttentionSequence<T>& q, std::size_t b, const SlotRun& run, std::size_t h_begin,
+                    std::size_t h_end, T* scores, T* tile) const {
+    const std::size_t d_k = c_.d_k(), G = c_.group_size(), n = run.n, rows = run.rows;
+    const auto ld_Q = static_cast<Eigen::Index>(c_.d_model);
+    const T sqrt_d_k = std::sqrt(static_cast<T>(d_k));
+    const auto ld = static_cast<Eigen::Index>(scores_stride(n));
+    const T* Q_window = run.rebased ? s_.Q_in_window.data() + b * c_.d_model : nullptr;
+    for (std::size_t h = h_begin; h < h_end;) {
+      const std::size_t g = h / G;
+      // Decode: the heads [h, h_end_g) of kv head g, one row each. Prefill: head h, `rows` rows.
+      const std::size_t heads = rows == 1 ? std::min(h_end, (g + 1) * G) - h : 1;
+      const auto q_rows = static_cast<Eigen::Index>(rows == 1 ? heads : rows);
+      const auto q_stride = rows == 1 ? static_cast<Eigen::Index>(d_k) : ld_Q;
+      const auto at = static_cast<Eigen::Index>(q.first_row + run.first) * ld_Q + static_cast<Eigen::Index>(h * d_k);
+      const ConstStridedMap Q_h(s_.Q.data() + at, q_rows, static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(q_stride));
+      StridedMap O_h(s_.O.data() + at, q_rows, static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(q_stride));
+      StridedMap S(scores, q_rows, static_cast<Eigen::Index>(n), Eigen::OuterStride<>(ld));
+
+      // Divided after the product, as the formula reads: a scaled Q_h
+      // would make Eigen copy it into a temporary on every decode step.
+      key_products(Q_h, *q.rows, g, 0, n, S, tile);
+      if (Q_window != nullptr) {
+        // The sinks sit at the start of the window: their scores use the
+        // query rotated to its place in the window, not in the sequence.
+        const ConstStridedMap Q_w(Q_window + h * d_k, q_rows, static_cast<Eigen::Index>(d_k),
+                                  Eigen::OuterStride<>(static_cast<Eigen::Index>(d_k)));
+        key_products(Q_w, *q.rows, g, 0, q.sinks, S, tile);
+      }
+      S /= sqrt_d_k;
+      for (Eigen::Index i = 0; i < q_rows; ++i)
+        masked_softmax(S.row(i), static_cast<Eigen::Index>(n - rows) + (rows == 1 ? 0 : i) + 1);
+      value_sums(S, *q.rows, g, n, O_h, tile);
+      h += heads;
+    }
+  }
+
+  // S[:, j] = Q_h · k_j for the slots j in [begin, end) of kv head g.
+  void key_products(const ConstStridedMap& Q_h, const KVRows<T>& kv, std::size_t g, std::size_t begin,
+                    std::size_t end, StridedMap& S, T* tile) const {
+    const auto d_k = static_cast<Eigen::Index>(c_.d_k());
+    if (kv.type() == StorageType::f32) {
+      const auto b = static_cast<Eigen::Index>(begin), count = static_cast<Eigen::Index>(end - begin);
+      S.middleCols(b, count).noalias() = Q_h * kv.keys(g, end).middleRows(b, count).transpose();
+      return;
+    }
+    for (std::size_t j = begin; j < end; j += kTile) {
+      const std::size_t count = std::min(kTile, end - j);
+      kv.load_keys(g, j, count, tile);
+      const Eigen::Map<const Matrix<T>> K_tile(tile, static_cast<Eigen::Index>(count), d_k);
+      S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)).noalias() = Q_h * K_tile.transpose();
+    }
+  }
+
+  // O_h = P · V_g over the first n slots of kv head g (P: probabilities).
+  void value_sums(const StridedMap& P, const KVRows<T>& kv, std::size_t g, std::size_t n, StridedMap& O_h,
+                  T* tile) const {
+    const auto d_k = static_cast<Eigen::Index>(c_.d_k());
+    if (kv.type() == StorageType::f32) {
+      O_h.noalias() = P * kv.values(g, n);
+      return;
+    }
+    O_h.setZero();
+    for (std::size_t j = 0; j < n; j += kTile) {
+      const std::size_t count = std::min(kTile, n - j);
+      kv.load_values(g, j, count, tile);
+      const Eigen::Map<const Matrix<T>> V_tile(tile, static_cast<Eigen::Index>(count), d_k);
+      O_h.noalias() += P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)) * V_tile;
+    }
+  }
+
+  const AttentionConfig c_;
+  const AttentionWeights<T>& w_;
+  const Rope<T>* rope_;
+  AttentionScratch<T>& s_;
+};
+
 }  // namespace detail
 
-// One attention layer: immutable weights, and the cache passed in by the
-// caller, so one layer serves many sessions at once (forward is const and
-// touches only its arguments).
-//
-// For m new tokens x (m × d_model) at positions [p, p+m), p = cache.size():
-//   Q = x·W_Qᵀ, K = x·W_Kᵀ, V = x·W_Vᵀ        (RoPE on Q and K at their positions)
-//   append K, V to the cache                   (it now holds n = p + m tokens)
-//   for each query head h, on kv head g = h / (n_heads / n_kv_heads):
-//     S = Q_h·K_gᵀ / √d_k                      (m × n)
-//     row i may see keys [0, p + i]            (the causal mask, offset by p)
-//     O_h = softmax(S)·V_g                     (m × d_k)
-//   out = O·W_Oᵀ                               (m × d_model)
+// One attention layer with immutable weights, over a cache the caller passes
+// (forward is const and touches only its arguments, so one layer serves many
+// caches at once), or, for the seed articles' API, a cache of its own.
 template <typename T = float>
 class MultiHeadAttentionWithCache {
  public:
@@ -104,15 +349,7 @@ class MultiHeadAttentionWithCache {
   MultiHeadAttentionWithCache(AttentionConfig config, AttentionWeights<T> weights)
       : config_(config), weights_(std::move(weights)) {
     config_.validate();
-    const std::size_t d = config_.d_model, kv = config_.kv_dim();
-    detail::check_weight("W_Q", weights_.W_Q, d, d);
-    detail::check_weight("W_K", weights_.W_K, kv, d);
-    detail::check_weight("W_V", weights_.W_V, kv, d);
-    detail::check_weight("W_O", weights_.W_O, d, d);
-    detail::check_bias("b_Q", weights_.b_Q, d);
-    detail::check_bias("b_K", weights_.b_K, kv);
-    detail::check_bias("b_V", weights_.b_V, kv);
-    detail::check_bias("b_O", weights_.b_O, d);
+    check_weights(config_, weights_);
     if (config_.positions == PositionEncoding::rope) rope_ = detail::Rope<T>(config_.d_k(), config_.rope_base);
   }
 
@@ -121,7 +358,7 @@ class MultiHeadAttentionWithCache {
 
   // An empty cache of this layer's shape, limited to max_seq_len tokens (or
   // holding a sliding window of them), storing keys and values as `type`.
-  KVCache<T> make_cache(KVType type = KVType::full, SlidingWindow window = {}) const {
+  KVCache<T> make_cache(KVType type = KVType::f32, SlidingWindow window = {}) const {
     return KVCache<T>(config_.n_kv_heads, config_.d_k(), window.window != 0 ? 0 : config_.max_seq_len, type, window);
   }
 
@@ -139,79 +376,27 @@ class MultiHeadAttentionWithCache {
   void forward(const Eigen::MatrixBase<Derived>& x, KVCache<T>& cache, Matrix<T>& out,
                AttentionScratch<T>& scratch, std::size_t threads = 1) const {
     check_input(x.rows(), x.cols(), cache);
-    const std::size_t p = cache.position(), m = static_cast<std::size_t>(x.rows());
-    threads = std::max<std::size_t>(threads, 1);
-
-    // Everything that can throw (the limit, allocations) happens before the
-    // cache changes: from the first append on, nothing allocates.
-    cache.reserve_more(m);
-    // With RoPE, the sinks' scores need the query at its position in the window.
-    const bool rebase_sinks = rope_ && cache.window().sinks != 0 && p + m > cache.window().window;
-    const std::size_t window = cache.window().window;
-    const std::size_t n_max = window != 0 ? std::min(cache.size() + m, window) : cache.size() + m;
-    resize_scratch(scratch, out, m, n_max, threads, rebase_sinks);
-
-    project(x, scratch, threads);
-    if (rope_) {
-      if (rebase_sinks) scratch.Q_unrotated = scratch.Q;
-      rope_->apply(scratch.Q, p);
-      rope_->apply(scratch.K, p);
-    }
-    for (std::size_t first = 0; first < m;) {
-      const std::size_t rows = rows_without_eviction(cache, m - first);
-      const auto i0 = static_cast<Eigen::Index>(first), r = static_cast<Eigen::Index>(rows);
-      cache.append(scratch.K.middleRows(i0, r), scratch.V.middleRows(i0, r));
-      const bool in_window = rebase_sinks && cache.evicted() != 0;
-      if (in_window) {
-        scratch.Q_in_window = scratch.Q_unrotated.row(i0);
-        rope_->apply(scratch.Q_in_window, cache.size() - 1);
-      }
-      attend(cache, first, rows, in_window ? scratch.Q_in_window.data() : nullptr, scratch, threads);
-      first += rows;
-    }
-    detail::linear<T>(scratch.O, weights_.W_O, weights_.b_O, out, threads);
+    scratch.first_row.assign({0, static_cast<std::size_t>(x.rows())});
+    scratch.caches.assign(1, &cache);
+    run(x, scratch.first_row, scratch.caches, out, scratch, threads);
   }
 
   // Several sequences at once. x stacks their new tokens: sequence b owns
   // the rows [first_row[b], first_row[b + 1]) of x (at least one) and the
   // cache caches[b], so first_row has one entry more than caches, starting
   // at 0 and ending at x.rows(). Each weight is applied once, as one
-  // matrix-matrix product over all the rows; RoPE, the append and attention
-  // are done per sequence, at its own positions and over its own cache.
-  // Row for row this is forward() on each sequence alone, up to the rounding
-  // of a matrix-matrix product against a matrix-vector one.
-  //
-  // Attention is split across threads by (sequence, query head). Throws,
-  // leaving every cache unchanged, on a malformed first_row, a null or
-  // repeated cache, or anything forward() would reject for a sequence.
+  // matrix-matrix product over all the rows; RoPE, the cache and attention
+  // are per sequence, at its own positions. Row for row this is forward() on
+  // each sequence alone, up to the rounding of a matrix-matrix product
+  // against a matrix-vector one. Throws, leaving every cache unchanged, on a
+  // malformed first_row, a null or repeated cache, or anything forward()
+  // would reject for a sequence (naming it).
   template <typename Derived>
   void forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<std::size_t>& first_row,
                      const std::vector<KVCache<T>*>& caches, Matrix<T>& out, AttentionScratch<T>& scratch,
                      std::size_t threads = 1) const {
     check_batch(x.rows(), x.cols(), first_row, caches);
-    threads = std::max<std::size_t>(threads, 1);
-    // As in forward(): everything that can throw (the limits, allocations)
-    // happens before the first cache changes.
-    const BatchPlan plan = reserve_batch(first_row, caches);
-    resize_batch_scratch(scratch, out, first_row, caches.size(), plan, threads);
-
-    project(x, scratch, threads);
-    if (plan.rebase_sinks) scratch.Q_unrotated = scratch.Q;
-    if (rope_) {
-      for (std::size_t b = 0; b < caches.size(); ++b) {
-        const auto i0 = static_cast<Eigen::Index>(first_row[b]);
-        const auto m = static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]);
-        auto Q_b = scratch.Q.middleRows(i0, m);
-        auto K_b = scratch.K.middleRows(i0, m);
-        rope_->apply(Q_b, caches[b]->position());
-        rope_->apply(K_b, caches[b]->position());
-      }
-    }
-    if (plan.chunked)
-      append_and_attend_each(first_row, caches, scratch, threads);
-    else
-      append_and_attend_together(first_row, caches, plan.region, scratch, threads);
-    detail::linear<T>(scratch.O, weights_.W_O, weights_.b_O, out, threads);
+    run(x, first_row, caches, out, scratch, threads);
   }
 
   // The same, returning a new matrix (allocates; convenient outside hot loops).
@@ -242,141 +427,32 @@ class MultiHeadAttentionWithCache {
   std::size_t cache_size() const { return own_cache_ ? own_cache_->size() : 0; }
 
  private:
-  void check_input(Eigen::Index rows, Eigen::Index cols, const KVCache<T>& cache) const {
-    if (rows == 0) throw std::invalid_argument("kvcache: attention input has no rows (no tokens)");
-    if (static_cast<std::size_t>(cols) != config_.d_model)
-      throw std::invalid_argument("kvcache: attention input is " + detail::shape(rows, cols) +
-                                  ", expected m x d_model = m x " + std::to_string(config_.d_model));
-    if (cache.n_kv_heads() != config_.n_kv_heads || cache.d_k() != config_.d_k())
-      throw std::invalid_argument("kvcache: cache holds " + std::to_string(cache.n_kv_heads()) + " kv heads of " +
-                                  std::to_string(cache.d_k()) + ", the layer needs " +
-                                  std::to_string(config_.n_kv_heads) + " of " + std::to_string(config_.d_k()));
-    const std::size_t window = cache.window().window;
-    if (window > config_.max_seq_len)
-      throw std::invalid_argument("kvcache: sliding window of " + std::to_string(window) +
-                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len));
-    const std::size_t end = cache.position() + static_cast<std::size_t>(rows);
-    if (window == 0 && end > config_.max_seq_len)
-      throw std::length_error("kvcache: positions up to " + std::to_string(end) + " pass max_seq_len = " +
-                              std::to_string(config_.max_seq_len));
-  }
-
-  // How many of `left` new tokens can be appended at once without the window
-  // dropping a token that one of them still sees: all of them while they
-  // fit, then the rest one at a time. Once a window with RoPE and sinks has
-  // dropped tokens (it may have been truncated since), every query needs the
-  // sinks rotated to its own position in the window: one at a time too.
-  std::size_t rows_without_eviction(const KVCache<T>& cache, std::size_t left) const {
-    const std::size_t window = cache.window().window, n = cache.size();
-    if (window == 0) return left;
-    if (sinks_rebased(cache, cache.position() + left) && cache.evicted() != 0) return 1;
-    if (n + left <= window) return left;
-    return n < window ? window - n : 1;
-  }
-
-  // forward()'s rebase_sinks for new tokens that end at position `end`:
-  // with RoPE and sinks, a query past the window sees the sinks re-rotated.
-  bool sinks_rebased(const KVCache<T>& cache, std::size_t end) const {
-    return rope_ && cache.window().sinks != 0 && end > cache.window().window;
-  }
-  // After an append: whether the new tokens' query needs that re-rotation now.
-  bool in_window(const KVCache<T>& cache) const {
-    return sinks_rebased(cache, cache.position()) && cache.evicted() != 0;
-  }
-
-  // What a batch needs beyond its rows: whether some sequence's queries
-  // see re-rotated sinks, whether some sequence must be taken chunk by chunk
-  // (its window fills up within the step, so a token one of its own new
-  // rows sees would be dropped), and one thread's share of the scores
-  // buffer, enough for the largest sequence.
-  struct BatchPlan {
-    bool rebase_sinks = false;
-    bool chunked = false;
-    std::size_t region = 0;
-  };
-
-  BatchPlan reserve_batch(const std::vector<std::size_t>& first_row, const std::vector<KVCache<T>*>& caches) const {
-    BatchPlan plan;
-    for (std::size_t b = 0; b < caches.size(); ++b) {
-      KVCache<T>& cache = *caches[b];
-      const std::size_t m = first_row[b + 1] - first_row[b], window = cache.window().window;
-      cache.reserve_more(m);
-      plan.rebase_sinks = plan.rebase_sinks || sinks_rebased(cache, cache.position() + m);
-      plan.chunked = plan.chunked || rows_without_eviction(cache, m) < m;
-      const std::size_t n_max = window != 0 ? std::min(cache.size() + m, window) : cache.size() + m;
-      plan.region = std::max(plan.region, std::max(m, config_.group_size()) * scores_stride(n_max));
-    }
-    return plan;
-  }
-
-  void resize_batch_scratch(AttentionScratch<T>& s, Matrix<T>& out, const std::vector<std::size_t>& first_row,
-                            std::size_t B, const BatchPlan& plan, std::size_t threads) const {
-    const auto rows = static_cast<Eigen::Index>(first_row.back());
-    const auto d = static_cast<Eigen::Index>(config_.d_model);
-    detail::resize_buffer(s.Q, rows, d);
-    detail::resize_buffer(s.K, rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    detail::resize_buffer(s.V, rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    detail::resize_buffer(s.O, rows, d);
-    if (plan.rebase_sinks) {
-      detail::resize_buffer(s.Q_unrotated, rows, d);
-      detail::resize_buffer(s.Q_in_window, static_cast<Eigen::Index>(B), d);  // a row per sequence
-    }
-    const auto needed = static_cast<Eigen::Index>(threads * plan.region);
-    if (s.S.size() < needed) detail::resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
-    detail::resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * config_.d_k()), 1);
-    detail::resize_buffer(out, rows, d);
-  }
-
-  // Row b of Q_in_window = the query in row `row` of the batch (sequence
-  // b's) rotated to its position in sequence b's window.
-  const T* rotate_into_window(AttentionScratch<T>& s, std::size_t b, std::size_t row, const KVCache<T>& cache) const {
-    auto Q_w = s.Q_in_window.row(static_cast<Eigen::Index>(b));
-    Q_w = s.Q_unrotated.row(static_cast<Eigen::Index>(row));
-    rope_->apply(Q_w, cache.size() - 1);
-    return Q_w.data();
-  }
-
-  // The common case: every sequence appends all its rows, then attention
-  // runs over (sequence, query head) units, split across threads; sequence
-  // b's heads are the units [b·n_heads, (b+1)·n_heads).
-  void append_and_attend_together(const std::vector<std::size_t>& first_row, const std::vector<KVCache<T>*>& caches,
-                                  std::size_t region, AttentionScratch<T>& s, std::size_t threads) const {
-    const std::size_t B = caches.size(), H = config_.n_heads, d = config_.d_model;
+  // Everything that can throw (the limits, allocations) happens before the
+  // first cache changes; a failure after that rolls every cache back.
+  template <typename Derived>
+  void run(const Eigen::MatrixBase<Derived>& x, const std::vector<std::size_t>& first_row,
+           const std::vector<KVCache<T>*>& caches, Matrix<T>& out, AttentionScratch<T>& s, std::size_t threads) const {
+    threads = std::max<std::size_t>(threads, 1);
+    const std::size_t B = caches.size();
+    s.seqs.resize(B);
+    s.tables.resize(B);
     for (std::size_t b = 0; b < B; ++b) {
-      const auto i0 = static_cast<Eigen::Index>(first_row[b]);
-      const auto m = static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]);
-      caches[b]->append(s.K.middleRows(i0, m), s.V.middleRows(i0, m));
-      if (in_window(*caches[b])) rotate_into_window(s, b, first_row[b], *caches[b]);
-    }
-    detail::parallel_slices(B * H, threads, 1, [&](std::size_t begin, std::size_t end, std::size_t slot) {
-      T* scores = s.S.data() + slot * region;
-      T* tile = s.tile.data() + slot * kTile * config_.d_k();
-      for (std::size_t u = begin; u < end;) {
-        const std::size_t b = u / H, h_begin = u % H, h_end = std::min(H, h_begin + (end - u));
-        const KVCache<T>& cache = *caches[b];
-        const T* Q_window = in_window(cache) ? s.Q_in_window.data() + b * d : nullptr;
-        attend_heads(cache, first_row[b], first_row[b + 1] - first_row[b], Q_window, s, h_begin, h_end, scores, tile);
-        u += h_end - h_begin;
-      }
-    });
-  }
-
-  // The rare case (rows that fill a window): each sequence as forward()
-  // takes it, chunk by chunk, its heads split across threads.
-  void append_and_attend_each(const std::vector<std::size_t>& first_row, const std::vector<KVCache<T>*>& caches,
-                              AttentionScratch<T>& s, std::size_t threads) const {
-    for (std::size_t b = 0; b < caches.size(); ++b) {
-      KVCache<T>& cache = *caches[b];
       const std::size_t m = first_row[b + 1] - first_row[b];
-      const bool rebase = sinks_rebased(cache, cache.position() + m);
-      for (std::size_t first = 0; first < m;) {
-        const std::size_t rows = rows_without_eviction(cache, m - first), i0 = first_row[b] + first;
-        const auto at = static_cast<Eigen::Index>(i0), r = static_cast<Eigen::Index>(rows);
-        cache.append(s.K.middleRows(at, r), s.V.middleRows(at, r));
-        const T* Q_window = rebase && cache.evicted() != 0 ? rotate_into_window(s, b, i0, cache) : nullptr;
-        attend(cache, i0, rows, Q_window, s, threads);
-        first += rows;
-      }
+      caches[b]->reserve_more(m);
+      s.seqs[b].first_row = first_row[b];
+      s.seqs[b].m = m;
+      s.seqs[b].rows = &caches[b]->kv_rows();
+      s.tables[b] = &caches[b]->slot_table();
+    }
+    detail::plan_batch(s, rope_.has_value());
+    detail::Attention<T>::prepare(config_, s, s.seqs, threads);
+    detail::resize_buffer(out, x.rows(), static_cast<Eigen::Index>(config_.d_model));
+    detail::commit_batch(s);
+    try {
+      detail::Attention<T>(config_, weights_, rope_ ? &*rope_ : nullptr, s).run(x, s.seqs, out, threads);
+    } catch (...) {
+      detail::roll_back_batch(s);
+      throw;
     }
   }
 
@@ -404,147 +480,33 @@ class MultiHeadAttentionWithCache {
         if (caches[c] == caches[b])
           throw std::invalid_argument("kvcache: forward_batch: caches[" + std::to_string(c) + "] and caches[" +
                                       std::to_string(b) + "] are the same cache");
-      // The sequence is named only on error: a batch step builds no strings.
-      const auto at = [b] { return " (sequence " + std::to_string(b) + ")"; };
       try {
         check_input(static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]), cols, *caches[b]);
       } catch (const std::length_error& e) {
-        throw std::length_error(e.what() + at());
+        throw std::length_error(e.what() + (" (sequence " + std::to_string(b) + ")"));
       } catch (const std::invalid_argument& e) {
-        throw std::invalid_argument(e.what() + at());
+        throw std::invalid_argument(e.what() + (" (sequence " + std::to_string(b) + ")"));
       }
     }
   }
 
-  // n: the most tokens the cache holds during this call.
-  void resize_scratch(AttentionScratch<T>& s, Matrix<T>& out, std::size_t m, std::size_t n, std::size_t threads,
-                      bool rebase_sinks) const {
-    const auto rows = static_cast<Eigen::Index>(m);
-    const auto d = static_cast<Eigen::Index>(config_.d_model);
-    detail::resize_buffer(s.Q, rows, d);
-    detail::resize_buffer(s.K, rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    detail::resize_buffer(s.V, rows, static_cast<Eigen::Index>(config_.kv_dim()));
-    detail::resize_buffer(s.O, rows, d);
-    if (rebase_sinks) {
-      detail::resize_buffer(s.Q_unrotated, rows, d);
-      detail::resize_buffer(s.Q_in_window, 1, d);
-    }
-    // Grown, never shrunk, so that a decode step, whose n grows by one,
-    // reallocates only when the size doubles. A thread's scores hold the
-    // rows of one head, or, in a decode step, one row per head of a group.
-    const std::size_t score_rows = std::max(m, config_.group_size());
-    const auto needed = static_cast<Eigen::Index>(threads * score_rows * scores_stride(n));
-    if (s.S.size() < needed) detail::resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
-    detail::resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * config_.d_k()), 1);
-    detail::resize_buffer(out, rows, d);
-  }
-
-  static std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
-
-  // Rows of a compact cache converted to T at a time: 64 × d_k fits in L1.
-  static constexpr std::size_t kTile = 64;
-
-  // Q, K and V read the same x: one parallel region computes all three, its
-  // threads splitting the d_model + 2·kv_dim output features between them.
-  template <typename Derived>
-  void project(const Eigen::MatrixBase<Derived>& x, AttentionScratch<T>& s, std::size_t threads) const {
-    const std::array<detail::LinearTerm<T>, 3> qkv{{{weights_.W_Q, weights_.b_Q, s.Q},
-                                                    {weights_.W_K, weights_.b_K, s.K},
-                                                    {weights_.W_V, weights_.b_V, s.V}}};
-    detail::linear<T>(x, qkv, threads);
-  }
-
-  using ConstStridedMap = Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>>;
-  using StridedMap = Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>>;
-
-  // O_h = softmax(Q_h·K_gᵀ/√d_k, causal)·V_g for the query rows [first,
-  // first + rows) of every query head, whose keys and values were just
-  // appended: row i sees the cache's slots [0, n − rows + i]. Split across
-  // threads by query head; each thread has its own scores and tile.
-  // Q_window: the query rotated to its position in the window (1 × d_model),
-  // or nullptr when the sinks need no re-rotation.
-  void attend(const KVCache<T>& cache, std::size_t first, std::size_t rows, const T* Q_window,
-              AttentionScratch<T>& s, std::size_t threads) const {
-    const std::size_t G = config_.group_size();
-    const std::size_t region = std::max(rows, G) * scores_stride(cache.size());
-    detail::parallel_slices(config_.n_heads, threads, 1, [&](std::size_t h_begin, std::size_t h_end, std::size_t slot) {
-      attend_heads(cache, first, rows, Q_window, s, h_begin, h_end, s.S.data() + slot * region,
-                   s.tile.data() + slot * kTile * config_.d_k());
-    });
-  }
-
-  // attend() for the query heads [h_begin, h_end) only, with one thread's
-  // scores (max(rows, group size) × scores_stride(n)) and tile.
-  //
-  // A decode step (rows == 1) takes the heads that share a kv head together,
-  // as a (heads × d_k) matrix, so each cached key and value is read once per
-  // kv head, not once per query head.
-  void attend_heads(const KVCache<T>& cache, std::size_t first, std::size_t rows, const T* Q_window,
-                    AttentionScratch<T>& s, std::size_t h_begin, std::size_t h_end, T* scores, T* tile) const {
-    const std::size_t d_k = config_.d_k(), G = config_.group_size(), n = cache.size();
-    const auto ld_Q = static_cast<Eigen::Index>(config_.d_model);
-    const T sqrt_d_k = std::sqrt(static_cast<T>(d_k));
-    const auto ld = static_cast<Eigen::Index>(scores_stride(n));
-    for (std::size_t h = h_begin; h < h_end;) {
-      const std::size_t g = h / G;
-      // Decode: the heads [h, h_end_g) of kv head g, one row each. Prefill: head h, `rows` rows.
-      const std::size_t heads = rows == 1 ? std::min(h_end, (g + 1) * G) - h : 1;
-      const auto q_rows = static_cast<Eigen::Index>(rows == 1 ? heads : rows);
-      const auto q_stride = rows == 1 ? static_cast<Eigen::Index>(d_k) : ld_Q;
-      const auto at = static_cast<Eigen::Index>(first) * ld_Q + static_cast<Eigen::Index>(h * d_k);
-      const ConstStridedMap Q_h(s.Q.data() + at, q_rows, static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(q_stride));
-      StridedMap O_h(s.O.data() + at, q_rows, static_cast<Eigen::Index>(d_k), Eigen::OuterStride<>(q_stride));
-      StridedMap S(scores, q_rows, static_cast<Eigen::Index>(n), Eigen::OuterStride<>(ld));
-
-      // Divided after the product, as the formula reads: a scaled Q_h
-      // would make Eigen copy it into a temporary on every decode step.
-      key_products(Q_h, cache, g, 0, n, S, tile);
-      if (Q_window != nullptr) {
-        // The sinks sit at the start of the window: their scores use the
-        // query rotated to its position in the window, not in the sequence.
-        const ConstStridedMap Q_w(Q_window + h * d_k, q_rows, static_cast<Eigen::Index>(d_k),
-                                  Eigen::OuterStride<>(static_cast<Eigen::Index>(d_k)));
-        key_products(Q_w, cache, g, 0, cache.window().sinks, S, tile);
-      }
-      S /= sqrt_d_k;
-      for (Eigen::Index i = 0; i < q_rows; ++i)
-        detail::masked_softmax(S.row(i), static_cast<Eigen::Index>(n - rows) + (rows == 1 ? 0 : i) + 1);
-      value_sums(S, cache, g, O_h, tile);
-      h += heads;
-    }
-  }
-
-  // S[:, j] = Q_h · k_j for the cache slots j in [begin, end) of kv head g.
-  void key_products(const ConstStridedMap& Q_h, const KVCache<T>& cache, std::size_t g, std::size_t begin,
-                    std::size_t end, StridedMap& S, T* tile) const {
-    const auto d_k = static_cast<Eigen::Index>(config_.d_k());
-    if (cache.type() == KVType::full) {
-      const auto b = static_cast<Eigen::Index>(begin), count = static_cast<Eigen::Index>(end - begin);
-      S.middleCols(b, count).noalias() = Q_h * cache.keys(g).middleRows(b, count).transpose();
-      return;
-    }
-    for (std::size_t j = begin; j < end; j += kTile) {
-      const std::size_t count = std::min(kTile, end - j);
-      cache.load_keys(g, j, count, tile);
-      const Eigen::Map<const Matrix<T>> K_tile(tile, static_cast<Eigen::Index>(count), d_k);
-      S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)).noalias() = Q_h * K_tile.transpose();
-    }
-  }
-
-  // O_h = P · V_g over all cached slots of kv head g (P: probabilities).
-  void value_sums(const StridedMap& P, const KVCache<T>& cache, std::size_t g, StridedMap& O_h, T* tile) const {
-    const auto d_k = static_cast<Eigen::Index>(config_.d_k());
-    if (cache.type() == KVType::full) {
-      O_h.noalias() = P * cache.values(g);
-      return;
-    }
-    O_h.setZero();
-    for (std::size_t j = 0; j < cache.size(); j += kTile) {
-      const std::size_t count = std::min(kTile, cache.size() - j);
-      cache.load_values(g, j, count, tile);
-      const Eigen::Map<const Matrix<T>> V_tile(tile, static_cast<Eigen::Index>(count), d_k);
-      O_h.noalias() += P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)) * V_tile;
-    }
+  void check_input(Eigen::Index rows, Eigen::Index cols, const KVCache<T>& cache) const {
+    if (rows == 0) throw std::invalid_argument("kvcache: attention input has no rows (no tokens)");
+    if (static_cast<std::size_t>(cols) != config_.d_model)
+      throw std::invalid_argument("kvcache: attention input is " + detail::shape(rows, cols) +
+                                  ", expected m x d_model = m x " + std::to_string(config_.d_model));
+    if (cache.n_kv_heads() != config_.n_kv_heads || cache.d_k() != config_.d_k())
+      throw std::invalid_argument("kvcache: cache holds " + std::to_string(cache.n_kv_heads()) + " kv heads of " +
+                                  std::to_string(cache.d_k()) + ", the layer needs " +
+                                  std::to_string(config_.n_kv_heads) + " of " + std::to_string(config_.d_k()));
+    const std::size_t window = cache.window().window;
+    if (window > config_.max_seq_len)
+      throw std::invalid_argument("kvcache: sliding window of " + std::to_string(window) +
+                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len));
+    const std::size_t end = cache.position() + static_cast<std::size_t>(rows);
+    if (window == 0 && end > config_.max_seq_len)
+      throw std::length_error("kvcache: positions up to " + std::to_string(end) + " pass max_seq_len = " +
+                              std::to_string(config_.max_seq_len));
   }
 
   AttentionConfig config_;

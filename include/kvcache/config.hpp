@@ -15,7 +15,7 @@ namespace kvcache {
 // contiguous.
 template <typename T>
 using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-// Weights are WeightMatrix<T> (weight_matrix.hpp): [out, in], row by row.
+// Weights are WeightMatrix<T> (weights.hpp): [out, in], row by row.
 template <typename T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 template <typename T>

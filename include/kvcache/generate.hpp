@@ -41,6 +41,7 @@ class Sampler {
  public:
   Sampler(std::size_t vocab_size, float temperature, float top_p, std::uint64_t seed)
       : temperature_(temperature), top_p_(top_p), state_(seed), probs_(vocab_size) {
+    if (vocab_size == 0) throw std::invalid_argument("kvcache: Sampler needs vocab_size > 0, got 0");
     if (!(temperature >= 0.0f) || !std::isfinite(temperature))
       throw std::invalid_argument("kvcache: temperature = " + std::to_string(temperature) + ", must be >= 0");
     if (!(top_p >= 0.0f && top_p <= 1.0f))
@@ -170,21 +171,6 @@ inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::s
                             " new tokens need more positions than the limit of " + std::to_string(limit));
 }
 
-// Puts a session that a failed generation found at `position`, holding
-// `held` tokens, back there: the tokens the call appended are truncated
-// away. A sliding window that has overwritten tokens cannot be put back
-// (nor a session something else shortened meanwhile): it is cleared.
-template <typename T>
-void roll_back(Session<T>& s, std::size_t position, std::size_t held) {
-  if (s.position() == position && s.size() == held) return;
-  const bool only_appended =
-      s.position() >= position && s.size() >= held && s.position() - position == s.size() - held;
-  if (only_appended)
-    s.truncate(held);
-  else
-    s.clear();
-}
-
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   out.push_back(id);
   if (o.on_token) o.on_token(id);
@@ -211,7 +197,7 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
   std::vector<int> out;
   if (options.max_new_tokens == 0) return out;
   out.reserve(options.max_new_tokens);
-  const std::size_t start = session.size(), start_position = session.position();
+  const auto start = session.checkpoint();
   try {
     const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
     std::vector<int> step(1);
@@ -220,7 +206,7 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
       logits = &decoder.forward(step, session, Logits::last);  // decode
     }
   } catch (...) {
-    detail::roll_back(session, start_position, start);
+    session.roll_back(start);
     throw;
   }
   return out;
@@ -239,16 +225,12 @@ std::vector<int> generate(const Decoder<T>& decoder, const std::vector<int>& pro
 // Batches: several sequences, one forward per step
 // ============================================================================
 
-namespace detail {
-
 // The seed of sequence i of a batch that shares one seed: seed + i (mod 2⁶⁴;
 // 0, which xorshift cannot start from, becomes 1).
 inline std::uint64_t sequence_seed(std::uint64_t seed, std::size_t i) {
   const std::uint64_t s = seed + static_cast<std::uint64_t>(i);
   return s == 0 ? 1 : s;
 }
-
-}  // namespace detail
 
 // Generates a continuation of every prompt, the sequences stepped together:
 // each prompt is prefilled alone in its session (exactly as generate()
@@ -286,13 +268,8 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
     if (s == nullptr) throw std::invalid_argument(at + "the session is null");
     for (std::size_t j = 0; j < i; ++j)
       if (sessions[j] == s) throw std::invalid_argument(at + "the same session as sequence " + std::to_string(j));
-    if (s->n_layers() != c.n_layers || s->cache(0).n_kv_heads() != c.kv_heads() || s->cache(0).d_k() != c.d_k())
-      throw std::invalid_argument(at + "the session was made for another model shape");
     if (prompts[i].empty()) throw std::invalid_argument(at + "the prompt is empty (give at least one token)");
-    for (std::size_t k = 0; k < prompts[i].size(); ++k)
-      if (prompts[i][k] < 0 || static_cast<std::size_t>(prompts[i][k]) >= c.vocab_size)
-        throw std::out_of_range(at + "token id " + std::to_string(prompts[i][k]) + " at index " + std::to_string(k) +
-                                " is outside [0, vocab_size = " + std::to_string(c.vocab_size) + ")");
+    decoder.check_input(prompts[i], *s, " (sequence " + std::to_string(i) + ")");
     try {
       detail::check_generation_fits(s->position(), prompts[i].size(), options[i].max_new_tokens, s->position_limit());
     } catch (const std::length_error& e) {
@@ -306,20 +283,17 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
   std::vector<std::vector<int>> out(B);
   // Where each session was, to roll all of them back if anything throws
   // midway (as generate() does for one).
-  std::vector<std::size_t> start_position(B), start_held(B);
-  for (std::size_t i = 0; i < B; ++i) {
-    start_position[i] = sessions[i]->position();
-    start_held[i] = sessions[i]->size();
-  }
+  std::vector<typename Session<T>::Checkpoint> start(B);
+  for (std::size_t i = 0; i < B; ++i) start[i] = sessions[i]->checkpoint();
+  Workspace<T> workspace;
   try {
     std::vector<std::size_t> active;  // the sequences still generating, in order
     for (std::size_t i = 0; i < B; ++i) {
       if (options[i].max_new_tokens == 0) continue;
       out[i].reserve(options[i].max_new_tokens);
-      const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], Logits::last);  // prefill, alone
+      const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], workspace, Logits::last);  // prefill, alone
       if (!detail::emit(samplers[i].sample(logits.row(0)), out[i], options[i])) active.push_back(i);
     }
-    BatchScratch<T> scratch;
     std::vector<std::vector<int>> step;
     std::vector<Session<T>*> batch;
     const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
@@ -330,7 +304,7 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
         step[k].assign(1, out[active[k]].back());
         batch[k] = sessions[active[k]];
       }
-      const Matrix<T>& logits = decoder.forward_batch(step, batch, scratch, Logits::last, threads);  // decode
+      const Matrix<T>& logits = decoder.forward_batch(step, batch, workspace, Logits::last, threads);  // decode
       std::size_t kept = 0;
       for (std::size_t k = 0; k < active.size(); ++k) {
         const std::size_t i = active[k];
@@ -340,14 +314,14 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
       active.resize(kept);
     }
   } catch (...) {
-    for (std::size_t i = 0; i < B; ++i) detail::roll_back(*sessions[i], start_position[i], start_held[i]);
+    for (std::size_t i = 0; i < B; ++i) sessions[i]->roll_back(start[i]);
     throw;
   }
   return out;
 }
 
 // The same with fresh sessions of `threads` threads and one set of options:
-// sequence i samples with the seed detail::sequence_seed(options.seed, i),
+// sequence i samples with the seed sequence_seed(options.seed, i),
 // i.e. options.seed + i, so that sequence 0 is generate() with `options`.
 // options.on_token must be empty (with one stream of ids for all sequences,
 // it could not tell them apart: give one GenerateOptions per sequence).
@@ -366,7 +340,7 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
     sessions.push_back(decoder.new_session());
     sessions.back().set_threads(threads);
     pointers.push_back(&sessions.back());
-    per_sequence[i].seed = detail::sequence_seed(options.seed, i);
+    per_sequence[i].seed = sequence_seed(options.seed, i);
   }
   return generate_batch(decoder, pointers, prompts, per_sequence);
 }

@@ -1,18 +1,27 @@
-// kvcache/kvcache.hpp — the one header a user includes.
+// kvcache/kvcache.hpp — the one header a user includes. The headers, in the
+// order one token's data flows through them:
 //
-//   config.hpp     ModelConfig, AttentionConfig and their validation
-//   weight_matrix.hpp  WeightMatrix: a linear layer's weights (T or bfloat16)
-//   kv_cache.hpp   KVCache: one layer's keys and values
-//   attention.hpp  MultiHeadAttentionWithCache: one causal attention layer
-//   decoder.hpp    Decoder (immutable weights) and Session (per-request caches)
-//   generate.hpp   prefill/decode loop, sampler, uncached baseline
+//   config.hpp        ModelConfig, AttentionConfig and their validation
+//   storage.hpp       StorageType (f32, bf16, int8) and a codec per type
+//   weights.hpp       WeightMatrix and the weight structs: immutable, shared
+//   slots.hpp         SlotTable: where a sequence's tokens live; windows
+//   kv_cache.hpp      KVRows (one layer's typed rows) and KVCache
+//   session.hpp       Session: one request's slot table and caches
+//   attention.hpp     attention over the cache; MultiHeadAttentionWithCache
+//   forward.hpp       Workspace and the forward pass over a batch
+//   decoder.hpp       Decoder: weights, new_session, forward entry points
+//   generate.hpp      prefill/decode loop, sampler, uncached baseline
 //   session_file.hpp  save a Session to a file and load it back (prompt cache)
 #pragma once
 
 #include "config.hpp"
-#include "weight_matrix.hpp"
+#include "storage.hpp"
+#include "weights.hpp"
+#include "slots.hpp"
 #include "kv_cache.hpp"
+#include "session.hpp"
 #include "attention.hpp"
+#include "forward.hpp"
 #include "decoder.hpp"
 #include "generate.hpp"
 #include "session_file.hpp"

@@ -54,7 +54,7 @@
 #include "config.hpp"
 #include "decoder.hpp"
 #include "limits.hpp"
-#include "weight_matrix.hpp"
+#include "weights.hpp"
 
 namespace kvcache {
 
@@ -470,7 +470,7 @@ inline void check_llama2c_expressible(const Decoder<float>& decoder) {
   require_int32("max_seq_len", c.max_seq_len);
   for (std::size_t l = 0; l < c.n_layers; ++l) {
     const auto& b = decoder.block(l);
-    const auto& a = b.attention.weights();
+    const auto& a = b.attention;
     const std::string layer = "blocks[" + std::to_string(l) + "].";
     require_no_bias(layer + "attention.b_Q", static_cast<std::size_t>(a.b_Q.size()));
     require_no_bias(layer + "attention.b_K", static_cast<std::size_t>(a.b_K.size()));
@@ -552,10 +552,10 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     write(header, sizeof header);
     write_matrix(decoder.token_embedding());
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_Q);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_K);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_V);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.weights().W_O);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_Q);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_K);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_V);
+    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_O);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp_norm.gamma);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_1);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_2);

@@ -256,7 +256,7 @@ std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
   add(decoder.position_embedding());
   for (std::size_t l = 0; l < decoder.config().n_layers; ++l) {
     const auto& b = decoder.block(l);
-    const AttentionWeights<T>& a = b.attention.weights();
+    const AttentionWeights<T>& a = b.attention;
     add_norm(b.attention_norm);
     for (const auto* W : {&a.W_Q, &a.W_K, &a.W_V, &a.W_O}) add(*W);
     for (const auto* bias : {&a.b_Q, &a.b_K, &a.b_V, &a.b_O}) add(*bias);
@@ -504,7 +504,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   if (f[kPosition] > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max()))
     fail(name, "position = " + std::to_string(f[kPosition]) + " does not fit this platform");
   try {
-    probe->cache(0).check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
+    probe->check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
                                 static_cast<std::size_t>(f[kRingStart]));
   } catch (const std::invalid_argument& e) {
     fail(name, e.what());

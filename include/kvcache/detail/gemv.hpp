@@ -17,7 +17,7 @@
 
 #include <Eigen/Core>
 
-#include "../weight_matrix.hpp"
+#include "../weights.hpp"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>

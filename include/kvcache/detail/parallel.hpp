@@ -17,7 +17,7 @@
 #endif
 
 #include "../config.hpp"
-#include "../weight_matrix.hpp"
+#include "../weights.hpp"
 #include "gemv.hpp"
 
 namespace kvcache {

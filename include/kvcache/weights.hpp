@@ -1,5 +1,13 @@
-// kvcache/weight_matrix.hpp — WeightMatrix: the [out, in] matrix of a linear
-// layer, stored row by row as T or as bfloat16.
+// kvcache/weights.hpp — the parameters of a model: immutable once a Decoder
+// holds them, shared by every session and thread.
+//
+//   WeightMatrix<T>     a linear layer's [out, in] matrix, row by row, as T or
+//                       bfloat16, in memory aligned for huge pages
+//   NormWeights, AttentionWeights, MlpWeights, BlockWeights, DecoderWeights
+//                       the structs a model's parameters come in, and their
+//                       shape checks against a ModelConfig
+//   random_weights      seeded weights of any shape, for demos, tests and
+//                       benchmarks
 #pragma once
 
 #include <cmath>
@@ -13,6 +21,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -298,14 +307,218 @@ class WeightMatrix {
 
 namespace detail {
 
-// As check_weight for Eigen matrices (attention.hpp): the same message.
+inline std::string shape(Eigen::Index rows, Eigen::Index cols) {
+  return std::to_string(rows) + " x " + std::to_string(cols);
+}
+
+// Throws std::invalid_argument (fail_config) unless W is rows × cols.
+template <typename W>
+void check_weight(const std::string& name, const W& w, std::size_t rows, std::size_t cols) {
+  if (static_cast<std::size_t>(w.rows()) != rows || static_cast<std::size_t>(w.cols()) != cols)
+    fail_config(name + " is " + shape(w.rows(), w.cols()) + ", expected " +
+                shape(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols)));
+}
+
+// ... unless b is empty (no bias) or has `size` entries.
 template <typename T>
-void check_weight(const char* name, const WeightMatrix<T>& W, std::size_t rows, std::size_t cols) {
-  if (static_cast<std::size_t>(W.rows()) != rows || static_cast<std::size_t>(W.cols()) != cols)
-    fail_config(std::string(name) + " is " + std::to_string(W.rows()) + " x " + std::to_string(W.cols()) +
-                ", expected " + std::to_string(rows) + " x " + std::to_string(cols));
+void check_bias(const std::string& name, const Vector<T>& b, std::size_t size) {
+  if (b.size() != 0 && static_cast<std::size_t>(b.size()) != size)
+    fail_config(name + " has " + std::to_string(b.size()) + " entries, expected " + std::to_string(size) +
+                " (or none)");
 }
 
 }  // namespace detail
+
+// ============================================================================
+// The parameters of a model
+// ============================================================================
+
+// gamma (and for LayerNorm an optional beta), d_model entries each.
+template <typename T = float>
+struct NormWeights {
+  Vector<T> gamma;
+  Vector<T> beta;  // empty: no shift (always empty for RMSNorm)
+};
+
+// The parameters of one attention layer, each of shape [out, in]:
+//   W_Q: d_model × d_model     W_K, W_V: kv_dim × d_model     W_O: d_model × d_model
+// with kv_dim = n_kv_heads · d_k. A bias left empty is no bias.
+template <typename T = float>
+struct AttentionWeights {
+  WeightMatrix<T> W_Q, W_K, W_V, W_O;
+  Vector<T> b_Q, b_K, b_V, b_O;
+};
+
+// GELU:   out = W_2 · gelu(W_1 x + b_1) + b_2
+// SwiGLU: out = W_2 · (silu(W_1 x) ⊙ W_3 x)
+// W_1, W_3: d_ff × d_model; W_2: d_model × d_ff. Empty biases are none.
+template <typename T = float>
+struct MlpWeights {
+  WeightMatrix<T> W_1, W_2, W_3;
+  Vector<T> b_1, b_2;
+};
+
+// One pre-norm block: x += attention(norm(x)); x += mlp(norm(x)).
+template <typename T = float>
+struct BlockWeights {
+  NormWeights<T> attention_norm;
+  AttentionWeights<T> attention;
+  NormWeights<T> mlp_norm;
+  MlpWeights<T> mlp;
+};
+
+template <typename T = float>
+struct DecoderWeights {
+  WeightMatrix<T> token_embedding;  // vocab_size × d_model (also the LM head when tied)
+  Matrix<T> position_embedding;     // max_seq_len × d_model (learned positions only)
+  std::vector<BlockWeights<T>> blocks;
+  NormWeights<T> final_norm;
+  WeightMatrix<T> lm_head;  // vocab_size × d_model; empty when tied to token_embedding
+};
+
+// ---- Shape checks: std::invalid_argument naming the field and the values ----
+
+template <typename T>
+void check_weights(const AttentionConfig& c, const AttentionWeights<T>& w, const std::string& at = "") {
+  const std::size_t d = c.d_model, kv = c.kv_dim();
+  detail::check_weight(at + "W_Q", w.W_Q, d, d);
+  detail::check_weight(at + "W_K", w.W_K, kv, d);
+  detail::check_weight(at + "W_V", w.W_V, kv, d);
+  detail::check_weight(at + "W_O", w.W_O, d, d);
+  detail::check_bias(at + "b_Q", w.b_Q, d);
+  detail::check_bias(at + "b_K", w.b_K, kv);
+  detail::check_bias(at + "b_V", w.b_V, kv);
+  detail::check_bias(at + "b_O", w.b_O, d);
+}
+
+template <typename T>
+void check_weights(const ModelConfig& c, const NormWeights<T>& n, const std::string& name) {
+  const auto d = static_cast<Eigen::Index>(c.d_model);
+  if (n.gamma.size() != d)
+    detail::fail_config(name + ".gamma has " + std::to_string(n.gamma.size()) + " entries, expected d_model = " +
+                        std::to_string(d));
+  if (c.norm == NormKind::rms_norm && n.beta.size() != 0)
+    detail::fail_config(name + ".beta given but RMSNorm has no shift");
+  if (n.beta.size() != 0 && n.beta.size() != d)
+    detail::fail_config(name + ".beta has " + std::to_string(n.beta.size()) + " entries, expected d_model = " +
+                        std::to_string(d));
+}
+
+template <typename T>
+void check_weights(const ModelConfig& c, const MlpWeights<T>& w, const std::string& at) {
+  const std::size_t d = c.d_model, ff = c.d_ff;
+  detail::check_weight(at + "mlp.W_1", w.W_1, ff, d);
+  detail::check_weight(at + "mlp.W_2", w.W_2, d, ff);
+  if (c.mlp == MlpKind::swiglu)
+    detail::check_weight(at + "mlp.W_3", w.W_3, ff, d);
+  else if (w.W_3.size() != 0)
+    detail::fail_config(at + "mlp.W_3 given but the MLP is GELU");
+  detail::check_bias(at + "mlp.b_1", w.b_1, ff);
+  detail::check_bias(at + "mlp.b_2", w.b_2, d);
+}
+
+// Every size and shape of a whole model, in the order a reader meets them.
+template <typename T>
+void check_weights(const ModelConfig& c, const DecoderWeights<T>& w) {
+  c.validate();
+  const std::size_t d = c.d_model, V = c.vocab_size;
+  detail::check_weight("token_embedding", w.token_embedding, V, d);
+  if (c.positions == PositionEncoding::learned)
+    detail::check_weight("position_embedding", w.position_embedding, c.max_seq_len, d);
+  else if (w.position_embedding.size() != 0)
+    detail::fail_config(std::string("position_embedding given but positions = ") + to_string(c.positions));
+  if (w.blocks.size() != c.n_layers)
+    detail::fail_config("weights have " + std::to_string(w.blocks.size()) + " blocks but n_layers = " +
+                        std::to_string(c.n_layers));
+  check_weights(c, w.final_norm, "final_norm");
+  if (c.tied_lm_head && w.lm_head.size() != 0) detail::fail_config("lm_head given but tied_lm_head = true");
+  if (!c.tied_lm_head) detail::check_weight("lm_head", w.lm_head, V, d);
+  for (std::size_t l = 0; l < c.n_layers; ++l) {
+    const auto& b = w.blocks[l];
+    const std::string at = "blocks[" + std::to_string(l) + "].";
+    check_weights(c, b.attention_norm, at + "attention_norm");
+    check_weights(c, b.mlp_norm, at + "mlp_norm");
+    check_weights(c, b.mlp, at);
+    try {
+      check_weights(c.attention(), b.attention);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string(e.what()) + " (in " + at + "attention)");
+    }
+  }
+}
+
+// ============================================================================
+// Random weights
+// ============================================================================
+
+namespace detail {
+
+// SplitMix64: a tiny, portable generator, so that "seed 42" means the same
+// weights on every platform and standard library.
+class SplitMix64 {
+ public:
+  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [-1, 1).
+  double symmetric() { return static_cast<double>(next() >> 11) * 0x1.0p-52 - 1.0; }
+
+ private:
+  std::uint64_t state_;
+};
+
+template <typename T>
+Matrix<T> random_matrix(SplitMix64& rng, std::size_t rows, std::size_t cols, double stddev) {
+  // A uniform in [-a, a] has standard deviation a / √3.
+  const double a = stddev * std::sqrt(3.0);
+  Matrix<T> M(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols));
+  for (Eigen::Index i = 0; i < M.size(); ++i) M.data()[i] = static_cast<T>(a * rng.symmetric());
+  return M;
+}
+
+}  // namespace detail
+
+// Seeded random weights of the configured shape: linear layers with standard
+// deviation 1/√fan_in (activations keep their scale through the depth),
+// embeddings with 1 (so logits are decisive and greedy picks are stable),
+// norms at identity.
+template <typename T = float>
+DecoderWeights<T> random_weights(const ModelConfig& c, std::uint64_t seed) {
+  c.validate();
+  detail::SplitMix64 rng(seed);
+  const std::size_t d = c.d_model, kv = c.kv_dim();
+  const double s_d = 1.0 / std::sqrt(static_cast<double>(d));
+  const double s_ff = 1.0 / std::sqrt(static_cast<double>(c.d_ff));
+  auto norm = [&] {
+    NormWeights<T> n;
+    n.gamma = Vector<T>::Ones(static_cast<Eigen::Index>(d));
+    if (c.norm == NormKind::layer_norm) n.beta = Vector<T>::Zero(static_cast<Eigen::Index>(d));
+    return n;
+  };
+  DecoderWeights<T> w;
+  w.token_embedding = detail::random_matrix<T>(rng, c.vocab_size, d, 1.0);
+  if (c.positions == PositionEncoding::learned)
+    w.position_embedding = detail::random_matrix<T>(rng, c.max_seq_len, d, 1.0);
+  for (std::size_t l = 0; l < c.n_layers; ++l) {
+    BlockWeights<T> b;
+    b.attention_norm = norm();
+    b.attention.W_Q = detail::random_matrix<T>(rng, d, d, s_d);
+    b.attention.W_K = detail::random_matrix<T>(rng, kv, d, s_d);
+    b.attention.W_V = detail::random_matrix<T>(rng, kv, d, s_d);
+    b.attention.W_O = detail::random_matrix<T>(rng, d, d, s_d);
+    b.mlp_norm = norm();
+    b.mlp.W_1 = detail::random_matrix<T>(rng, c.d_ff, d, s_d);
+    b.mlp.W_2 = detail::random_matrix<T>(rng, d, c.d_ff, s_ff);
+    if (c.mlp == MlpKind::swiglu) b.mlp.W_3 = detail::random_matrix<T>(rng, c.d_ff, d, s_d);
+    w.blocks.push_back(std::move(b));
+  }
+  w.final_norm = norm();
+  if (!c.tied_lm_head) w.lm_head = detail::random_matrix<T>(rng, c.vocab_size, d, s_d);
+  return w;
+}
 
 }  // namespace kvcache

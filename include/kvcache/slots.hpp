@@ -1,0 +1,228 @@
+// kvcache/slots.hpp — SlotTable: where each cached token of one sequence
+// lives, shared by every layer's cache of that sequence.
+//
+// A cache is a row of slots per layer. The table says how many tokens the
+// slots hold (size), how many tokens the sequence has fed (position), and,
+// with a sliding window, which slot holds which token. It also plans where
+// the next m tokens go, once for all layers, and keeps the one checkpoint
+// and rollback that every failing path uses. Keys and values themselves live
+// in each layer's KVRows (kv_cache.hpp); this file knows nothing of them.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace kvcache {
+
+// What a cache does when it runs out of room.
+//   window == 0: nothing; appending past max_tokens throws (the default).
+//   window == W: a sliding window of W tokens that keeps the first `sinks`
+//   tokens for ever (attention sinks, as in StreamingLLM) and drops the
+//   oldest of the others to make room. Needs 0 < W and sinks < W.
+struct SlidingWindow {
+  std::size_t window = 0;
+  std::size_t sinks = 0;
+};
+
+// Throws std::invalid_argument unless the window is off (0) or holds at
+// least one token besides its sinks.
+inline void check_window(SlidingWindow w) {
+  if (w.window == 0 && w.sinks != 0)
+    throw std::invalid_argument("kvcache: attention sinks = " + std::to_string(w.sinks) +
+                                " need a sliding window (window = 0)");
+  if (w.window != 0 && w.sinks >= w.window)
+    throw std::invalid_argument("kvcache: sliding window of " + std::to_string(w.window) + " with " +
+                                std::to_string(w.sinks) + " sinks: need sinks < window");
+}
+
+// A run of new tokens that go to consecutive slots [slot, slot + rows) and
+// then attend together. Once the run is placed the cache holds n tokens, and
+// its token i (0 = the run's first) sees the slots [0, n − rows + i]: the
+// causal mask behind a cached prefix. (A run that overwrites the oldest
+// token of a full window is one token long and sees all n slots.)
+struct SlotRun {
+  std::size_t first = 0;  // the run's first token among the call's new ones
+  std::size_t rows = 0;
+  std::size_t slot = 0;
+  std::size_t n = 0;
+  // With RoPE and sinks, once the window has dropped tokens, the sinks sit at
+  // the start of the window: their scores use the query rotated to its place
+  // in the window, n − 1, not to its position in the sequence.
+  bool rebased = false;
+};
+
+// The slots of one sequence. With a sliding window the slots [0, sinks) hold
+// the sinks and [sinks, W) a ring of the most recent tokens: once the window
+// is full a new token overwrites the oldest slot of the ring, O(1), and slot
+// order is no longer token order (attention does not care: it sums over all
+// the slots it may see).
+class SlotTable {
+ public:
+  // What a checkpoint restores: three counters.
+  struct State {
+    std::size_t size = 0;        // tokens held
+    std::size_t position = 0;    // tokens fed since clear(), evicted ones included
+    std::size_t ring_start = 0;  // the ring's oldest token is in slot sinks + ring_start
+  };
+
+  SlotTable() = default;
+  // max_tokens == 0: no limit. With a window the window is the limit, so
+  // max_tokens must be 0 or the window.
+  explicit SlotTable(std::size_t max_tokens, SlidingWindow window = {}) : max_tokens_(max_tokens), window_(window) {
+    check_window(window);
+    if (window.window != 0) {
+      if (max_tokens != 0 && max_tokens != window.window)
+        throw std::invalid_argument("kvcache: KVCache: max_tokens = " + std::to_string(max_tokens) +
+                                    " with a sliding window of " + std::to_string(window.window) +
+                                    " (the window is the limit; pass 0 or the window)");
+      max_tokens_ = window.window;
+    }
+  }
+
+  std::size_t size() const { return s_.size; }
+  std::size_t position() const { return s_.position; }
+  std::size_t ring_start() const { return s_.ring_start; }
+  std::size_t evicted() const { return s_.position - s_.size; }
+  std::size_t max_tokens() const { return max_tokens_; }
+  SlidingWindow window() const { return window_; }
+  State state() const { return s_; }
+  // The most positions the sequence can reach: max_tokens(), or no limit
+  // with a sliding window.
+  std::size_t position_limit() const {
+    return window_.window != 0 ? std::numeric_limits<std::size_t>::max() : max_tokens_;
+  }
+
+  // The slot token i (0 = the oldest held) is stored in.
+  std::size_t slot_of(std::size_t i) const {
+    const std::size_t sinks = window_.sinks;
+    if (i < sinks || s_.ring_start == 0) return i;
+    return sinks + (i - sinks + s_.ring_start) % (window_.window - sinks);
+  }
+
+  // The slots held once n more tokens are fed (a window never holds more).
+  std::size_t size_after(std::size_t m) const {
+    const std::size_t n = m > std::numeric_limits<std::size_t>::max() - s_.size ? std::numeric_limits<std::size_t>::max()
+                                                                                 : s_.size + m;
+    return window_.window != 0 ? std::min(n, window_.window) : n;
+  }
+
+  // Throws std::length_error when holding n tokens would pass max_tokens().
+  void check_limit(std::size_t n) const {
+    if (max_tokens_ != 0 && n > max_tokens_)
+      throw std::length_error("kvcache: KVCache would hold " + std::to_string(n) +
+                              " tokens, past its limit max_tokens = " + std::to_string(max_tokens_));
+  }
+
+  // Plans where m new tokens go, as runs (out is overwritten), and returns
+  // the state after them; changes nothing. A run never makes the window drop
+  // a token that one of the run's own tokens still sees: the tokens go
+  // together while they fit, then one at a time. `rope`: whether queries are
+  // rotated (so that sinks need re-basing once the window drops tokens).
+  State plan(std::size_t m, bool rope, std::vector<SlotRun>& out) const {
+    out.clear();
+    State s = s_;
+    const std::size_t W = window_.window;
+    const bool rebase = rope && W != 0 && window_.sinks != 0 && s.position + m > W;
+    for (std::size_t first = 0; first < m;) {
+      std::size_t rows = m - first;
+      if (W != 0 && rebase && s.position != s.size)
+        rows = 1;  // every query re-bases the sinks to its own place
+      else if (W != 0 && s.size + rows > W)
+        rows = s.size < W ? W - s.size : 1;
+      const std::size_t slot = next_slot(s);
+      for (std::size_t i = 0; i < rows; ++i) advance(s);
+      out.push_back({first, rows, slot, s.size, rebase && s.position != s.size});
+      first += rows;
+    }
+    return s;
+  }
+
+  // Calls f(i, slot) with the slot each of m new tokens goes to, in order,
+  // and returns the state after them; changes nothing itself.
+  template <typename F>
+  State for_each_slot(std::size_t m, F&& f) const {
+    State s = s_;
+    for (std::size_t i = 0; i < m; ++i) {
+      f(i, next_slot(s));
+      advance(s);
+    }
+    return s;
+  }
+
+  // Takes the state a plan returned.
+  void commit(const State& s) noexcept { s_ = s; }
+
+  // Puts the table back at a checkpoint taken before tokens were fed. With
+  // `slots_intact` (nothing was written since), exactly; otherwise the
+  // tokens fed since are dropped if they only appended, and the table is
+  // cleared if a window overwrote older tokens, which cannot be brought back
+  // (nor can tokens that something else removed meanwhile).
+  void roll_back(const State& checkpoint, bool slots_intact = false) noexcept {
+    const State& c = checkpoint;
+    const bool only_appended = s_.ring_start == c.ring_start && s_.position >= c.position && s_.size >= c.size &&
+                               s_.position - c.position == s_.size - c.size;
+    if (slots_intact || only_appended)
+      s_ = c;
+    else
+      clear();
+  }
+
+  void clear() noexcept { s_ = State{}; }
+
+  // Keeps the first n tokens held (n <= size()); the ring must be unwrapped
+  // first (ring_start() == 0), as KVCache::truncate does.
+  void truncate(std::size_t n) noexcept {
+    s_.position -= s_.size - n;
+    s_.size = n;
+  }
+  // After the caller rotated every layer's ring back into token order.
+  void unwrapped() noexcept { s_.ring_start = 0; }
+
+  // Throws std::invalid_argument unless `s` is a state appends, truncates and
+  // clears can reach: without a window position == size and ring_start == 0;
+  // with one size <= window, position >= size, ring_start < window − sinks,
+  // and ring_start == 0 unless the window is full.
+  void check_state(const State& s) const {
+    const auto fail = [&](const std::string& why) {
+      throw std::invalid_argument("kvcache: KVCache state size = " + std::to_string(s.size) + ", position = " +
+                                  std::to_string(s.position) + ", ring_start = " + std::to_string(s.ring_start) +
+                                  " is impossible: " + why);
+    };
+    if (max_tokens_ != 0 && s.size > max_tokens_) fail("size > max_tokens = " + std::to_string(max_tokens_));
+    if (window_.window == 0) {
+      if (s.position != s.size) fail("without a sliding window position == size");
+      if (s.ring_start != 0) fail("without a sliding window ring_start == 0");
+      return;
+    }
+    const std::size_t ring = window_.window - window_.sinks;
+    if (s.position < s.size) fail("position < size");
+    if (s.ring_start >= ring) fail("ring_start >= window - sinks = " + std::to_string(ring));
+    if (s.ring_start != 0 && s.size != window_.window)
+      fail("only a full window (size = " + std::to_string(window_.window) + ") has wrapped");
+  }
+
+ private:
+  // The slot the next token goes to: behind the others, or, in a full
+  // window, over the oldest token of the ring.
+  std::size_t next_slot(const State& s) const {
+    if (window_.window == 0 || s.size < window_.window) return s.size;
+    return window_.sinks + s.ring_start;
+  }
+  void advance(State& s) const {
+    ++s.position;
+    if (window_.window == 0 || s.size < window_.window)
+      ++s.size;
+    else
+      s.ring_start = (s.ring_start + 1) % (window_.window - window_.sinks);
+  }
+
+  std::size_t max_tokens_ = 0;
+  SlidingWindow window_;
+  State s_;
+};
+
+}  // namespace kvcache
