@@ -2,6 +2,43 @@
 // turns text into token ids the way llama2.c's `encode` does, and token ids
 // back into text the way its `decode` and `run` print them. Standard library
 // only.
+//
+// File format (all little-endian):
+//   int32 max_token_length
+//   then, per token:  float32 score, int32 length, `length` bytes (no NUL)
+// The number of tokens is not stored: it is the model's vocab_size
+// (load(path, vocab_size)), or whatever the file holds (load(path)). Id 0 is
+// <unk>, id 1 is BOS, id 2 is EOS, and ids 3..258 are meant to be the
+// byte-fallback tokens "<0x00>".."<0xFF>".
+//
+// Encoding, as llama2.c's `encode`:
+//   1. BOS (id 1) if asked for.
+//   2. If the text is non-empty, the token for " " (SentencePiece's dummy
+//      prefix). llama2.c pushes -1 when the vocabulary has no " "; here the
+//      dummy prefix is then left out.
+//   3. The text is cut into chunks of one byte plus up to 3 following
+//      continuation bytes (b & 0xC0) == 0x80, which is one code point for
+//      valid UTF-8 and something harmless for anything else. A chunk found in
+//      the vocabulary becomes that token; otherwise each of its bytes b
+//      becomes the byte-fallback token b + 3.
+//   4. Repeatedly, among all adjacent pairs (BOS included) whose concatenated
+//      pieces are a vocabulary entry, the one whose entry has the highest score
+//      is merged, the leftmost on ties; a merge must score above -1e10
+//      (llama2.c's starting "best score"), so entries at or below that never
+//      merge. Done when no pair merges.
+//   5. EOS (id 2) if asked for.
+// llama2.c rescans every pair after each merge (quadratic in the text's
+// length); here the same sequence of merges is found with a priority queue of
+// candidate pairs over a linked list of tokens, in O(n log n).
+//
+// Decoding, as llama2.c's `decode`: the piece of the token, without its
+// leading space when the previous token is BOS; a piece of the exact form
+// "<0xXX>" stands for that one raw byte.
+//
+// Piece lookups use a hash map. When a string occurs several times in the
+// vocabulary, the lowest id is the one found (llama2.c's binary search over a
+// sorted copy picks an unspecified one). Pieces are compared as whole byte
+// strings, including any NUL bytes (llama2.c's C strings stop at the first).
 #pragma once
 
 #include <algorithm>
@@ -30,7 +67,7 @@ namespace kvcache {
 namespace detail {
 
 // ============================================================================
-// Reading tokenizer.bin (the format is in the comment on Tokenizer below)
+// Reading tokenizer.bin
 // ============================================================================
 
 inline std::string describe_tokenizer(const std::string& path) { return "tokenizer '" + path + "'"; }
@@ -215,7 +252,7 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
 }
 
 // ============================================================================
-// Encoding: byte-pair merges (step 4 of the encoding in Tokenizer's comment)
+// Encoding: byte-pair merges (step 4 of the encoding above)
 // ============================================================================
 
 // llama2.c starts its search for the best merge at this score and only
@@ -310,44 +347,8 @@ inline int parse_byte_piece(std::string_view text) noexcept {
 
 }  // namespace detail
 
-// A byte-pair-merge tokenizer in llama2.c's `tokenizer.bin` format.
-//
-// File format (all little-endian):
-//   int32 max_token_length
-//   then, per token:  float32 score, int32 length, `length` bytes (no NUL)
-// The number of tokens is not stored: it is the model's vocab_size
-// (load(path, vocab_size)), or whatever the file holds (load(path)). Id 0 is
-// <unk>, id 1 is BOS, id 2 is EOS, and ids 3..258 are meant to be the
-// byte-fallback tokens "<0x00>".."<0xFF>".
-//
-// Encoding, as llama2.c's `encode`:
-//   1. BOS (id 1) if asked for.
-//   2. If the text is non-empty, the token for " " (SentencePiece's dummy
-//      prefix). llama2.c pushes -1 when the vocabulary has no " "; here the
-//      dummy prefix is then left out.
-//   3. The text is cut into chunks of one byte plus up to 3 following
-//      continuation bytes (b & 0xC0) == 0x80, which is one code point for
-//      valid UTF-8 and something harmless for anything else. A chunk found in
-//      the vocabulary becomes that token; otherwise each of its bytes b
-//      becomes the byte-fallback token b + 3.
-//   4. Repeatedly, among all adjacent pairs (BOS included) whose concatenated
-//      pieces are a vocabulary entry, the one whose entry has the highest score
-//      is merged, the leftmost on ties; a merge must score above -1e10
-//      (llama2.c's starting "best score"), so entries at or below that never
-//      merge. Done when no pair merges.
-//   5. EOS (id 2) if asked for.
-// llama2.c rescans every pair after each merge (quadratic in the text's
-// length); here the same sequence of merges is found with a priority queue of
-// candidate pairs over a linked list of tokens, in O(n log n).
-//
-// Decoding, as llama2.c's `decode`: the piece of the token, without its
-// leading space when the previous token is BOS; a piece of the exact form
-// "<0xXX>" stands for that one raw byte.
-//
-// Piece lookups use a hash map. When a string occurs several times in the
-// vocabulary, the lowest id is the one found (llama2.c's binary search over a
-// sorted copy picks an unspecified one). Pieces are compared as whole byte
-// strings, including any NUL bytes (llama2.c's C strings stop at the first).
+// A byte-pair-merge tokenizer in llama2.c's `tokenizer.bin` format: the file
+// format, encoding and decoding are described at the top of this file.
 class Tokenizer {
  public:
   static constexpr int kUnknownId = 0;
@@ -386,8 +387,8 @@ class Tokenizer {
     return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits), name);
   }
 
-  // Token ids for `text`, exactly as llama2.c's encode (see the class
-  // comment). Any byte string is accepted; bytes that are not valid UTF-8 go
+  // Token ids for `text`, exactly as llama2.c's encode (see the top of
+  // this file). Any byte string is accepted; bytes that are not valid UTF-8 go
   // to byte fallback. Throws std::runtime_error when a byte needs a fallback
   // token the vocabulary does not have (fewer than 259 tokens).
   std::vector<int> encode(std::string_view text, bool bos = true, bool eos = false) const {
