@@ -2,11 +2,14 @@
 // several threads, each with its own Session (or its own batch of sessions),
 // must give every thread exactly what it gets when the same work runs alone,
 // one request after another.
-// .ci/run also runs this file under ThreadSanitizer (OpenMP off there: libomp
-// is not instrumented), which turns any data race into a failure.
+// .ci/run also runs this file under ThreadSanitizer (with the std::thread
+// backend of detail/parallel.hpp: libomp is not instrumented), which turns
+// any data race, between sessions or between the threads of one forward
+// pass, into a failure.
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <sstream>
 #include <string>
@@ -21,6 +24,7 @@
 
 #include "fixtures.hpp"
 #include "models.hpp"
+#include "reference.hpp"
 
 namespace {
 
@@ -187,6 +191,41 @@ TEST(Concurrency, BatchesOnOneDecoderMatchSequentialRuns) {
   for (std::size_t t = 0; t < kThreads; ++t) alone.push_back(run_batch(t));
   run_concurrently(kThreads, [&](std::size_t t) { together[t] = run_batch(t); });
   EXPECT_EQ(together, alone);
+}
+
+// Teams larger than the machine has cores, in several sessions at once:
+// KVCACHE_TEST_THREADS threads per session (4 unless set; .ci/run sets 16
+// under AddressSanitizer and ThreadSanitizer). Each session gets the logits
+// that one thread gives, in prefill and in decode. The model is wide enough
+// (256 features, 8 heads, 512 hidden units) that every team of up to 16
+// really has that many threads.
+TEST(Concurrency, MoreThreadsThanCoresGiveTheLogitsOfOne) {
+  const char* from_env = std::getenv("KVCACHE_TEST_THREADS");
+  const std::size_t threads = from_env != nullptr ? std::stoul(from_env) : 4;
+  for (const auto& v : {fixtures::variants()[1], fixtures::variants()[5]}) {
+    SCOPED_TRACE(v.name);
+    kvcache::ModelConfig c = fixtures::model(v, 64);
+    c.d_model = 256;
+    c.n_heads = 8;
+    c.n_kv_heads = 2 * v.n_kv_heads;
+    c.d_ff = 512;
+    c.vocab_size = 320;
+    const Decoder<float> d = fixtures::make_decoder<float>(c);
+    const auto logits = [&](std::size_t i, std::size_t n) {
+      Session<float> s = d.new_session();
+      s.set_threads(n);
+      std::vector<kvcache::Matrix<float>> out{d.forward(fixtures::random_tokens(9 + i, c.vocab_size, static_cast<std::uint32_t>(7 + i)), s)};
+      for (int step = 0; step < 6; ++step) out.push_back(d.forward({(step * 31 + static_cast<int>(i)) % 320}, s));
+      return out;
+    };
+    std::vector<std::vector<kvcache::Matrix<float>>> alone, together(kThreads);
+    for (std::size_t i = 0; i < kThreads; ++i) alone.push_back(logits(i, 1));
+    run_concurrently(kThreads, [&](std::size_t i) { together[i] = logits(i, threads); });
+    for (std::size_t i = 0; i < kThreads; ++i)
+      for (std::size_t k = 0; k < alone[i].size(); ++k)
+        EXPECT_LE(reference::relative_error(together[i][k], alone[i][k]), 1e-5)
+            << threads << " threads, request " << i << ", call " << k;
+  }
 }
 
 // Session files: one saved prefix loaded by every thread at once (the

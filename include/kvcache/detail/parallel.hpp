@@ -2,6 +2,17 @@
 // split across threads by output features (several matrices in one parallel
 // region when they read the same input), and static parallel loops.
 // Not API.
+//
+// Two backends run the same split (the same Team ids and sizes, so the same
+// slices and the same bits):
+//   OpenMP (when compiled with it): one parallel region per call.
+//   std::thread (without OpenMP, or with KVCACHE_THREADS_STD defined): each
+//     calling thread keeps its own pool of helper threads, started when first
+//     needed and joined when the calling thread ends; a region wakes them and
+//     waits for them. ThreadSanitizer sees every synchronisation of this one
+//     (Debian's libomp is not built for it), so .ci/run race-checks the
+//     threads of a forward pass with it. (A child of fork() has no helpers:
+//     it must not run a region with more than one thread.)
 #pragma once
 
 #include <algorithm>
@@ -12,8 +23,15 @@
 
 #include <Eigen/Core>
 
-#ifdef _OPENMP
+#if defined(_OPENMP) && !defined(KVCACHE_THREADS_STD)
+#define KVCACHE_DETAIL_OPENMP 1
 #include <omp.h>
+#else
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 #endif
 
 #include "../config.hpp"
@@ -27,10 +45,131 @@ namespace detail {
 // Threads
 // ============================================================================
 
+#ifndef KVCACHE_DETAIL_OPENMP
+// Holds `size` threads until all have arrived; reusable.
+class Barrier {
+ public:
+  explicit Barrier(std::size_t size) : size_(size) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const std::size_t round = round_;
+    if (++arrived_ == size_) {
+      arrived_ = 0;
+      ++round_;
+      all_arrived_.notify_all();
+      return;
+    }
+    all_arrived_.wait(lock, [&] { return round_ != round; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  std::size_t size_, arrived_ = 0, round_ = 0;
+};
+
+// The helper threads of one calling thread. run(n, job, context) calls
+// job(context, i) for i in [0, n), i = 0 on the caller and the others on
+// helpers, and returns when all have returned. Allocates only when it needs
+// more helpers than it has. Each helper sleeps on its own lock, and the
+// caller and the helpers share no lock while they run a job, so
+// ThreadSanitizer sees no order between two jobs of one region that the
+// region's code does not make itself (a Team::barrier()).
+class ThreadPool {
+ public:
+  using Job = void (*)(void*, std::size_t) noexcept;
+  ThreadPool() = default;
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+  ~ThreadPool() {
+    for (auto& h : helpers_) {
+      {
+        std::lock_guard<std::mutex> lock(h->mutex);
+        h->stop = true;
+      }
+      h->wake.notify_one();
+      h->thread.join();
+    }
+  }
+
+  // False, having run nothing, when the helpers could not be started.
+  bool run(std::size_t n, Job job, void* context) {
+    try {
+      helpers_.reserve(n - 1);
+      while (helpers_.size() + 1 < n) {
+        auto h = std::make_unique<Helper>();
+        h->thread = std::thread([this, helper = h.get(), id = helpers_.size() + 1] { work(*helper, id); });
+        helpers_.push_back(std::move(h));
+      }
+    } catch (...) {  // std::system_error, std::bad_alloc
+      return false;
+    }
+    job_ = job;
+    context_ = context;
+    pending_ = n - 1;  // no helper runs until it is woken below
+    for (std::size_t i = 0; i + 1 < n; ++i) {
+      Helper& h = *helpers_[i];
+      {
+        std::lock_guard<std::mutex> lock(h.mutex);
+        ++h.round;
+      }
+      h.wake.notify_one();
+    }
+    job(context, 0);
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    done_.wait(lock, [&] { return pending_ == 0; });
+    return true;
+  }
+
+  // True on a thread that is running a region's job.
+  static bool& in_team() {
+    thread_local bool inside = false;
+    return inside;
+  }
+  // The calling thread's pool.
+  static ThreadPool& mine() {
+    thread_local ThreadPool pool;
+    return pool;
+  }
+
+ private:
+  struct Helper {
+    std::mutex mutex;
+    std::condition_variable wake;
+    std::size_t round = 0;
+    bool stop = false;
+    std::thread thread;
+  };
+
+  void work(Helper& h, std::size_t id) {
+    in_team() = true;  // a region inside a job runs as a team of one
+    for (std::size_t seen = 0;; ++seen) {
+      {
+        std::unique_lock<std::mutex> lock(h.mutex);
+        h.wake.wait(lock, [&] { return h.stop || h.round != seen; });
+        if (h.stop) return;
+      }
+      job_(context_, id);
+      std::lock_guard<std::mutex> lock(done_mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::vector<std::unique_ptr<Helper>> helpers_;
+  Job job_ = nullptr;  // written by the caller before it wakes the helpers
+  void* context_ = nullptr;
+  std::mutex done_mutex_;
+  std::condition_variable done_;
+  std::size_t pending_ = 0;
+};
+#else
+class Barrier;
+#endif
+
 // The threads of one parallel region, as seen by one of them.
 class Team {
  public:
-  Team(std::size_t id, std::size_t size) : id_(id), size_(size) {}
+  Team(std::size_t id, std::size_t size, Barrier* barrier = nullptr) : id_(id), size_(size), barrier_(barrier) {}
   std::size_t id() const { return id_; }
   std::size_t size() const { return size_; }
 
@@ -44,31 +183,48 @@ class Team {
 
   // Every thread of the team waits here until all have arrived.
   void barrier() const {
-#ifdef _OPENMP
-    if (size_ > 1) {
+    if (size_ < 2) return;
+#ifdef KVCACHE_DETAIL_OPENMP
 #pragma omp barrier
-    }
+#else
+    barrier_->arrive_and_wait();
 #endif
   }
 
  private:
   std::size_t id_, size_;
+  [[maybe_unused]] Barrier* barrier_;  // unused with OpenMP
 };
 
-// Runs body(team) on `threads` threads at once (one OpenMP parallel region;
-// without OpenMP, or when already inside one, on the calling thread alone as
-// a team of one). body must not throw, and must reach every barrier() on
-// every thread.
+// Runs body(team) on `threads` threads at once (one OpenMP parallel region,
+// or the calling thread and threads-1 helpers of its pool); when already
+// inside a region, or when threads cannot be started, on the calling thread
+// alone as a team of one. body must not throw (an exception that leaves it
+// terminates the process), and must reach every barrier() on every thread.
 template <typename Body>
 void parallel_team(std::size_t threads, Body&& body) {
-#ifdef _OPENMP
+#ifdef KVCACHE_DETAIL_OPENMP
   if (threads > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(static_cast<int>(threads))
     body(Team(static_cast<std::size_t>(omp_get_thread_num()), static_cast<std::size_t>(omp_get_num_threads())));
     return;
   }
 #else
-  (void)threads;
+  if (threads > 1 && !ThreadPool::in_team()) {
+    struct Region {
+      Body& body;
+      std::size_t size;
+      Barrier barrier;
+    } region{body, threads, Barrier(threads)};
+    const ThreadPool::Job job = [](void* context, std::size_t id) noexcept {
+      Region& r = *static_cast<Region*>(context);
+      r.body(Team(id, r.size, &r.barrier));
+    };
+    ThreadPool::in_team() = true;
+    const bool ran = ThreadPool::mine().run(threads, job, &region);
+    ThreadPool::in_team() = false;
+    if (ran) return;
+  }
 #endif
   body(Team(0, 1));
 }
@@ -80,8 +236,7 @@ inline std::size_t team_size(std::size_t threads, std::size_t n, std::size_t ali
 }
 
 // Calls body(begin, end, slot) on up to `threads` contiguous slices of [0, n),
-// in parallel when OpenMP is available; slot in [0, threads) numbers the
-// slice, for per-thread scratch. Slices start at multiples of `align` so that
+// in parallel; slot in [0, threads) numbers the slice, for per-thread scratch. Slices start at multiples of `align` so that
 // each thread's rows begin on a cache line. body must not throw.
 template <typename Body>
 void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body&& body) {
