@@ -347,7 +347,7 @@ class FileSink {
   std::string buffer_;
 
  public:
-  std::FILE* file_ = nullptr;  // the non-POSIX fallback writes through stdio
+  std::FILE* file_ = nullptr;  // where POSIX is missing, the writes go through stdio
 };
 
 // A name beside `path` that no one else is using: `path`.tmp.<16 hex digits>
