@@ -116,6 +116,10 @@ namespace detail {
 // check happens here, before anything is allocated.
 inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
                                           std::uint64_t actual_bytes, const LoadLimits& limits) {
+  using io::count_string;
+  using io::kSaturated;
+  using io::sat_add;
+  using io::sat_mul;
   static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
                                        "n_kv_heads", "vocab_size", "seq_len"};
   std::int64_t v[7];
@@ -154,32 +158,32 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
   // product of three can pass 2^64; saturation makes it fail the limit.
   const std::uint64_t d = h.dim, ff = h.hidden_dim, L = h.n_layers, V = h.vocab_size, kv = h.kv_dim();
-  std::uint64_t per_layer = io::sat_mul(2, d);                     // two RMSNorm weights
-  per_layer = io::sat_add(per_layer, io::sat_mul(2, io::sat_mul(d, d)));   // wq, wo
-  per_layer = io::sat_add(per_layer, io::sat_mul(2, io::sat_mul(kv, d)));  // wk, wv
-  per_layer = io::sat_add(per_layer, io::sat_mul(3, io::sat_mul(ff, d)));  // w1, w2, w3
-  std::uint64_t params = io::sat_mul(V, d);                        // token embedding
-  params = io::sat_add(params, io::sat_mul(L, per_layer));
-  params = io::sat_add(params, d);                                        // final RMSNorm
-  if (!h.shared_classifier) params = io::sat_add(params, io::sat_mul(V, d));  // wcls
+  std::uint64_t per_layer = sat_mul(2, d);                     // two RMSNorm weights
+  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(d, d)));   // wq, wo
+  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(kv, d)));  // wk, wv
+  per_layer = sat_add(per_layer, sat_mul(3, sat_mul(ff, d)));  // w1, w2, w3
+  std::uint64_t params = sat_mul(V, d);                        // token embedding
+  params = sat_add(params, sat_mul(L, per_layer));
+  params = sat_add(params, d);                                        // final RMSNorm
+  if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));  // wcls
   if (params > limits.max_parameters)
-    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (" + io::count_string(params) +
+    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
                         " vs " + std::to_string(limits.max_parameters) + ")");
   h.n_parameters = params;
 
   // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
-  const std::uint64_t kv_cache_bytes = io::sat_mul(io::sat_mul(8, L), io::sat_mul(kv, h.seq_len));
+  const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
   if (kv_cache_bytes > limits.max_kv_cache_bytes)
     io::fail(path, "a session at seq_len = " + std::to_string(h.seq_len) +
                         " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
-                        io::count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
+                        count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
 
   // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
-  const std::uint64_t rope_floats = io::sat_mul(h.seq_len, h.head_size());
-  const std::uint64_t expected = io::sat_add(Llama2cHeader::kBytes, io::sat_mul(4, io::sat_add(params, rope_floats)));
+  const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
+  const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
   const std::uint64_t addressable = static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
-  if (expected == io::kSaturated || expected > addressable)
-    io::fail(path, "the header implies a file of " + io::count_string(expected) +
+  if (expected == kSaturated || expected > addressable)
+    io::fail(path, "the header implies a file of " + count_string(expected) +
                         " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
   if (actual_bytes != expected)
     io::fail(path, std::string(actual_bytes < expected ? "file is truncated" : "file has trailing bytes") +
