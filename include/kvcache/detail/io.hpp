@@ -250,7 +250,7 @@ void require_replaceable(const std::string& path, const std::string& label, cons
   struct stat st;
   if (::lstat(path.c_str(), &st) != 0) {
     const int error = errno;
-    if (error == ENOENT) return;  // nothing to replace (a missing directory fails when writing)
+    if (error == ENOENT || error == ENOTDIR) return;  // nothing to replace (writing then fails, naming why)
     fail(label, "cannot inspect it before replacing it" + errno_text(error));
   }
   const char* type = S_ISREG(st.st_mode)    ? nullptr
