@@ -21,6 +21,7 @@
 // cli_args.hpp for the options.
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -37,6 +38,7 @@
 #include <kvcache/tokenizer.hpp>
 #include <optional>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -151,6 +153,41 @@ kvcache::SavedSession<float> load_prompt_cache(const std::string& path, const kv
   return saved;
 }
 
+// SIGINT, SIGTERM and SIGHUP held back while the prompt cache is saved, and
+// delivered once it is in place: the library's atomic write leaves no
+// temporary file behind on its own where the system offers O_TMPFILE, except
+// in the two system calls between linking a temporary name and renaming it,
+// and on file systems without O_TMPFILE for the whole write. A signal that
+// arrives then is noted by a handler (any thread may receive it) and raised
+// again, with the program's previous action, after the save; so an
+// interrupted run ends as it would have, a few milliseconds later, with the
+// cache absent, as it was, or complete. SIGKILL cannot be held back by anyone.
+volatile std::sig_atomic_t g_deferred_signal = 0;
+
+extern "C" void note_signal(int signal) { g_deferred_signal = signal; }
+
+class SignalsDeferred {
+ public:
+  SignalsDeferred() {
+    struct sigaction note {};
+    note.sa_handler = note_signal;
+    note.sa_flags = SA_RESTART;
+    sigemptyset(&note.sa_mask);
+    for (std::size_t i = 0; i < kCount; ++i) sigaction(kSignals[i], &note, &previous_[i]);
+  }
+  ~SignalsDeferred() {
+    for (std::size_t i = 0; i < kCount; ++i) sigaction(kSignals[i], &previous_[i], nullptr);
+    if (g_deferred_signal != 0) std::raise(g_deferred_signal);
+  }
+  SignalsDeferred(const SignalsDeferred&) = delete;
+  SignalsDeferred& operator=(const SignalsDeferred&) = delete;
+
+ private:
+  static constexpr std::size_t kCount = 3;
+  static constexpr int kSignals[kCount] = {SIGINT, SIGTERM, SIGHUP};
+  struct sigaction previous_[kCount] {};
+};
+
 // Prefills `prompt`, from the prompt cache at `path` when it fits, and
 // (re)writes the cache when it did not. A cache that does not fit or cannot
 // be written costs one line on stderr, never the run.
@@ -183,6 +220,7 @@ Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, cons
   p.session.set_threads(threads);
   p.logits = decoder.forward(prompt, p.session, kvcache::Logits::last).row(0);
   try {
+    const SignalsDeferred deferred;
     kvcache::save_session(path, decoder, p.session, prompt, p.logits);
   } catch (const std::exception& e) {
     std::cerr << kProgram << ": " << kvcache_cli::one_line("cannot save prompt cache " + path + ": " + e.what())
@@ -308,6 +346,17 @@ int run(int argc, char** argv) {
   if (o.help) {
     std::cout << kvcache_cli::usage(kProgram);
     return std::cout ? 0 : 1;
+  }
+
+  // Before any work: a --prompt-cache path that exists must be a kvcache
+  // session file, which a miss may replace; anything else (a text file, a
+  // link, a directory, a device) is refused and left untouched.
+  if (o.prompt_cache) {
+    try {
+      kvcache::check_session_replaceable(*o.prompt_cache);
+    } catch (const std::runtime_error& e) {
+      throw std::runtime_error(std::string("--prompt-cache: ") + e.what());
+    }
   }
 
   const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;

@@ -7,9 +7,11 @@
 #   - exactly one line on stderr, starting with "kvcache-generate: ",
 #   - nothing on stdout,
 #   - no sanitizer report (ASan, UBSan, LSan) anywhere in the output.
-# Bad --prompt-cache files (empty, truncated, changed, random, another
-# model's) are instead reported on one line and ignored: exit 0 and the very
-# output of a run without the cache.
+# Damaged session files (truncated, changed, another model's) given to
+# --prompt-cache are instead reported on one line and ignored: exit 0 and the
+# very output of a run without the cache. A --prompt-cache file that is not a
+# session file at all (no magic: empty, random, a checkpoint) is refused as a
+# bad file, and left as it was.
 #
 #   tests/cli_bad_inputs.sh KVCACHE_GENERATE [WORK_DIR]
 #
@@ -232,8 +234,15 @@ if [[ ! -s "$work/good.kvs" ]]; then
   failures=$((failures + 1))
 else
   cache_size=$(stat -c %s "$work/good.kvs")
+  # Not a session file: refused (exit 1) and never replaced.
+  expect_refused_cache() {
+    local before
+    before=$(sha256sum <"$2")
+    expect_error "$1" "${cached_run[@]}" --prompt-cache "$2"
+    [[ "$(sha256sum <"$2")" == "$before" ]] || { failures=$((failures + 1)); echo "FAIL: $1: the file was changed"; }
+  }
   : >"$work/bad.kvs"
-  expect_ignored_cache "empty prompt cache" "$work/bad.kvs"
+  expect_refused_cache "empty prompt cache" "$work/bad.kvs"
   for cut in 100 216 $((cache_size / 2)) $((cache_size - 1)); do
     head -c "$cut" "$work/good.kvs" >"$work/bad.kvs"
     expect_ignored_cache "prompt cache truncated to $cut bytes" "$work/bad.kvs"
@@ -241,14 +250,18 @@ else
   for at in 0 9 100 250 $((cache_size - 20)); do
     cp "$work/good.kvs" "$work/bad.kvs"
     printf '\377' | dd of="$work/bad.kvs" bs=1 seek="$at" conv=notrunc status=none
-    expect_ignored_cache "prompt cache with byte $at changed" "$work/bad.kvs"
+    if ((at < 8)); then
+      expect_refused_cache "prompt cache with byte $at (of the magic) changed" "$work/bad.kvs"
+    else
+      expect_ignored_cache "prompt cache with byte $at changed" "$work/bad.kvs"
+    fi
   done
   { cat "$work/good.kvs"; printf 'x'; } >"$work/bad.kvs"
   expect_ignored_cache "prompt cache with a trailing byte" "$work/bad.kvs"
   random_file "$work/bad.kvs" 3000 21
-  expect_ignored_cache "random prompt cache" "$work/bad.kvs"
+  expect_refused_cache "random prompt cache" "$work/bad.kvs"
   cp "$model" "$work/bad.kvs"
-  expect_ignored_cache "checkpoint as prompt cache" "$work/bad.kvs"
+  expect_refused_cache "checkpoint as prompt cache" "$work/bad.kvs"
   if [[ -f "$models/stories260K.bin" ]]; then
     rm -f "$work/other.kvs"
     (cd "$work" && timeout 120 "$exe" "$models/stories260K.bin" -z "$tok" -t 0 -n 32 -i "The cat" \

@@ -2,7 +2,10 @@
 // checkpoints (including grouped-query attention), save → load round trips,
 // and every way a checkpoint file or a save can go wrong.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -15,6 +18,7 @@
 #include <limits>
 #include <sstream>
 #include <streambuf>
+#include <thread>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -605,11 +609,90 @@ TEST_F(Llama2cFiles, RoundTripBf16) {
 
 TEST_F(Llama2cFiles, SaveOverwritesAtomically) {
   const std::string file = path("model.bin");
-  write_file(file, "old contents");
+  kvcache::save_llama2c(random_decoder(false, 7), file);
   const Decoder<float> d = random_decoder(true, 3);
-  kvcache::save_llama2c(d, file);
-  EXPECT_NO_THROW((void)kvcache::load_llama2c(file));
-  EXPECT_FALSE(fs::exists(file + ".tmp"));
+  kvcache::save_llama2c(d, file);  // a checkpoint may be replaced
+  EXPECT_TRUE(kvcache::load_llama2c(file).config().tied_lm_head);
+  EXPECT_EQ(kvcache::load_llama2c(file).token_embedding().f32(), d.token_embedding().f32());
+  EXPECT_EQ(fs::directory_iterator(dir_)->path().filename(), "model.bin");
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);
+}
+
+// save_llama2c never writes over a file it could not have written: anything
+// but a well-formed checkpoint (a sane header and exactly its length) is
+// refused, named, and left exactly as it was; a symbolic link is refused,
+// even to a checkpoint, and never followed.
+TEST_F(Llama2cFiles, SaveRefusesToReplaceAnythingButACheckpoint) {
+  const Decoder<float> d = random_decoder(true, 3);
+  const auto refused = [&](const std::string& file, const std::string& what) {
+    const std::string before = fs::is_regular_file(fs::symlink_status(file)) ? read_file(file) : "";
+    const auto type = fs::symlink_status(file).type();
+    try {
+      kvcache::save_llama2c(d, file);
+      ADD_FAILURE() << "save_llama2c replaced " << file;
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find(file + ": " + what), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(fs::symlink_status(file).type(), type) << file;
+    if (type == fs::file_type::regular) {
+      EXPECT_EQ(read_file(file), before) << file;
+    }
+  };
+  write_file(path("notes.txt"), "my notes\n");
+  refused(path("notes.txt"), "exists and is not a llama2.c checkpoint; refusing to replace it");
+  write_file(path("empty.bin"), "");
+  refused(path("empty.bin"), "exists and is not a llama2.c checkpoint");
+  write_file(path("truncated.bin"), tiny_file().substr(0, 100));
+  refused(path("truncated.bin"), "exists and is not a llama2.c checkpoint");
+  write_file(path("tiny.bin"), tiny_file());
+  fs::create_symlink(path("tiny.bin"), path("link.bin"));
+  refused(path("link.bin"), "is a symbolic link, not a llama2.c checkpoint; refusing to replace it");
+  fs::create_directories(path("dir.bin"));
+  refused(path("dir.bin"), "is a directory, not a llama2.c checkpoint");
+  // A device node of its own (a copy of /dev/null; root only): never a real
+  // /dev path, which a broken save would destroy for the whole machine.
+  if (::mknod(path("null").c_str(), S_IFCHR | 0666, ::makedev(1, 3)) == 0) {
+    refused(path("null"), "is a device, not a llama2.c checkpoint");
+  }
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0600), 0);
+  refused(path("fifo"), "is a FIFO, not a llama2.c checkpoint");
+  EXPECT_EQ(read_file(path("tiny.bin")), tiny_file());
+  kvcache::save_llama2c(d, path("tiny.bin"));  // a checkpoint, of another model: replaced
+  EXPECT_EQ(kvcache::load_llama2c(path("tiny.bin")).token_embedding().f32(), d.token_embedding().f32());
+}
+
+// Defect 12.5: writers saving to one path at once. Every save succeeds, and
+// after each round the file is byte for byte one writer's checkpoint.
+TEST_F(Llama2cFiles, ConcurrentSavesLeaveExactlyOneWritersFile) {
+  constexpr int kWriters = 4, kRounds = 25;
+  std::vector<Decoder<float>> decoders;
+  std::vector<std::string> expected;
+  for (int w = 0; w < kWriters; ++w) {
+    decoders.push_back(random_decoder(w % 2 == 0, 100 + static_cast<std::uint64_t>(w)));
+    kvcache::save_llama2c(decoders.back(), path("expected" + std::to_string(w) + ".bin"));
+    expected.push_back(read_file(path("expected" + std::to_string(w) + ".bin")));
+  }
+  const std::string shared = path("shared.bin");
+  for (int round = 0; round < kRounds; ++round) {
+    if (round % 2 == 0) fs::remove(shared);  // half the rounds start without the file
+    std::vector<std::string> errors(kWriters);
+    std::vector<std::thread> threads;
+    for (int w = 0; w < kWriters; ++w)
+      threads.emplace_back([&, w] {
+        try {
+          kvcache::save_llama2c(decoders[static_cast<std::size_t>(w)], shared);
+        } catch (const std::exception& e) {
+          errors[static_cast<std::size_t>(w)] = e.what();
+        }
+      });
+    for (auto& t : threads) t.join();
+    for (int w = 0; w < kWriters; ++w) EXPECT_EQ(errors[static_cast<std::size_t>(w)], "") << "round " << round;
+    const std::string got = read_file(shared);
+    EXPECT_NE(std::find(expected.begin(), expected.end(), got), expected.end())
+        << "round " << round << ": the file (" << got.size() << " bytes) is no writer's checkpoint";
+  }
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), kWriters + 1)
+      << "a temporary file was left";
 }
 
 // A real checkpoint, loaded and saved again, gives the same bytes except for
@@ -693,10 +776,10 @@ TEST_F(Llama2cFiles, SaveToMissingDirectory) {
 
 TEST_F(Llama2cFiles, SaveOntoDirectoryFailsAndCleansUp) {
   const std::string target = path("occupied");
-  fs::create_directories(fs::path(target) / "inside");  // rename cannot replace a non-empty directory
+  fs::create_directories(fs::path(target) / "inside");
   EXPECT_THROW(kvcache::save_llama2c(random_decoder(true, 1), target), std::runtime_error);
-  EXPECT_FALSE(fs::exists(target + ".tmp"));
-  EXPECT_TRUE(fs::is_directory(target));
+  EXPECT_TRUE(fs::is_directory(fs::path(target) / "inside"));
+  EXPECT_EQ(std::distance(fs::directory_iterator(dir_), fs::directory_iterator()), 1);
 }
 
 TEST(Llama2cConfig, StoriesShapes) {

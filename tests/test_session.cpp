@@ -18,6 +18,10 @@
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
 #include <kvcache/decoder.hpp>
 #include <kvcache/session_file.hpp>
 
@@ -411,6 +415,70 @@ TEST(SessionFile, FileLengthIsTheHeaderTheTokensTheLogitsAndTheHeldSlots) {
   }
 }
 
+// Version 1 files stay readable and are written byte for byte as before:
+// the file is built here from the format table at the top of
+// session_file.hpp (not by the code under test), then loaded, and
+// write_session must produce exactly these bytes. Every header field is
+// exercised: untied head, a wrapped window with sinks, int8 storage, logits.
+TEST(SessionFile, Version1BytesBuiltFromTheFormatTableLoadAndAreWrittenAgain) {
+  ModelConfig c = rope_model();
+  c.tied_lm_head = false;
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  const Fed f = fed_session(d, {KVType::int8, {8, 2}}, 13);
+  ASSERT_NE(f.session.ring_start(), 0u);
+  const Session<float>& s = f.session;
+
+  const auto u64 = [](std::string& out, std::uint64_t v) {
+    for (int i = 0; i < 8; ++i) out += static_cast<char>((v >> (8 * i)) & 0xFF);
+  };
+  const auto bits = [](double x) {
+    std::uint64_t b;
+    std::memcpy(&b, &x, 8);
+    return b;
+  };
+  std::string bytes("KVCSESS\0", 8);
+  u64(bytes, 1);                   // version
+  u64(bytes, 4);                   // scalar_bytes
+  u64(bytes, c.vocab_size);
+  u64(bytes, c.d_model);
+  u64(bytes, c.n_layers);
+  u64(bytes, c.n_heads);
+  u64(bytes, c.kv_heads());
+  u64(bytes, c.d_ff);
+  u64(bytes, c.max_seq_len);
+  u64(bytes, 2);                   // positions: rope
+  u64(bytes, bits(c.rope_base));
+  u64(bytes, c.norm == kvcache::NormKind::rms_norm ? 1 : 0);
+  u64(bytes, bits(c.norm_eps));
+  u64(bytes, c.mlp == kvcache::MlpKind::swiglu ? 1 : 0);
+  u64(bytes, 0);                   // tied_lm_head
+  u64(bytes, kvcache::weights_fingerprint(d));
+  u64(bytes, 2);                   // kv_type: int8
+  u64(bytes, 8);                   // window
+  u64(bytes, 2);                   // sinks
+  u64(bytes, s.max_tokens());
+  u64(bytes, s.size());
+  u64(bytes, s.position());
+  u64(bytes, s.ring_start());
+  u64(bytes, f.tokens.size());
+  u64(bytes, c.vocab_size);        // n_logits
+  ASSERT_EQ(bytes.size(), 208u);
+  u64(bytes, fnv1a(reinterpret_cast<const unsigned char*>(bytes.data()), 208));
+  for (const int id : f.tokens)
+    for (int i = 0; i < 4; ++i) bytes += static_cast<char>((static_cast<std::uint32_t>(id) >> (8 * i)) & 0xFF);
+  bytes.append(reinterpret_cast<const char*>(f.last_logits.data()), 4 * c.vocab_size);
+  const std::vector<unsigned char> raw = raw_bytes(s);
+  bytes.append(raw.begin(), raw.end());
+  u64(bytes, fnv1a(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size()));
+
+  const SavedSession<float> loaded = read_bytes(bytes, d);
+  EXPECT_EQ(loaded.tokens, f.tokens);
+  EXPECT_EQ(loaded.last_logits, f.last_logits);
+  EXPECT_EQ(loaded.session.ring_start(), s.ring_start());
+  EXPECT_EQ(raw_bytes(loaded.session), raw);
+  EXPECT_TRUE(saved_bytes(d, f) == bytes) << "write_session no longer writes format version 1 byte for byte";
+}
+
 TEST(SessionFile, ReserveTokensMakesRoomToContinue) {
   const Decoder<float> d = fixtures::make_decoder<float>(rope_model());
   const Fed f = fed_session(d, {KVType::full, {}});
@@ -634,6 +702,73 @@ TEST(SessionFile, BadArgumentsWriteNothing) {
   EXPECT_TRUE(entries(dir).empty());
 }
 
+// save_session never writes over a file kvcache did not write: a file of
+// another kind (even empty, even a prefix of the magic), a symbolic link (to
+// a session file or not), a FIFO or a device is refused with a message
+// naming it and left exactly as it was (content, type, time). A session file
+// (the magic bytes) may be replaced however damaged it is.
+TEST(SessionFile, SavingRefusesToReplaceWhatKvcacheDidNotWrite) {
+  const Decoder<float> d = fixtures::make_decoder<float>(rope_model());
+  const std::string dir = temp_dir("refuse");
+  const Fed f = fed_session(d, {KVType::full, {}}, 5);
+  const auto save = [&](const std::string& path) { kvcache::save_session(path, d, f.session, f.tokens); };
+  const auto refused = [&](const std::string& path, const std::string& what) {
+    struct stat before;
+    ASSERT_EQ(::lstat(path.c_str(), &before), 0) << path;
+    const std::string content = fs::is_regular_file(fs::symlink_status(path)) ? slurp(path) : "";
+    const std::string message = error_of<std::runtime_error>([&] { save(path); });
+    EXPECT_NE(message.find("'" + path + "'"), std::string::npos) << message;
+    EXPECT_NE(message.find(what + "refusing to replace it"), std::string::npos) << message;
+    EXPECT_THROW(kvcache::check_session_replaceable(path), std::runtime_error) << path;
+    struct stat after;
+    ASSERT_EQ(::lstat(path.c_str(), &after), 0) << path;
+    EXPECT_EQ(after.st_mode, before.st_mode) << path;
+    EXPECT_EQ(after.st_ino, before.st_ino) << path;
+    EXPECT_EQ(after.st_mtim.tv_sec, before.st_mtim.tv_sec) << path;
+    EXPECT_EQ(after.st_mtim.tv_nsec, before.st_mtim.tv_nsec) << path;
+    if (S_ISREG(before.st_mode)) {
+      EXPECT_EQ(slurp(path), content) << path;
+    }
+  };
+  spill(dir + "/notes.txt", "my notes\n");
+  refused(dir + "/notes.txt", "exists and is not a kvcache session file; ");
+  spill(dir + "/empty", "");
+  refused(dir + "/empty", "exists and is not a kvcache session file; ");
+  spill(dir + "/prefix", std::string("KVCSESS", 7));
+  refused(dir + "/prefix", "exists and is not a kvcache session file; ");
+  save(dir + "/good.kvs");
+  fs::create_symlink(dir + "/good.kvs", dir + "/link.kvs");
+  refused(dir + "/link.kvs", "is a symbolic link, not a kvcache session file; ");
+  fs::create_symlink(dir + "/notes.txt", dir + "/link.txt");
+  refused(dir + "/link.txt", "is a symbolic link, not a kvcache session file; ");
+  fs::create_symlink(dir + "/absent", dir + "/dangling");
+  refused(dir + "/dangling", "is a symbolic link, not a kvcache session file; ");
+  ASSERT_EQ(::mkfifo((dir + "/fifo").c_str(), 0600), 0);
+  refused(dir + "/fifo", "is a FIFO, not a kvcache session file; ");
+  // A device node of its own (a copy of /dev/null; root only): never a real
+  // /dev path, which a broken save would destroy for the whole machine.
+  if (::mknod((dir + "/null").c_str(), S_IFCHR | 0666, ::makedev(1, 3)) == 0) {
+    refused(dir + "/null", "is a device, not a kvcache session file; ");
+    fs::remove(dir + "/null");
+  }
+  EXPECT_EQ(slurp(dir + "/notes.txt"), "my notes\n");
+  EXPECT_FALSE(fs::exists(dir + "/absent"));
+  EXPECT_NO_THROW(kvcache::check_session_replaceable(dir + "/absent"));
+
+  // A damaged session file, or one of another version, is one of ours.
+  std::string damaged = slurp(dir + "/good.kvs");
+  damaged.resize(100);
+  spill(dir + "/damaged.kvs", damaged);
+  save(dir + "/damaged.kvs");
+  EXPECT_EQ(kvcache::load_session(dir + "/damaged.kvs", d).tokens, f.tokens);
+  spill(dir + "/magic-only.kvs", std::string("KVCSESS\0", 8));
+  save(dir + "/magic-only.kvs");
+  EXPECT_EQ(kvcache::load_session(dir + "/magic-only.kvs", d).tokens, f.tokens);
+  // Nothing else appeared: no temporary file.
+  EXPECT_EQ(entries(dir), (std::vector<std::string>{"damaged.kvs", "dangling", "empty", "fifo", "good.kvs",
+                                                    "link.kvs", "link.txt", "magic-only.kvs", "notes.txt", "prefix"}));
+}
+
 // Writing goes to a temporary file that is renamed into place: when writing
 // fails the target keeps its old content and no temporary file is left.
 TEST(SessionFile, SavingIsAtomic) {
@@ -651,12 +786,13 @@ TEST(SessionFile, SavingIsAtomic) {
   kvcache::save_session(path, d, first.session, first.tokens);
   EXPECT_EQ(slurp(path), before);
 
-  // The rename fails: the target is a directory (that is not empty).
+  // The target is a directory: refused before anything is written.
   const std::string occupied = dir + "/occupied";
   fs::create_directories(occupied + "/inside");
   const std::string message =
       error_of<std::runtime_error>([&] { kvcache::save_session(occupied, d, second.session, second.tokens); });
-  EXPECT_NE(message.find("cannot rename"), std::string::npos) << message;
+  EXPECT_NE(message.find("is a directory, not a kvcache session file; refusing to replace it"), std::string::npos)
+      << message;
   EXPECT_TRUE(fs::is_directory(occupied + "/inside"));
   EXPECT_EQ(entries(dir), (std::vector<std::string>{"occupied", "s.kvs"}));
 

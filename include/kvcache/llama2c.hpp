@@ -35,24 +35,23 @@
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <istream>
 #include <limits>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
 
 #include "config.hpp"
 #include "decoder.hpp"
+#include "detail/io.hpp"
 #include "limits.hpp"
 #include "weights.hpp"
 
@@ -113,84 +112,18 @@ struct Llama2cHeader {
 
 namespace detail {
 
-[[noreturn]] inline void fail_file(const std::string& path, const std::string& problem) {
-  throw std::runtime_error("kvcache: " + path + ": " + problem);
-}
-
-// Floats are read and written as raw bytes: right on little-endian hosts only.
-inline bool host_is_little_endian() {
-  const std::uint32_t one = 1;
-  unsigned char first = 0;
-  std::memcpy(&first, &one, 1);
-  return first == 1;
-}
-
-inline void require_little_endian(const std::string& path) {
-  static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559,
-                "llama2.c checkpoints hold IEEE-754 float32");
-  if (!host_is_little_endian())
-    fail_file(path, "llama2.c checkpoints are little-endian and this host is not (unsupported)");
-}
-
-// a·b and a+b, saturating at the largest uint64 instead of wrapping, so that
-// a corrupt header yields a huge count that the limits refuse, never a small
-// wrapped one that they would let through.
-constexpr std::uint64_t kSaturated = std::numeric_limits<std::uint64_t>::max();
-inline std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
-  if (a != 0 && b > kSaturated / a) return kSaturated;
-  return a * b;
-}
-inline std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) { return b > kSaturated - a ? kSaturated : a + b; }
-inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "more than 2^64" : std::to_string(n); }
-
-inline std::int32_t decode_int32_le(const unsigned char* p) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
-                             (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
-  std::int32_t value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
-inline void encode_int32_le(std::int32_t value, unsigned char* p) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>((bits >> (8 * i)) & 0xFFu);
-}
-
-// Opens `path` for binary reading.
-inline void open_for_reading(const std::string& path, std::ifstream& in) {
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) fail_file(path, "is a directory, not a checkpoint file");
-  if (!std::filesystem::exists(path, ec)) fail_file(path, "no such file");
-  errno = 0;
-  in.open(path, std::ios::binary);
-  if (!in)
-    fail_file(path,
-              "cannot open for reading" + (errno != 0 ? ": " + std::generic_category().message(errno) : std::string()));
-}
-
-// The bytes from the stream's position to its end, without reading them; the
-// position is left where it was. A stream that cannot seek (a pipe) has no
-// length to check a header against, so it is refused.
-inline std::uint64_t bytes_to_end(std::istream& in, const std::string& name) {
-  const std::streampos start = in.tellg();
-  if (start == std::streampos(-1)) fail_file(name, "cannot determine the file's length (not a regular file?)");
-  in.seekg(0, std::ios::end);
-  const std::streampos end = in.tellg();
-  in.seekg(start);
-  if (end == std::streampos(-1) || end < start || !in)
-    fail_file(name, "cannot determine the file's length (not a regular file?)");
-  return static_cast<std::uint64_t>(end - start);
-}
-
 // Checks the seven header ints and computes the sizes they imply. Every size
 // check happens here, before anything is allocated.
 inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
                                           std::uint64_t actual_bytes, const LoadLimits& limits) {
+  using io::count_string;
+  using io::kSaturated;
+  using io::sat_add;
+  using io::sat_mul;
   static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
                                        "n_kv_heads", "vocab_size", "seq_len"};
   std::int64_t v[7];
-  for (int i = 0; i < 7; ++i) v[i] = decode_int32_le(bytes + 4 * i);
+  for (int i = 0; i < 7; ++i) v[i] = io::get_i32_le(bytes + 4 * i);
 
   // Every size must be positive: a zero or negative one is a corrupt or
   // foreign file (vocab_size's sign carries the tied/untied flag, so its
@@ -198,7 +131,7 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   for (int i = 0; i < 7; ++i) {
     const std::int64_t magnitude = i == 5 ? (v[i] < 0 ? -v[i] : v[i]) : v[i];
     if (magnitude <= 0)
-      fail_file(path, std::string("header field ") + names[i] + " = " + std::to_string(v[i]) +
+      io::fail(path, std::string("header field ") + names[i] + " = " + std::to_string(v[i]) +
                           (i == 5 ? ", its magnitude must be > 0" : ", must be > 0"));
   }
   Llama2cHeader h;
@@ -214,13 +147,13 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   // The head structure: heads split dim evenly, query heads split evenly
   // over kv heads, and RoPE rotates pairs, so a head has an even size.
   if (h.dim % h.n_heads != 0)
-    fail_file(path,
+    io::fail(path,
               "dim is not a multiple of n_heads (" + std::to_string(h.dim) + " vs " + std::to_string(h.n_heads) + ")");
   if (h.n_heads % h.n_kv_heads != 0)
-    fail_file(path, "n_heads is not a multiple of n_kv_heads (" + std::to_string(h.n_heads) + " vs " +
+    io::fail(path, "n_heads is not a multiple of n_kv_heads (" + std::to_string(h.n_heads) + " vs " +
                         std::to_string(h.n_kv_heads) + ")");
   if (h.head_size() % 2 != 0)
-    fail_file(path, "head size dim / n_heads = " + std::to_string(h.head_size()) + " is odd, RoPE needs it even");
+    io::fail(path, "head size dim / n_heads = " + std::to_string(h.head_size()) + " is odd, RoPE needs it even");
 
   // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
   // product of three can pass 2^64; saturation makes it fail the limit.
@@ -234,14 +167,14 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   params = sat_add(params, d);                                        // final RMSNorm
   if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));  // wcls
   if (params > limits.max_parameters)
-    fail_file(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
+    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
                         " vs " + std::to_string(limits.max_parameters) + ")");
   h.n_parameters = params;
 
   // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
   const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
   if (kv_cache_bytes > limits.max_kv_cache_bytes)
-    fail_file(path, "a session at seq_len = " + std::to_string(h.seq_len) +
+    io::fail(path, "a session at seq_len = " + std::to_string(h.seq_len) +
                         " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
                         count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
 
@@ -250,10 +183,10 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
   const std::uint64_t addressable = static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
   if (expected == kSaturated || expected > addressable)
-    fail_file(path, "the header implies a file of " + count_string(expected) +
+    io::fail(path, "the header implies a file of " + count_string(expected) +
                         " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
   if (actual_bytes != expected)
-    fail_file(path, std::string(actual_bytes < expected ? "file is truncated" : "file has trailing bytes") +
+    io::fail(path, std::string(actual_bytes < expected ? "file is truncated" : "file has trailing bytes") +
                         ": the header implies " + std::to_string(expected) + " bytes, the file has " +
                         std::to_string(actual_bytes) + " (" + std::to_string(actual_bytes) + " vs " +
                         std::to_string(expected) + ")");
@@ -268,11 +201,11 @@ inline void read_floats(std::istream& in, const std::string& path, float* dst, s
   const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
   in.read(reinterpret_cast<char*>(dst), bytes);
   if (!in || in.gcount() != bytes)
-    fail_file(path, "read error in " + name + " (file changed or truncated while reading)");
+    io::fail(path, "read error in " + name + " (file changed or truncated while reading)");
   if (check_finite) {
     for (std::size_t i = 0; i < count; ++i)
       if (!std::isfinite(dst[i]))
-        fail_file(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
+        io::fail(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
                             std::to_string(first + i));
   }
 }
@@ -308,12 +241,15 @@ inline std::string layer_name(const char* what, std::size_t l) {
 // Reads and validates the header against the stream's length (from its
 // position to its end); leaves `in` positioned at the first float.
 inline Llama2cHeader read_llama2c_header_from(std::istream& in, const std::string& name, const LoadLimits& limits) {
-  const std::uint64_t size = bytes_to_end(in, name);
+  const std::optional<std::uint64_t> length = io::remaining_bytes(in);
+  // A stream that cannot seek (a pipe) has no length to check the header against.
+  if (!length) io::fail(name, "cannot determine the file's length (not a regular file?)");
+  const std::uint64_t size = *length;
   if (size < Llama2cHeader::kBytes)
-    fail_file(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
+    io::fail(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
   unsigned char bytes[Llama2cHeader::kBytes];
   in.read(reinterpret_cast<char*>(bytes), sizeof bytes);
-  if (!in) fail_file(name, "cannot read the header");
+  if (!in) io::fail(name, "cannot read the header");
   return parse_llama2c_header(name, bytes, size, limits);
 }
 
@@ -324,7 +260,7 @@ inline Llama2cHeader read_llama2c_header_from(std::istream& in, const std::strin
 // Throws std::runtime_error "kvcache: <path>: <problem>".
 inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
   std::ifstream in;
-  detail::open_for_reading(path, in);
+  detail::io::open_for_reading(path, path, in);
   return detail::read_llama2c_header_from(in, path, limits);
 }
 
@@ -390,7 +326,7 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
   detail::read_tensor(in, name, w.final_norm.gamma, "rms_final_weight", finite);
   // The legacy RoPE tables: kvcache computes the rotation instead.
   in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
-  if (!in) detail::fail_file(name, "cannot skip the RoPE tables");
+  if (!in) detail::io::fail(name, "cannot skip the RoPE tables");
   if (!h.shared_classifier) detail::read_tensor(in, name, w.lm_head, "wcls", finite);
 
   return Decoder<float>(h.config(), std::move(w), weights);
@@ -404,15 +340,15 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
 // messages. Throws std::runtime_error "kvcache: <name>: <problem>".
 inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {},
                                    WeightType weights = WeightType::f32) {
-  detail::require_little_endian(name);
+  detail::io::require_little_endian(name, "llama2.c checkpoints");
   const Llama2cHeader h = detail::read_llama2c_header_from(in, name, limits);
 
   // Every allocation is bounded by the file's length; one can still fail.
   try {
     return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
   } catch (const std::bad_alloc&) {
-    detail::fail_file(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
-                                detail::count_string(detail::sat_mul(4, h.n_parameters)) + " bytes)");
+    detail::io::fail(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
+                                detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)) + " bytes)");
   }
 }
 
@@ -428,7 +364,7 @@ inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, co
 inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {},
                                    WeightType weights = WeightType::f32) {
   std::ifstream in;
-  detail::open_for_reading(path, in);
+  detail::io::open_for_reading(path, path, in);
   return load_llama2c(in, path, limits, weights);
 }
 
@@ -481,22 +417,49 @@ inline void check_llama2c_expressible(const Decoder<float>& decoder) {
   }
 }
 
+// Throws std::runtime_error unless `path` is absent or a llama2.c checkpoint
+// (a sane header and exactly the length it implies, whatever its size), so
+// that save_llama2c never writes over a file it could not have written: not
+// a text file, not a symbolic link, a directory or a device.
+inline void require_replaceable_checkpoint(const std::string& path) {
+  io::require_replaceable(path, path, "llama2.c checkpoint", Llama2cHeader::kBytes, [&](const io::FilePrefix& p) {
+    if (p.bytes.size() < Llama2cHeader::kBytes) return false;
+    LoadLimits any;
+    any.max_parameters = std::numeric_limits<std::uint64_t>::max();
+    any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
+    try {
+      parse_llama2c_header(path, reinterpret_cast<const unsigned char*>(p.bytes.data()), p.size, any);
+      return true;
+    } catch (const std::runtime_error&) {
+      return false;
+    } catch (const std::invalid_argument&) {
+      return false;
+    }
+  });
+}
+
 }  // namespace detail
 
 // Writes `decoder` as a legacy (version 0) llama2.c checkpoint: vocab_size is
 // written negative when the LM head is not tied, and the two RoPE tables are
 // filled with cos and sin of pos · 10000^(-2i / head_size), as llama2.c's
 // export writes them (nothing reads them; they keep the file valid for tools
-// that expect them). The file is written to `path + ".tmp"` and renamed over
-// `path` once complete, so a crash never leaves a half-written checkpoint.
+// that expect them).
+//
+// The file is written with detail/io.hpp's atomic write: `path` then holds
+// this whole checkpoint, or what it held before, and never a mix of two
+// concurrent writers; no temporary file is left. An existing `path` is
+// replaced only when it is itself a llama2.c checkpoint (a sane header and
+// the length it implies); anything else (another file, a symbolic link, a
+// directory, a device) is refused and left untouched.
 //
 // Throws std::invalid_argument (naming the field) for a decoder the format
 // cannot express: positions other than rope, rope_base != 10000, LayerNorm,
 // norm_eps != 1e-5, GELU, biases, sizes past int32. Throws std::runtime_error
-// on any I/O failure, after removing the temporary file.
+// naming `path` when it may not be replaced and on any I/O failure.
 inline void save_llama2c(const Decoder<float>& decoder, const std::string& path) {
   detail::check_llama2c_expressible(decoder);
-  detail::require_little_endian(path);
+  detail::io::require_little_endian(path, "llama2.c checkpoints");
   const ModelConfig& c = decoder.config();
 
   unsigned char header[Llama2cHeader::kBytes];
@@ -504,7 +467,7 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
   for (int i = 0; i < 7; ++i) {
     auto value = static_cast<std::int32_t>(fields[i]);
     if (i == 5 && !c.tied_lm_head) value = -value;
-    detail::encode_int32_le(value, header + 4 * i);
+    detail::io::put_i32_le(value, header + 4 * i);
   }
 
   // RoPE tables, [seq_len, head_size / 2] each: cos, then sin.
@@ -518,38 +481,25 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
       rope_sin[pos * half + i] = static_cast<float>(std::sin(angle));
     }
 
-  const std::string tmp = path + ".tmp";
-  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-  if (!out) detail::fail_file(path, "cannot create the temporary file " + tmp + " (does the directory exist?)");
-  const auto remove_tmp = [&] {
-    if (out.is_open()) out.close();
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-  };
-  const auto write = [&](const void* data, std::size_t bytes) {
-    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-    if (!out) throw std::runtime_error("kvcache: " + path + ": write error on " + tmp);
-  };
-  const auto write_all = [&](const Vector<float>& v) {
-    write(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
-  };
-  // Row by row, as both the format and WeightMatrix store matrices; a
-  // bfloat16 matrix is written as the floats it holds (exact), a row at a time.
-  std::vector<float> row;
-  const auto write_matrix = [&](const WeightMatrix<float>& W) {
-    if (W.type() == WeightType::f32) {
-      write(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
-      return;
-    }
-    row.resize(static_cast<std::size_t>(W.cols()));
-    for (Eigen::Index i = 0; i < W.rows(); ++i) {
-      W.row_to(i, row.data());
-      write(row.data(), row.size() * sizeof(float));
-    }
-  };
-
-  try {
-    write(header, sizeof header);
+  const auto write = [&](detail::io::FileSink& out) {
+    const auto write_all = [&](const Vector<float>& v) {
+      out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
+    };
+    // Row by row, as both the format and WeightMatrix store matrices; a
+    // bfloat16 matrix is written as the floats it holds (exact), a row at a time.
+    std::vector<float> row;
+    const auto write_matrix = [&](const WeightMatrix<float>& W) {
+      if (W.type() == WeightType::f32) {
+        out.put(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
+        return;
+      }
+      row.resize(static_cast<std::size_t>(W.cols()));
+      for (Eigen::Index i = 0; i < W.rows(); ++i) {
+        W.row_to(i, row.data());
+        out.put(row.data(), row.size() * sizeof(float));
+      }
+    };
+    out.put(header, sizeof header);
     write_matrix(decoder.token_embedding());
     for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention_norm.gamma);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_Q);
@@ -561,18 +511,11 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_2);
     for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_3);
     write_all(decoder.final_norm().gamma);
-    write(rope_cos.data(), rope_cos.size() * sizeof(float));
-    write(rope_sin.data(), rope_sin.size() * sizeof(float));
+    out.put(rope_cos.data(), rope_cos.size() * sizeof(float));
+    out.put(rope_sin.data(), rope_sin.size() * sizeof(float));
     if (!c.tied_lm_head) write_matrix(decoder.lm_head());
-    out.close();
-    if (!out) throw std::runtime_error("kvcache: " + path + ": write error while closing " + tmp);
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) throw std::runtime_error("kvcache: " + path + ": cannot rename " + tmp + " into place: " + ec.message());
-  } catch (...) {
-    remove_tmp();
-    throw;
-  }
+  };
+  detail::io::write_atomically(path, path, write, [&] { detail::require_replaceable_checkpoint(path); });
 }
 
 }  // namespace kvcache

@@ -64,33 +64,25 @@
 #pragma once
 
 #include <algorithm>
-#include <cerrno>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <istream>
 #include <limits>
 #include <optional>
 #include <ostream>
-#include <random>
 #include <stdexcept>
 #include <string>
-#include <system_error>
 #include <utility>
 #include <vector>
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <unistd.h>  // fsync
-#endif
 
 #include <Eigen/Core>
 
 #include "config.hpp"
 #include "decoder.hpp"
+#include "detail/io.hpp"
 #include "kv_cache.hpp"
 
 namespace kvcache {
@@ -140,51 +132,14 @@ class Fnv1a64 {
   }
   void update_u64(std::uint64_t v) {
     unsigned char b[8];
-    encode_u64(v, b);
+    io::put_u64_le(v, b);
     update(b, 8);
   }
   std::uint64_t value() const { return h_; }
 
-  static void encode_u64(std::uint64_t v, unsigned char* p) {
-    for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
-  }
-
  private:
   std::uint64_t h_ = 0xcbf29ce484222325ull;
 };
-
-inline std::uint64_t decode_u64(const unsigned char* p) {
-  std::uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
-  return v;
-}
-
-inline std::uint64_t double_bits(double x) {
-  std::uint64_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
-}
-inline double bits_double(std::uint64_t bits) {
-  double x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-}
-
-inline bool host_is_little_endian() {
-  const std::uint32_t one = 1;
-  unsigned char first = 0;
-  std::memcpy(&first, &one, 1);
-  return first == 1;
-}
-
-// a·b and a+b saturating at 2^64 − 1, so that a huge count from a file
-// fails the length check instead of wrapping into a small one.
-constexpr std::uint64_t kSaturated = std::numeric_limits<std::uint64_t>::max();
-inline std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
-  return a != 0 && b > kSaturated / a ? kSaturated : a * b;
-}
-inline std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) { return b > kSaturated - a ? kSaturated : a + b; }
-inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "more than 2^64" : std::to_string(n); }
 
 // The codes of the enums in the file, independent of the enums' order.
 inline std::uint64_t code(PositionEncoding p) {
@@ -194,6 +149,7 @@ inline std::uint64_t code(NormKind n) { return n == NormKind::layer_norm ? 0 : 1
 inline std::uint64_t code(MlpKind m) { return m == MlpKind::gelu ? 0 : 1; }
 inline std::uint64_t code(KVType t) { return t == KVType::full ? 0 : t == KVType::bf16 ? 1 : 2; }
 
+inline std::string number_name(std::uint64_t v) { return std::to_string(v); }
 inline std::string positions_name(std::uint64_t c) {
   return c == 0 ? "none" : c == 1 ? "learned" : c == 2 ? "rope" : "unknown (" + std::to_string(c) + ")";
 }
@@ -203,22 +159,45 @@ inline std::string norm_name(std::uint64_t c) {
 inline std::string mlp_name(std::uint64_t c) {
   return c == 0 ? "gelu" : c == 1 ? "swiglu" : "unknown (" + std::to_string(c) + ")";
 }
-inline std::string double_string(std::uint64_t bits) {
+inline std::string double_name(std::uint64_t bits) {
   char buffer[40];
-  std::snprintf(buffer, sizeof buffer, "%.9g", bits_double(bits));
+  std::snprintf(buffer, sizeof buffer, "%.9g", io::bit_cast<double>(bits));
   return buffer;
 }
 
-inline std::string quoted(const std::string& name) { return "'" + name + "'"; }
+// The header fields that describe the model (3 to 15, after the scalar
+// size), each listed once: where it goes, its name in messages, its value
+// for a model, and how to show a stored value. Both saving and the check on
+// loading go through this table.
+struct ModelField {
+  Field field;
+  const char* name;
+  std::uint64_t (*value)(const ModelConfig& c, std::size_t scalar_bytes);
+  std::string (*show)(std::uint64_t);
+};
+using C = const ModelConfig&;
+using S = std::size_t;
+inline const ModelField kModelFields[] = {
+    {kScalarBytes, "sizeof(T)", [](C, S bytes) -> std::uint64_t { return bytes; }, number_name},
+    {kVocabSize, "vocab_size", [](C c, S) -> std::uint64_t { return c.vocab_size; }, number_name},
+    {kDModel, "d_model", [](C c, S) -> std::uint64_t { return c.d_model; }, number_name},
+    {kNLayers, "n_layers", [](C c, S) -> std::uint64_t { return c.n_layers; }, number_name},
+    {kNHeads, "n_heads", [](C c, S) -> std::uint64_t { return c.n_heads; }, number_name},
+    {kNKvHeads, "n_kv_heads", [](C c, S) -> std::uint64_t { return c.kv_heads(); }, number_name},
+    {kDFf, "d_ff", [](C c, S) -> std::uint64_t { return c.d_ff; }, number_name},
+    {kMaxSeqLen, "max_seq_len", [](C c, S) -> std::uint64_t { return c.max_seq_len; }, number_name},
+    {kPositions, "positions", [](C c, S) { return code(c.positions); }, positions_name},
+    {kRopeBase, "rope_base", [](C c, S) { return io::bit_cast<std::uint64_t>(c.rope_base); }, double_name},
+    {kNorm, "norm", [](C c, S) { return code(c.norm); }, norm_name},
+    {kNormEps, "norm_eps", [](C c, S) { return io::bit_cast<std::uint64_t>(c.norm_eps); }, double_name},
+    {kMlp, "mlp", [](C c, S) { return code(c.mlp); }, mlp_name},
+    {kTiedLmHead, "tied_lm_head", [](C c, S) -> std::uint64_t { return c.tied_lm_head ? 1 : 0; }, number_name},
+};
 
-[[noreturn]] inline void fail(const std::string& name, const std::string& problem) {
-  throw std::runtime_error("kvcache: session file " + quoted(name) + ": " + problem);
-}
+// How errors name a session file.
+inline std::string label(const std::string& name) { return "session file '" + name + "'"; }
 
-inline void require_little_endian(const std::string& name) {
-  if (!host_is_little_endian())
-    fail(name, "session files are little-endian and this host is not (unsupported)");
-}
+[[noreturn]] inline void fail(const std::string& name, const std::string& problem) { io::fail(label(name), problem); }
 
 }  // namespace session_file
 }  // namespace detail
@@ -276,21 +255,7 @@ namespace session_file {
 // The header fields the model determines: scalar size, shape, fingerprint.
 template <typename T>
 void fill_model_fields(const Decoder<T>& decoder, std::uint64_t* f) {
-  const ModelConfig& c = decoder.config();
-  f[kScalarBytes] = sizeof(T);
-  f[kVocabSize] = c.vocab_size;
-  f[kDModel] = c.d_model;
-  f[kNLayers] = c.n_layers;
-  f[kNHeads] = c.n_heads;
-  f[kNKvHeads] = c.kv_heads();
-  f[kDFf] = c.d_ff;
-  f[kMaxSeqLen] = c.max_seq_len;
-  f[kPositions] = code(c.positions);
-  f[kRopeBase] = double_bits(c.rope_base);
-  f[kNorm] = code(c.norm);
-  f[kNormEps] = double_bits(c.norm_eps);
-  f[kMlp] = code(c.mlp);
-  f[kTiedLmHead] = c.tied_lm_head ? 1 : 0;
+  for (const ModelField& m : kModelFields) f[m.field] = m.value(decoder.config(), sizeof(T));
   f[kFingerprint] = weights_fingerprint(decoder);
 }
 
@@ -342,10 +307,10 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   f[kNLogits] = n_logits;
   unsigned char header[kHeaderBytes];
   std::memcpy(header, kMagic, 8);
-  for (std::size_t i = 1; i < kFields - 1; ++i) Fnv1a64::encode_u64(f[i], header + 8 * i);
+  for (std::size_t i = 1; i < kFields - 1; ++i) io::put_u64_le(f[i], header + 8 * i);
   Fnv1a64 header_hash;
   header_hash.update(header, kHeaderBytes - 8);
-  Fnv1a64::encode_u64(header_hash.value(), header + kHeaderBytes - 8);
+  io::put_u64_le(header_hash.value(), header + kHeaderBytes - 8);
   emit(header, kHeaderBytes);
 
   // Token ids, little-endian int32, a block at a time.
@@ -353,8 +318,7 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   for (std::size_t i = 0; i < tokens.size();) {
     std::size_t n = 0;
     for (; i < tokens.size() && n + 4 <= sizeof block; ++i, n += 4) {
-      const auto id = static_cast<std::uint32_t>(tokens[i]);
-      for (std::size_t b = 0; b < 4; ++b) block[n + b] = static_cast<unsigned char>((id >> (8 * b)) & 0xFFu);
+      io::put_i32_le(static_cast<std::int32_t>(tokens[i]), block + n);
     }
     emit(block, n);
   }
@@ -362,53 +326,34 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   session.read_raw([&](const unsigned char* p, std::size_t n) { emit(p, n); });
 
   unsigned char checksum[8];
-  Fnv1a64::encode_u64(hash.value(), checksum);
+  io::put_u64_le(hash.value(), checksum);
   put(checksum, 8);
 }
 
-// Reads exactly n bytes from `in` into p, hashing them; a short read is a
-// truncated file.
+// Reads exactly the bytes asked for (io::BoundedReader), hashing them.
 class Reader {
  public:
-  Reader(std::istream& in, const std::string& name) : in_(in), name_(name) {}
+  Reader(std::istream& in, const std::string& name) : in_(in, label(name)) {}
 
   void read(unsigned char* p, std::size_t n, const char* what) {
-    if (n == 0) return;
-    in_.read(reinterpret_cast<char*>(p), static_cast<std::streamsize>(n));
-    const auto got = static_cast<std::size_t>(in_.gcount());
-    consumed_ += got;
-    if (got != n)
-      fail(name_, std::string("file is truncated: it ends in the ") + what + " after " + std::to_string(consumed_) +
-                      " bytes");
+    in_.read(p, n, what);
     hash_.update(p, n);
+  }
+  template <typename F>
+  void read_i32s(std::uint64_t count, const char* what, F&& on_value) {
+    in_.read_i32s(count, what, [&](std::int32_t v) {
+      unsigned char b[4];
+      io::put_i32_le(v, b);
+      hash_.update(b, 4);
+      on_value(v);
+    });
   }
   std::uint64_t hash() const { return hash_.value(); }
 
  private:
-  std::istream& in_;
-  const std::string& name_;
+  io::BoundedReader in_;
   Fnv1a64 hash_;
-  std::uint64_t consumed_ = 0;
 };
-
-// Bytes left in `in` from where it is, when it can seek; nothing otherwise.
-inline std::optional<std::uint64_t> remaining_bytes(std::istream& in) {
-  const std::istream::pos_type here = in.tellg();
-  if (here == std::istream::pos_type(-1)) {
-    in.clear(in.rdstate() & ~std::ios::failbit);
-    return std::nullopt;
-  }
-  in.seekg(0, std::ios::end);
-  const std::istream::pos_type end = in.tellg();
-  in.clear(in.rdstate() & ~std::ios::failbit);
-  in.seekg(here);
-  if (end == std::istream::pos_type(-1) || end < here || !in) {
-    in.clear(in.rdstate() & ~std::ios::failbit);
-    in.seekg(here);
-    return std::nullopt;
-  }
-  return static_cast<std::uint64_t>(end - here);
-}
 
 // Compares the saved model with the decoder's, naming the first field that
 // differs.
@@ -416,32 +361,17 @@ template <typename T>
 void check_model(const std::string& name, const std::uint64_t* saved, const Decoder<T>& decoder) {
   std::uint64_t have[kFields] = {};
   fill_model_fields(decoder, have);
-  struct Named {
-    Field field;
-    const char* label;
-    std::string (*show)(std::uint64_t);
-  };
-  const auto number = [](std::uint64_t v) { return std::to_string(v); };
-  const Named fields[] = {
-      {kScalarBytes, "sizeof(T)", +number},    {kVocabSize, "vocab_size", +number},
-      {kDModel, "d_model", +number},           {kNLayers, "n_layers", +number},
-      {kNHeads, "n_heads", +number},           {kNKvHeads, "n_kv_heads", +number},
-      {kDFf, "d_ff", +number},                 {kMaxSeqLen, "max_seq_len", +number},
-      {kPositions, "positions", positions_name}, {kRopeBase, "rope_base", double_string},
-      {kNorm, "norm", norm_name},              {kNormEps, "norm_eps", double_string},
-      {kMlp, "mlp", mlp_name},                 {kTiedLmHead, "tied_lm_head", +number},
-  };
-  for (const Named& n : fields)
-    if (saved[n.field] != have[n.field])
-      throw std::invalid_argument("kvcache: session file " + quoted(name) + " was saved for " + n.label + " = " +
-                                  n.show(saved[n.field]) + ", this model has " + n.show(have[n.field]));
+  for (const ModelField& m : kModelFields)
+    if (saved[m.field] != have[m.field])
+      throw std::invalid_argument("kvcache: " + label(name) + " was saved for " + m.name + " = " +
+                                  m.show(saved[m.field]) + ", this model has " + m.show(have[m.field]));
   if (saved[kFingerprint] != have[kFingerprint]) {
     char buffer[96];
     std::snprintf(buffer, sizeof buffer, "(weights fingerprint %016llx, this model's %016llx)",
                   static_cast<unsigned long long>(saved[kFingerprint]),
                   static_cast<unsigned long long>(have[kFingerprint]));
-    throw std::invalid_argument("kvcache: session file " + quoted(name) +
-                                " was saved for a model of this shape with other weights " + buffer);
+    throw std::invalid_argument("kvcache: " + label(name) + " was saved for a model of this shape with other weights " +
+                                buffer);
   }
 }
 
@@ -459,7 +389,7 @@ inline KVType kv_type_of(const std::string& name, std::uint64_t c) {
 template <typename T>
 SavedSession<T> read_all(std::istream& in, const std::string& name, std::optional<std::uint64_t> length,
                          const Decoder<T>& decoder, const SessionLoadOptions& options) {
-  require_little_endian(name);
+  io::require_little_endian(label(name), "session files");
   if (length && *length > options.max_bytes)
     fail(name, "the file has " + std::to_string(*length) + " bytes, more than the limit of " +
                    std::to_string(options.max_bytes));
@@ -471,7 +401,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   reader.read(header, kHeaderBytes, "header");
   if (std::memcmp(header, kMagic, 8) != 0) fail(name, "not a kvcache session file (wrong magic bytes)");
   std::uint64_t f[kFields];
-  for (std::size_t i = 1; i < kFields; ++i) f[i] = decode_u64(header + 8 * i);
+  for (std::size_t i = 1; i < kFields; ++i) f[i] = io::get_u64_le(header + 8 * i);
   if (f[kVersionField] != kVersion)
     fail(name, "format version " + std::to_string(f[kVersionField]) + ", this build reads version " +
                    std::to_string(kVersion));
@@ -520,13 +450,13 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   // is bounded by nothing but the file).
   const std::uint64_t slot_bytes = probe->cache(0).row_bytes();
   const std::uint64_t layers = f[kNLayers], heads = f[kNKvHeads];
-  std::uint64_t expected = sat_add(kHeaderBytes, sat_mul(4, f[kNTokens]));
-  expected = sat_add(expected, sat_mul(f[kNLogits], sizeof(T)));
-  expected = sat_add(expected, sat_mul(sat_mul(2 * layers, heads), sat_mul(f[kSize], slot_bytes)));
-  expected = sat_add(expected, kChecksumBytes);
+  std::uint64_t expected = io::sat_add(kHeaderBytes, io::sat_mul(4, f[kNTokens]));
+  expected = io::sat_add(expected, io::sat_mul(f[kNLogits], sizeof(T)));
+  expected = io::sat_add(expected, io::sat_mul(io::sat_mul(2 * layers, heads), io::sat_mul(f[kSize], slot_bytes)));
+  expected = io::sat_add(expected, kChecksumBytes);
   if (expected > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()) ||
       expected > options.max_bytes)
-    fail(name, "the header implies a file of " + count_string(expected) + " bytes, more than the limit of " +
+    fail(name, "the header implies a file of " + io::count_string(expected) + " bytes, more than the limit of " +
                    std::to_string(std::min<std::uint64_t>(
                        options.max_bytes, static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))));
   if (length && *length != expected)
@@ -541,22 +471,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   const auto n_tokens = static_cast<std::size_t>(f[kNTokens]);
   std::vector<int> tokens;
   tokens.reserve(length ? n_tokens : std::min<std::size_t>(n_tokens, std::size_t{1} << 16));
-  {
-    unsigned char block[4096];
-    while (tokens.size() < n_tokens) {
-      const std::size_t n = std::min<std::size_t>(n_tokens - tokens.size(), sizeof block / 4);
-      reader.read(block, 4 * n, "token ids");
-      for (std::size_t k = 0; k < n; ++k) {
-        const std::uint32_t bits = static_cast<std::uint32_t>(block[4 * k]) |
-                                   (static_cast<std::uint32_t>(block[4 * k + 1]) << 8) |
-                                   (static_cast<std::uint32_t>(block[4 * k + 2]) << 16) |
-                                   (static_cast<std::uint32_t>(block[4 * k + 3]) << 24);
-        std::int32_t id;
-        std::memcpy(&id, &bits, sizeof id);
-        tokens.push_back(static_cast<int>(id));
-      }
-    }
-  }
+  reader.read_i32s(n_tokens, "token ids", [&](std::int32_t id) { tokens.push_back(static_cast<int>(id)); });
   RowVector<T> logits(static_cast<Eigen::Index>(f[kNLogits]));
   reader.read(reinterpret_cast<unsigned char*>(logits.data()), static_cast<std::size_t>(logits.size()) * sizeof(T),
               "logits");
@@ -571,7 +486,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   const std::uint64_t computed = reader.hash();
   unsigned char stored[8];
   reader.read(stored, 8, "checksum");
-  if (decode_u64(stored) != computed) fail(name, "checksum mismatch: the file is damaged");
+  if (io::get_u64_le(stored) != computed) fail(name, "checksum mismatch: the file is damaged");
   if (!length && in.peek() != std::char_traits<char>::eof())
     fail(name, "file has trailing bytes after the " + std::to_string(expected) + " the header implies");
 
@@ -582,15 +497,11 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   return SavedSession<T>{std::move(tokens), std::move(session), std::move(logits)};
 }
 
-// A name for the temporary file beside `path` that no one else is using.
-inline std::string temporary_name(const std::string& path, unsigned attempt) {
-  static_assert(sizeof(unsigned long long) >= 8, "");
-  std::random_device device;
-  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-  const std::uint64_t salt = (static_cast<std::uint64_t>(device()) << 32) ^ now ^ attempt;
-  char suffix[32];
-  std::snprintf(suffix, sizeof suffix, ".tmp.%016llx", static_cast<unsigned long long>(salt));
-  return path + suffix;
+// Whether a file that starts with `p` is a session file kvcache may replace:
+// it has the magic bytes (damaged, of another model or another version, it
+// is still one of ours).
+inline bool is_session_file(const io::FilePrefix& p) {
+  return p.bytes.size() >= 8 && std::memcmp(p.bytes.data(), kMagic, 8) == 0;
 }
 
 }  // namespace session_file
@@ -615,7 +526,7 @@ void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T
                    const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
   detail::session_file::check_saveable(decoder, session, tokens, n_logits);
-  detail::session_file::require_little_endian("<stream>");
+  detail::io::require_little_endian(detail::session_file::label("<stream>"), "session files");
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
     if (!out) throw std::runtime_error("kvcache: write_session: write error");
@@ -623,67 +534,39 @@ void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T
   detail::session_file::write_all(decoder, session, tokens, last_logits.data(), n_logits, put);
 }
 
-// The same into the file at `path`, atomically: the bytes go to a new
-// temporary file beside it (same directory, so same file system), which is
-// flushed to disk and then renamed over `path`. A crash or an error at any
-// point leaves `path` as it was (absent, or the previous file) and never a
-// half-written one; on error the temporary file is removed. Throws as
-// write_session, std::runtime_error naming `path` on I/O failure.
+// Throws std::runtime_error naming `path` unless save_session may write
+// there: `path` does not exist, or it is a regular file that starts with a
+// session file's magic bytes (one kvcache wrote: damaged, of another model
+// or of another version, it may be replaced). Anything else (a file of
+// another kind, even empty; a symbolic link, which is not followed; a
+// directory, a FIFO, a device) is refused and left as it was. save_session
+// makes this check itself; a program calls it early to refuse before doing
+// any work.
+inline void check_session_replaceable(const std::string& path) {
+  namespace sf = detail::session_file;
+  detail::io::require_replaceable(path, sf::label(path), "kvcache session file", 8, sf::is_session_file);
+}
+
+// The same into the file at `path`, with the atomic write of detail/io.hpp:
+// `path` then holds this whole file, or what it held before (after a crash,
+// an error, or with a concurrent writer: exactly one writer's file), and no
+// temporary file is left. An existing `path` is replaced only when it is a
+// session file (check_session_replaceable). Throws as write_session, and
+// std::runtime_error naming `path` when it may not be replaced or on I/O
+// failure.
 template <typename T>
 void save_session(const std::string& path, const Decoder<T>& decoder, const Session<T>& session,
                   const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   namespace sf = detail::session_file;
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
   sf::check_saveable(decoder, session, tokens, n_logits);
-  sf::require_little_endian(path);
   if (path.empty()) throw std::invalid_argument("kvcache: save_session: empty path");
-
-  // "x": create, failing if the name exists, so that two writers never
-  // share a temporary file.
-  std::string tmp;
-  std::FILE* file = nullptr;
-  int error = 0;
-  for (unsigned attempt = 0; attempt < 8 && file == nullptr; ++attempt) {
-    tmp = sf::temporary_name(path, attempt);
-    errno = 0;
-    file = std::fopen(tmp.c_str(), "wbx");
-    error = errno;
-    if (file == nullptr && error != EEXIST) break;
-  }
-  if (file == nullptr)
-    sf::fail(path, "cannot create a temporary file beside it (" + tmp + ")" +
-                       (error != 0 ? ": " + std::generic_category().message(error) : std::string()));
-  const auto io_error = [&](const std::string& what) {
-    const int e = errno;
-    return std::runtime_error("kvcache: session file " + sf::quoted(path) + ": " + what + " " + tmp +
-                              (e != 0 ? ": " + std::generic_category().message(e) : std::string()));
+  detail::io::require_little_endian(sf::label(path), "session files");
+  const auto write = [&](detail::io::FileSink& out) {
+    sf::write_all(decoder, session, tokens, last_logits.data(), n_logits,
+                  [&out](const unsigned char* p, std::size_t n) { out.put(p, n); });
   };
-  try {
-    const auto put = [&](const unsigned char* p, std::size_t n) {
-      errno = 0;
-      if (std::fwrite(p, 1, n, file) != n) throw io_error("write error on");
-    };
-    sf::write_all(decoder, session, tokens, last_logits.data(), n_logits, put);
-    errno = 0;
-    if (std::fflush(file) != 0) throw io_error("write error on");
-#if defined(__unix__) || defined(__APPLE__)
-    // On disk before the rename makes it visible: after a power failure the
-    // name then holds the old file or the whole new one.
-    if (::fsync(::fileno(file)) != 0) throw io_error("cannot flush to disk");
-#endif
-    std::FILE* closing = file;
-    file = nullptr;
-    errno = 0;
-    if (std::fclose(closing) != 0) throw io_error("write error while closing");
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) sf::fail(path, "cannot rename " + tmp + " into place: " + ec.message());
-  } catch (...) {
-    if (file != nullptr) std::fclose(file);
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw;
-  }
+  detail::io::write_atomically(path, sf::label(path), write, [&] { check_session_replaceable(path); });
 }
 
 // ============================================================================
@@ -707,7 +590,7 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
 template <typename T>
 SavedSession<T> read_session(std::istream& in, const Decoder<T>& decoder, const SessionLoadOptions& options,
                              const std::string& name = "<stream>") {
-  const std::optional<std::uint64_t> length = detail::session_file::remaining_bytes(in);
+  const std::optional<std::uint64_t> length = detail::io::remaining_bytes(in);
   return detail::session_file::read_all(in, name, length, decoder, options);
 }
 
@@ -717,14 +600,9 @@ template <typename T>
 SavedSession<T> load_session(const std::string& path, const Decoder<T>& decoder,
                              const SessionLoadOptions& options = {}) {
   namespace sf = detail::session_file;
-  std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) sf::fail(path, "is a directory");
-  errno = 0;
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    sf::fail(path, std::string(std::filesystem::exists(path, ec) ? "cannot open for reading" : "no such file") +
-                       (errno != 0 ? ": " + std::generic_category().message(errno) : std::string()));
-  const std::optional<std::uint64_t> length = sf::remaining_bytes(in);
+  std::ifstream in;
+  detail::io::open_for_reading(path, sf::label(path), in);
+  const std::optional<std::uint64_t> length = detail::io::remaining_bytes(in);
   if (!length) sf::fail(path, "cannot determine the file's length (not a regular file?)");
   return sf::read_all(in, path, length, decoder, options);
 }

@@ -1,0 +1,512 @@
+// kvcache/detail/io.hpp — what every file format of kvcache shares: little-
+// endian codecs, saturating sizes, bounded reads, opening a file with a clear
+// error, the "may this path be replaced" check, and ONE atomic write.
+//
+// The guarantees of write_atomically(path, ...), used for every file kvcache
+// writes (save_llama2c checkpoints, save_session files):
+//
+//   1. `path` ends up holding exactly one writer's complete file, or the file
+//      it held before, untouched. Never a mix of two writers, never a prefix:
+//      the bytes go to a file no one else can name, are flushed to disk
+//      (fsync), and only then get a name in the directory by link or rename,
+//      which the kernel performs atomically. The directory is then flushed
+//      too, so after a power failure the name holds the old file or the new.
+//   2. No temporary file outlives the process. On Linux the file is created
+//      without a name (open(dir, O_TMPFILE)): until it is linked, a crash or
+//      any signal, SIGKILL included, leaves nothing behind. When `path` does
+//      not exist yet it is linked straight to `path` (linkat fails with
+//      EEXIST rather than replace anything, so no temporary name is ever
+//      visible). When it does, it is linked to a unique temporary name
+//      (`path`.tmp.<16 random hex digits>) and renamed over `path` at once:
+//      two system calls apart, the only moment a temporary name exists. A
+//      failed rename removes it. Where O_TMPFILE is not available (some
+//      file systems: EOPNOTSUPP, EISDIR, EINVAL; or no /proc to link it
+//      through), the temporary is created by name with O_EXCL (never
+//      shared with another writer) and removed on every error; then a
+//      signal's default action during the write can leave it, which is why
+//      kvcache-generate defers SIGINT and SIGTERM around its save. SIGKILL
+//      in those windows cannot be caught by anyone.
+//   3. Errors (ENOSPC, EACCES, EROFS, EDQUOT, EIO, ...) are std::runtime_error
+//      "kvcache: <label>: <what failed>: <strerror>"; `path` is then as it
+//      was and no temporary file is left.
+//   4. It never writes over a file that the caller's check refuses: the check
+//      (for example "is this a session file?") runs before anything is written
+//      and again just before the rename, so that a file put there meanwhile
+//      is refused too. The rename replaces a symbolic link itself, never the
+//      file it points to. (A file swapped in within the microseconds between
+//      that last check and the rename cannot be told apart: the same race
+//      every "check, then rename" program has.)
+//
+// The file is created with mode 0666 minus the umask, like any new file; the
+// mode of a replaced file is not carried over.
+#pragma once
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <istream>
+#include <limits>
+#include <optional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#define KVCACHE_IO_POSIX 1
+#else
+#define KVCACHE_IO_POSIX 0
+#endif
+
+namespace kvcache {
+namespace detail {
+namespace io {
+
+// ============================================================================
+// Errors
+// ============================================================================
+
+// "kvcache: <label>: <problem>"; `label` names the file ("model.bin", or
+// "session file 'a.kvs'").
+[[noreturn]] inline void fail(const std::string& label, const std::string& problem) {
+  throw std::runtime_error("kvcache: " + label + ": " + problem);
+}
+
+inline std::string errno_text(int error) {
+  return error != 0 ? ": " + std::generic_category().message(error) : std::string();
+}
+
+// ============================================================================
+// Little-endian codecs
+// ============================================================================
+
+inline bool host_is_little_endian() {
+  const std::uint32_t one = 1;
+  unsigned char first = 0;
+  std::memcpy(&first, &one, 1);
+  return first == 1;
+}
+
+// Floats are read and written as the host's bytes: right on little-endian
+// IEEE-754 hosts only, so the others are refused.
+inline void require_little_endian(const std::string& label, const std::string& format) {
+  static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559, "kvcache files hold IEEE-754 float32");
+  static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kvcache files hold IEEE-754 double");
+  if (!host_is_little_endian()) fail(label, format + " are little-endian and this host is not (unsupported)");
+}
+
+inline std::uint32_t get_u32_le(const unsigned char* p) {
+  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
+         (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
+}
+inline void put_u32_le(std::uint32_t v, unsigned char* p) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
+}
+inline std::uint64_t get_u64_le(const unsigned char* p) {
+  std::uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+inline void put_u64_le(std::uint64_t v, unsigned char* p) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
+}
+
+// Bit casts, so that signed and floating values go through the codecs above.
+template <typename To, typename From>
+To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof to);
+  return to;
+}
+
+inline std::int32_t get_i32_le(const unsigned char* p) { return bit_cast<std::int32_t>(get_u32_le(p)); }
+inline void put_i32_le(std::int32_t v, unsigned char* p) { put_u32_le(bit_cast<std::uint32_t>(v), p); }
+inline float get_f32_le(const unsigned char* p) { return bit_cast<float>(get_u32_le(p)); }
+inline void put_f32_le(float v, unsigned char* p) { put_u32_le(bit_cast<std::uint32_t>(v), p); }
+inline double get_f64_le(const unsigned char* p) { return bit_cast<double>(get_u64_le(p)); }
+inline void put_f64_le(double v, unsigned char* p) { put_u64_le(bit_cast<std::uint64_t>(v), p); }
+
+// ============================================================================
+// Saturating sizes
+// ============================================================================
+
+// a·b and a+b saturating at 2^64 − 1 instead of wrapping, so that a corrupt
+// header yields a huge count that the limits refuse, never a small wrapped
+// one that they would let through.
+constexpr std::uint64_t kSaturated = std::numeric_limits<std::uint64_t>::max();
+inline std::uint64_t sat_mul(std::uint64_t a, std::uint64_t b) {
+  return a != 0 && b > kSaturated / a ? kSaturated : a * b;
+}
+inline std::uint64_t sat_add(std::uint64_t a, std::uint64_t b) { return b > kSaturated - a ? kSaturated : a + b; }
+inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "more than 2^64" : std::to_string(n); }
+
+// ============================================================================
+// Reading
+// ============================================================================
+
+// Opens `path` for binary reading, or throws naming it: a directory, no such
+// file, or the system's reason.
+inline void open_for_reading(const std::string& path, const std::string& label, std::ifstream& in) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail(label, "is a directory");
+  errno = 0;
+  in.open(path, std::ios::binary);
+  if (!in) {
+    const int error = errno;
+    fail(label, std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file");
+  }
+}
+
+// Bytes left in `in` from where it is, when it can seek (a file, a string
+// stream); nothing otherwise (a pipe). The position is left where it was.
+inline std::optional<std::uint64_t> remaining_bytes(std::istream& in) {
+  const std::istream::pos_type here = in.tellg();
+  if (here == std::istream::pos_type(-1)) {
+    in.clear(in.rdstate() & ~std::ios::failbit);
+    return std::nullopt;
+  }
+  in.seekg(0, std::ios::end);
+  const std::istream::pos_type end = in.tellg();
+  in.clear(in.rdstate() & ~std::ios::failbit);
+  in.seekg(here);
+  if (end == std::istream::pos_type(-1) || end < here || !in) {
+    in.clear(in.rdstate() & ~std::ios::failbit);
+    in.seekg(here);
+    return std::nullopt;
+  }
+  return static_cast<std::uint64_t>(end - here);
+}
+
+// Reads exactly the bytes asked for, or throws "file is truncated: it ends
+// in the <what> after N bytes". `consumed()` counts the bytes read so far.
+class BoundedReader {
+ public:
+  BoundedReader(std::istream& in, std::string label) : in_(in), label_(std::move(label)) {}
+
+  void read(unsigned char* p, std::size_t n, const std::string& what) {
+    if (n == 0) return;
+    in_.read(reinterpret_cast<char*>(p), static_cast<std::streamsize>(n));
+    const auto got = static_cast<std::size_t>(std::max<std::streamsize>(in_.gcount(), 0));
+    consumed_ += got;
+    if (got != n)
+      fail(label_, "file is truncated: it ends in the " + what + " after " + std::to_string(consumed_) + " bytes");
+  }
+
+  // `count` little-endian int32 values, a block of 4 KB at a time, each
+  // handed to on_value: memory grows with what actually arrives, never with
+  // what a header claims.
+  template <typename F>
+  void read_i32s(std::uint64_t count, const std::string& what, F&& on_value) {
+    unsigned char block[4096];
+    while (count > 0) {
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(count, sizeof block / 4));
+      read(block, 4 * n, what);
+      for (std::size_t k = 0; k < n; ++k) on_value(get_i32_le(block + 4 * k));
+      count -= n;
+    }
+  }
+
+  std::uint64_t consumed() const { return consumed_; }
+  const std::string& label() const { return label_; }
+
+ private:
+  std::istream& in_;
+  std::string label_;
+  std::uint64_t consumed_ = 0;
+};
+
+// ============================================================================
+// May this path be replaced?
+// ============================================================================
+
+// What a caller's check sees of an existing regular file: its first bytes
+// (fewer when the file is shorter) and its length.
+struct FilePrefix {
+  std::string bytes;
+  std::uint64_t size = 0;
+};
+
+// Throws std::runtime_error unless `path` may be written over: it does not
+// exist, or it is a regular file (a symbolic link is not followed: it is
+// refused) that `accept(prefix)` recognises as a file of `kind` (for
+// example "kvcache session file"), given its first `prefix_bytes` bytes.
+// Nothing is changed.
+template <typename Accept>
+void require_replaceable(const std::string& path, const std::string& label, const std::string& kind,
+                         std::size_t prefix_bytes, Accept&& accept) {
+  const std::string refuse = "exists and is not a " + kind + "; refusing to replace it";
+#if KVCACHE_IO_POSIX
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) {
+    const int error = errno;
+    if (error == ENOENT || error == ENOTDIR) return;  // nothing to replace (writing then fails, naming why)
+    fail(label, "cannot inspect it before replacing it" + errno_text(error));
+  }
+  const char* type = S_ISREG(st.st_mode)    ? nullptr
+                     : S_ISLNK(st.st_mode)  ? "a symbolic link"
+                     : S_ISDIR(st.st_mode)  ? "a directory"
+                     : S_ISFIFO(st.st_mode) ? "a FIFO"
+                     : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                                                                   : "not a regular file";
+  if (type != nullptr) fail(label, std::string("is ") + type + ", not a " + kind + "; refusing to replace it");
+  // O_NOFOLLOW and O_NONBLOCK: if it became a link or a FIFO since lstat,
+  // fail rather than follow or block.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) fail(label, refuse + " (cannot read it to check" + errno_text(errno) + ")");
+  FilePrefix prefix;
+  prefix.size = static_cast<std::uint64_t>(st.st_size);
+  prefix.bytes.resize(prefix_bytes);
+  std::size_t got = 0;
+  int error = 0;
+  while (got < prefix_bytes) {
+    const ::ssize_t n = ::read(fd, &prefix.bytes[got], prefix_bytes - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) error = errno;
+    if (n <= 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  struct stat now;
+  const bool still_regular = ::fstat(fd, &now) == 0 && S_ISREG(now.st_mode);
+  ::close(fd);
+  if (error != 0) fail(label, refuse + " (cannot read it to check" + errno_text(error) + ")");
+  if (!still_regular) fail(label, "is not a regular file, not a " + kind + "; refusing to replace it");
+  prefix.bytes.resize(got);
+  prefix.size = static_cast<std::uint64_t>(now.st_size);
+#else
+  std::error_code ec;
+  const auto status = std::filesystem::symlink_status(path, ec);
+  if (ec || status.type() == std::filesystem::file_type::not_found) return;
+  if (status.type() != std::filesystem::file_type::regular)
+    fail(label, "is not a regular file, not a " + kind + "; refusing to replace it");
+  std::ifstream in(path, std::ios::binary);
+  FilePrefix prefix;
+  prefix.size = static_cast<std::uint64_t>(std::filesystem::file_size(path, ec));
+  prefix.bytes.resize(prefix_bytes);
+  in.read(&prefix.bytes[0], static_cast<std::streamsize>(prefix_bytes));
+  prefix.bytes.resize(static_cast<std::size_t>(std::max<std::streamsize>(in.gcount(), 0)));
+#endif
+  if (!accept(static_cast<const FilePrefix&>(prefix))) fail(label, refuse);
+}
+
+// ============================================================================
+// The atomic write
+// ============================================================================
+
+// What the writer callback writes into: put(bytes, n) appends, buffered,
+// and throws std::runtime_error naming the file on failure.
+class FileSink {
+ public:
+  FileSink(int fd, const std::string& label) : fd_(fd), label_(label) { buffer_.reserve(kBuffer); }
+
+  void put(const void* data, std::size_t n) {
+    const auto* p = static_cast<const unsigned char*>(data);
+    if (buffer_.size() + n > kBuffer) flush();
+    if (n >= kBuffer) {
+      write_out(p, n);
+    } else {
+      buffer_.append(reinterpret_cast<const char*>(p), n);
+    }
+  }
+
+  void flush() {
+    write_out(reinterpret_cast<const unsigned char*>(buffer_.data()), buffer_.size());
+    buffer_.clear();
+  }
+
+ private:
+  static constexpr std::size_t kBuffer = std::size_t{1} << 16;
+
+  void write_out(const unsigned char* p, std::size_t n) {
+#if KVCACHE_IO_POSIX
+    while (n > 0) {
+      const ::ssize_t w = ::write(fd_, p, std::min<std::size_t>(n, std::size_t{1} << 30));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) fail(label_, "write error" + errno_text(w < 0 ? errno : EIO));
+      p += w;
+      n -= static_cast<std::size_t>(w);
+    }
+#else
+    (void)fd_;
+    if (n != 0 && std::fwrite(p, 1, n, file_) != n) fail(label_, "write error" + errno_text(errno));
+#endif
+  }
+
+  int fd_;
+  const std::string& label_;
+  std::string buffer_;
+
+ public:
+  std::FILE* file_ = nullptr;  // where POSIX is missing, the writes go through stdio
+};
+
+// A name beside `path` that no one else is using: `path`.tmp.<16 hex digits>
+// from the random device, the clock and the attempt.
+inline std::string temporary_name(const std::string& path, unsigned attempt) {
+  std::random_device device;
+  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  const std::uint64_t salt = ((static_cast<std::uint64_t>(device()) << 32) | device()) ^ now ^ attempt;
+  char suffix[32];
+  std::snprintf(suffix, sizeof suffix, ".tmp.%016llx", static_cast<unsigned long long>(salt));
+  return path + suffix;
+}
+
+#if KVCACHE_IO_POSIX
+
+// Closes a descriptor once, and removes a named temporary unless released.
+struct TemporaryFile {
+  int fd = -1;
+  std::string name;  // empty while the file has no name
+  ~TemporaryFile() {
+    if (fd >= 0) ::close(fd);
+    if (!name.empty()) ::unlink(name.c_str());
+  }
+};
+
+inline std::string directory_of(const std::string& path) {
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? std::string(".") : parent.string();
+}
+
+inline void sync_directory(const std::string& dir) {
+  // Best effort: some file systems refuse to fsync a directory (EINVAL), and
+  // the file is already in place whatever happens here.
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;
+  (void)::fsync(fd);
+  ::close(fd);
+}
+
+// Opens an unnamed file in `dir` (O_TMPFILE), or returns -1 when this file
+// system or kernel cannot, or cannot link one later (no /proc).
+inline int open_unnamed(const std::string& dir, const std::string& label) {
+#if defined(__linux__) && defined(O_TMPFILE)
+  if (::access("/proc/self/fd", X_OK) != 0) return -1;
+  const int fd = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+  if (fd >= 0) return fd;
+  const int error = errno;
+  if (error == EOPNOTSUPP || error == EISDIR || error == EINVAL) return -1;
+  fail(label, "cannot create a temporary file in " + dir + errno_text(error));
+#else
+  (void)dir;
+  (void)label;
+  return -1;
+#endif
+}
+
+// Gives the unnamed file `fd` the name `name`: linkat through /proc, which
+// fails with EEXIST instead of replacing anything. Returns errno, 0 on success.
+inline int link_unnamed(int fd, const std::string& name) {
+#if defined(__linux__) && defined(O_TMPFILE)
+  const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+  return ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW) == 0 ? 0 : errno;
+#else
+  (void)fd;
+  (void)name;
+  return ENOTSUP;
+#endif
+}
+
+#endif  // KVCACHE_IO_POSIX
+
+// How write_atomically makes its temporary file: unnamed (O_TMPFILE) where
+// the system offers it, else by name; `named` forces the fallback, so that
+// the tests can reach it on any system.
+enum class Temporary { unnamed_if_possible, named };
+
+// Writes the file at `path` atomically (the guarantees are at the top of this
+// file): write(sink) puts the bytes, may_replace() throws unless an existing
+// `path` may be written over (it runs before anything is written and again
+// right before the file is put in place). `label` names the file in errors.
+template <typename Write, typename MayReplace>
+void write_atomically(const std::string& path, const std::string& label, Write&& write, MayReplace&& may_replace,
+                      Temporary temporary = Temporary::unnamed_if_possible) {
+  if (path.empty()) throw std::invalid_argument("kvcache: empty file name");
+  may_replace();
+#if KVCACHE_IO_POSIX
+  const std::string dir = directory_of(path);
+  TemporaryFile tmp;
+  if (temporary == Temporary::unnamed_if_possible) tmp.fd = open_unnamed(dir, label);
+  const bool unnamed = tmp.fd >= 0;
+  if (!unnamed) {
+    // O_EXCL: a fresh file, never one another writer is using.
+    int error = 0;
+    for (unsigned attempt = 0; attempt < 16 && tmp.fd < 0; ++attempt) {
+      const std::string name = temporary_name(path, attempt);
+      tmp.fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+      error = errno;
+      if (tmp.fd >= 0) tmp.name = name;
+      if (tmp.fd < 0 && error != EEXIST) break;
+    }
+    if (tmp.fd < 0) fail(label, "cannot create a temporary file in " + dir + errno_text(error));
+  }
+
+  FileSink sink(tmp.fd, label);
+  write(sink);
+  sink.flush();
+  // On disk before it gets its name: after a power failure `path` holds the
+  // old file or the whole new one.
+  if (::fsync(tmp.fd) != 0) fail(label, "cannot flush to disk" + errno_text(errno));
+
+  may_replace();
+  if (unnamed) {
+    // When `path` does not exist, link the file straight to it: it appears
+    // whole, and no temporary name ever exists. linkat never replaces: when
+    // `path` exists (or appeared meanwhile) it fails with EEXIST.
+    int error = link_unnamed(tmp.fd, path);
+    if (error == 0) {
+      sync_directory(dir);
+      return;
+    }
+    if (error == EEXIST) may_replace();  // it may have appeared since the last check
+    for (unsigned attempt = 0; attempt < 16 && error == EEXIST; ++attempt) {
+      const std::string name = temporary_name(path, attempt);
+      error = link_unnamed(tmp.fd, name);
+      if (error == 0) tmp.name = name;
+    }
+    if (error != 0) fail(label, "cannot link the new file into " + dir + errno_text(error));
+  }
+  // The only moment a temporary name is visible: from the link (or the
+  // O_EXCL create) to here. A failed rename removes it (~TemporaryFile).
+  if (::rename(tmp.name.c_str(), path.c_str()) != 0)
+    fail(label, "cannot rename " + tmp.name + " into place" + errno_text(errno));
+  tmp.name.clear();
+  sync_directory(dir);
+#else
+  (void)temporary;
+  const std::string name = temporary_name(path, 0);
+  FileSink sink(-1, label);
+  sink.file_ = std::fopen(name.c_str(), "wbx");
+  if (sink.file_ == nullptr) fail(label, "cannot create a temporary file " + name + errno_text(errno));
+  try {
+    write(sink);
+    sink.flush();
+    std::FILE* f = sink.file_;
+    sink.file_ = nullptr;
+    if (std::fclose(f) != 0) fail(label, "write error while closing" + errno_text(errno));
+    may_replace();
+    std::error_code ec;
+    std::filesystem::rename(name, path, ec);
+    if (ec) fail(label, "cannot rename " + name + " into place: " + ec.message());
+  } catch (...) {
+    if (sink.file_ != nullptr) std::fclose(sink.file_);
+    std::error_code ignored;
+    std::filesystem::remove(name, ignored);
+    throw;
+  }
+#endif
+}
+
+}  // namespace io
+}  // namespace detail
+}  // namespace kvcache
