@@ -1,4 +1,8 @@
-// kvcache-generate — llama2.c's `run`, on kvcache: loads a llama2.c
+// examples/generate_main.hpp — the whole of kvcache-generate (llama2.c's
+// `run`, on kvcache) as one function, run_generate(argc, argv, out, err),
+// which returns the exit code and never calls exit(): main() in
+// kvcache_generate_main.cpp calls it with std::cout and std::cerr, and the fuzz
+// harness fuzz/fuzz_generate.cpp calls it in-process. It loads a llama2.c
 // checkpoint and its tokenizer, feeds the prompt in one prefill pass, then
 // decodes one token at a time from the KV cache.
 //
@@ -19,6 +23,8 @@
 // text (--ids prints it, as the reference id lists do). With --prompts-file,
 // each line's output is printed as one line once its batch is done. See
 // cli_args.hpp for the options.
+#pragma once
+
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -36,6 +42,7 @@
 #include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 #include <optional>
+#include <ostream>
 #include <sstream>
 #include <string>
 #include <system_error>
@@ -53,7 +60,7 @@ constexpr const char* kProgram = "kvcache-generate";
 // Either the ids or the text of each token, streamed to stdout (or `out`).
 class Printer {
  public:
-  Printer(bool ids, const kvcache::Tokenizer* tokenizer, std::ostream& out = std::cout)
+  Printer(bool ids, const kvcache::Tokenizer* tokenizer, std::ostream& out)
       : ids_(ids), tokenizer_(tokenizer), out_(out) {}
 
   // `stop` marks the BOS that ends generation: run does not print it as text.
@@ -237,7 +244,7 @@ std::string read_prompts_file(const std::string& path) {
 // kvcache::generate_batch; each output printed as one line once its batch
 // is done, in the file's order. Prompt k (from 0) samples with seed + k.
 int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
-                     const kvcache::Tokenizer& tokenizer, std::size_t steps) {
+                     const kvcache::Tokenizer& tokenizer, std::size_t steps, std::ostream& out, std::ostream& err) {
   const std::vector<std::string> lines =
       kvcache_cli::parse_prompt_lines(*o.prompts_file, read_prompts_file(*o.prompts_file));
   std::vector<std::vector<int>> prompts;
@@ -288,26 +295,26 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
       printer.set_previous(kBos);
       for (std::size_t i = 1; i < prompt.size(); ++i) printer.print(prompt[i]);
       for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == kBos);
-      std::cout << (o.print_ids ? text.str() : kvcache_cli::escape_line(text.str())) << '\n';
+      out << (o.print_ids ? text.str() : kvcache_cli::escape_line(text.str())) << '\n';
       generated += ids[b].size();
     }
-    std::cout.flush();
-    if (!std::cout) throw std::runtime_error("cannot write to stdout");
+    out.flush();
+    if (!out) throw std::runtime_error("cannot write to stdout");
   }
   if (o.stats) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    std::cerr << "stats: prompts=" << prompts.size() << " prompt_tokens=" << prompt_tokens
-              << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
-              << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
+    err << "stats: prompts=" << prompts.size() << " prompt_tokens=" << prompt_tokens
+        << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
+        << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
   }
   return 0;
 }
 
-int run(int argc, char** argv) {
+int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
   const kvcache_cli::Options o = kvcache_cli::parse_args(argc, argv);
   if (o.help) {
-    std::cout << kvcache_cli::usage(kProgram);
-    return std::cout ? 0 : 1;
+    out << kvcache_cli::usage(kProgram);
+    return out ? 0 : 1;
   }
 
   const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;
@@ -324,7 +331,7 @@ int run(int argc, char** argv) {
 
   std::optional<kvcache::Tokenizer> tokenizer;
   if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
-  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps);
+  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps, out, err);
 
   std::vector<int> prompt;
   if (o.prompt_ids) {
@@ -346,7 +353,7 @@ int run(int argc, char** argv) {
 
 
   // Echo the prompt as run does: every token after a leading BOS.
-  Printer printer(o.print_ids, tokenizer ? &*tokenizer : nullptr);
+  Printer printer(o.print_ids, tokenizer ? &*tokenizer : nullptr, out);
   std::size_t first_echoed = 0;
   if (prompt.front() == kBos) {
     printer.set_previous(kBos);
@@ -396,38 +403,45 @@ int run(int argc, char** argv) {
       kv_bytes = session.kv_bytes();
     }
   }
-  std::cout << '\n';
-  std::cout.flush();
-  if (!std::cout) throw std::runtime_error("cannot write to stdout");
+  out << '\n';
+  out.flush();
+  if (!out) throw std::runtime_error("cannot write to stdout");
 
   if (o.stats) {
     const double prefill_s = std::chrono::duration<double>(first_token - start).count();
     const double decode_s = std::chrono::duration<double>(last_token - first_token).count();
-    std::cerr << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
-              << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
-              << " decode_tok_s=" << format_rate(static_cast<double>(generated - 1), decode_s)
-              << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
+    err << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
+        << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
+        << " decode_tok_s=" << format_rate(static_cast<double>(generated - 1), decode_s)
+        << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
     if (o.prompt_cache)
-      std::cerr << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
-    std::cerr << std::endl;
+      err << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
+    err << std::endl;
   }
   return 0;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace kvcache_cli {
+
+// kvcache-generate with `argv` (argv[0] is the program's name): the output on
+// `out`, the messages on `err`, and the exit code returned: 0, or 1 after one
+// line on `err` naming the problem. Never calls exit().
+inline int run_generate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   try {
-    return run(argc, argv);
+    return run(argc, argv, out, err);
   } catch (const kvcache_cli::UsageError& e) {
-    std::cout.flush();
-    std::cerr << kProgram << ": " << kvcache_cli::one_line(e.what()) << " (see " << kProgram << " --help)" << std::endl;
+    out.flush();
+    err << kProgram << ": " << kvcache_cli::one_line(e.what()) << " (see " << kProgram << " --help)" << std::endl;
   } catch (const std::exception& e) {
-    std::cout.flush();
-    std::cerr << kProgram << ": " << kvcache_cli::one_line(e.what()) << std::endl;
+    out.flush();
+    err << kProgram << ": " << kvcache_cli::one_line(e.what()) << std::endl;
   } catch (...) {
-    std::cout.flush();
-    std::cerr << kProgram << ": unknown error" << std::endl;
+    out.flush();
+    err << kProgram << ": unknown error" << std::endl;
   }
   return 1;
 }
+
+}  // namespace kvcache_cli
