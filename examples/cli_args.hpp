@@ -146,9 +146,9 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 no tokenizer is needed with --prompt-ids\n"
          "  --threads N    threads per forward pass, 1.." +
          std::to_string(kMaxThreads) +
-         " (default: OMP_NUM_THREADS when it\n"
-         "                 is set, else the cores this process may use; at most one\n"
-         "                 per 4 MiB of weights); the output is the same with any N\n"
+         "; default: OMP_NUM_THREADS\n"
+         "                 when set, else the cores this process may use, at most one\n"
+         "                 per 4 MiB of weights; the output is the same with any N\n"
          "  --weights TYPE store the weight matrices as f32 (default) or bf16:\n"
          "                 bfloat16, rounded to nearest even when loading; half the\n"
          "                 memory and the bytes each token reads, products in float32\n"
