@@ -12,18 +12,27 @@
 // the vocabulary, prompt length against steps) happen after loading it.
 #pragma once
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <istream>
 #include <limits>
 #include <optional>
 #include <stdexcept>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include <kvcache/kv_cache.hpp>  // KVType
 
@@ -40,6 +49,38 @@ constexpr std::size_t kMaxThreads = 256;
 // The largest --parallel accepted: a batch's buffers grow with it.
 constexpr std::size_t kMaxParallel = 1024;
 
+// The --threads default: the first count of OMP_NUM_THREADS when it holds
+// one (the usual way to ask an OpenMP program for fewer threads; "4,2"
+// gives 4), else the cores this process may run on; at most kMaxThreads.
+// The output does not depend on it: decoding is bit-identical across thread
+// counts.
+inline std::size_t default_threads(const char* omp_num_threads, unsigned available_cores) {
+  if (omp_num_threads != nullptr) {
+    std::string first(omp_num_threads);
+    first = first.substr(0, first.find(','));
+    const std::size_t begin = first.find_first_not_of(" \t"), end = first.find_last_not_of(" \t");
+    first = begin == std::string::npos ? "" : first.substr(begin, end - begin + 1);
+    if (!first.empty() && first.find_first_not_of("0123456789") == std::string::npos) {
+      std::size_t count = 0;
+      for (const char c : first) count = std::min<std::size_t>(count * 10 + static_cast<std::size_t>(c - '0'), kMaxThreads);
+      if (count >= 1) return count;
+    }
+  }
+  return std::clamp<std::size_t>(available_cores, 1, kMaxThreads);
+}
+
+// The cores this process may run on (its CPU affinity, which taskset and
+// containers narrow), else std::thread::hardware_concurrency().
+inline unsigned available_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return static_cast<unsigned>(CPU_COUNT(&set));
+#endif
+  return std::thread::hardware_concurrency();
+}
+
+inline std::size_t default_threads() { return default_threads(std::getenv("OMP_NUM_THREADS"), available_cores()); }
+
 struct Options {
   std::string model_path;                        // the one positional argument
   std::string tokenizer_path = "tokenizer.bin";  // -z
@@ -51,7 +92,10 @@ struct Options {
   float temperature = 1.0f;  // -t: 0 = greedy
   float top_p = 0.9f;        // -p: nucleus sampling threshold in [0, 1]
   std::uint64_t seed = 0;    // -s: 0 = seconds since the epoch, as run does
-  std::size_t threads = 1;   // --threads
+  // --threads; when not given (threads_given false), parse_args sets
+  // default_threads() and the program lowers it for a small model.
+  std::size_t threads = 1;
+  bool threads_given = false;
   std::string weights = "f32";  // --weights: how the weight matrices are stored, "f32" or "bf16"
   bool print_ids = false;    // --ids: print token ids instead of text
   bool no_cache = false;     // --no-cache: recompute the sequence every step
@@ -102,7 +146,9 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 no tokenizer is needed with --prompt-ids\n"
          "  --threads N    threads per forward pass, 1.." +
          std::to_string(kMaxThreads) +
-         " (default 1)\n"
+         "; default: OMP_NUM_THREADS\n"
+         "                 when set, else the cores this process may use, at most one\n"
+         "                 per 4 MiB of weights; the output is the same with any N\n"
          "  --weights TYPE store the weight matrices as f32 (default) or bf16:\n"
          "                 bfloat16, rounded to nearest even when loading; half the\n"
          "                 memory and the bytes each token reads, products in float32\n"
@@ -202,27 +248,39 @@ inline float parse_float(const std::string& flag, const std::string& text) {
 
 }  // namespace detail
 
-// "1,368,430" or "1 368 430" → {1, 368, 430}. Ids must be non-negative
-// integers that fit an int; whether they are in the vocabulary is checked
+// "1,368,430", "1 368 430" or "1, 368, 430" → {1, 368, 430}: ids separated
+// by commas, by blanks (spaces, tabs) or both. Each id is a non-negative
+// decimal integer that fits an int (digits only: no sign, no 0x); every
+// comma-separated field holds at least one id, so "1,,2", ",1", "1," and
+// "1, ,2" are malformed. Whether the ids are in the vocabulary is checked
 // once the model is loaded.
 inline std::vector<int> parse_id_list(const std::string& flag, const std::string& text) {
+  if (text.find_first_not_of(" \t") == std::string::npos)
+    throw UsageError(flag + " needs at least one token id, got " + detail::quoted(text));
+  const auto is_blank = [](char c) { return c == ' ' || c == '\t'; };
   std::vector<int> ids;
-  std::size_t i = 0;
-  const auto is_separator = [](char c) { return c == ',' || c == ' ' || c == '\t'; };
-  while (i < text.size()) {
-    if (is_separator(text[i])) {
-      ++i;
-      continue;
+  for (std::size_t start = 0, field = 1;; ++field) {
+    const std::size_t end = std::min(text.find(',', start), text.size());
+    bool empty = true;
+    for (std::size_t i = start; i < end;) {
+      if (is_blank(text[i])) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i;
+      while (j < end && !is_blank(text[j])) ++j;
+      ids.push_back(static_cast<int>(detail::parse_unsigned(flag, text.substr(i, j - i),
+                                                            static_cast<std::uint64_t>(std::numeric_limits<int>::max()),
+                                                            "token ids (non-negative integers)")));
+      empty = false;
+      i = j;
     }
-    std::size_t j = i;
-    while (j < text.size() && !is_separator(text[j])) ++j;
-    const std::string item = text.substr(i, j - i);
-    ids.push_back(static_cast<int>(detail::parse_unsigned(
-        flag, item, static_cast<std::uint64_t>(std::numeric_limits<int>::max()), "token ids (non-negative integers)")));
-    i = j;
+    if (empty)
+      throw UsageError(flag + ": field " + std::to_string(field) + " of " + detail::quoted(text) +
+                       " is empty (ids are separated by commas or blanks)");
+    if (end == text.size()) return ids;
+    start = end + 1;
   }
-  if (ids.empty()) throw UsageError(flag + " needs at least one token id, got " + detail::quoted(text));
-  return ids;
 }
 
 // Parses the arguments after the program name. Throws UsageError.
@@ -233,6 +291,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
       o.help = true;
       return o;
     }
+  o.threads = default_threads();
   bool have_model = false, have_parallel = false;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
@@ -265,6 +324,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
       o.threads = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
       if (o.threads < 1 || o.threads > kMaxThreads)
         throw UsageError("--threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + detail::quoted(text));
+      o.threads_given = true;
     } else if (a == "--kv-type") {
       const std::string& text = value();
       if (text == "f32")
@@ -336,24 +396,66 @@ inline Options parse_args(const std::vector<std::string>& args) {
   return o;
 }
 
-// The prompts of a --prompts-file, one per line (a final newline ends the
-// last line; a trailing carriage return is dropped, for files written on
-// Windows). Throws UsageError, naming `file_name` and the line, on an empty
-// line, or when there is no line at all.
-inline std::vector<std::string> parse_prompt_lines(const std::string& file_name, const std::string& content) {
-  std::vector<std::string> lines;
-  for (std::size_t start = 0; start < content.size();) {
-    std::size_t end = content.find('\n', start);
-    if (end == std::string::npos) end = content.size();
-    std::string line = content.substr(start, end - start);
+// Reads the prompts of a --prompts-file from `in`, one line at a time: a
+// final newline ends the last line, and a trailing carriage return is dropped
+// (files written on Windows). Each line is handed to on_line(number, line),
+// numbered from 1, as soon as it is whole; only the line being read is held.
+// A line longer than `max_line_bytes` is refused as soon as that is known,
+// without reading the rest of it: UsageError(too_long(number)). Throws
+// UsageError, naming `file_name` and the line, on an empty line or when there
+// is no line at all, and std::runtime_error when `in` fails or holds more
+// than `max_file_bytes`. Returns the number of lines.
+template <typename TooLong, typename OnLine>
+std::size_t read_prompt_lines(const std::string& file_name, std::istream& in, std::size_t max_line_bytes,
+                              std::size_t max_file_bytes, TooLong&& too_long, OnLine&& on_line) {
+  std::string line;
+  std::size_t number = 0, total = 0;
+  const auto finish = [&] {
+    ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty())
-      throw UsageError("--prompts-file " + detail::quoted(file_name) + ": line " + std::to_string(lines.size() + 1) +
+      throw UsageError("--prompts-file " + detail::quoted(file_name) + ": line " + std::to_string(number) +
                        " is empty (one prompt per line)");
-    lines.push_back(std::move(line));
-    start = end + 1;
+    if (line.size() > max_line_bytes) throw UsageError(too_long(number));
+    on_line(number, static_cast<const std::string&>(line));
+    line.clear();
+  };
+  std::vector<char> buffer(std::size_t{1} << 16);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const auto got = static_cast<std::size_t>(in.gcount());
+    total += got;
+    if (total > max_file_bytes)
+      throw std::runtime_error("prompts file " + detail::quoted(file_name) + " is larger than " +
+                               std::to_string(max_file_bytes) + " bytes");
+    for (std::size_t i = 0; i < got;) {
+      const void* newline = std::memchr(buffer.data() + i, '\n', got - i);
+      const std::size_t end = newline != nullptr ? static_cast<std::size_t>(static_cast<const char*>(newline) - buffer.data()) : got;
+      line.append(buffer.data() + i, end - i);
+      // One byte more than the limit may be the '\r' that finish() drops.
+      if (line.size() > max_line_bytes && line.size() - max_line_bytes > 1) throw UsageError(too_long(number + 1));
+      if (newline == nullptr) break;
+      finish();
+      i = end + 1;
+    }
   }
-  if (lines.empty()) throw UsageError("--prompts-file " + detail::quoted(file_name) + " has no prompts");
+  if (in.bad()) throw std::runtime_error("cannot read prompts file " + detail::quoted(file_name));
+  if (!line.empty()) finish();
+  if (number == 0) throw UsageError("--prompts-file " + detail::quoted(file_name) + " has no prompts");
+  return number;
+}
+
+// The prompts of a --prompts-file whose text is `content`, one per line, as
+// read_prompt_lines reads them (with no limit). Throws UsageError, naming
+// `file_name` and the line, on an empty line, or when there is no line at
+// all.
+inline std::vector<std::string> parse_prompt_lines(const std::string& file_name, const std::string& content) {
+  std::vector<std::string> lines;
+  std::istringstream in(content);
+  const std::size_t unlimited = std::numeric_limits<std::size_t>::max();
+  read_prompt_lines(
+      file_name, in, unlimited, unlimited, [](std::size_t) { return std::string(); },
+      [&](std::size_t, const std::string& line) { lines.push_back(line); });
   return lines;
 }
 

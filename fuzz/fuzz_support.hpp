@@ -9,16 +9,22 @@
 // the invariant checks below.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <istream>
+#include <iterator>
 #include <streambuf>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include <kvcache/decoder.hpp>
+#include <kvcache/llama2c.hpp>
 #include <kvcache/tokenizer.hpp>
 
 namespace kvcache_fuzz {
@@ -137,6 +143,97 @@ inline const kvcache::Decoder<float>& session_fuzz_decoder() {
   static const kvcache::Decoder<float> decoder(session_fuzz_config(),
                                                kvcache::random_weights<float>(session_fuzz_config(), 2024));
   return decoder;
+}
+
+// ---- tokenizer.bin files ------------------------------------------------------
+
+inline void append_int32(std::string& out, std::int32_t v) {
+  char raw[4];
+  std::memcpy(raw, &v, 4);
+  out.append(raw, 4);
+}
+
+inline void append_token(std::string& out, const std::string& piece, float score) {
+  char raw[4];
+  std::memcpy(raw, &score, 4);
+  out.append(raw, 4);
+  append_int32(out, static_cast<std::int32_t>(piece.size()));
+  out += piece;
+}
+
+// The bytes of a tokenizer.bin with this vocabulary (max_token_length: its
+// longest piece).
+inline std::string tokenizer_bytes(const std::vector<std::pair<std::string, float>>& vocab) {
+  std::size_t longest = 0;
+  for (const auto& entry : vocab) longest = std::max(longest, entry.first.size());
+  std::string out;
+  append_int32(out, static_cast<std::int32_t>(longest));
+  for (const auto& [piece, score] : vocab) append_token(out, piece, score);
+  return out;
+}
+
+// ---- kvcache-generate in-process (fuzz_generate) ----------------------------
+
+// The tokenizer of the program harness: the special tokens, the 256
+// byte-fallback tokens (any text encodes) and a few merges.
+inline std::vector<std::pair<std::string, float>> generate_fuzz_vocab() {
+  std::vector<std::pair<std::string, float>> vocab = {{"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}};
+  static const char* const kHex = "0123456789ABCDEF";
+  for (int b = 0; b < 256; ++b) vocab.push_back({std::string("<0x") + kHex[b >> 4] + kHex[b & 15] + ">", 0});
+  vocab.insert(vocab.end(), {{" ", -1}, {"t", -2}, {"he", -3}, {"the", 1}, {" the", 2}, {" c", 0}, {"at", 0}});
+  return vocab;
+}
+
+// Its model: a tiny llama2.c checkpoint (RoPE, so that --window works) with
+// a context of 8, so that every run is at most 8 positions. Session files
+// name their model's weights: the harness and the seeds build this very one.
+inline kvcache::Decoder<float> generate_fuzz_decoder() {
+  const kvcache::ModelConfig c =
+      kvcache::llama2c_config(16, 24, 2, 4, 2, generate_fuzz_vocab().size(), 8, /*tied=*/true);
+  return kvcache::Decoder<float>(c, kvcache::random_weights<float>(c, 2025));
+}
+
+// Writes `bytes` to `path` (whole, replacing it); aborts on failure.
+inline void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();
+  if (!out) fail("cannot write " + path);
+}
+
+// The bytes of the file at `path` ("" when it cannot be read).
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// The model and tokenizer files of the program harness, in `dir`.
+struct GenerateFuzzFiles {
+  std::string model, tokenizer, model_bytes, tokenizer_bytes;
+};
+
+inline GenerateFuzzFiles write_generate_fuzz_files(const std::filesystem::path& dir) {
+  GenerateFuzzFiles f;
+  f.model = (dir / "model.bin").string();
+  f.tokenizer = (dir / "tok.bin").string();
+  kvcache::save_llama2c(generate_fuzz_decoder(), f.model);
+  f.model_bytes = read_file(f.model);
+  f.tokenizer_bytes = tokenizer_bytes(generate_fuzz_vocab());
+  write_file(f.tokenizer, f.tokenizer_bytes);
+  return f;
+}
+
+// An input of fuzz_generate: the program's arguments separated by NUL
+// bytes, then kGenerateFuzzMarker and the bytes of the --prompts-file, then
+// the marker again and the bytes of the --prompt-cache file (absent when
+// empty).
+constexpr const char* kGenerateFuzzMarker = "\xff\xfe";
+
+inline std::string generate_fuzz_input(const std::vector<std::string>& args, const std::string& prompts,
+                                       const std::string& cache) {
+  std::string out;
+  for (std::size_t i = 0; i < args.size(); ++i) out += (i ? std::string(1, '\0') : std::string()) + args[i];
+  return out + kGenerateFuzzMarker + prompts + kGenerateFuzzMarker + cache;
 }
 
 // The folder of the real model files: $KVCACHE_MODELS_DIR, else the

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include <kvcache/session_file.hpp>
 
 #include "fuzz_support.hpp"
+#include "generate_main.hpp"
 
 namespace fs = std::filesystem;
 
@@ -53,27 +55,8 @@ void checkpoints(const fs::path& dir) {
   }
 }
 
-void append_int32(std::string& out, std::int32_t v) {
-  char raw[4];
-  std::memcpy(raw, &v, 4);
-  out.append(raw, 4);
-}
-
-void append_token(std::string& out, const std::string& piece, float score) {
-  char raw[4];
-  std::memcpy(raw, &score, 4);
-  out.append(raw, 4);
-  append_int32(out, static_cast<std::int32_t>(piece.size()));
-  out += piece;
-}
-
 std::string tokenizer(const std::vector<std::pair<std::string, float>>& vocab) {
-  std::size_t longest = 0;
-  for (const auto& entry : vocab) longest = std::max(longest, entry.first.size());
-  std::string out;
-  append_int32(out, static_cast<std::int32_t>(longest));
-  for (const auto& [piece, score] : vocab) append_token(out, piece, score);
-  return out;
+  return kvcache_fuzz::tokenizer_bytes(vocab);
 }
 
 // Small tokenizer.bin files: the special tokens only, with a few merges, and
@@ -152,6 +135,44 @@ void session_files(const fs::path& dir) {
   }
 }
 
+// Whole runs of kvcache-generate for fuzz_generate: arguments, a prompts
+// file and a prompt cache written by the program itself (a hit).
+void generate_runs(const fs::path& dir) {
+  const fs::path work = dir / "work";
+  fs::create_directories(work);
+  const kvcache_fuzz::GenerateFuzzFiles files = kvcache_fuzz::write_generate_fuzz_files(work);
+  // The prompt cache of "the" (-n 8), as the program saves it.
+  const std::string cache_path = (work / "cache.kvs").string();
+  std::vector<std::string> save_args{"kvcache-generate", files.model, "-z", files.tokenizer, "-n", "8", "-s", "1",
+                                     "-i", "the", "--prompt-cache", cache_path};
+  std::vector<char*> argv;
+  for (std::string& a : save_args) argv.push_back(a.data());
+  std::ostringstream out, err;
+  if (kvcache_cli::run_generate(static_cast<int>(argv.size()), argv.data(), out, err) != 0)
+    throw std::runtime_error("cannot make the prompt cache seed: " + err.str());
+  const std::string cache = kvcache_fuzz::read_file(cache_path);
+  fs::remove_all(work);
+
+  using Args = std::vector<std::string>;
+  const std::vector<std::tuple<Args, std::string, std::string>> runs = {
+      {{"MODEL", "-z", "TOK", "-n", "8", "-i", "The cat", "-t", "0"}, "", ""},
+      {{"MODEL", "-z", "TOK", "-i", "the cat", "--stats", "--ids"}, "", ""},
+      {{"MODEL", "--prompt-ids", "1,5,9", "--ids", "--no-cache", "--ignore-eos"}, "", ""},
+      {{"MODEL", "-z", "TOK", "--window", "4", "--sinks", "1", "--kv-type", "int8", "-n", "8", "-i", "at"}, "", ""},
+      {{"MODEL", "-z", "TOK", "--prompts-file", "PROMPTS", "--parallel", "2", "-t", "0"}, "The cat\nhe\r\nthe the\n", ""},
+      {{"MODEL", "-z", "TOK", "--prompts-file", "PROMPTS", "-n", "4"}, "a\n\nb", ""},
+      {{"MODEL", "-z", "TOK", "-n", "8", "-s", "1", "-i", "the", "--prompt-cache", "CACHE", "--stats"}, "", cache},
+      {{"MODEL", "-z", "TOK", "-i", "the the", "--prompt-cache", "CACHE"}, "", cache},
+      {{"MODEL", "-z", "TOK", "-i", "the", "--prompt-cache", "CACHE", "--kv-type", "bf16"}, "", cache},
+      {{"MODEL", "-z", "TOK", "-i", "x", "--prompt-cache", "CACHE"}, "", "not a session file"},
+      {{"MODEL", "-z", "TOK", "--weights", "bf16", "-n", "100", "-i", "\xc3\xa9t\xe9"}, "", ""},
+      {{"--help"}, "", ""},
+  };
+  int i = 0;
+  for (const auto& [args, prompts, cache_bytes] : runs)
+    write(dir, "run" + std::to_string(i++), kvcache_fuzz::generate_fuzz_input(args, prompts, cache_bytes));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -166,6 +187,7 @@ int main(int argc, char** argv) {
     prompts(out / "fuzz_tokenizer_encode");
     command_lines(out / "fuzz_cli_args");
     session_files(out / "fuzz_session_file");
+    generate_runs(out / "fuzz_generate");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "kvcache_fuzz_seeds: %s\n", e.what());
     return 1;

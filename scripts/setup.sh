@@ -9,6 +9,9 @@
 # Environment:
 #   KVCACHE_BUILD_DIR   build folder (default: build/ in the project root)
 #   KVCACHE_WERROR      ON makes every warning an error (default OFF)
+#   KVCACHE_NATIVE      OFF builds portable programs; by default they are built
+#                       for this machine's CPU (-march=native) when the compiler
+#                       takes it, whatever an earlier configure of the folder chose
 #   KVCACHE_CMAKE_ARGS  further arguments for the configure step, split on spaces
 #   KVCACHE_JOBS        parallel build jobs (default 2)
 set -euo pipefail
@@ -24,6 +27,13 @@ source "$root/scripts/packages.sh"
 
 configure() {
   local args=(-S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release "-DKVCACHE_WERROR=${KVCACHE_WERROR:-OFF}")
+  # -U: forget the folder's cached choice (a build/ configured before
+  # KVCACHE_NATIVE defaulted to ON holds OFF), so that CMake decides again.
+  if [[ -n "${KVCACHE_NATIVE:-}" ]]; then
+    args+=("-DKVCACHE_NATIVE=$KVCACHE_NATIVE")
+  else
+    args+=(-UKVCACHE_NATIVE)
+  fi
   if [[ -n "${KVCACHE_CMAKE_ARGS:-}" ]]; then
     local extra=()
     read -r -a extra <<<"$KVCACHE_CMAKE_ARGS"

@@ -26,6 +26,7 @@
 
 #if !defined(_WIN32)
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/types.h>
@@ -55,7 +56,8 @@ TEST(CliArgs, Defaults) {
   EXPECT_EQ(o.temperature, 1.0f);
   EXPECT_EQ(o.top_p, 0.9f);
   EXPECT_EQ(o.seed, 0u);
-  EXPECT_EQ(o.threads, 1u);
+  EXPECT_EQ(o.threads, kvcache_cli::default_threads());
+  EXPECT_FALSE(o.threads_given);
   EXPECT_EQ(o.weights, "f32");
   EXPECT_FALSE(o.print_ids || o.no_cache || o.ignore_eos || o.stats || o.help);
   EXPECT_TRUE(o.needs_tokenizer());
@@ -965,6 +967,254 @@ TEST_F(Cli, Stories260KIds) {
   EXPECT_EQ(r.out.rfind("461 461 401 401 401 461 378 455 473 456 435 299 362 409 283 264 283 452 288 13 431", 0), 0u);
   EXPECT_EQ(std::count(r.out.begin(), r.out.end(), ' '), 299);
   EXPECT_NE(r.out.find("185 347 463 461 402 402 303 303 299 390 402 402\n"), std::string::npos);
+}
+
+// ===========================================================================
+// Issue 12 (CLI): memory bounded by the work, malformed --prompt-ids fields,
+// --stats without a decode step, the clamped -n, the default thread count.
+// (Tests of the CLI by the kvcache-generate restructuring; other blocks of
+// this file belong to other changes.)
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define KVCACHE_CLI_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer) || __has_feature(memory_sanitizer)
+#define KVCACHE_CLI_TEST_SANITIZED 1
+#endif
+#endif
+#ifndef KVCACHE_CLI_TEST_SANITIZED
+#define KVCACHE_CLI_TEST_SANITIZED 0
+#endif
+
+#if !defined(_WIN32)
+struct LimitedResult : Result {
+  long max_rss_kb = -1;  // the child's peak resident set, from wait4
+};
+
+// Runs the program as run() does, but in a child with at most
+// `address_space` bytes of virtual memory (0: no limit; none under a
+// sanitizer, whose shadow memory needs terabytes of address space) and
+// `cpu_seconds` of CPU time (SIGXCPU past it: the test sees a crash, not a
+// hang), and reports the child's own peak RSS.
+LimitedResult run_limited(const std::vector<std::string>& args, std::size_t address_space, int cpu_seconds) {
+  LimitedResult r;
+  const fs::path dir = test_dir();
+  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  std::vector<std::string> argv_strings{KVCACHE_GENERATE_EXE};
+  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : argv_strings) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    // Only async-signal-safe calls from here to execv.
+    if (chdir(dir.c_str()) != 0) _exit(125);
+    const int in_fd = open("/dev/null", O_RDONLY);
+    const int out_fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int err_fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (in_fd < 0 || out_fd < 0 || err_fd < 0 || dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0)
+      _exit(125);
+    if (address_space != 0 && !KVCACHE_CLI_TEST_SANITIZED) {
+      const rlimit as{address_space, address_space};
+      if (setrlimit(RLIMIT_AS, &as) != 0) _exit(125);
+    }
+    const rlimit cpu{static_cast<rlim_t>(cpu_seconds), static_cast<rlim_t>(cpu_seconds)};
+    if (setrlimit(RLIMIT_CPU, &cpu) != 0) _exit(125);
+    execv(argv[0], argv.data());
+    _exit(126);
+  }
+  if (pid < 0) {
+    ADD_FAILURE() << "fork failed";
+    return r;
+  }
+  int status = 0;
+  rusage usage{};
+  if (wait4(pid, &status, 0, &usage) != pid) {
+    ADD_FAILURE() << "wait4 failed";
+    return r;
+  }
+  EXPECT_TRUE(WIFEXITED(status)) << "did not exit normally (signal " << (WIFSIGNALED(status) ? WTERMSIG(status) : 0)
+                                 << ")";
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.max_rss_kb = usage.ru_maxrss;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
+#endif
+
+TEST(CliArgs, PromptIdsEmptyFieldsAreMalformed) {
+  // Defect 12.7: "1,,2" was read as {1, 2}.
+  const auto message = [](const std::string& ids) -> std::string {
+    try {
+      (void)parse_args({"m", "--prompt-ids", ids});
+    } catch (const UsageError& e) {
+      return e.what();
+    }
+    return "(accepted)";
+  };
+  for (const auto& [ids, field] : std::vector<std::pair<std::string, std::string>>{
+           {"1,,2", "field 2 of '1,,2' is empty"},
+           {",1", "field 1 of ',1' is empty"},
+           {"1,", "field 2 of '1,' is empty"},
+           {"1, ,2", "field 2 of '1, ,2' is empty"},
+           {"1,\t,2", "field 2 of '1,\\t,2' is empty"},
+           {",", "field 1 of ',' is empty"},
+           {"", "needs at least one token id"},
+           {"   ", "needs at least one token id"},
+           {"1,+5", "'+5'"},
+           {"1,0x10", "'0x10'"},
+           {"1,-0", "'-0'"},
+           {"1,2147483648", "'2147483648' is too large"},
+           {"99999999999999999999999", "too large"},
+           {"1,2;3", "'2;3'"},
+       }) {
+    const std::string m = message(ids);
+    EXPECT_NE(m.find("--prompt-ids"), std::string::npos) << ids << ": " << m;
+    EXPECT_NE(m.find(field), std::string::npos) << ids << ": " << m;
+  }
+  // Separators: commas, or spaces and tabs, or both; blanks around an id.
+  EXPECT_EQ(*parse_args({"m", "--prompt-ids", "1,368,430"}).prompt_ids, (std::vector<int>{1, 368, 430}));
+  EXPECT_EQ(*parse_args({"m", "--prompt-ids", " 1 368\t430 "}).prompt_ids, (std::vector<int>{1, 368, 430}));
+  EXPECT_EQ(*parse_args({"m", "--prompt-ids", "1, 368 ,430"}).prompt_ids, (std::vector<int>{1, 368, 430}));
+  EXPECT_EQ(*parse_args({"m", "--prompt-ids", "0"}).prompt_ids, (std::vector<int>{0}));
+  EXPECT_EQ(*parse_args({"m", "--prompt-ids", "007"}).prompt_ids, (std::vector<int>{7}));
+}
+
+TEST(CliArgs, ThreadsDefaultToTheAvailableCores) {
+  using kvcache_cli::default_threads;
+  EXPECT_EQ(default_threads(nullptr, 8), 8u);
+  EXPECT_EQ(default_threads(nullptr, 0), 1u);  // hardware_concurrency() may not know
+  EXPECT_EQ(default_threads(nullptr, 1000), kvcache_cli::kMaxThreads);
+  // OMP_NUM_THREADS, when it is a count (its first one, for nested lists),
+  // is what the user asked OpenMP programs for.
+  EXPECT_EQ(default_threads("3", 8), 3u);
+  EXPECT_EQ(default_threads(" 3 ", 8), 3u);
+  EXPECT_EQ(default_threads("4,2", 8), 4u);
+  EXPECT_EQ(default_threads("100000", 8), kvcache_cli::kMaxThreads);
+  EXPECT_EQ(default_threads("99999999999999999999999", 8), kvcache_cli::kMaxThreads);
+  for (const char* ignored : {"", "0", "x", "-2", "3x", " "})
+    EXPECT_EQ(default_threads(ignored, 8), 8u) << "'" << ignored << "'";
+  EXPECT_EQ(parse_args({"m"}).threads, kvcache_cli::default_threads());
+  EXPECT_GE(parse_args({"m"}).threads, 1u);
+  EXPECT_EQ(parse_args({"m", "--threads", "1"}).threads, 1u);
+  EXPECT_NE(kvcache_cli::usage().find("OMP_NUM_THREADS"), std::string::npos);
+}
+
+class CliBounded : public CliBatch {};
+
+#if !defined(_WIN32)
+// Defect 12.3: a 255 MiB one-line --prompts-file with -n 128 was read whole
+// and encoded (11.8 GB, 227 s) before its length was checked. A line longer
+// than -n positions can hold (each token stands for at most
+// max_token_length bytes) is refused after reading that many bytes.
+TEST_F(CliBounded, LongPromptsFileLineIsRefusedBeforeEncoding) {
+  const std::string sentence = "The cat sat on the mat and looked at the dog. ";
+  std::string line;
+  line.reserve((std::size_t{64} << 20) + sentence.size());
+  while (line.size() < (std::size_t{64} << 20)) line += sentence;
+  const std::string file = write_prompts("I\n" + line + "\nThe cat\n");
+  line = std::string();
+  // 1 GiB of address space: far more than the work needs, far less than
+  // encoding 64 MiB takes. (ASan's shadow needs more: no limit there.)
+  const LimitedResult r = run_limited(greedy({"-n", "16", "--prompts-file", file}), std::size_t{1} << 30, 60);
+  fs::remove(file);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(r.out, "");  // nothing is printed before the file is known good
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find("line 2"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("only 16 positions are run (-n 16"), std::string::npos) << r.err;
+  if (!KVCACHE_CLI_TEST_SANITIZED) {
+    EXPECT_LT(r.max_rss_kb, 200 * 1024) << r.err;
+  }
+}
+
+// The same bound for -i: a long prompt is refused before it is encoded.
+TEST_F(CliBounded, LongPromptIsRefusedBeforeEncoding) {
+  const std::string text(100000, 'x');
+  const LimitedResult r = run_limited(greedy({"-n", "16", "-i", text}), std::size_t{1} << 30, 60);
+  EXPECT_EQ(r.exit_code, 1) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find("the prompt is 100000 bytes: at least "), std::string::npos) << r.err;
+  // A prompt that may fit is encoded and checked as before.
+  expect_failure(greedy({"-n", "4", "-i", "The cat"}), "the prompt has 5 tokens");
+}
+
+// Defect 12.4: -n 2147483647 with a window reserved room for 2³¹ ids (8.6 GB
+// of address space) before generating, and died of bad_alloc under a memory
+// limit. The run stops at BOS after a hundred tokens: it needs megabytes.
+TEST_F(CliBounded, HugeStepsWithAWindowReserveOnlyWhatTheyUse) {
+  const std::vector<std::string> huge{"-n", "2147483647", "--window", "128", "--threads", "2"};
+  std::vector<std::string> args = greedy({"-i", "The cat"});
+  args.insert(args.end(), huge.begin(), huge.end());
+  const LimitedResult single = run_limited(args, std::size_t{2} << 30, 120);
+  EXPECT_EQ(single.exit_code, 0) << single.err;
+  EXPECT_EQ(single.out, kTheCatText);
+  EXPECT_EQ(single.err, "");
+  args = greedy({"--prompts-file", write_prompts("The cat\nI\n"), "--parallel", "2"});
+  args.insert(args.end(), huge.begin(), huge.end());
+  const LimitedResult batch = run_limited(args, std::size_t{2} << 30, 120);
+  EXPECT_EQ(batch.exit_code, 0) << batch.err;
+  EXPECT_EQ(batch.out.substr(0, batch.out.find('\n')), as_line(kTheCatText));
+}
+#endif
+
+TEST_F(Cli, PromptIdsEmptyFieldIsRefused) {
+  expect_failure(greedy({"--prompt-ids", "1,,368"}), "field 2 of '1,,368' is empty");
+  expect_failure(greedy({"--prompt-ids", "1,368,"}), "field 3 of '1,368,' is empty");
+}
+
+// --stats after a run without a decode step: no rate, not 0.00.
+TEST_F(Cli, StatsWithoutADecodeStep) {
+  const Result r = run(greedy({"-n", "5", "-i", "The cat", "--stats"}));  // 5 prompt tokens, 1 generated
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find(" generated_tokens=1 "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(" decode_tok_s=n/a "), std::string::npos) << r.err;
+  const Result two = run(greedy({"-n", "6", "-i", "The cat", "--stats"}));
+  EXPECT_EQ(stats_field(two.err, "decode_tok_s").find_first_not_of("0123456789."), std::string::npos) << two.err;
+}
+
+// -n past the context without a window is clamped to seq_len, as run does,
+// and said on stderr.
+TEST_F(CliBounded, StepsPastTheContextAreClampedAloud) {
+  const Result r = run(greedy({"-n", "100000", "-i", "The cat"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatText);
+  EXPECT_EQ(r.err, "kvcache-generate: -n 100000 is more than the model's seq_len of 128: running 128 positions\n");
+  const Result batch = run(greedy({"-n", "129", "--prompts-file", write_prompts("I\n")}));
+  ASSERT_EQ(batch.exit_code, 0) << batch.err;
+  EXPECT_EQ(batch.err, "kvcache-generate: -n 129 is more than the model's seq_len of 128: running 128 positions\n");
+  // Not with a window (which goes past seq_len), nor for -n 0 or -n seq_len.
+  for (const char* steps : {"0", "128"}) EXPECT_EQ(run(greedy({"-n", steps, "-i", "The cat"})).err, "") << steps;
+  EXPECT_EQ(run(greedy({"-n", "200", "--window", "128", "-i", "The cat"})).err, "");
+}
+
+// Without --threads: the available cores (default_threads()), at most one
+// per 4 MiB of weights: one for this 1 MB model. The output does not change.
+TEST_F(Cli, DefaultThreadsFollowTheModelSize) {
+  const Result r = run(greedy({"-i", "The cat", "--stats"}));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatText);
+  EXPECT_EQ(stats_field(r.err, "threads"), "1") << r.err;
+  EXPECT_EQ(stats_field(run(greedy({"-i", "The cat", "--stats", "--threads", "2"})).err, "threads"), "2");
+}
+
+TEST(CliModel, DefaultThreadsOnALargerModel) {
+  // 2.8M parameters, 11 MB of float32 weights: up to 2 threads by default.
+  const kvcache::ModelConfig c = kvcache::llama2c_config(256, 512, 4, 4, 4, 512, 32);
+  const kvcache::Decoder<float> d(c, kvcache::random_weights<float>(c, 5));
+  const fs::path model = test_dir() / "larger.bin";
+  kvcache::save_llama2c(d, model.string());
+  const std::size_t expected = std::min<std::size_t>(kvcache_cli::default_threads(), d.weight_bytes() >> 22);
+  ASSERT_EQ(expected, std::min<std::size_t>(kvcache_cli::default_threads(), 2));
+  const std::vector<std::string> args{model.string(), "--prompt-ids", "1,5,9", "--ids", "-t", "0", "-n", "32", "--stats"};
+  const Result r = run(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(stats_field(r.err, "threads"), std::to_string(expected)) << r.err;
+  std::vector<std::string> one = args;
+  one.insert(one.end(), {"--threads", "1"});
+  EXPECT_EQ(run(one).out, r.out);
+  fs::remove(model);
 }
 
 }  // namespace

@@ -196,7 +196,7 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
   Sampler sampler(decoder.config().vocab_size, options);
   std::vector<int> out;
   if (options.max_new_tokens == 0) return out;
-  out.reserve(options.max_new_tokens);
+  out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));  // not 2³¹ ids for a window's huge limit
   const auto start = session.checkpoint();
   try {
     const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
@@ -290,7 +290,7 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
     std::vector<std::size_t> active;  // the sequences still generating, in order
     for (std::size_t i = 0; i < B; ++i) {
       if (options[i].max_new_tokens == 0) continue;
-      out[i].reserve(options[i].max_new_tokens);
+      out[i].reserve(std::min<std::size_t>(options[i].max_new_tokens, 4096));
       const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], workspace, Logits::last);  // prefill, alone
       if (!detail::emit(samplers[i].sample(logits.row(0)), out[i], options[i])) active.push_back(i);
     }

@@ -1,4 +1,8 @@
-// kvcache-generate — llama2.c's `run`, on kvcache: loads a llama2.c
+// examples/generate_main.hpp — the whole of kvcache-generate (llama2.c's
+// `run`, on kvcache) as one function, run_generate(argc, argv, out, err),
+// which returns the exit code and never calls exit(): main() in
+// kvcache_generate_main.cpp calls it with std::cout and std::cerr, and the fuzz
+// harness fuzz/fuzz_generate.cpp calls it in-process. It loads a llama2.c
 // checkpoint and its tokenizer, feeds the prompt in one prefill pass, then
 // decodes one token at a time from the KV cache.
 //
@@ -19,6 +23,8 @@
 // text (--ids prints it, as the reference id lists do). With --prompts-file,
 // each line's output is printed as one line once its batch is done. See
 // cli_args.hpp for the options.
+#pragma once
+
 #include <algorithm>
 #include <chrono>
 #include <csignal>
@@ -37,9 +43,11 @@
 #include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>
 #include <optional>
+#include <ostream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
@@ -55,7 +63,7 @@ constexpr const char* kProgram = "kvcache-generate";
 // Either the ids or the text of each token, streamed to stdout (or `out`).
 class Printer {
  public:
-  Printer(bool ids, const kvcache::Tokenizer* tokenizer, std::ostream& out = std::cout)
+  Printer(bool ids, const kvcache::Tokenizer* tokenizer, std::ostream& out)
       : ids_(ids), tokenizer_(tokenizer), out_(out) {}
 
   // `stop` marks the BOS that ends generation: run does not print it as text.
@@ -244,51 +252,97 @@ void decode(const kvcache::Decoder<float>& decoder, Prefilled& p, const kvcache:
   }
 }
 
-// The most a --prompts-file may hold: its text is read whole, so a mistaken
-// path (/dev/zero, a pipe that never ends, a 50 GB file) must fail, not
-// fill the memory.
+// ---- prompt lengths -----------------------------------------------------------
+//
+// A prompt that cannot fit the positions a run has is refused before it is
+// encoded, so that memory and time are bounded by the work that will run,
+// not by the size of the input: a token stands for at most the tokenizer's
+// longest piece (max_token_length bytes; a byte-fallback token for one byte),
+// so a text of b bytes encodes to at least 1 + ceil(b / max_token_length)
+// tokens, BOS included. (The encoder's buffers are several times the text:
+// a 255 MiB line once took 11.8 GB before its length was checked.)
+
+// "only 16 positions are run (-n 16, seq_len 128)"
+std::string positions_text(const kvcache_cli::Options& o, std::size_t steps, const kvcache::ModelConfig& config) {
+  return "only " + std::to_string(steps) + " positions are run (-n " + std::to_string(o.steps) + ", seq_len " +
+         std::to_string(config.max_seq_len) + ")";
+}
+
+// The bytes a token stands for at most.
+std::size_t longest_token_bytes(const kvcache::Tokenizer& tokenizer) {
+  return static_cast<std::size_t>(std::max(1, tokenizer.max_token_length()));
+}
+
+// The most bytes of text whose tokens (BOS first) can fit `steps` positions.
+std::size_t max_prompt_bytes(const kvcache::Tokenizer& tokenizer, std::size_t steps) {
+  // steps and max_token_length are at most INT_MAX: the product fits.
+  return steps == 0 ? 0 : (steps - 1) * longest_token_bytes(tokenizer);
+}
+
+// Why `bytes` of text cannot fit: "at least N tokens (a token stands for at
+// most L bytes), but only S positions are run (...)".
+std::string too_many_bytes(const kvcache::Tokenizer& tokenizer, std::size_t bytes, const kvcache_cli::Options& o,
+                           std::size_t steps, const kvcache::ModelConfig& config) {
+  const std::size_t longest = longest_token_bytes(tokenizer);
+  return "at least " + std::to_string(1 + bytes / longest + (bytes % longest != 0)) +
+         " tokens (a token stands for at most " + std::to_string(longest) + " bytes), but " +
+         positions_text(o, steps, config);
+}
+
+// -n beyond seq_len without a window runs seq_len positions, as run does;
+// unlike run, this is said once the run is known to start.
+void note_clamped_steps(const kvcache_cli::Options& o, const kvcache::ModelConfig& config, std::ostream& err) {
+  if (o.window == 0 && o.steps > config.max_seq_len)
+    err << kProgram << ": -n " << o.steps << " is more than the model's seq_len of " << config.max_seq_len
+        << ": running " << config.max_seq_len << " positions" << std::endl;
+}
+
+// ---- --prompts-file -------------------------------------------------------------
+
+// The most a --prompts-file may hold: the text of its lines is kept for the
+// run, so a mistaken path (a pipe that never ends, a 50 GB file of short
+// lines) must fail, not fill the memory. (/dev/zero is one endless line:
+// refused once longer than a prompt can be.)
 constexpr std::size_t kMaxPromptsFileBytes = std::size_t{1} << 28;
 
-// The whole of a --prompts-file, as text, at most kMaxPromptsFileBytes.
-std::string read_prompts_file(const std::string& path) {
+// --prompts-file: every line a prompt, generated o.parallel at a time by
+// kvcache::generate_batch; each output printed as one line once its batch
+// is done, in the file's order. Prompt k (from 0) samples with seed + k.
+//
+// The file is read once, line by line, and checked whole before anything is
+// printed: a line too long for the positions is refused after reading
+// max_prompt_bytes + 1 of its bytes, the others are encoded one at a time to
+// check their length, and only their text is kept (at most the file's size).
+// Each batch then encodes its own lines again: the token lists of more than
+// one batch are never held.
+int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
+                     const kvcache::Tokenizer& tokenizer, std::size_t steps, std::ostream& out, std::ostream& err) {
+  const std::string& path = *o.prompts_file;
+  const kvcache::ModelConfig& config = decoder.config();
   std::error_code ignored;
   if (std::filesystem::is_directory(path, ignored))
     throw std::runtime_error("cannot read prompts file '" + path + "': it is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot open prompts file '" + path + "'");
-  std::string content;
-  constexpr std::size_t kChunk = std::size_t{1} << 16;
-  while (in) {
-    const std::size_t old = content.size();
-    content.resize(old + kChunk);
-    in.read(&content[old], static_cast<std::streamsize>(kChunk));
-    content.resize(old + static_cast<std::size_t>(in.gcount()));
-    if (content.size() > kMaxPromptsFileBytes)
-      throw std::runtime_error("prompts file '" + path + "' is larger than " + std::to_string(kMaxPromptsFileBytes) +
-                               " bytes");
-  }
-  if (in.bad()) throw std::runtime_error("cannot read prompts file '" + path + "'");
-  return content;
-}
-
-// --prompts-file: every line a prompt, generated o.parallel at a time by
-// kvcache::generate_batch; each output printed as one line once its batch
-// is done, in the file's order. Prompt k (from 0) samples with seed + k.
-int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
-                     const kvcache::Tokenizer& tokenizer, std::size_t steps) {
-  const std::vector<std::string> lines =
-      kvcache_cli::parse_prompt_lines(*o.prompts_file, read_prompts_file(*o.prompts_file));
-  std::vector<std::vector<int>> prompts;
+  const std::size_t max_bytes = max_prompt_bytes(tokenizer, steps);
+  const auto too_long = [&](std::size_t line) {
+    return "--prompts-file line " + std::to_string(line) + ": the prompt is more than " + std::to_string(max_bytes) +
+           " bytes: " + too_many_bytes(tokenizer, max_bytes + 1, o, steps, config);
+  };
+  std::string text;  // the lines, each ended by '\n'
   std::size_t prompt_tokens = 0;
-  for (std::size_t k = 0; k < lines.size(); ++k) {
-    prompts.push_back(tokenizer.encode(lines[k], /*bos=*/true, /*eos=*/false));
-    prompt_tokens += prompts.back().size();
-    if (prompts.back().size() > steps)
-      throw kvcache_cli::UsageError("--prompts-file line " + std::to_string(k + 1) + ": the prompt has " +
-                                    std::to_string(prompts.back().size()) + " tokens but only " +
-                                    std::to_string(steps) + " positions are run (-n " + std::to_string(o.steps) +
-                                    ", seq_len " + std::to_string(decoder.config().max_seq_len) + ")");
-  }
+  const std::size_t n_prompts = kvcache_cli::read_prompt_lines(
+      path, in, max_bytes, kMaxPromptsFileBytes, too_long, [&](std::size_t line, const std::string& prompt) {
+        const std::size_t tokens = tokenizer.encode(prompt, /*bos=*/true, /*eos=*/false).size();
+        if (tokens > steps)
+          throw kvcache_cli::UsageError("--prompts-file line " + std::to_string(line) + ": the prompt has " +
+                                        std::to_string(tokens) + " tokens but " + positions_text(o, steps, config));
+        prompt_tokens += tokens;
+        text += prompt;
+        text += '\n';
+      });
+  in.close();
+  note_clamped_steps(o, config, err);
   std::uint64_t seed = o.seed != 0 ? o.seed : static_cast<std::uint64_t>(std::time(nullptr));
   if (seed == 0) seed = 1;
 
@@ -297,20 +351,24 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
   session_options.kv_type = o.kv_type;
   session_options.window = kvcache::SlidingWindow{o.window, o.sinks};
   std::size_t generated = 0;
+  std::size_t next_line = 0;  // where the next batch's first line starts in `text`
   const Clock::time_point start = Clock::now();
-  for (std::size_t first = 0; first < prompts.size(); first += o.parallel) {
-    const std::size_t B = std::min(o.parallel, prompts.size() - first);
+  for (std::size_t first = 0; first < n_prompts; first += o.parallel) {
+    const std::size_t B = std::min(o.parallel, n_prompts - first);
     std::vector<kvcache::Session<float>> sessions;
     std::vector<kvcache::Session<float>*> batch;
     std::vector<std::vector<int>> batch_prompts;
     std::vector<kvcache::GenerateOptions> options(B);
     sessions.reserve(B);
     for (std::size_t b = 0; b < B; ++b) {
-      const std::vector<int>& prompt = prompts[first + b];
+      const std::size_t end = text.find('\n', next_line);
+      batch_prompts.push_back(
+          tokenizer.encode(std::string_view(text).substr(next_line, end - next_line), /*bos=*/true, /*eos=*/false));
+      next_line = end + 1;
+      const std::vector<int>& prompt = batch_prompts.back();
       sessions.push_back(decoder.new_session(session_options));
       sessions.back().set_threads(o.threads);
       batch.push_back(&sessions.back());
-      batch_prompts.push_back(prompt);
       options[b].max_new_tokens = steps - prompt.size() + 1;
       if (!o.ignore_eos) options[b].end_token = kBos;
       options[b].temperature = o.temperature;
@@ -320,32 +378,41 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
     const std::vector<std::vector<int>> ids = kvcache::generate_batch(decoder, batch, batch_prompts, options);
     for (std::size_t b = 0; b < B; ++b) {
       // What a single run prints, echoed prompt first, on one line.
-      std::ostringstream text;
-      Printer printer(o.print_ids, &tokenizer, text);
+      std::ostringstream line;
+      Printer printer(o.print_ids, &tokenizer, line);
       const std::vector<int>& prompt = batch_prompts[b];
       printer.set_previous(kBos);
       for (std::size_t i = 1; i < prompt.size(); ++i) printer.print(prompt[i]);
       for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == kBos);
-      std::cout << (o.print_ids ? text.str() : kvcache_cli::escape_line(text.str())) << '\n';
+      out << (o.print_ids ? line.str() : kvcache_cli::escape_line(line.str())) << '\n';
       generated += ids[b].size();
     }
-    std::cout.flush();
-    if (!std::cout) throw std::runtime_error("cannot write to stdout");
+    out.flush();
+    if (!out) throw std::runtime_error("cannot write to stdout");
   }
   if (o.stats) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    std::cerr << "stats: prompts=" << prompts.size() << " prompt_tokens=" << prompt_tokens
-              << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
-              << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
+    err << "stats: prompts=" << n_prompts << " prompt_tokens=" << prompt_tokens
+        << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
+        << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
   }
   return 0;
 }
 
-int run(int argc, char** argv) {
-  const kvcache_cli::Options o = kvcache_cli::parse_args(argc, argv);
+// The least weights worth a thread of their own: --threads' default gives a
+// model at most one thread per this many bytes. A smaller share costs more
+// in synchronisation than it saves: on 2 cores, the ~1 MB models decode
+// 1.7x (aidreams260K: 10272 against 6006 tok/s) to 5.9x (stories260K: 5514
+// against 941 tok/s, the machine shared) slower on 2 threads than on 1; a
+// decode step meets a barrier a few times per layer (microseconds each),
+// while reading 4 MiB of weights takes a core about 200 us.
+constexpr std::size_t kWeightBytesPerThread = std::size_t{4} << 20;
+
+int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
+  kvcache_cli::Options o = kvcache_cli::parse_args(argc, argv);
   if (o.help) {
-    std::cout << kvcache_cli::usage(kProgram);
-    return std::cout ? 0 : 1;
+    out << kvcache_cli::usage(kProgram);
+    return out ? 0 : 1;
   }
 
   // Before any work: a --prompt-cache path that exists must be a kvcache
@@ -362,6 +429,8 @@ int run(int argc, char** argv) {
   const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;
   const kvcache::Decoder<float> decoder = kvcache::load_llama2c(o.model_path, {}, weight_type);
   const kvcache::ModelConfig& config = decoder.config();
+  if (!o.threads_given)
+    o.threads = std::min(o.threads, std::max<std::size_t>(1, decoder.weight_bytes() / kWeightBytesPerThread));
 
   // As run: 0, or more than the model can hold, means the model's seq_len.
   // A sliding window holds any number of positions.
@@ -373,7 +442,7 @@ int run(int argc, char** argv) {
 
   std::optional<kvcache::Tokenizer> tokenizer;
   if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
-  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps);
+  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps, out, err);
 
   std::vector<int> prompt;
   if (o.prompt_ids) {
@@ -384,18 +453,20 @@ int run(int argc, char** argv) {
                                       " is outside the model's vocabulary [0, " + std::to_string(config.vocab_size) +
                                       ")");
   } else if (o.prompt && !o.prompt->empty()) {
+    if (o.prompt->size() > max_prompt_bytes(*tokenizer, steps))
+      throw kvcache_cli::UsageError("the prompt is " + std::to_string(o.prompt->size()) +
+                                    " bytes: " + too_many_bytes(*tokenizer, o.prompt->size(), o, steps, config));
     prompt = tokenizer->encode(*o.prompt, /*bos=*/true, /*eos=*/false);
   } else {
     prompt = {kBos};
   }
   if (prompt.size() > steps)
-    throw kvcache_cli::UsageError("the prompt has " + std::to_string(prompt.size()) + " tokens but only " +
-                                  std::to_string(steps) + " positions are run (-n " + std::to_string(o.steps) +
-                                  ", seq_len " + std::to_string(config.max_seq_len) + ")");
-
+    throw kvcache_cli::UsageError("the prompt has " + std::to_string(prompt.size()) + " tokens but " +
+                                  positions_text(o, steps, config));
+  note_clamped_steps(o, config, err);
 
   // Echo the prompt as run does: every token after a leading BOS.
-  Printer printer(o.print_ids, tokenizer ? &*tokenizer : nullptr);
+  Printer printer(o.print_ids, tokenizer ? &*tokenizer : nullptr, out);
   std::size_t first_echoed = 0;
   if (prompt.front() == kBos) {
     printer.set_previous(kBos);
@@ -445,38 +516,45 @@ int run(int argc, char** argv) {
       kv_bytes = session.kv_bytes();
     }
   }
-  std::cout << '\n';
-  std::cout.flush();
-  if (!std::cout) throw std::runtime_error("cannot write to stdout");
+  out << '\n';
+  out.flush();
+  if (!out) throw std::runtime_error("cannot write to stdout");
 
   if (o.stats) {
     const double prefill_s = std::chrono::duration<double>(first_token - start).count();
     const double decode_s = std::chrono::duration<double>(last_token - first_token).count();
-    std::cerr << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
-              << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
-              << " decode_tok_s=" << format_rate(static_cast<double>(generated - 1), decode_s)
-              << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
+    err << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
+        << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
+        << " decode_tok_s=" << (generated > 1 ? format_rate(static_cast<double>(generated - 1), decode_s) : "n/a")
+        << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
     if (o.prompt_cache)
-      std::cerr << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
-    std::cerr << std::endl;
+      err << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
+    err << std::endl;
   }
   return 0;
 }
 
 }  // namespace
 
-int main(int argc, char** argv) {
+namespace kvcache_cli {
+
+// kvcache-generate with `argv` (argv[0] is the program's name): the output on
+// `out`, the messages on `err`, and the exit code returned: 0, or 1 after one
+// line on `err` naming the problem. Never calls exit().
+inline int run_generate(int argc, char** argv, std::ostream& out, std::ostream& err) {
   try {
-    return run(argc, argv);
+    return run(argc, argv, out, err);
   } catch (const kvcache_cli::UsageError& e) {
-    std::cout.flush();
-    std::cerr << kProgram << ": " << kvcache_cli::one_line(e.what()) << " (see " << kProgram << " --help)" << std::endl;
+    out.flush();
+    err << kProgram << ": " << kvcache_cli::one_line(e.what()) << " (see " << kProgram << " --help)" << std::endl;
   } catch (const std::exception& e) {
-    std::cout.flush();
-    std::cerr << kProgram << ": " << kvcache_cli::one_line(e.what()) << std::endl;
+    out.flush();
+    err << kProgram << ": " << kvcache_cli::one_line(e.what()) << std::endl;
   } catch (...) {
-    std::cout.flush();
-    std::cerr << kProgram << ": unknown error" << std::endl;
+    out.flush();
+    err << kProgram << ": unknown error" << std::endl;
   }
   return 1;
 }
+
+}  // namespace kvcache_cli
