@@ -3,6 +3,7 @@
 // library is checked against.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <vector>
@@ -151,11 +152,46 @@ Mat decoder_logits(const kvcache::Decoder<T>& d, const std::vector<int>& tokens)
   return linear(norm(x, c, d.final_norm()), to_double(d.lm_head()), Vec());
 }
 
-// max |a − b| / max |b|: the error relative to the size of the values.
+// ---- Comparing results --------------------------------------------------------
+// Every helper returns +infinity when either argument holds a NaN or an
+// infinity anywhere (or when their shapes differ): no tolerance accepts it,
+// a "these differ" check (EXPECT_GT) still sees a number, and a running
+// maximum over steps keeps it. Eigen's maxCoeff() cannot be trusted with
+// this: it skips a NaN that is not the first entry it looks at.
+
+// True when every entry of m is finite.
+template <typename M>
+bool all_finite(const M& m) {
+  const Mat x = m.template cast<double>();
+  for (Eigen::Index i = 0; i < x.size(); ++i)
+    if (!std::isfinite(x.data()[i])) return false;
+  return true;
+}
+
+// max |a − b| over all entries.
+template <typename A, typename B>
+double max_abs_diff(const A& a, const B& b) {
+  const Mat x = a.template cast<double>(), y = b.template cast<double>();
+  if (x.rows() != y.rows() || x.cols() != y.cols()) return INFINITY;
+  double worst = 0.0;
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    const double u = x.data()[i], v = y.data()[i];
+    if (!std::isfinite(u) || !std::isfinite(v)) return INFINITY;
+    worst = std::max(worst, std::abs(u - v));
+  }
+  return worst;
+}
+
+// max |a − b| / max |b|: the error relative to the size of the values (to
+// the difference itself when b is all zeros).
 template <typename A, typename B>
 double relative_error(const A& a, const B& b) {
-  const double scale = b.template cast<double>().cwiseAbs().maxCoeff();
-  return (a.template cast<double>() - b.template cast<double>()).cwiseAbs().maxCoeff() / (scale > 0 ? scale : 1.0);
+  const double diff = max_abs_diff(a, b);
+  if (!std::isfinite(diff)) return INFINITY;
+  const Mat y = b.template cast<double>();
+  double scale = 0.0;
+  for (Eigen::Index i = 0; i < y.size(); ++i) scale = std::max(scale, std::abs(y.data()[i]));
+  return diff / (scale > 0 ? scale : 1.0);
 }
 
 }  // namespace reference
