@@ -13,8 +13,10 @@
 #include <iostream>
 #include <iterator>
 #include <kvcache/decoder.hpp>
+#include <kvcache/generate.hpp>
 #include <kvcache/llama2c.hpp>
 #include <kvcache/session_file.hpp>
+#include <kvcache/tokenizer.hpp>
 #include <random>
 #include <regex>
 #include <string>
@@ -382,14 +384,58 @@ TEST_F(Cli, SlidingWindowGoesFarPastSeqLen) {
   EXPECT_LT(words, 300) << tail;
 }
 
+// What the program prints for `prompt` (greedy, -n 128, as greedy() runs it)
+// with a session of `kv_type`, computed here with the library: the prompt
+// echoed after its BOS, then each generated token, up to and without the
+// BOS that ends the run; as ids or as text.
+std::string expected_output(const std::string& model, const std::string& tok, const std::string& prompt_text,
+                            kvcache::KVType kv_type, bool ids) {
+  const kvcache::Decoder<float> decoder = kvcache::load_llama2c(model);
+  const kvcache::Tokenizer tokenizer = kvcache::Tokenizer::load(tok, decoder.config().vocab_size);
+  const std::vector<int> prompt = tokenizer.encode(prompt_text, /*bos=*/true, /*eos=*/false);
+  kvcache::GenerateOptions options;
+  options.max_new_tokens = 128 - prompt.size() + 1;
+  options.end_token = kvcache::Tokenizer::kBosId;
+  kvcache::SessionOptions session_options;
+  session_options.kv_type = kv_type;
+  kvcache::Session<float> session = decoder.new_session(session_options);
+  std::vector<int> printed(prompt.begin() + 1, prompt.end());
+  const std::vector<int> generated = kvcache::generate(decoder, session, prompt, options);
+  printed.insert(printed.end(), generated.begin(), generated.end());
+  std::string out;
+  int previous = prompt.front();
+  for (std::size_t i = 0; i < printed.size(); ++i) {
+    if (ids) {
+      out += (i == 0 ? "" : " ") + std::to_string(printed[i]);
+    } else if (!(i + 1 == printed.size() && printed[i] == kvcache::Tokenizer::kBosId)) {
+      const std::string piece = tokenizer.decode(previous, printed[i]);
+      if (kvcache::Tokenizer::is_printable_piece(piece)) out += piece;
+    }
+    previous = printed[i];
+  }
+  return out + "\n";
+}
+
+// --kv-type bf16 and int8: the whole output is what the library generates
+// with a session of that type (which on this model parts from float32's
+// after about 150 characters, where two logits are 0.0012 apart), and the
+// cache takes fewer bytes.
 TEST_F(Cli, CompactCacheTypes) {
+  // The reconstruction is right: for float32 it gives llama2.c's output.
+  ASSERT_EQ(expected_output(model_, tok_, "The cat", kvcache::KVType::full, false), kTheCatText);
+  ASSERT_EQ(expected_output(model_, tok_, "The cat", kvcache::KVType::full, true), kTheCatIds);
   const Result f32 = run(greedy({"-i", "The cat", "--stats"}));
-  for (const char* type : {"bf16", "int8"}) {
-    const Result r = run(greedy({"-i", "The cat", "--stats", "--kv-type", type}));
+  ASSERT_EQ(f32.exit_code, 0) << f32.err;
+  for (const auto type : {kvcache::KVType::bf16, kvcache::KVType::int8}) {
+    const std::string flag = kvcache::to_string(type);
+    const Result r = run(greedy({"-i", "The cat", "--stats", "--kv-type", flag}));
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    EXPECT_EQ(r.out.substr(0, 40), f32.out.substr(0, 40)) << type;  // the start is greedy-identical
+    EXPECT_EQ(r.out, expected_output(model_, tok_, "The cat", type, false)) << flag;
+    const Result ids = run(greedy({"-i", "The cat", "--kv-type", flag, "--ids"}));
+    ASSERT_EQ(ids.exit_code, 0) << ids.err;
+    EXPECT_EQ(ids.out, expected_output(model_, tok_, "The cat", type, true)) << flag;
     const auto bytes = [](const std::string& err) { return std::stoull(err.substr(err.find("kv_bytes=") + 9)); };
-    EXPECT_LT(bytes(r.err), bytes(f32.err)) << type;
+    EXPECT_LT(bytes(r.err), bytes(f32.err)) << flag;
   }
   expect_failure(greedy({"--window", "129"}), "seq_len 128");
 }
@@ -839,11 +885,14 @@ TEST_F(Cli, BadFiles) {
   expect_failure({model_, "-z", "/nonexistent/tok.bin"}, "/nonexistent/tok.bin");
   // Without -z, text output needs ./tokenizer.bin, which is not there.
   expect_failure({model_, "-t", "0"}, "tokenizer.bin");
-  // The tokenizer must have the model's vocabulary.
-  const std::string llama_tok = ::kvcache_test::model_path("llama2_tokenizer.bin");
-  if (!llama_tok.empty()) expect_failure({model_, "-z", llama_tok, "-t", "0"}, "vocab_size");
   // A checkpoint that is not one.
   expect_failure({tok_, "-z", tok_}, tok_);
+}
+
+// The tokenizer must have the model's vocabulary.
+TEST_F(Cli, TokenizerOfAnotherVocabulary) {
+  KVCACHE_MODEL_FILE_OR_SKIP(llama_tok, "llama2_tokenizer.bin");
+  expect_failure({model_, "-z", llama_tok, "-t", "0"}, "vocab_size");
 }
 
 // Finite weights so large that the forward pass overflows: the program

@@ -13,6 +13,7 @@
 #include <kvcache/weights.hpp>
 
 #include "fixtures.hpp"
+#include "reference.hpp"
 
 using kvcache::Matrix;
 using kvcache::Vector;
@@ -116,7 +117,7 @@ TEST(WeightMatrix, ConvertsToBfloat16AndBack) {
       EXPECT_EQ(W(i, j), from_bf16(to_bf16(M(i, j))));
     }
   const Matrix<float> rounded = W.to_dense();
-  EXPECT_LE((rounded - M).cwiseAbs().maxCoeff(), std::ldexp(1.0f, -8));  // half an ulp of values below 1
+  EXPECT_LE(reference::max_abs_diff(rounded, M), std::ldexp(1.0, -8));  // half an ulp of values below 1
   std::vector<float> row(9);
   W.row_to(3, row.data());
   for (Eigen::Index j = 0; j < 9; ++j) EXPECT_EQ(row[static_cast<std::size_t>(j)], rounded(3, j));
@@ -345,9 +346,9 @@ TEST(Linear, FusedTermsEqualSeparateProducts) {
         EXPECT_EQ(K, K1) << threads;
         EXPECT_EQ(V, V1) << threads;
       } else {
-        EXPECT_LE((Q - Q1).cwiseAbs().maxCoeff(), 1e-5f) << threads;
-        EXPECT_LE((K - K1).cwiseAbs().maxCoeff(), 1e-5f) << threads;
-        EXPECT_LE((V - V1).cwiseAbs().maxCoeff(), 1e-5f) << threads;
+        EXPECT_LE(reference::max_abs_diff(Q, Q1), 1e-5) << threads;
+        EXPECT_LE(reference::max_abs_diff(K, K1), 1e-5) << threads;
+        EXPECT_LE(reference::max_abs_diff(V, V1), 1e-5) << threads;
       }
     }
 }

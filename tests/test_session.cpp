@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -26,6 +27,10 @@
 #include <kvcache/session_file.hpp>
 
 #include "fixtures.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/resource.h>
+#endif
 
 namespace {
 
@@ -802,7 +807,9 @@ TEST(SessionFile, SavingIsAtomic) {
             }).find("cannot create a temporary file"),
             std::string::npos);
 
-  // The directory is read-only (not for root, who may write anyway).
+  // The directory is read-only. Root may write anyway (and CI runs as
+  // root): then the probe succeeds and this case cannot be made, but the
+  // next one can.
   fs::permissions(dir, fs::perms::owner_read | fs::perms::owner_exec);
   const bool writable = std::ofstream(dir + "/probe").good();
   if (!writable) {
@@ -813,6 +820,33 @@ TEST(SessionFile, SavingIsAtomic) {
   fs::permissions(dir, fs::perms::owner_all);
   EXPECT_EQ(slurp(path), before);
   EXPECT_EQ(entries(dir), (std::vector<std::string>{"occupied", "s.kvs"}));
+
+#if defined(__unix__) || defined(__APPLE__)
+  // The disk fills up while the file is written, for every user, root
+  // included: a file-size limit (RLIMIT_FSIZE, which binds root too) of 64
+  // bytes makes the writes past it fail with EFBIG, as a full disk fails
+  // with ENOSPC. The save must throw, remove its temporary file and leave
+  // the old file whole.
+  {
+    struct rlimit old_limit {};
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+    void (*old_handler)(int) = std::signal(SIGXFSZ, SIG_IGN);  // EFBIG instead of the signal
+    struct rlimit small = old_limit;
+    small.rlim_cur = 64;
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    std::string full_disk;
+    try {
+      kvcache::save_session(path, d, second.session, second.tokens);
+    } catch (const std::runtime_error& e) {
+      full_disk = e.what();
+    }
+    ::setrlimit(RLIMIT_FSIZE, &old_limit);
+    std::signal(SIGXFSZ, old_handler);
+    EXPECT_NE(full_disk.find("write error"), std::string::npos) << "'" << full_disk << "'";
+    EXPECT_EQ(slurp(path), before);
+    EXPECT_EQ(entries(dir), (std::vector<std::string>{"occupied", "s.kvs"}));
+  }
+#endif
 
   // A stream that fails.
   std::ostringstream broken;
