@@ -237,21 +237,6 @@ Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, cons
   return p;
 }
 
-// kvcache::generate's decode loop, from the logits of the last prompt token
-// on: pick a token, hand it to on_token, feed it, until max_new_tokens or
-// the end token.
-void decode(const kvcache::Decoder<float>& decoder, Prefilled& p, const kvcache::GenerateOptions& options) {
-  kvcache::Sampler sampler(decoder.config().vocab_size, options);
-  std::vector<int> step(1);
-  for (std::size_t produced = 1;; ++produced) {
-    const int token = sampler.sample(p.logits);
-    options.on_token(token);
-    if ((options.end_token && token == *options.end_token) || produced >= options.max_new_tokens) return;
-    step[0] = token;
-    p.logits = decoder.forward(step, p.session, kvcache::Logits::last).row(0);  // same size: no allocation
-  }
-}
-
 // ---- prompt lengths -----------------------------------------------------------
 //
 // A prompt that cannot fit the positions a run has is refused before it is
@@ -507,7 +492,7 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
     if (o.prompt_cache) {
       Prefilled p =
           prefill_with_prompt_cache(decoder, session_options, prompt, steps, o.threads, *o.prompt_cache, prompt_cache);
-      decode(decoder, p, options);
+      kvcache::decode(decoder, p.session, p.logits, options);
       kv_bytes = p.session.kv_bytes();
     } else {
       kvcache::Session<float> session = decoder.new_session(session_options);

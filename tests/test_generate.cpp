@@ -208,3 +208,32 @@ TEST(Sampler, DrawsFollowTheDistributionAndTheNucleus) {
   EXPECT_EQ(counts[2] + counts[3], 0);
   EXPECT_NEAR(counts[0] / 20000.0, 0.625, 0.02);
 }
+
+// decode() continues from logits the caller holds (a prompt cache's): the
+// same ids as generate() over the whole prompt, and a failure rolls back.
+TEST(Generate, DecodeFromSavedLogitsContinuesLikeGenerate) {
+  for (const auto& v : fixtures::variants()) {
+    const ModelConfig c = fixtures::model(v, 64);
+    const Decoder<float> d = make_decoder<float>(c);
+    const auto prompt = fixtures::random_tokens(6, c.vocab_size, 3);
+    GenerateOptions o;
+    o.max_new_tokens = 12;
+    Session<float> whole = d.new_session();
+    const std::vector<int> expected = kvcache::generate(d, whole, prompt, o);
+
+    Session<float> s = d.new_session();
+    const Eigen::VectorXf last = d.forward(prompt, s, kvcache::Logits::last).row(0).transpose();
+    EXPECT_EQ(kvcache::decode(d, s, last, o), expected) << v.name;
+    EXPECT_EQ(s.position(), whole.position()) << v.name;
+
+    Session<float> failing = d.new_session();
+    d.forward(prompt, failing, kvcache::Logits::last);
+    GenerateOptions throwing = o;
+    int seen = 0;
+    throwing.on_token = [&](int) {
+      if (++seen == 5) throw std::runtime_error("stop");
+    };
+    EXPECT_THROW(kvcache::decode(d, failing, last, throwing), std::runtime_error);
+    EXPECT_EQ(failing.position(), prompt.size()) << v.name;
+  }
+}

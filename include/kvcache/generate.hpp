@@ -162,7 +162,6 @@ namespace detail {
 // prompt + max_new_tokens - 1 positions after the ones already cached.
 inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::size_t max_new_tokens,
                                   std::size_t limit) {
-  if (prompt == 0) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
   const std::size_t later = max_new_tokens == 0 ? 0 : max_new_tokens - 1;
   // Compared by subtraction, so that a huge max_new_tokens cannot wrap around.
   if (cached > limit || prompt > limit - cached || later > limit - cached - prompt)
@@ -175,6 +174,23 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   out.push_back(id);
   if (o.on_token) o.on_token(id);
   return (o.end_token && id == *o.end_token) || out.size() >= o.max_new_tokens;
+}
+
+}  // namespace detail
+
+namespace detail {
+
+// The decode loop: samples an id from `logits` (the last token's), feeds it,
+// and so on until options say stop; ids go to out.
+template <typename T, typename Row>
+void decode_into(const Decoder<T>& decoder, Session<T>& session, Sampler& sampler, const Row& logits,
+                 const GenerateOptions& options, std::vector<int>& out) {
+  std::vector<int> step(1);
+  int id = sampler.sample(logits);
+  while (!emit(id, out, options)) {
+    step[0] = id;
+    id = sampler.sample(decoder.forward(step, session, Logits::last).row(0));
+  }
 }
 
 }  // namespace detail
@@ -192,6 +208,7 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
 template <typename T>
 std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const std::vector<int>& prompt,
                           const GenerateOptions& options = {}) {
+  if (prompt.empty()) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
   detail::check_generation_fits(session.position(), prompt.size(), options.max_new_tokens, session.position_limit());
   Sampler sampler(decoder.config().vocab_size, options);
   std::vector<int> out;
@@ -199,12 +216,29 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
   out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));  // not 2³¹ ids for a window's huge limit
   const auto start = session.checkpoint();
   try {
-    const Matrix<T>* logits = &decoder.forward(prompt, session, Logits::last);  // prefill
-    std::vector<int> step(1);
-    while (!detail::emit(sampler.sample(logits->row(0)), out, options)) {
-      step[0] = out.back();
-      logits = &decoder.forward(step, session, Logits::last);  // decode
-    }
+    detail::decode_into(decoder, session, sampler, decoder.forward(prompt, session, Logits::last).row(0), options, out);
+  } catch (...) {
+    session.roll_back(start);
+    throw;
+  }
+  return out;
+}
+
+// generate() without the prefill: decodes from the logits of the last token
+// the session has fed (1 × vocab_size, e.g. a saved session's last_logits),
+// which must not live in the session's own workspace. Rolls back as
+// generate() does.
+template <typename T, typename Derived>
+std::vector<int> decode(const Decoder<T>& decoder, Session<T>& session, const Eigen::MatrixBase<Derived>& last_logits,
+                        const GenerateOptions& options = {}) {
+  detail::check_generation_fits(session.position(), 0, options.max_new_tokens, session.position_limit());
+  Sampler sampler(decoder.config().vocab_size, options);
+  std::vector<int> out;
+  if (options.max_new_tokens == 0) return out;
+  out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));
+  const auto start = session.checkpoint();
+  try {
+    detail::decode_into(decoder, session, sampler, last_logits, options, out);
   } catch (...) {
     session.roll_back(start);
     throw;
@@ -351,6 +385,7 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
 template <typename T>
 std::vector<int> generate_uncached(const Decoder<T>& decoder, const std::vector<int>& prompt,
                                    const GenerateOptions& options = {}, std::size_t threads = 1) {
+  if (prompt.empty()) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
   detail::check_generation_fits(0, prompt.size(), options.max_new_tokens, decoder.config().max_seq_len);
   Sampler sampler(decoder.config().vocab_size, options);
   std::vector<int> out;
