@@ -203,6 +203,7 @@ Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, cons
                                     const std::vector<int>& prompt, std::size_t steps, std::size_t threads,
                                     const std::string& path, PromptCacheResult& result) {
   std::optional<kvcache::SavedSession<float>> saved;
+  kvcache::Workspace<float> workspace;
   std::error_code ec;
   if (std::filesystem::exists(path, ec) || ec) {
     try {
@@ -220,13 +221,13 @@ Prefilled prefill_with_prompt_cache(const kvcache::Decoder<float>& decoder, cons
     result.reused = saved->tokens.size();
     if (result.reused < prompt.size()) {
       const std::vector<int> rest(prompt.begin() + static_cast<std::ptrdiff_t>(result.reused), prompt.end());
-      p.logits = decoder.forward(rest, p.session, kvcache::Logits::last).row(0);
+      p.logits = decoder.forward(rest, p.session, workspace, kvcache::Logits::last).row(0);
     }
     return p;
   }
   Prefilled p{decoder.new_session(options), {}};
   p.session.set_threads(threads);
-  p.logits = decoder.forward(prompt, p.session, kvcache::Logits::last).row(0);
+  p.logits = decoder.forward(prompt, p.session, workspace, kvcache::Logits::last).row(0);
   try {
     const SignalsDeferred deferred;
     kvcache::save_session(path, decoder, p.session, prompt, p.logits);

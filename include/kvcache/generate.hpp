@@ -183,13 +183,13 @@ namespace detail {
 // The decode loop: samples an id from `logits` (the last token's), feeds it,
 // and so on until options say stop; ids go to out.
 template <typename T, typename Row>
-void decode_into(const Decoder<T>& decoder, Session<T>& session, Sampler& sampler, const Row& logits,
-                 const GenerateOptions& options, std::vector<int>& out) {
+void decode_into(const Decoder<T>& decoder, Session<T>& session, Workspace<T>& workspace, Sampler& sampler,
+                 const Row& logits, const GenerateOptions& options, std::vector<int>& out) {
   std::vector<int> step(1);
   int id = sampler.sample(logits);
   while (!emit(id, out, options)) {
     step[0] = id;
-    id = sampler.sample(decoder.forward(step, session, Logits::last).row(0));
+    id = sampler.sample(decoder.forward(step, session, workspace, Logits::last).row(0));
   }
 }
 
@@ -215,8 +215,10 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
   if (options.max_new_tokens == 0) return out;
   out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));  // not 2³¹ ids for a window's huge limit
   const auto start = session.checkpoint();
+  Workspace<T> workspace;
   try {
-    detail::decode_into(decoder, session, sampler, decoder.forward(prompt, session, Logits::last).row(0), options, out);
+    const Matrix<T>& logits = decoder.forward(prompt, session, workspace, Logits::last);  // prefill
+    detail::decode_into(decoder, session, workspace, sampler, logits.row(0), options, out);
   } catch (...) {
     session.roll_back(start);
     throw;
@@ -225,9 +227,8 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
 }
 
 // generate() without the prefill: decodes from the logits of the last token
-// the session has fed (1 × vocab_size, e.g. a saved session's last_logits),
-// which must not live in the session's own workspace. Rolls back as
-// generate() does.
+// the session has fed (1 × vocab_size, e.g. a saved session's last_logits).
+// Rolls back as generate() does.
 template <typename T, typename Derived>
 std::vector<int> decode(const Decoder<T>& decoder, Session<T>& session, const Eigen::MatrixBase<Derived>& last_logits,
                         const GenerateOptions& options = {}) {
@@ -237,8 +238,9 @@ std::vector<int> decode(const Decoder<T>& decoder, Session<T>& session, const Ei
   if (options.max_new_tokens == 0) return out;
   out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));
   const auto start = session.checkpoint();
+  Workspace<T> workspace;
   try {
-    detail::decode_into(decoder, session, sampler, last_logits, options, out);
+    detail::decode_into(decoder, session, workspace, sampler, last_logits, options, out);
   } catch (...) {
     session.roll_back(start);
     throw;
@@ -394,9 +396,10 @@ std::vector<int> generate_uncached(const Decoder<T>& decoder, const std::vector<
   session.set_threads(threads);
   std::vector<int> sequence = prompt;
   sequence.reserve(prompt.size() + options.max_new_tokens);
+  Workspace<T> workspace;
   for (;;) {
     session.clear();
-    const Matrix<T>& logits = decoder.forward(sequence, session, Logits::last);
+    const Matrix<T>& logits = decoder.forward(sequence, session, workspace, Logits::last);
     if (detail::emit(sampler.sample(logits.row(0)), out, options)) break;
     sequence.push_back(out.back());
   }

@@ -454,8 +454,7 @@ class KVCache : public detail::CacheReader<T, KVCache<T>> {
     if (n > this->size())
       throw std::out_of_range("kvcache: KVCache::truncate(" + std::to_string(n) + ") past size() = " +
                               std::to_string(this->size()));
-    unwrap();
-    table_.truncate(n);
+    table_.truncate(n, [&](std::size_t first, std::size_t length, std::size_t by) { rows_.rotate(first, length, by); });
   }
 
   // Releases the memory beyond size().
@@ -488,15 +487,6 @@ class KVCache : public detail::CacheReader<T, KVCache<T>> {
 
  private:
   KVCache(const KVCache& like, KVRows<T> rows) : rows_(std::move(rows)), table_(like.table_) {}
-
-  // Rotates the ring back into token order.
-  void unwrap() noexcept {
-    const std::size_t r = table_.ring_start();
-    if (r == 0) return;
-    const SlidingWindow w = table_.window();
-    rows_.rotate(w.sinks, w.window - w.sinks, r);
-    table_.unwrapped();
-  }
 
   void check_shape(const char* name, const Eigen::Ref<const Matrix<T>>& M) const {
     if (static_cast<std::size_t>(M.cols()) != this->kv_dim())

@@ -107,12 +107,9 @@ class Session {
     if (n > size())
       throw std::out_of_range("kvcache: Session::truncate(" + std::to_string(n) + ") past size() = " +
                               std::to_string(size()));
-    if (const std::size_t r = table_.ring_start(); r != 0) {
-      const SlidingWindow w = table_.window();
-      for (auto& l : layers_) l.rotate(w.sinks, w.window - w.sinks, r);
-      table_.unwrapped();
-    }
-    table_.truncate(n);
+    table_.truncate(n, [&](std::size_t first, std::size_t length, std::size_t by) {
+      for (auto& l : layers_) l.rotate(first, length, by);
+    });
   }
 
   // The one checkpoint and rollback: roll_back(checkpoint()) later drops the
@@ -182,9 +179,10 @@ class Session {
   SlotTable table_;
   std::vector<KVRows<T>> layers_;
   std::size_t threads_ = 1;
-  // Only for Decoder::forward(tokens, session): the buffers that call works
-  // in and returns its logits from, made on its first use. Every other path
-  // (generate, batches) passes a Workspace of its own.
+  // Only for the convenience call Decoder::forward(tokens, session), whose
+  // logits must outlive the call: the Workspace it computes in, made on its
+  // first use. Every path of the library (generate, decode, batches, the
+  // command line) passes a Workspace of its own instead.
   std::unique_ptr<Workspace<T>> workspace_;
 };
 

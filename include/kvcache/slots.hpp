@@ -173,14 +173,18 @@ class SlotTable {
 
   void clear() noexcept { s_ = State{}; }
 
-  // Keeps the first n tokens held (n <= size()); the ring must be unwrapped
-  // first (ring_start() == 0), as KVCache::truncate does.
-  void truncate(std::size_t n) noexcept {
+  // Keeps the first n tokens held (n <= size()). A wrapped ring is first put
+  // back in token order: rotate(first, length, by) must rotate slots [first,
+  // first + length) left by `by` in every layer's rows (KVRows::rotate).
+  template <typename Rotate>
+  void truncate(std::size_t n, Rotate&& rotate) noexcept {
+    if (s_.ring_start != 0) {
+      rotate(window_.sinks, window_.window - window_.sinks, s_.ring_start);
+      s_.ring_start = 0;
+    }
     s_.position -= s_.size - n;
     s_.size = n;
   }
-  // After the caller rotated every layer's ring back into token order.
-  void unwrapped() noexcept { s_.ring_start = 0; }
 
   // Throws std::invalid_argument unless `s` is a state appends, truncates and
   // clears can reach: without a window position == size and ring_start == 0;
