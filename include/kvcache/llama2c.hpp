@@ -38,12 +38,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <fstream>
 #include <istream>
 #include <limits>
 #include <new>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -243,14 +241,13 @@ inline void read_tensor(std::istream& in, const std::string& path, Vector<float>
 // stream is left after the header. Throws std::runtime_error
 // "kvcache: <name>: <problem>".
 inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
-  const std::optional<std::uint64_t> size = detail::io::remaining_bytes(in);
   // A stream that cannot seek (a pipe) has no length to check the header against.
-  if (!size) detail::io::fail(name, "cannot determine the file's length (not a regular file?)");
-  if (*size < Llama2cHeader::kBytes)
-    detail::io::fail(name, "file is too short for the 28-byte header (" + std::to_string(*size) + " vs 28 bytes)");
+  const std::uint64_t size = detail::io::file_length(in, name);
+  if (size < Llama2cHeader::kBytes)
+    detail::io::fail(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
   unsigned char bytes[Llama2cHeader::kBytes];
   if (!in.read(reinterpret_cast<char*>(bytes), sizeof bytes)) detail::io::fail(name, "cannot read the header");
-  return detail::parse_llama2c_header(name, bytes, *size, limits);
+  return detail::parse_llama2c_header(name, bytes, size, limits);
 }
 
 // The same for the checkpoint at `path`.

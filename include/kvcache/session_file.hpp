@@ -71,6 +71,7 @@
 #include <fstream>
 #include <initializer_list>
 #include <istream>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <ostream>
@@ -295,15 +296,11 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   std::uint64_t f[kFields] = {};
   fill_model_fields(decoder, f);
   f[kVersionField] = kVersion;
-  f[kKvType] = code(session.kv_type());
-  f[kWindow] = session.window().window;
-  f[kSinks] = session.window().sinks;
-  f[kMaxTokens] = session.max_tokens();
-  f[kSize] = session.size();
-  f[kPosition] = session.position();
-  f[kRingStart] = session.ring_start();
-  f[kNTokens] = tokens.size();
-  f[kNLogits] = n_logits;
+  const std::uint64_t state[] = {code(session.kv_type()), session.window().window, session.window().sinks,
+                                 session.max_tokens(),     session.size(),          session.position(),
+                                 session.ring_start(),     tokens.size(),           n_logits};
+  static_assert(sizeof state / sizeof state[0] == kNLogits - kKvType + 1, "the session fields, in order");
+  std::copy(std::begin(state), std::end(state), f + kKvType);
   unsigned char header[kHeaderBytes];
   std::memcpy(header, kMagic, 8);
   for (std::size_t i = 1; i < kFields - 1; ++i) io::put_u64_le(f[i], header + 8 * i);
@@ -561,8 +558,7 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
 template <typename T>
 SavedSession<T> read_session(std::istream& in, const Decoder<T>& decoder, const SessionLoadOptions& options,
                              const std::string& name = "<stream>") {
-  const std::optional<std::uint64_t> length = detail::io::remaining_bytes(in);
-  return detail::session_file::read_all(in, name, length, decoder, options);
+  return detail::session_file::read_all(in, name, detail::io::remaining_bytes(in), decoder, options);
 }
 
 // The same from the file at `path` (its length checked exactly against the
@@ -573,9 +569,7 @@ SavedSession<T> load_session(const std::string& path, const Decoder<T>& decoder,
   namespace sf = detail::session_file;
   std::ifstream in;
   detail::io::open_for_reading(path, sf::label(path), in);
-  const std::optional<std::uint64_t> length = detail::io::remaining_bytes(in);
-  if (!length) sf::fail(path, "cannot determine the file's length (not a regular file?)");
-  return sf::read_all(in, path, length, decoder, options);
+  return sf::read_all(in, path, detail::io::file_length(in, sf::label(path)), decoder, options);
 }
 
 }  // namespace kvcache

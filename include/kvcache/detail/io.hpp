@@ -62,7 +62,6 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <sys/types.h>
 #include <unistd.h>
 
 namespace kvcache {
@@ -87,11 +86,12 @@ inline std::string errno_text(int error) {
 // Little-endian codecs
 // ============================================================================
 
+static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559, "kvcache files hold IEEE-754 float32");
+static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kvcache files hold IEEE-754 double");
+
 // Floats are read and written as the host's bytes: right on little-endian
 // IEEE-754 hosts only, so the others are refused.
 inline void require_little_endian(const std::string& label, const std::string& format) {
-  static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559, "kvcache files hold IEEE-754 float32");
-  static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kvcache files hold IEEE-754 double");
   const std::uint32_t one = 1;
   unsigned char first = 0;
   std::memcpy(&first, &one, 1);
@@ -182,6 +182,13 @@ inline std::optional<std::uint64_t> remaining_bytes(std::istream& in) {
   return left;
 }
 
+// The bytes left in a stream that must be measurable, or throws naming it.
+inline std::uint64_t file_length(std::istream& in, const std::string& label) {
+  const std::optional<std::uint64_t> length = remaining_bytes(in);
+  if (!length) fail(label, "cannot determine the file's length (not a regular file?)");
+  return *length;
+}
+
 // Throws "file is truncated" or "file has trailing bytes" unless a file of
 // `actual` bytes has the `expected` length that its header implies.
 inline void require_length(const std::string& label, std::uint64_t actual, std::uint64_t expected) {
@@ -223,7 +230,6 @@ class BoundedReader {
   }
 
   std::uint64_t consumed() const { return consumed_; }
-  const std::string& label() const { return label_; }
 
   std::function<void(const unsigned char*, std::size_t)> on_read;
 
