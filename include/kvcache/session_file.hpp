@@ -260,10 +260,11 @@ void fill_model_fields(const Decoder<T>& decoder, std::uint64_t* f) {
 }
 
 // Throws std::invalid_argument, before anything is written, unless `session`
-// was made by `decoder`'s model and `tokens` (and `last_logits`) can describe it.
+// was made by `decoder`'s model and `tokens` (and `last_logits`) can describe
+// it; std::runtime_error on a host that cannot write the format.
 template <typename T>
-void check_saveable(const Decoder<T>& decoder, const Session<T>& session, const std::vector<int>& tokens,
-                    std::size_t n_logits) {
+void check_saveable(const std::string& name, const Decoder<T>& decoder, const Session<T>& session,
+                    const std::vector<int>& tokens, std::size_t n_logits) {
   const ModelConfig& c = decoder.config();
   if (session.n_layers() != c.n_layers || session.cache(0).n_kv_heads() != c.kv_heads() ||
       session.cache(0).d_k() != c.d_k())
@@ -280,6 +281,7 @@ void check_saveable(const Decoder<T>& decoder, const Session<T>& session, const 
   if (n_logits != 0 && n_logits != c.vocab_size)
     throw std::invalid_argument("kvcache: save_session: last_logits has " + std::to_string(n_logits) +
                                 " entries, expected 0 or vocab_size = " + std::to_string(c.vocab_size));
+  io::require_little_endian(label(name), "session files");
 }
 
 // Writes the whole file through put(bytes, n), which throws on failure.
@@ -493,8 +495,7 @@ template <typename T>
 void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T>& session,
                    const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  detail::session_file::check_saveable(decoder, session, tokens, n_logits);
-  detail::io::require_little_endian(detail::session_file::label("<stream>"), "session files");
+  detail::session_file::check_saveable("<stream>", decoder, session, tokens, n_logits);
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
     if (!out) throw std::runtime_error("kvcache: write_session: write error");
@@ -527,9 +528,8 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
                   const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   namespace sf = detail::session_file;
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  sf::check_saveable(decoder, session, tokens, n_logits);
   if (path.empty()) throw std::invalid_argument("kvcache: save_session: empty path");
-  detail::io::require_little_endian(sf::label(path), "session files");
+  sf::check_saveable(path, decoder, session, tokens, n_logits);
   const auto write = [&](detail::io::FileSink& out) {
     sf::write_all(decoder, session, tokens, last_logits.data(), n_logits,
                   [&out](const unsigned char* p, std::size_t n) { out.put(p, n); });
