@@ -38,12 +38,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <fstream>
 #include <istream>
 #include <limits>
 #include <new>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -117,41 +115,33 @@ namespace detail {
 inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
                                           std::uint64_t actual_bytes, const LoadLimits& limits) {
   using io::count_string;
-  using io::kSaturated;
   using io::sat_add;
   using io::sat_mul;
   static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
                                        "n_kv_heads", "vocab_size", "seq_len"};
-  std::int64_t v[7];
-  for (int i = 0; i < 7; ++i) v[i] = io::get_i32_le(bytes + 4 * i);
-
+  Llama2cHeader h;
+  std::size_t* const fields[7] = {&h.dim, &h.hidden_dim, &h.n_layers, &h.n_heads, &h.n_kv_heads, &h.vocab_size,
+                                  &h.seq_len};
   // Every size must be positive: a zero or negative one is a corrupt or
   // foreign file (vocab_size's sign carries the tied/untied flag, so its
   // magnitude must be positive; int64 keeps -INT32_MIN representable).
   for (int i = 0; i < 7; ++i) {
-    const std::int64_t magnitude = i == 5 ? (v[i] < 0 ? -v[i] : v[i]) : v[i];
+    const std::int64_t v = io::get_i32_le(bytes + 4 * i);
+    const std::int64_t magnitude = i == 5 && v < 0 ? -v : v;
     if (magnitude <= 0)
-      io::fail(path, std::string("header field ") + names[i] + " = " + std::to_string(v[i]) +
-                          (i == 5 ? ", its magnitude must be > 0" : ", must be > 0"));
+      io::fail(path, std::string("header field ") + names[i] + " = " + std::to_string(v) +
+                         (i == 5 ? ", its magnitude must be > 0" : ", must be > 0"));
+    *fields[i] = static_cast<std::size_t>(magnitude);
+    if (i == 5) h.shared_classifier = v > 0;
   }
-  Llama2cHeader h;
-  h.dim = static_cast<std::size_t>(v[0]);
-  h.hidden_dim = static_cast<std::size_t>(v[1]);
-  h.n_layers = static_cast<std::size_t>(v[2]);
-  h.n_heads = static_cast<std::size_t>(v[3]);
-  h.n_kv_heads = static_cast<std::size_t>(v[4]);
-  h.shared_classifier = v[5] > 0;
-  h.vocab_size = static_cast<std::size_t>(v[5] < 0 ? -v[5] : v[5]);
-  h.seq_len = static_cast<std::size_t>(v[6]);
 
   // The head structure: heads split dim evenly, query heads split evenly
   // over kv heads, and RoPE rotates pairs, so a head has an even size.
   if (h.dim % h.n_heads != 0)
-    io::fail(path,
-              "dim is not a multiple of n_heads (" + std::to_string(h.dim) + " vs " + std::to_string(h.n_heads) + ")");
+    io::fail(path, "dim is not a multiple of n_heads (" + std::to_string(h.dim) + " vs " + std::to_string(h.n_heads) + ")");
   if (h.n_heads % h.n_kv_heads != 0)
     io::fail(path, "n_heads is not a multiple of n_kv_heads (" + std::to_string(h.n_heads) + " vs " +
-                        std::to_string(h.n_kv_heads) + ")");
+                       std::to_string(h.n_kv_heads) + ")");
   if (h.head_size() % 2 != 0)
     io::fail(path, "head size dim / n_heads = " + std::to_string(h.head_size()) + " is odd, RoPE needs it even");
 
@@ -162,36 +152,46 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   per_layer = sat_add(per_layer, sat_mul(2, sat_mul(d, d)));   // wq, wo
   per_layer = sat_add(per_layer, sat_mul(2, sat_mul(kv, d)));  // wk, wv
   per_layer = sat_add(per_layer, sat_mul(3, sat_mul(ff, d)));  // w1, w2, w3
-  std::uint64_t params = sat_mul(V, d);                        // token embedding
-  params = sat_add(params, sat_mul(L, per_layer));
-  params = sat_add(params, d);                                        // final RMSNorm
-  if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));  // wcls
+  std::uint64_t params = sat_add(sat_mul(V, d), sat_mul(L, per_layer));  // token embedding, layers
+  params = sat_add(params, d);                                           // final RMSNorm
+  if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));     // wcls
   if (params > limits.max_parameters)
     io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
-                        " vs " + std::to_string(limits.max_parameters) + ")");
+                       " vs " + std::to_string(limits.max_parameters) + ")");
   h.n_parameters = params;
 
   // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
   const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
   if (kv_cache_bytes > limits.max_kv_cache_bytes)
     io::fail(path, "a session at seq_len = " + std::to_string(h.seq_len) +
-                        " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
-                        count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
+                       " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
+                       count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
 
   // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
   const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
   const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
-  const std::uint64_t addressable = static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
-  if (expected == kSaturated || expected > addressable)
+  if (expected > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))
     io::fail(path, "the header implies a file of " + count_string(expected) +
-                        " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
-  if (actual_bytes != expected)
-    io::fail(path, std::string(actual_bytes < expected ? "file is truncated" : "file has trailing bytes") +
-                        ": the header implies " + std::to_string(expected) + " bytes, the file has " +
-                        std::to_string(actual_bytes) + " (" + std::to_string(actual_bytes) + " vs " +
-                        std::to_string(expected) + ")");
+                       " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
+  io::require_length(path, actual_bytes, expected);
   h.file_bytes = expected;
   return h;
+}
+
+// The arrays stored per layer, in file order, each [layers, rows, cols] (a
+// vector: cols 0): f(name, rows, cols, of), where of(block) is the array in
+// a block. Loading and saving both walk this table.
+template <typename F>
+void for_each_layer_array(std::size_t d, std::size_t kv, std::size_t ff, F&& f) {
+  f("rms_att_weight", d, 0, [](auto& b) -> auto& { return b.attention_norm.gamma; });
+  f("wq", d, d, [](auto& b) -> auto& { return b.attention.W_Q; });
+  f("wk", kv, d, [](auto& b) -> auto& { return b.attention.W_K; });
+  f("wv", kv, d, [](auto& b) -> auto& { return b.attention.W_V; });
+  f("wo", d, d, [](auto& b) -> auto& { return b.attention.W_O; });
+  f("rms_ffn_weight", d, 0, [](auto& b) -> auto& { return b.mlp_norm.gamma; });
+  f("w1", ff, d, [](auto& b) -> auto& { return b.mlp.W_1; });
+  f("w2", d, ff, [](auto& b) -> auto& { return b.mlp.W_2; });
+  f("w3", ff, d, [](auto& b) -> auto& { return b.mlp.W_3; });
 }
 
 // Reads `count` floats into dst; `first` is the index of dst[0] in the
@@ -202,24 +202,21 @@ inline void read_floats(std::istream& in, const std::string& path, float* dst, s
   in.read(reinterpret_cast<char*>(dst), bytes);
   if (!in || in.gcount() != bytes)
     io::fail(path, "read error in " + name + " (file changed or truncated while reading)");
-  if (check_finite) {
-    for (std::size_t i = 0; i < count; ++i)
-      if (!std::isfinite(dst[i]))
-        io::fail(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
-                            std::to_string(first + i));
-  }
+  for (std::size_t i = 0; check_finite && i < count; ++i)
+    if (!std::isfinite(dst[i]))
+      io::fail(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
+                         std::to_string(first + i));
 }
 
-// The file stores matrices row by row, as WeightMatrix does: straight into
-// its memory, or, for a bfloat16 matrix, through a buffer of 64K floats
-// rounded into place (so the float32 values never all exist at once).
-inline void read_tensor(std::istream& in, const std::string& path, WeightMatrix<float>& W, const std::string& name,
-                        bool check_finite) {
+// Allocates an array of the given shape and reads it. The file stores
+// matrices row by row, as WeightMatrix does: straight into its memory, or,
+// for a bfloat16 matrix, through a buffer of 64K floats rounded into place
+// (so the float32 values never all exist at once).
+inline void read_tensor(std::istream& in, const std::string& path, WeightMatrix<float>& W, std::size_t rows,
+                        std::size_t cols, WeightType type, const std::string& name, bool check_finite) {
+  W.resize(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols), type);
   const auto count = static_cast<std::size_t>(W.size());
-  if (W.type() == WeightType::f32) {
-    read_floats(in, path, W.f32().data(), count, name, check_finite);
-    return;
-  }
+  if (type == WeightType::f32) return read_floats(in, path, W.f32().data(), count, name, check_finite);
   std::uint16_t* dst = W.bf16().data();
   std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
   for (std::size_t first = 0; first < count; first += buffer.size()) {
@@ -229,47 +226,35 @@ inline void read_tensor(std::istream& in, const std::string& path, WeightMatrix<
   }
 }
 
-inline void read_tensor(std::istream& in, const std::string& path, Vector<float>& v, const std::string& name,
-                        bool check_finite) {
-  read_floats(in, path, v.data(), static_cast<std::size_t>(v.size()), name, check_finite);
-}
-
-inline std::string layer_name(const char* what, std::size_t l) {
-  return std::string(what) + "[layer " + std::to_string(l) + "]";
-}
-
-// Reads and validates the header against the stream's length (from its
-// position to its end); leaves `in` positioned at the first float.
-inline Llama2cHeader read_llama2c_header_from(std::istream& in, const std::string& name, const LoadLimits& limits) {
-  const std::optional<std::uint64_t> length = io::remaining_bytes(in);
-  // A stream that cannot seek (a pipe) has no length to check the header against.
-  if (!length) io::fail(name, "cannot determine the file's length (not a regular file?)");
-  const std::uint64_t size = *length;
-  if (size < Llama2cHeader::kBytes)
-    io::fail(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
-  unsigned char bytes[Llama2cHeader::kBytes];
-  in.read(reinterpret_cast<char*>(bytes), sizeof bytes);
-  if (!in) io::fail(name, "cannot read the header");
-  return parse_llama2c_header(name, bytes, size, limits);
+inline void read_tensor(std::istream& in, const std::string& path, Vector<float>& v, std::size_t rows, std::size_t,
+                        WeightType, const std::string& name, bool check_finite) {
+  v.resize(static_cast<Eigen::Index>(rows));
+  read_floats(in, path, v.data(), rows, name, check_finite);
 }
 
 }  // namespace detail
 
-// Reads and validates the header of the checkpoint at `path` (and checks the
-// file's length against it) without reading or allocating the weights.
-// Throws std::runtime_error "kvcache: <path>: <problem>".
+// Reads and validates the header of a checkpoint held by a seekable stream
+// (a file, a std::istringstream over bytes in memory), and checks the length
+// from its current position to its end against it, without reading or
+// allocating the weights; `name` stands for the path in messages. The
+// stream is left after the header. Throws std::runtime_error
+// "kvcache: <name>: <problem>".
+inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+  // A stream that cannot seek (a pipe) has no length to check the header against.
+  const std::uint64_t size = detail::io::file_length(in, name);
+  if (size < Llama2cHeader::kBytes)
+    detail::io::fail(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
+  unsigned char bytes[Llama2cHeader::kBytes];
+  if (!in.read(reinterpret_cast<char*>(bytes), sizeof bytes)) detail::io::fail(name, "cannot read the header");
+  return detail::parse_llama2c_header(name, bytes, size, limits);
+}
+
+// The same for the checkpoint at `path`.
 inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
   std::ifstream in;
   detail::io::open_for_reading(path, path, in);
-  return detail::read_llama2c_header_from(in, path, limits);
-}
-
-// The same for a checkpoint held by a seekable stream (a file, a
-// std::istringstream over bytes in memory), from its current position to its
-// end; `name` stands for the path in messages. The stream is left after the
-// header.
-inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
-  return detail::read_llama2c_header_from(in, name, limits);
+  return read_llama2c_header(in, path, limits);
 }
 
 // ============================================================================
@@ -278,57 +263,24 @@ inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& na
 
 namespace detail {
 
-// The weights after a validated header, `in` positioned at the first float.
+// The weights after a validated header, `in` positioned at the first float;
+// each array is allocated as it is read.
 inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
                                            bool finite, WeightType weights) {
-  const auto d = static_cast<Eigen::Index>(h.dim), ff = static_cast<Eigen::Index>(h.hidden_dim);
-  const auto V = static_cast<Eigen::Index>(h.vocab_size), kv = static_cast<Eigen::Index>(h.kv_dim());
-  const std::size_t L = h.n_layers;
-
   DecoderWeights<float> w;
-  w.token_embedding.resize(V, d, weights);
-  w.blocks.resize(L);
-  for (auto& b : w.blocks) {
-    b.attention_norm.gamma.resize(d);
-    b.attention.W_Q.resize(d, d, weights);
-    b.attention.W_K.resize(kv, d, weights);
-    b.attention.W_V.resize(kv, d, weights);
-    b.attention.W_O.resize(d, d, weights);
-    b.mlp_norm.gamma.resize(d);
-    b.mlp.W_1.resize(ff, d, weights);
-    b.mlp.W_2.resize(d, ff, weights);
-    b.mlp.W_3.resize(ff, d, weights);
-  }
-  w.final_norm.gamma.resize(d);
-  if (!h.shared_classifier) w.lm_head.resize(V, d, weights);
-
-  // In file order: each array is [layers, ...], so one pass per kind of
-  // tensor, layer by layer.
-  detail::read_tensor(in, name, w.token_embedding, "token_embedding", finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].attention_norm.gamma, detail::layer_name("rms_att_weight", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].attention.W_Q, detail::layer_name("wq", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].attention.W_K, detail::layer_name("wk", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].attention.W_V, detail::layer_name("wv", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].attention.W_O, detail::layer_name("wo", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].mlp_norm.gamma, detail::layer_name("rms_ffn_weight", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].mlp.W_1, detail::layer_name("w1", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].mlp.W_2, detail::layer_name("w2", l), finite);
-  for (std::size_t l = 0; l < L; ++l)
-    detail::read_tensor(in, name, w.blocks[l].mlp.W_3, detail::layer_name("w3", l), finite);
-  detail::read_tensor(in, name, w.final_norm.gamma, "rms_final_weight", finite);
+  w.blocks.resize(h.n_layers);
+  read_tensor(in, name, w.token_embedding, h.vocab_size, h.dim, weights, "token_embedding", finite);
+  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char* array, std::size_t rows, std::size_t cols,
+                                                            auto of) {
+    for (std::size_t l = 0; l < h.n_layers; ++l)
+      read_tensor(in, name, of(w.blocks[l]), rows, cols, weights,
+                  std::string(array) + "[layer " + std::to_string(l) + "]", finite);
+  });
+  read_tensor(in, name, w.final_norm.gamma, h.dim, 0, weights, "rms_final_weight", finite);
   // The legacy RoPE tables: kvcache computes the rotation instead.
   in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
-  if (!in) detail::io::fail(name, "cannot skip the RoPE tables");
-  if (!h.shared_classifier) detail::read_tensor(in, name, w.lm_head, "wcls", finite);
-
+  if (!in) io::fail(name, "cannot skip the RoPE tables");
+  if (!h.shared_classifier) read_tensor(in, name, w.lm_head, h.vocab_size, h.dim, weights, "wcls", finite);
   return Decoder<float>(h.config(), std::move(w), weights);
 }
 
@@ -341,14 +293,13 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
 inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {},
                                    WeightType weights = WeightType::f32) {
   detail::io::require_little_endian(name, "llama2.c checkpoints");
-  const Llama2cHeader h = detail::read_llama2c_header_from(in, name, limits);
-
+  const Llama2cHeader h = read_llama2c_header(in, name, limits);
   // Every allocation is bounded by the file's length; one can still fail.
   try {
     return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
   } catch (const std::bad_alloc&) {
     detail::io::fail(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
-                                detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)) + " bytes)");
+                               detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)) + " bytes)");
   }
 }
 
@@ -374,19 +325,9 @@ inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& li
 
 namespace detail {
 
-inline void require_int32(const char* field, std::size_t value) {
-  if (value > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
-    throw std::invalid_argument(std::string("kvcache: save_llama2c: ") + field + " = " + std::to_string(value) +
-                                " does not fit the format's int32 header");
-}
-
-inline void require_no_bias(const std::string& name, std::size_t size) {
-  if (size != 0)
-    throw std::invalid_argument("kvcache: save_llama2c: " + name + " is a bias; the llama2.c format has none");
-}
-
-// Throws std::invalid_argument, naming the field, for what the format cannot say.
-inline void check_llama2c_expressible(const Decoder<float>& decoder) {
+// The header of `decoder`'s checkpoint. Throws std::invalid_argument, naming
+// the field, for what the format cannot say.
+inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* header) {
   const ModelConfig& c = decoder.config();
   const std::string at = "kvcache: save_llama2c: ";
   if (c.positions != PositionEncoding::rope)
@@ -397,24 +338,43 @@ inline void check_llama2c_expressible(const Decoder<float>& decoder) {
   if (c.norm_eps != 1e-5)
     throw std::invalid_argument(at + "norm_eps = " + std::to_string(c.norm_eps) + ", the format needs 1e-5");
   if (c.mlp != MlpKind::swiglu) throw std::invalid_argument(at + "mlp = gelu, the format needs swiglu");
-  require_int32("d_model", c.d_model);
-  require_int32("d_ff", c.d_ff);
-  require_int32("n_layers", c.n_layers);
-  require_int32("n_heads", c.n_heads);
-  require_int32("n_kv_heads", c.kv_heads());
-  require_int32("vocab_size", c.vocab_size);
-  require_int32("max_seq_len", c.max_seq_len);
+  // The seven header fields, in file order.
+  const std::pair<const char*, std::size_t> fields[7] = {
+      {"d_model", c.d_model},       {"d_ff", c.d_ff},             {"n_layers", c.n_layers},
+      {"n_heads", c.n_heads},       {"n_kv_heads", c.kv_heads()}, {"vocab_size", c.vocab_size},
+      {"max_seq_len", c.max_seq_len}};
+  for (int i = 0; i < 7; ++i) {
+    if (fields[i].second > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+      throw std::invalid_argument(at + fields[i].first + " = " + std::to_string(fields[i].second) +
+                                  " does not fit the format's int32 header");
+    const auto value = static_cast<std::int32_t>(fields[i].second);
+    io::put_i32_le(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
+  }
   for (std::size_t l = 0; l < c.n_layers; ++l) {
     const auto& b = decoder.block(l);
-    const auto& a = b.attention;
-    const std::string layer = "blocks[" + std::to_string(l) + "].";
-    require_no_bias(layer + "attention.b_Q", static_cast<std::size_t>(a.b_Q.size()));
-    require_no_bias(layer + "attention.b_K", static_cast<std::size_t>(a.b_K.size()));
-    require_no_bias(layer + "attention.b_V", static_cast<std::size_t>(a.b_V.size()));
-    require_no_bias(layer + "attention.b_O", static_cast<std::size_t>(a.b_O.size()));
-    require_no_bias(layer + "mlp.b_1", static_cast<std::size_t>(b.mlp.b_1.size()));
-    require_no_bias(layer + "mlp.b_2", static_cast<std::size_t>(b.mlp.b_2.size()));
+    const std::pair<const char*, Eigen::Index> biases[] = {
+        {"attention.b_Q", b.attention.b_Q.size()}, {"attention.b_K", b.attention.b_K.size()},
+        {"attention.b_V", b.attention.b_V.size()}, {"attention.b_O", b.attention.b_O.size()},
+        {"mlp.b_1", b.mlp.b_1.size()},             {"mlp.b_2", b.mlp.b_2.size()}};
+    for (const auto& bias : biases)
+      if (bias.second != 0)
+        throw std::invalid_argument(at + "blocks[" + std::to_string(l) + "]." + bias.first +
+                                    " is a bias; the llama2.c format has none");
   }
+}
+
+// Row by row, as both the format and WeightMatrix store matrices; a bfloat16
+// matrix is written as the floats it holds (exact), a row at a time.
+inline void put_tensor(io::FileSink& out, const WeightMatrix<float>& W) {
+  if (W.type() == WeightType::f32) return out.put(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
+  std::vector<float> row(static_cast<std::size_t>(W.cols()));
+  for (Eigen::Index i = 0; i < W.rows(); ++i) {
+    W.row_to(i, row.data());
+    out.put(row.data(), row.size() * sizeof(float));
+  }
+}
+inline void put_tensor(io::FileSink& out, const Vector<float>& v) {
+  out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
 }
 
 // Throws std::runtime_error unless `path` is absent or a llama2.c checkpoint
@@ -425,14 +385,11 @@ inline void require_replaceable_checkpoint(const std::string& path) {
   io::require_replaceable(path, path, "llama2.c checkpoint", Llama2cHeader::kBytes, [&](const io::FilePrefix& p) {
     if (p.bytes.size() < Llama2cHeader::kBytes) return false;
     LoadLimits any;
-    any.max_parameters = std::numeric_limits<std::uint64_t>::max();
-    any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
+    any.max_parameters = any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
     try {
       parse_llama2c_header(path, reinterpret_cast<const unsigned char*>(p.bytes.data()), p.size, any);
       return true;
-    } catch (const std::runtime_error&) {
-      return false;
-    } catch (const std::invalid_argument&) {
+    } catch (const std::exception&) {
       return false;
     }
   });
@@ -458,62 +415,31 @@ inline void require_replaceable_checkpoint(const std::string& path) {
 // norm_eps != 1e-5, GELU, biases, sizes past int32. Throws std::runtime_error
 // naming `path` when it may not be replaced and on any I/O failure.
 inline void save_llama2c(const Decoder<float>& decoder, const std::string& path) {
-  detail::check_llama2c_expressible(decoder);
+  unsigned char header[Llama2cHeader::kBytes];
+  detail::llama2c_header_of(decoder, header);
   detail::io::require_little_endian(path, "llama2.c checkpoints");
   const ModelConfig& c = decoder.config();
 
-  unsigned char header[Llama2cHeader::kBytes];
-  const std::size_t fields[7] = {c.d_model, c.d_ff, c.n_layers, c.n_heads, c.kv_heads(), c.vocab_size, c.max_seq_len};
-  for (int i = 0; i < 7; ++i) {
-    auto value = static_cast<std::int32_t>(fields[i]);
-    if (i == 5 && !c.tied_lm_head) value = -value;
-    detail::io::put_i32_le(value, header + 4 * i);
-  }
-
   // RoPE tables, [seq_len, head_size / 2] each: cos, then sin.
-  const std::size_t half = c.d_k() / 2;
-  std::vector<float> rope_cos(c.max_seq_len * half), rope_sin(c.max_seq_len * half);
+  const std::size_t half = c.d_k() / 2, n = c.max_seq_len * half;
+  std::vector<float> rope(2 * n);
   for (std::size_t pos = 0; pos < c.max_seq_len; ++pos)
     for (std::size_t i = 0; i < half; ++i) {
       const double angle =
           static_cast<double>(pos) * std::pow(10000.0, -static_cast<double>(2 * i) / static_cast<double>(c.d_k()));
-      rope_cos[pos * half + i] = static_cast<float>(std::cos(angle));
-      rope_sin[pos * half + i] = static_cast<float>(std::sin(angle));
+      rope[pos * half + i] = static_cast<float>(std::cos(angle));
+      rope[n + pos * half + i] = static_cast<float>(std::sin(angle));
     }
 
   const auto write = [&](detail::io::FileSink& out) {
-    const auto write_all = [&](const Vector<float>& v) {
-      out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
-    };
-    // Row by row, as both the format and WeightMatrix store matrices; a
-    // bfloat16 matrix is written as the floats it holds (exact), a row at a time.
-    std::vector<float> row;
-    const auto write_matrix = [&](const WeightMatrix<float>& W) {
-      if (W.type() == WeightType::f32) {
-        out.put(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
-        return;
-      }
-      row.resize(static_cast<std::size_t>(W.cols()));
-      for (Eigen::Index i = 0; i < W.rows(); ++i) {
-        W.row_to(i, row.data());
-        out.put(row.data(), row.size() * sizeof(float));
-      }
-    };
     out.put(header, sizeof header);
-    write_matrix(decoder.token_embedding());
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).attention_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_Q);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_K);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_V);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).attention.W_O);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_all(decoder.block(l).mlp_norm.gamma);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_1);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_2);
-    for (std::size_t l = 0; l < c.n_layers; ++l) write_matrix(decoder.block(l).mlp.W_3);
-    write_all(decoder.final_norm().gamma);
-    out.put(rope_cos.data(), rope_cos.size() * sizeof(float));
-    out.put(rope_sin.data(), rope_sin.size() * sizeof(float));
-    if (!c.tied_lm_head) write_matrix(decoder.lm_head());
+    detail::put_tensor(out, decoder.token_embedding());
+    detail::for_each_layer_array(c.d_model, c.kv_dim(), c.d_ff, [&](const char*, std::size_t, std::size_t, auto of) {
+      for (std::size_t l = 0; l < c.n_layers; ++l) detail::put_tensor(out, of(decoder.block(l)));
+    });
+    detail::put_tensor(out, decoder.final_norm().gamma);
+    out.put(rope.data(), rope.size() * sizeof(float));
+    if (!c.tied_lm_head) detail::put_tensor(out, decoder.lm_head());
   };
   detail::io::write_atomically(path, path, write, [&] { detail::require_replaceable_checkpoint(path); });
 }

@@ -69,7 +69,9 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <istream>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <ostream>
@@ -141,7 +143,8 @@ class Fnv1a64 {
   std::uint64_t h_ = 0xcbf29ce484222325ull;
 };
 
-// The codes of the enums in the file, independent of the enums' order.
+// The codes of the enums in the file, independent of the enums' order, and
+// their names in messages.
 inline std::uint64_t code(PositionEncoding p) {
   return p == PositionEncoding::none ? 0 : p == PositionEncoding::learned ? 1 : 2;
 }
@@ -149,16 +152,13 @@ inline std::uint64_t code(NormKind n) { return n == NormKind::layer_norm ? 0 : 1
 inline std::uint64_t code(MlpKind m) { return m == MlpKind::gelu ? 0 : 1; }
 inline std::uint64_t code(KVType t) { return t == KVType::full ? 0 : t == KVType::bf16 ? 1 : 2; }
 
+inline std::string code_name(std::uint64_t c, std::initializer_list<const char*> names) {
+  return c < names.size() ? names.begin()[c] : "unknown (" + std::to_string(c) + ")";
+}
 inline std::string number_name(std::uint64_t v) { return std::to_string(v); }
-inline std::string positions_name(std::uint64_t c) {
-  return c == 0 ? "none" : c == 1 ? "learned" : c == 2 ? "rope" : "unknown (" + std::to_string(c) + ")";
-}
-inline std::string norm_name(std::uint64_t c) {
-  return c == 0 ? "layer_norm" : c == 1 ? "rms_norm" : "unknown (" + std::to_string(c) + ")";
-}
-inline std::string mlp_name(std::uint64_t c) {
-  return c == 0 ? "gelu" : c == 1 ? "swiglu" : "unknown (" + std::to_string(c) + ")";
-}
+inline std::string positions_name(std::uint64_t c) { return code_name(c, {"none", "learned", "rope"}); }
+inline std::string norm_name(std::uint64_t c) { return code_name(c, {"layer_norm", "rms_norm"}); }
+inline std::string mlp_name(std::uint64_t c) { return code_name(c, {"gelu", "swiglu"}); }
 inline std::string double_name(std::uint64_t bits) {
   char buffer[40];
   std::snprintf(buffer, sizeof buffer, "%.9g", io::bit_cast<double>(bits));
@@ -260,10 +260,11 @@ void fill_model_fields(const Decoder<T>& decoder, std::uint64_t* f) {
 }
 
 // Throws std::invalid_argument, before anything is written, unless `session`
-// was made by `decoder`'s model and `tokens` (and `last_logits`) can describe it.
+// was made by `decoder`'s model and `tokens` (and `last_logits`) can describe
+// it; std::runtime_error on a host that cannot write the format.
 template <typename T>
-void check_saveable(const Decoder<T>& decoder, const Session<T>& session, const std::vector<int>& tokens,
-                    std::size_t n_logits) {
+void check_saveable(const std::string& name, const Decoder<T>& decoder, const Session<T>& session,
+                    const std::vector<int>& tokens, std::size_t n_logits) {
   const ModelConfig& c = decoder.config();
   if (session.n_layers() != c.n_layers || session.cache(0).n_kv_heads() != c.kv_heads() ||
       session.cache(0).d_k() != c.d_k())
@@ -280,12 +281,13 @@ void check_saveable(const Decoder<T>& decoder, const Session<T>& session, const 
   if (n_logits != 0 && n_logits != c.vocab_size)
     throw std::invalid_argument("kvcache: save_session: last_logits has " + std::to_string(n_logits) +
                                 " entries, expected 0 or vocab_size = " + std::to_string(c.vocab_size));
+  io::require_little_endian(label(name), "session files");
 }
 
 // Writes the whole file through put(bytes, n), which throws on failure.
 template <typename T, typename Put>
 void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::vector<int>& tokens,
-                   const T* logits, std::size_t n_logits, Put&& put) {
+               const T* logits, std::size_t n_logits, Put&& put) {
   Fnv1a64 hash;
   const auto emit = [&](const unsigned char* p, std::size_t n) {
     if (n == 0) return;
@@ -296,15 +298,11 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   std::uint64_t f[kFields] = {};
   fill_model_fields(decoder, f);
   f[kVersionField] = kVersion;
-  f[kKvType] = code(session.kv_type());
-  f[kWindow] = session.window().window;
-  f[kSinks] = session.window().sinks;
-  f[kMaxTokens] = session.max_tokens();
-  f[kSize] = session.size();
-  f[kPosition] = session.position();
-  f[kRingStart] = session.ring_start();
-  f[kNTokens] = tokens.size();
-  f[kNLogits] = n_logits;
+  const std::uint64_t state[] = {code(session.kv_type()), session.window().window, session.window().sinks,
+                                 session.max_tokens(),     session.size(),          session.position(),
+                                 session.ring_start(),     tokens.size(),           n_logits};
+  static_assert(sizeof state / sizeof state[0] == kNLogits - kKvType + 1, "the session fields, in order");
+  std::copy(std::begin(state), std::end(state), f + kKvType);
   unsigned char header[kHeaderBytes];
   std::memcpy(header, kMagic, 8);
   for (std::size_t i = 1; i < kFields - 1; ++i) io::put_u64_le(f[i], header + 8 * i);
@@ -313,14 +311,10 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   io::put_u64_le(header_hash.value(), header + kHeaderBytes - 8);
   emit(header, kHeaderBytes);
 
-  // Token ids, little-endian int32, a block at a time.
-  unsigned char block[4096];
-  for (std::size_t i = 0; i < tokens.size();) {
-    std::size_t n = 0;
-    for (; i < tokens.size() && n + 4 <= sizeof block; ++i, n += 4) {
-      io::put_i32_le(static_cast<std::int32_t>(tokens[i]), block + n);
-    }
-    emit(block, n);
+  for (const int id : tokens) {  // little-endian int32
+    unsigned char b[4];
+    io::put_i32_le(static_cast<std::int32_t>(id), b);
+    emit(b, 4);
   }
   emit(reinterpret_cast<const unsigned char*>(logits), n_logits * sizeof(T));
   session.read_raw([&](const unsigned char* p, std::size_t n) { emit(p, n); });
@@ -329,31 +323,6 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
   io::put_u64_le(hash.value(), checksum);
   put(checksum, 8);
 }
-
-// Reads exactly the bytes asked for (io::BoundedReader), hashing them.
-class Reader {
- public:
-  Reader(std::istream& in, const std::string& name) : in_(in, label(name)) {}
-
-  void read(unsigned char* p, std::size_t n, const char* what) {
-    in_.read(p, n, what);
-    hash_.update(p, n);
-  }
-  template <typename F>
-  void read_i32s(std::uint64_t count, const char* what, F&& on_value) {
-    in_.read_i32s(count, what, [&](std::int32_t v) {
-      unsigned char b[4];
-      io::put_i32_le(v, b);
-      hash_.update(b, 4);
-      on_value(v);
-    });
-  }
-  std::uint64_t hash() const { return hash_.value(); }
-
- private:
-  io::BoundedReader in_;
-  Fnv1a64 hash_;
-};
 
 // Compares the saved model with the decoder's, naming the first field that
 // differs.
@@ -375,13 +344,60 @@ void check_model(const std::string& name, const std::uint64_t* saved, const Deco
   }
 }
 
-inline KVType kv_type_of(const std::string& name, std::uint64_t c) {
-  switch (c) {
-    case 0: return KVType::full;
-    case 1: return KVType::bf16;
-    case 2: return KVType::int8;
-    default: fail(name, "unknown kv_type code " + std::to_string(c) + " (0 full, 1 bf16, 2 int8)");
+// Reads the header into f: the magic bytes, the version and the header's
+// checksum are checked here.
+inline void read_header(io::BoundedReader& reader, const std::string& name, std::uint64_t* f) {
+  unsigned char header[kHeaderBytes];
+  reader.read(header, kHeaderBytes, "header");
+  if (std::memcmp(header, kMagic, 8) != 0) fail(name, "not a kvcache session file (wrong magic bytes)");
+  for (std::size_t i = 1; i < kFields; ++i) f[i] = io::get_u64_le(header + 8 * i);
+  if (f[kVersionField] != kVersion)
+    fail(name, "format version " + std::to_string(f[kVersionField]) + ", this build reads version " +
+                   std::to_string(kVersion));
+  Fnv1a64 header_hash;
+  header_hash.update(header, kHeaderBytes - 8);
+  if (header_hash.value() != f[kHeaderChecksum]) fail(name, "header checksum mismatch: the file is damaged");
+}
+
+// The session options of the saved session, and an empty session made with
+// them (its constructor checks the window and the limit, and it allocates
+// nothing yet); then the saved state is checked against it.
+template <typename T>
+Session<T> empty_session_of(const std::string& name, const std::uint64_t* f, const Decoder<T>& decoder,
+                            SessionOptions& options) {
+  if (f[kKvType] > 2) fail(name, "unknown kv_type code " + std::to_string(f[kKvType]) + " (0 full, 1 bf16, 2 int8)");
+  options.kv_type = f[kKvType] == 0 ? KVType::full : f[kKvType] == 1 ? KVType::bf16 : KVType::int8;
+  const std::uint64_t max_seq_len = decoder.config().max_seq_len;
+  if (f[kWindow] > max_seq_len || f[kSinks] > max_seq_len || f[kMaxTokens] == 0 || f[kMaxTokens] > max_seq_len)
+    fail(name, "impossible window = " + std::to_string(f[kWindow]) + ", sinks = " + std::to_string(f[kSinks]) +
+                   " or max_tokens = " + std::to_string(f[kMaxTokens]) + " for max_seq_len = " +
+                   std::to_string(max_seq_len));
+  options.window = SlidingWindow{static_cast<std::size_t>(f[kWindow]), static_cast<std::size_t>(f[kSinks])};
+  options.max_tokens = static_cast<std::size_t>(f[kMaxTokens]);
+  std::optional<Session<T>> probe;
+  try {
+    probe.emplace(decoder.new_session(options));
+  } catch (const std::invalid_argument& e) {
+    fail(name, std::string("impossible session options: ") + e.what());
   }
+  if (probe->max_tokens() != f[kMaxTokens])
+    fail(name, "max_tokens = " + std::to_string(f[kMaxTokens]) + " but a window of " + std::to_string(f[kWindow]) +
+                   " holds " + std::to_string(probe->max_tokens()));
+  if (f[kPosition] > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max()))
+    fail(name, "position = " + std::to_string(f[kPosition]) + " does not fit this platform");
+  try {
+    probe->check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
+                       static_cast<std::size_t>(f[kRingStart]));
+  } catch (const std::invalid_argument& e) {
+    fail(name, e.what());
+  }
+  if (f[kNTokens] != f[kPosition])
+    fail(name, "n_tokens = " + std::to_string(f[kNTokens]) + " but position = " + std::to_string(f[kPosition]) +
+                   " (a token id per position)");
+  if (f[kNLogits] != 0 && f[kNLogits] != f[kVocabSize])
+    fail(name, "n_logits = " + std::to_string(f[kNLogits]) + ", expected 0 or vocab_size = " +
+                   std::to_string(f[kVocabSize]));
+  return std::move(*probe);
 }
 
 // Reads and checks a whole session file from `in`. `length`: the bytes
@@ -396,73 +412,28 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   if (length && *length < kHeaderBytes)
     fail(name, "file is truncated: " + std::to_string(*length) + " bytes, the header alone takes " +
                    std::to_string(kHeaderBytes));
-  Reader reader(in, name);
-  unsigned char header[kHeaderBytes];
-  reader.read(header, kHeaderBytes, "header");
-  if (std::memcmp(header, kMagic, 8) != 0) fail(name, "not a kvcache session file (wrong magic bytes)");
+  io::BoundedReader reader(in, label(name));
+  Fnv1a64 hash;
+  reader.on_read = [&hash](const unsigned char* p, std::size_t n) { hash.update(p, n); };
   std::uint64_t f[kFields];
-  for (std::size_t i = 1; i < kFields; ++i) f[i] = io::get_u64_le(header + 8 * i);
-  if (f[kVersionField] != kVersion)
-    fail(name, "format version " + std::to_string(f[kVersionField]) + ", this build reads version " +
-                   std::to_string(kVersion));
-  Fnv1a64 header_hash;
-  header_hash.update(header, kHeaderBytes - 8);
-  if (header_hash.value() != f[kHeaderChecksum]) fail(name, "header checksum mismatch: the file is damaged");
-
+  read_header(reader, name, f);
   check_model(name, f, decoder);
-
-  // A session of the saved kind, still empty: its constructor checks the
-  // window and the limit, and it allocates nothing yet.
   SessionOptions session_options;
-  session_options.kv_type = kv_type_of(name, f[kKvType]);
-  const std::uint64_t max_seq_len = decoder.config().max_seq_len;
-  if (f[kWindow] > max_seq_len || f[kSinks] > max_seq_len || f[kMaxTokens] == 0 || f[kMaxTokens] > max_seq_len)
-    fail(name, "impossible window = " + std::to_string(f[kWindow]) + ", sinks = " + std::to_string(f[kSinks]) +
-                   " or max_tokens = " + std::to_string(f[kMaxTokens]) + " for max_seq_len = " +
-                   std::to_string(max_seq_len));
-  session_options.window = SlidingWindow{static_cast<std::size_t>(f[kWindow]), static_cast<std::size_t>(f[kSinks])};
-  session_options.max_tokens = static_cast<std::size_t>(f[kMaxTokens]);
-  std::optional<Session<T>> probe;
-  try {
-    probe.emplace(decoder.new_session(session_options));
-  } catch (const std::invalid_argument& e) {
-    fail(name, std::string("impossible session options: ") + e.what());
-  }
-  if (probe->max_tokens() != f[kMaxTokens])
-    fail(name, "max_tokens = " + std::to_string(f[kMaxTokens]) + " but a window of " + std::to_string(f[kWindow]) +
-                   " holds " + std::to_string(probe->max_tokens()));
-  if (f[kPosition] > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max()))
-    fail(name, "position = " + std::to_string(f[kPosition]) + " does not fit this platform");
-  try {
-    probe->check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
-                                static_cast<std::size_t>(f[kRingStart]));
-  } catch (const std::invalid_argument& e) {
-    fail(name, e.what());
-  }
-  if (f[kNTokens] != f[kPosition])
-    fail(name, "n_tokens = " + std::to_string(f[kNTokens]) + " but position = " + std::to_string(f[kPosition]) +
-                   " (a token id per position)");
-  if (f[kNLogits] != 0 && f[kNLogits] != f[kVocabSize])
-    fail(name, "n_logits = " + std::to_string(f[kNLogits]) + ", expected 0 or vocab_size = " +
-                   std::to_string(f[kVocabSize]));
+  const Session<T> probe = empty_session_of(name, f, decoder, session_options);
 
   // The length the header implies (size <= max_seq_len by now, but n_tokens
   // is bounded by nothing but the file).
-  const std::uint64_t slot_bytes = probe->cache(0).row_bytes();
-  const std::uint64_t layers = f[kNLayers], heads = f[kNKvHeads];
+  const std::uint64_t slot_bytes = probe.cache(0).row_bytes(), layers = f[kNLayers], heads = f[kNKvHeads];
   std::uint64_t expected = io::sat_add(kHeaderBytes, io::sat_mul(4, f[kNTokens]));
   expected = io::sat_add(expected, io::sat_mul(f[kNLogits], sizeof(T)));
   expected = io::sat_add(expected, io::sat_mul(io::sat_mul(2 * layers, heads), io::sat_mul(f[kSize], slot_bytes)));
   expected = io::sat_add(expected, kChecksumBytes);
-  if (expected > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()) ||
-      expected > options.max_bytes)
+  const std::uint64_t limit =
+      std::min<std::uint64_t>(options.max_bytes, static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()));
+  if (expected > limit)
     fail(name, "the header implies a file of " + io::count_string(expected) + " bytes, more than the limit of " +
-                   std::to_string(std::min<std::uint64_t>(
-                       options.max_bytes, static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))));
-  if (length && *length != expected)
-    fail(name, std::string(*length < expected ? "file is truncated" : "file has trailing bytes") +
-                   ": the header implies " + std::to_string(expected) + " bytes, the file has " +
-                   std::to_string(*length));
+                   std::to_string(limit));
+  if (length) io::require_length(label(name), *length, expected);
 
   // Everything is consistent: allocate and read. With a known length the
   // token count was checked against it; without one (a pipe) nothing but
@@ -477,13 +448,12 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
               "logits");
 
   const auto size = static_cast<std::size_t>(f[kSize]);
-  session_options.reserve_tokens = std::max(size, std::min(options.reserve_tokens, probe->max_tokens()));
-  probe.reset();
+  session_options.reserve_tokens = std::max(size, std::min(options.reserve_tokens, probe.max_tokens()));
   Session<T> session = decoder.new_session(session_options);
   session.restore_state(size, static_cast<std::size_t>(f[kPosition]), static_cast<std::size_t>(f[kRingStart]));
   session.write_raw([&](unsigned char* p, std::size_t n) { reader.read(p, n, "caches"); });
 
-  const std::uint64_t computed = reader.hash();
+  const std::uint64_t computed = hash.value();
   unsigned char stored[8];
   reader.read(stored, 8, "checksum");
   if (io::get_u64_le(stored) != computed) fail(name, "checksum mismatch: the file is damaged");
@@ -525,8 +495,7 @@ template <typename T>
 void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T>& session,
                    const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  detail::session_file::check_saveable(decoder, session, tokens, n_logits);
-  detail::io::require_little_endian(detail::session_file::label("<stream>"), "session files");
+  detail::session_file::check_saveable("<stream>", decoder, session, tokens, n_logits);
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
     if (!out) throw std::runtime_error("kvcache: write_session: write error");
@@ -559,9 +528,8 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
                   const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   namespace sf = detail::session_file;
   const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  sf::check_saveable(decoder, session, tokens, n_logits);
   if (path.empty()) throw std::invalid_argument("kvcache: save_session: empty path");
-  detail::io::require_little_endian(sf::label(path), "session files");
+  sf::check_saveable(path, decoder, session, tokens, n_logits);
   const auto write = [&](detail::io::FileSink& out) {
     sf::write_all(decoder, session, tokens, last_logits.data(), n_logits,
                   [&out](const unsigned char* p, std::size_t n) { out.put(p, n); });
@@ -590,8 +558,7 @@ void save_session(const std::string& path, const Decoder<T>& decoder, const Sess
 template <typename T>
 SavedSession<T> read_session(std::istream& in, const Decoder<T>& decoder, const SessionLoadOptions& options,
                              const std::string& name = "<stream>") {
-  const std::optional<std::uint64_t> length = detail::io::remaining_bytes(in);
-  return detail::session_file::read_all(in, name, length, decoder, options);
+  return detail::session_file::read_all(in, name, detail::io::remaining_bytes(in), decoder, options);
 }
 
 // The same from the file at `path` (its length checked exactly against the
@@ -602,9 +569,7 @@ SavedSession<T> load_session(const std::string& path, const Decoder<T>& decoder,
   namespace sf = detail::session_file;
   std::ifstream in;
   detail::io::open_for_reading(path, sf::label(path), in);
-  const std::optional<std::uint64_t> length = detail::io::remaining_bytes(in);
-  if (!length) sf::fail(path, "cannot determine the file's length (not a regular file?)");
-  return sf::read_all(in, path, length, decoder, options);
+  return sf::read_all(in, path, detail::io::file_length(in, sf::label(path)), decoder, options);
 }
 
 }  // namespace kvcache

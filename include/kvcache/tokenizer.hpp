@@ -1,7 +1,6 @@
 // kvcache/tokenizer.hpp — the llama2.c tokenizer: loads a `tokenizer.bin`,
 // turns text into token ids the way llama2.c's `encode` does, and token ids
-// back into text the way its `decode` and `run` print them. Standard library
-// only.
+// back into text the way its `decode` and `run` print them.
 //
 // File format (all little-endian):
 //   int32 max_token_length
@@ -42,12 +41,9 @@
 #pragma once
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <istream>
 #include <limits>
@@ -56,11 +52,11 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "detail/io.hpp"
 #include "limits.hpp"
 
 namespace kvcache {
@@ -80,15 +76,8 @@ struct TokenizerFile {
 };
 
 inline void open_tokenizer_file(const std::string& path, std::ifstream& in) {
-  std::error_code ignored;
-  if (std::filesystem::is_directory(path, ignored))
-    throw std::runtime_error("cannot read " + describe_tokenizer(path) + ": it is a directory");
-  errno = 0;
-  in.open(path, std::ios::binary);
-  if (!in) {
-    const std::string reason = errno != 0 ? ": " + std::generic_category().message(errno) : "";
-    throw std::runtime_error("cannot open " + describe_tokenizer(path) + reason);
-  }
+  const std::string problem = io::open_problem(path, in);
+  if (!problem.empty()) throw std::runtime_error("cannot open " + describe_tokenizer(path) + ": " + problem);
 }
 
 // The stream's bytes from its position to its end, refusing more than
@@ -100,14 +89,8 @@ inline std::string read_tokenizer_bytes(std::istream& in, const std::string& nam
     return std::runtime_error(describe_tokenizer(name) + " is larger than LoadLimits::max_tokenizer_bytes (" + size +
                               " vs " + std::to_string(max_bytes) + " bytes)");
   };
-  const std::streampos start = in.tellg();
-  if (start != std::streampos(-1) && in.seekg(0, std::ios::end)) {
-    const std::streampos end = in.tellg();
-    in.seekg(start);
-    if (end != std::streampos(-1) && end > start && static_cast<std::uint64_t>(end - start) > max_bytes)
-      throw too_large(std::to_string(static_cast<std::uint64_t>(end - start)));
-  }
-  in.clear();
+  const std::optional<std::uint64_t> length = io::remaining_bytes(in);
+  if (length && *length > max_bytes) throw too_large(std::to_string(*length));
   // Read straight into the string, a chunk at a time, never asking for
   // more than max_bytes + 1 in total.
   constexpr std::uint64_t kChunk = 1 << 16;
@@ -139,7 +122,7 @@ class TokenizerReader {
     if (bytes_left() < 4)
       throw std::runtime_error(describe_tokenizer(path_) + " is " + std::to_string(bytes_.size()) +
                                " bytes, too short for its 4-byte header (max_token_length)");
-    const std::int32_t value = read_int32();
+    const std::int32_t value = io::get_i32_le(next(4));
     if (value < 0) throw error(": max_token_length is " + std::to_string(value) + ", must be >= 0");
     return value;
   }
@@ -150,8 +133,8 @@ class TokenizerReader {
     if (bytes_left() < 8)
       throw error(" is truncated:" + token + " needs 8 bytes (score, length) at offset " + std::to_string(offset_) +
                   " but only " + std::to_string(bytes_left()) + " remain");
-    const float score = read_float32();
-    const std::int32_t length = read_int32();
+    const float score = io::get_f32_le(next(4));
+    const std::int32_t length = io::get_i32_le(next(4));
     if (std::isnan(score)) throw error(":" + token + " has a NaN score");
     if (length < 0) throw error(":" + token + " has length " + std::to_string(length) + ", must be >= 0");
     if (length > max_token_length)
@@ -170,22 +153,9 @@ class TokenizerReader {
   std::runtime_error error(const std::string& what) const {
     return std::runtime_error(describe_tokenizer(path_) + what);
   }
-  std::int32_t read_int32() {
-    std::uint32_t bits = 0;
-    for (int i = 0; i < 4; ++i)
-      bits |= static_cast<std::uint32_t>(static_cast<unsigned char>(bytes_[offset_ + i])) << (8 * i);
-    offset_ += 4;
-    std::int32_t value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
-  }
-  float read_float32() {
-    static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559,
-                  "tokenizer.bin scores are IEEE-754 float32");
-    const std::int32_t bits = read_int32();
-    float value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
+  const unsigned char* next(std::size_t n) {  // n <= bytes_left(), checked by the caller
+    offset_ += n;
+    return reinterpret_cast<const unsigned char*>(bytes_.data()) + offset_ - n;
   }
 
   const std::string& path_;

@@ -1,6 +1,7 @@
 // kvcache/detail/io.hpp — what every file format of kvcache shares: little-
 // endian codecs, saturating sizes, bounded reads, opening a file with a clear
-// error, the "may this path be replaced" check, and ONE atomic write.
+// error, the "may this path be replaced" check, and ONE atomic write. POSIX
+// (Linux, macOS, the BSDs); the unnamed temporary file needs Linux.
 //
 // The guarantees of write_atomically(path, ...), used for every file kvcache
 // writes (save_llama2c checkpoints, save_session files):
@@ -50,6 +51,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <istream>
 #include <limits>
 #include <optional>
@@ -58,15 +60,9 @@
 #include <string>
 #include <system_error>
 
-#if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
 #include <sys/stat.h>
-#include <sys/types.h>
 #include <unistd.h>
-#define KVCACHE_IO_POSIX 1
-#else
-#define KVCACHE_IO_POSIX 0
-#endif
 
 namespace kvcache {
 namespace detail {
@@ -90,35 +86,27 @@ inline std::string errno_text(int error) {
 // Little-endian codecs
 // ============================================================================
 
-inline bool host_is_little_endian() {
-  const std::uint32_t one = 1;
-  unsigned char first = 0;
-  std::memcpy(&first, &one, 1);
-  return first == 1;
-}
+static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559, "kvcache files hold IEEE-754 float32");
+static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kvcache files hold IEEE-754 double");
 
 // Floats are read and written as the host's bytes: right on little-endian
 // IEEE-754 hosts only, so the others are refused.
 inline void require_little_endian(const std::string& label, const std::string& format) {
-  static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559, "kvcache files hold IEEE-754 float32");
-  static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kvcache files hold IEEE-754 double");
-  if (!host_is_little_endian()) fail(label, format + " are little-endian and this host is not (unsupported)");
+  const std::uint32_t one = 1;
+  unsigned char first = 0;
+  std::memcpy(&first, &one, 1);
+  if (first != 1) fail(label, format + " are little-endian and this host is not (unsupported)");
 }
 
-inline std::uint32_t get_u32_le(const unsigned char* p) {
-  return static_cast<std::uint32_t>(p[0]) | (static_cast<std::uint32_t>(p[1]) << 8) |
-         (static_cast<std::uint32_t>(p[2]) << 16) | (static_cast<std::uint32_t>(p[3]) << 24);
-}
-inline void put_u32_le(std::uint32_t v, unsigned char* p) {
-  for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
-}
-inline std::uint64_t get_u64_le(const unsigned char* p) {
-  std::uint64_t v = 0;
-  for (int i = 7; i >= 0; --i) v = (v << 8) | p[i];
+template <typename U>
+U get_le(const unsigned char* p) {
+  U v = 0;
+  for (std::size_t i = sizeof(U); i-- > 0;) v = static_cast<U>((v << 8) | p[i]);
   return v;
 }
-inline void put_u64_le(std::uint64_t v, unsigned char* p) {
-  for (int i = 0; i < 8; ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
+template <typename U>
+void put_le(U v, unsigned char* p) {
+  for (std::size_t i = 0; i < sizeof(U); ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
 }
 
 // Bit casts, so that signed and floating values go through the codecs above.
@@ -130,6 +118,10 @@ To bit_cast(const From& from) {
   return to;
 }
 
+inline std::uint32_t get_u32_le(const unsigned char* p) { return get_le<std::uint32_t>(p); }
+inline void put_u32_le(std::uint32_t v, unsigned char* p) { put_le(v, p); }
+inline std::uint64_t get_u64_le(const unsigned char* p) { return get_le<std::uint64_t>(p); }
+inline void put_u64_le(std::uint64_t v, unsigned char* p) { put_le(v, p); }
 inline std::int32_t get_i32_le(const unsigned char* p) { return bit_cast<std::int32_t>(get_u32_le(p)); }
 inline void put_i32_le(std::int32_t v, unsigned char* p) { put_u32_le(bit_cast<std::uint32_t>(v), p); }
 inline float get_f32_le(const unsigned char* p) { return bit_cast<float>(get_u32_le(p)); }
@@ -155,41 +147,60 @@ inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "mor
 // Reading
 // ============================================================================
 
-// Opens `path` for binary reading, or throws naming it: a directory, no such
-// file, or the system's reason.
-inline void open_for_reading(const std::string& path, const std::string& label, std::ifstream& in) {
+// Opens `path` for binary reading and returns "", or returns why it cannot:
+// "is a directory", "no such file", or the system's reason.
+inline std::string open_problem(const std::string& path, std::ifstream& in) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) fail(label, "is a directory");
+  if (std::filesystem::is_directory(path, ec)) return "is a directory";
   errno = 0;
   in.open(path, std::ios::binary);
-  if (!in) {
-    const int error = errno;
-    fail(label, std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file");
-  }
+  const int error = errno;
+  if (in) return "";
+  return std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file";
+}
+
+// The same, throwing "kvcache: <label>: <why>".
+inline void open_for_reading(const std::string& path, const std::string& label, std::ifstream& in) {
+  const std::string problem = open_problem(path, in);
+  if (!problem.empty()) fail(label, problem);
 }
 
 // Bytes left in `in` from where it is, when it can seek (a file, a string
 // stream); nothing otherwise (a pipe). The position is left where it was.
 inline std::optional<std::uint64_t> remaining_bytes(std::istream& in) {
-  const std::istream::pos_type here = in.tellg();
-  if (here == std::istream::pos_type(-1)) {
-    in.clear(in.rdstate() & ~std::ios::failbit);
-    return std::nullopt;
+  const std::istream::pos_type here = in.tellg(), none(-1);
+  std::optional<std::uint64_t> left;
+  if (here != none && in.seekg(0, std::ios::end)) {
+    const std::istream::pos_type end = in.tellg();
+    if (end != none && end >= here) left = static_cast<std::uint64_t>(end - here);
   }
-  in.seekg(0, std::ios::end);
-  const std::istream::pos_type end = in.tellg();
   in.clear(in.rdstate() & ~std::ios::failbit);
-  in.seekg(here);
-  if (end == std::istream::pos_type(-1) || end < here || !in) {
+  if (here != none && !in.seekg(here)) {
     in.clear(in.rdstate() & ~std::ios::failbit);
-    in.seekg(here);
     return std::nullopt;
   }
-  return static_cast<std::uint64_t>(end - here);
+  return left;
+}
+
+// The bytes left in a stream that must be measurable, or throws naming it.
+inline std::uint64_t file_length(std::istream& in, const std::string& label) {
+  const std::optional<std::uint64_t> length = remaining_bytes(in);
+  if (!length) fail(label, "cannot determine the file's length (not a regular file?)");
+  return *length;
+}
+
+// Throws "file is truncated" or "file has trailing bytes" unless a file of
+// `actual` bytes has the `expected` length that its header implies.
+inline void require_length(const std::string& label, std::uint64_t actual, std::uint64_t expected) {
+  if (actual != expected)
+    fail(label, std::string(actual < expected ? "file is truncated" : "file has trailing bytes") +
+                    ": the header implies " + std::to_string(expected) + " bytes, the file has " +
+                    std::to_string(actual));
 }
 
 // Reads exactly the bytes asked for, or throws "file is truncated: it ends
-// in the <what> after N bytes". `consumed()` counts the bytes read so far.
+// in the <what> after N bytes". `consumed()` counts the bytes read so far;
+// `on_read`, when set, sees every byte read (a checksum).
 class BoundedReader {
  public:
   BoundedReader(std::istream& in, std::string label) : in_(in), label_(std::move(label)) {}
@@ -201,6 +212,7 @@ class BoundedReader {
     consumed_ += got;
     if (got != n)
       fail(label_, "file is truncated: it ends in the " + what + " after " + std::to_string(consumed_) + " bytes");
+    if (on_read) on_read(p, n);
   }
 
   // `count` little-endian int32 values, a block of 4 KB at a time, each
@@ -218,7 +230,8 @@ class BoundedReader {
   }
 
   std::uint64_t consumed() const { return consumed_; }
-  const std::string& label() const { return label_; }
+
+  std::function<void(const unsigned char*, std::size_t)> on_read;
 
  private:
   std::istream& in_;
@@ -246,7 +259,6 @@ template <typename Accept>
 void require_replaceable(const std::string& path, const std::string& label, const std::string& kind,
                          std::size_t prefix_bytes, Accept&& accept) {
   const std::string refuse = "exists and is not a " + kind + "; refusing to replace it";
-#if KVCACHE_IO_POSIX
   struct stat st;
   if (::lstat(path.c_str(), &st) != 0) {
     const int error = errno;
@@ -265,7 +277,6 @@ void require_replaceable(const std::string& path, const std::string& label, cons
   const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) fail(label, refuse + " (cannot read it to check" + errno_text(errno) + ")");
   FilePrefix prefix;
-  prefix.size = static_cast<std::uint64_t>(st.st_size);
   prefix.bytes.resize(prefix_bytes);
   std::size_t got = 0;
   int error = 0;
@@ -283,19 +294,6 @@ void require_replaceable(const std::string& path, const std::string& label, cons
   if (!still_regular) fail(label, "is not a regular file, not a " + kind + "; refusing to replace it");
   prefix.bytes.resize(got);
   prefix.size = static_cast<std::uint64_t>(now.st_size);
-#else
-  std::error_code ec;
-  const auto status = std::filesystem::symlink_status(path, ec);
-  if (ec || status.type() == std::filesystem::file_type::not_found) return;
-  if (status.type() != std::filesystem::file_type::regular)
-    fail(label, "is not a regular file, not a " + kind + "; refusing to replace it");
-  std::ifstream in(path, std::ios::binary);
-  FilePrefix prefix;
-  prefix.size = static_cast<std::uint64_t>(std::filesystem::file_size(path, ec));
-  prefix.bytes.resize(prefix_bytes);
-  in.read(&prefix.bytes[0], static_cast<std::streamsize>(prefix_bytes));
-  prefix.bytes.resize(static_cast<std::size_t>(std::max<std::streamsize>(in.gcount(), 0)));
-#endif
   if (!accept(static_cast<const FilePrefix&>(prefix))) fail(label, refuse);
 }
 
@@ -310,25 +308,23 @@ class FileSink {
   FileSink(int fd, const std::string& label) : fd_(fd), label_(label) { buffer_.reserve(kBuffer); }
 
   void put(const void* data, std::size_t n) {
-    const auto* p = static_cast<const unsigned char*>(data);
     if (buffer_.size() + n > kBuffer) flush();
     if (n >= kBuffer) {
-      write_out(p, n);
+      write_out(static_cast<const char*>(data), n);
     } else {
-      buffer_.append(reinterpret_cast<const char*>(p), n);
+      buffer_.append(static_cast<const char*>(data), n);
     }
   }
 
   void flush() {
-    write_out(reinterpret_cast<const unsigned char*>(buffer_.data()), buffer_.size());
+    write_out(buffer_.data(), buffer_.size());
     buffer_.clear();
   }
 
  private:
   static constexpr std::size_t kBuffer = std::size_t{1} << 16;
 
-  void write_out(const unsigned char* p, std::size_t n) {
-#if KVCACHE_IO_POSIX
+  void write_out(const char* p, std::size_t n) {
     while (n > 0) {
       const ::ssize_t w = ::write(fd_, p, std::min<std::size_t>(n, std::size_t{1} << 30));
       if (w < 0 && errno == EINTR) continue;
@@ -336,32 +332,12 @@ class FileSink {
       p += w;
       n -= static_cast<std::size_t>(w);
     }
-#else
-    (void)fd_;
-    if (n != 0 && std::fwrite(p, 1, n, file_) != n) fail(label_, "write error" + errno_text(errno));
-#endif
   }
 
   int fd_;
   const std::string& label_;
   std::string buffer_;
-
- public:
-  std::FILE* file_ = nullptr;  // where POSIX is missing, the writes go through stdio
 };
-
-// A name beside `path` that no one else is using: `path`.tmp.<16 hex digits>
-// from the random device, the clock and the attempt.
-inline std::string temporary_name(const std::string& path, unsigned attempt) {
-  std::random_device device;
-  const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-  const std::uint64_t salt = ((static_cast<std::uint64_t>(device()) << 32) | device()) ^ now ^ attempt;
-  char suffix[32];
-  std::snprintf(suffix, sizeof suffix, ".tmp.%016llx", static_cast<unsigned long long>(salt));
-  return path + suffix;
-}
-
-#if KVCACHE_IO_POSIX
 
 // Closes a descriptor once, and removes a named temporary unless released.
 struct TemporaryFile {
@@ -373,9 +349,23 @@ struct TemporaryFile {
   }
 };
 
-inline std::string directory_of(const std::string& path) {
-  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
-  return parent.empty() ? std::string(".") : parent.string();
+// Calls make(name) with names beside `path` that no one else is using,
+// `path`.tmp.<16 hex digits> from the random device, the clock and the
+// attempt, while it fails with EEXIST (16 times at most). Returns make's
+// last errno, 0 once it succeeded with `chosen` set to the name.
+template <typename Make>
+int with_temporary_name(const std::string& path, std::string& chosen, Make&& make) {
+  std::random_device device;
+  int error = EEXIST;
+  for (unsigned attempt = 0; attempt < 16 && error == EEXIST; ++attempt) {
+    const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+    const std::uint64_t salt = ((static_cast<std::uint64_t>(device()) << 32) | device()) ^ now ^ attempt;
+    char suffix[32];
+    std::snprintf(suffix, sizeof suffix, ".tmp.%016llx", static_cast<unsigned long long>(salt));
+    error = make(path + suffix);
+    if (error == 0) chosen = path + suffix;
+  }
+  return error;
 }
 
 inline void sync_directory(const std::string& dir) {
@@ -398,8 +388,7 @@ inline int open_unnamed(const std::string& dir, const std::string& label) {
   if (error == EOPNOTSUPP || error == EISDIR || error == EINVAL) return -1;
   fail(label, "cannot create a temporary file in " + dir + errno_text(error));
 #else
-  (void)dir;
-  (void)label;
+  (void)dir, (void)label;
   return -1;
 #endif
 }
@@ -407,17 +396,9 @@ inline int open_unnamed(const std::string& dir, const std::string& label) {
 // Gives the unnamed file `fd` the name `name`: linkat through /proc, which
 // fails with EEXIST instead of replacing anything. Returns errno, 0 on success.
 inline int link_unnamed(int fd, const std::string& name) {
-#if defined(__linux__) && defined(O_TMPFILE)
   const std::string proc = "/proc/self/fd/" + std::to_string(fd);
   return ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW) == 0 ? 0 : errno;
-#else
-  (void)fd;
-  (void)name;
-  return ENOTSUP;
-#endif
 }
-
-#endif  // KVCACHE_IO_POSIX
 
 // How write_atomically makes its temporary file: unnamed (O_TMPFILE) where
 // the system offers it, else by name; `named` forces the fallback, so that
@@ -433,22 +414,17 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
                       Temporary temporary = Temporary::unnamed_if_possible) {
   if (path.empty()) throw std::invalid_argument("kvcache: empty file name");
   may_replace();
-#if KVCACHE_IO_POSIX
-  const std::string dir = directory_of(path);
+  const std::filesystem::path parent = std::filesystem::path(path).parent_path();
+  const std::string dir = parent.empty() ? std::string(".") : parent.string();
   TemporaryFile tmp;
   if (temporary == Temporary::unnamed_if_possible) tmp.fd = open_unnamed(dir, label);
   const bool unnamed = tmp.fd >= 0;
-  if (!unnamed) {
-    // O_EXCL: a fresh file, never one another writer is using.
-    int error = 0;
-    for (unsigned attempt = 0; attempt < 16 && tmp.fd < 0; ++attempt) {
-      const std::string name = temporary_name(path, attempt);
+  if (!unnamed) {  // O_EXCL: a fresh file, never one another writer is using.
+    const int error = with_temporary_name(path, tmp.name, [&](const std::string& name) {
       tmp.fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      error = errno;
-      if (tmp.fd >= 0) tmp.name = name;
-      if (tmp.fd < 0 && error != EEXIST) break;
-    }
-    if (tmp.fd < 0) fail(label, "cannot create a temporary file in " + dir + errno_text(error));
+      return tmp.fd >= 0 ? 0 : errno;
+    });
+    if (error != 0) fail(label, "cannot create a temporary file in " + dir + errno_text(error));
   }
 
   FileSink sink(tmp.fd, label);
@@ -464,15 +440,10 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
     // whole, and no temporary name ever exists. linkat never replaces: when
     // `path` exists (or appeared meanwhile) it fails with EEXIST.
     int error = link_unnamed(tmp.fd, path);
-    if (error == 0) {
-      sync_directory(dir);
-      return;
-    }
-    if (error == EEXIST) may_replace();  // it may have appeared since the last check
-    for (unsigned attempt = 0; attempt < 16 && error == EEXIST; ++attempt) {
-      const std::string name = temporary_name(path, attempt);
-      error = link_unnamed(tmp.fd, name);
-      if (error == 0) tmp.name = name;
+    if (error == 0) return sync_directory(dir);
+    if (error == EEXIST) {
+      may_replace();  // it may have appeared since the last check
+      error = with_temporary_name(path, tmp.name, [&](const std::string& name) { return link_unnamed(tmp.fd, name); });
     }
     if (error != 0) fail(label, "cannot link the new file into " + dir + errno_text(error));
   }
@@ -482,29 +453,6 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
     fail(label, "cannot rename " + tmp.name + " into place" + errno_text(errno));
   tmp.name.clear();
   sync_directory(dir);
-#else
-  (void)temporary;
-  const std::string name = temporary_name(path, 0);
-  FileSink sink(-1, label);
-  sink.file_ = std::fopen(name.c_str(), "wbx");
-  if (sink.file_ == nullptr) fail(label, "cannot create a temporary file " + name + errno_text(errno));
-  try {
-    write(sink);
-    sink.flush();
-    std::FILE* f = sink.file_;
-    sink.file_ = nullptr;
-    if (std::fclose(f) != 0) fail(label, "write error while closing" + errno_text(errno));
-    may_replace();
-    std::error_code ec;
-    std::filesystem::rename(name, path, ec);
-    if (ec) fail(label, "cannot rename " + name + " into place: " + ec.message());
-  } catch (...) {
-    if (sink.file_ != nullptr) std::fclose(sink.file_);
-    std::error_code ignored;
-    std::filesystem::remove(name, ignored);
-    throw;
-  }
-#endif
 }
 
 }  // namespace io
