@@ -205,7 +205,7 @@ class Decoder {
   static std::size_t bytes(const WeightMatrix<T>& W) { return W.bytes(); }
   static std::size_t bytes(const NormWeights<T>& n) { return bytes(n.gamma) + bytes(n.beta); }
 
-  Model<T> m_;
+  detail::Model<T> m_;
 };
 
 }  // namespace kvcache

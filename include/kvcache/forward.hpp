@@ -75,7 +75,10 @@ class Workspace {
   std::vector<Session<T>*> sessions_;
 };
 
-// What a forward reads: a model's configuration and immutable weights.
+namespace detail {
+
+// What a forward reads: a model's configuration and immutable weights (a
+// Decoder's, which adds the entry points).
 template <typename T>
 struct Model {
   ModelConfig config;
@@ -90,8 +93,6 @@ struct Model {
 
   const WeightMatrix<T>& head() const { return config.tied_lm_head ? token_embedding : lm_head; }
 };
-
-namespace detail {
 
 template <typename T>
 class Forward {
