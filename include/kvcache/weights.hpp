@@ -60,42 +60,6 @@ inline std::shared_ptr<void> allocate_weights(std::size_t bytes) {
   return std::shared_ptr<void>(p, [alignment](void* q) { ::operator delete(q, std::align_val_t(alignment)); });
 }
 
-// The bytes of a weight matrix's values: memory of its own
-// (allocate_weights), or a slice of a WeightArena shared with other matrices.
-// A copy always gets memory of its own; a move keeps the memory.
-class WeightBuffer {
- public:
-  WeightBuffer() = default;
-  explicit WeightBuffer(std::size_t bytes)
-      : owner_(bytes != 0 ? allocate_weights(bytes) : nullptr), data_(owner_.get()), bytes_(bytes) {}
-  // `bytes` at `data`, inside memory that `owner` keeps alive.
-  WeightBuffer(std::shared_ptr<void> owner, void* data, std::size_t bytes)
-      : owner_(std::move(owner)), data_(data), bytes_(bytes) {}
-  WeightBuffer(const WeightBuffer& other) : WeightBuffer(other.bytes_) {
-    if (bytes_ != 0) std::memcpy(data_, other.data_, bytes_);
-  }
-  WeightBuffer(WeightBuffer&& other) noexcept { swap(other); }
-  WeightBuffer& operator=(WeightBuffer other) noexcept {
-    swap(other);
-    return *this;
-  }
-
-  void swap(WeightBuffer& other) noexcept {
-    owner_.swap(other.owner_);
-    std::swap(data_, other.data_);
-    std::swap(bytes_, other.bytes_);
-  }
-  template <typename S>
-  S* as() const {
-    return static_cast<S*>(data_);
-  }
-
- private:
-  std::shared_ptr<void> owner_;
-  void* data_ = nullptr;
-  std::size_t bytes_ = 0;
-};
-
 // One block of memory for many small weight matrices side by side (each
 // slice 64-byte aligned). The matrices of a model below 2 MB each (all of a
 // stories15M's layers) would otherwise each sit in 4 KB pages; together they
@@ -108,14 +72,15 @@ class WeightArena {
     if (bytes != 0) memory_ = allocate_weights(bytes);
   }
 
-  // A slice of `bytes`; throws std::length_error past the capacity.
-  WeightBuffer take(std::size_t bytes) {
-    const std::size_t taken = slice_bytes(bytes);
-    if (taken > capacity_ - used_)
-      throw std::length_error("kvcache: WeightArena: " + std::to_string(taken) + " more bytes do not fit in " +
+  // A slice of `bytes` (that keeps the whole block alive); throws
+  // std::length_error past the capacity.
+  std::shared_ptr<void> take(std::size_t bytes) {
+    bytes = slice_bytes(bytes);
+    if (bytes > capacity_ - used_)
+      throw std::length_error("kvcache: WeightArena: " + std::to_string(bytes) + " more bytes do not fit in " +
                               std::to_string(capacity_ - used_));
-    used_ += taken;
-    return WeightBuffer(memory_, static_cast<unsigned char*>(memory_.get()) + (used_ - taken), bytes);
+    used_ += bytes;
+    return std::shared_ptr<void>(memory_, static_cast<unsigned char*>(memory_.get()) + (used_ - bytes));
   }
 
   std::size_t used() const { return used_; }
@@ -155,6 +120,15 @@ class WeightMatrix {
   WeightMatrix(const Eigen::EigenBase<Derived>& m) {  // NOLINT: implicit, like Eigen's own
     *this = m;
   }
+  // A copy always gets memory of its own; a move keeps the memory.
+  WeightMatrix(const WeightMatrix& other) : WeightMatrix(other.rows_, other.cols_, other.type_) {
+    if (bytes() != 0) std::memcpy(values_.get(), other.values_.get(), bytes());
+  }
+  WeightMatrix(WeightMatrix&& other) noexcept { swap(other); }
+  WeightMatrix& operator=(WeightMatrix other) noexcept {
+    swap(other);
+    return *this;
+  }
   template <typename Derived>
   WeightMatrix& operator=(const Eigen::EigenBase<Derived>& m) {
     WeightMatrix w(m.rows(), m.cols());
@@ -178,8 +152,8 @@ class WeightMatrix {
     const auto r = static_cast<std::size_t>(rows), c = static_cast<std::size_t>(cols);
     if (c != 0 && r > std::numeric_limits<std::size_t>::max() / sizeof(T) / c) throw std::bad_alloc();
     check_type(type);
-    values_ = detail::WeightBuffer();  // free first: the peak is the new size only
-    values_ = detail::WeightBuffer(row_bytes<T>(type, r * c));
+    values_.reset();  // free first: the peak is the new size only
+    if (r * c != 0) values_ = detail::allocate_weights(row_bytes<T>(type, r * c));
     rows_ = rows;
     cols_ = cols;
     type_ = type;
@@ -215,10 +189,10 @@ class WeightMatrix {
     if (type == type_) return;
     WeightMatrix w(rows_, cols_, type);
     if (type == WeightType::f32) {
-      read(0, size(), w.values_.template as<T>());
+      read(0, size(), static_cast<T*>(w.values_.get()));
     } else {
-      const T* v = values_.template as<const T>();
-      std::transform(v, v + size(), w.values_.template as<std::uint16_t>(), detail::to_bf16<T>);
+      const T* v = static_cast<const T*>(values_.get());
+      std::transform(v, v + size(), static_cast<std::uint16_t*>(w.values_.get()), detail::to_bf16<T>);
     }
     swap(w);
   }
@@ -226,8 +200,8 @@ class WeightMatrix {
   // Moves the values into a slice of `arena` (which must have room for
   // bytes() more, rounded up to 64), freeing the memory they had.
   void move_into(detail::WeightArena& arena) {
-    detail::WeightBuffer slice = arena.take(bytes());
-    if (bytes() != 0) std::memcpy(slice.as<void>(), values_.as<void>(), bytes());
+    std::shared_ptr<void> slice = arena.take(bytes());
+    if (bytes() != 0) std::memcpy(slice.get(), values_.get(), bytes());
     values_ = std::move(slice);
   }
 
@@ -259,20 +233,22 @@ class WeightMatrix {
     if (type != type_)
       throw std::logic_error(std::string("kvcache: WeightMatrix holds ") + to_string(type_) + " values, not " +
                              to_string(type));
-    return values_.template as<S>();
+    return static_cast<S*>(values_.get());
   }
 
   // Values [first, first + n) in row-major order, as T, into out.
   void read(Eigen::Index first, Eigen::Index n, T* out) const {
     if (type_ == WeightType::f32) {
-      std::copy_n(values_.template as<const T>() + first, n, out);
+      std::copy_n(static_cast<const T*>(values_.get()) + first, n, out);
     } else {
-      const std::uint16_t* h = values_.template as<const std::uint16_t>() + first;
+      const std::uint16_t* h = static_cast<const std::uint16_t*>(values_.get()) + first;
       std::transform(h, h + n, out, detail::from_bf16);
     }
   }
 
-  detail::WeightBuffer values_;  // rows × cols values of type_: T or bfloat16 bit patterns
+  // rows × cols values of type_ (T or bfloat16 bit patterns): memory of its
+  // own (allocate_weights), or a slice of a WeightArena.
+  std::shared_ptr<void> values_;
   Eigen::Index rows_ = 0, cols_ = 0;
   WeightType type_ = WeightType::f32;
 };
