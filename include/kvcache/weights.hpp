@@ -10,6 +10,7 @@
 //                       benchmarks
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -19,7 +20,6 @@
 #include <new>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -60,46 +60,6 @@ inline std::shared_ptr<void> allocate_weights(std::size_t bytes) {
   return std::shared_ptr<void>(p, [alignment](void* q) { ::operator delete(q, std::align_val_t(alignment)); });
 }
 
-// n values of a weight matrix: its own memory (allocate_weights), or a slice
-// of a WeightArena shared with other matrices. A copy always gets memory of
-// its own; a move keeps the memory.
-template <typename S>
-class WeightBuffer {
- public:
-  WeightBuffer() = default;
-  explicit WeightBuffer(std::size_t n) : n_(n) {
-    if (n_ == 0) return;
-    if (n_ > std::numeric_limits<std::size_t>::max() / sizeof(S)) throw std::bad_alloc();
-    owner_ = allocate_weights(n_ * sizeof(S));
-    data_ = static_cast<S*>(owner_.get());
-  }
-  // n values at `data`, inside memory that `owner` keeps alive.
-  WeightBuffer(std::shared_ptr<void> owner, S* data, std::size_t n) : owner_(std::move(owner)), data_(data), n_(n) {}
-  WeightBuffer(const WeightBuffer& other) : WeightBuffer(other.n_) {
-    if (n_ != 0) std::memcpy(data_, other.data_, n_ * sizeof(S));
-  }
-  WeightBuffer(WeightBuffer&& other) noexcept { swap(other); }
-  WeightBuffer& operator=(WeightBuffer other) noexcept {
-    swap(other);
-    return *this;
-  }
-  ~WeightBuffer() = default;
-
-  void swap(WeightBuffer& other) noexcept {
-    owner_.swap(other.owner_);
-    std::swap(data_, other.data_);
-    std::swap(n_, other.n_);
-  }
-  S* data() { return data_; }
-  const S* data() const { return data_; }
-  std::size_t size() const { return n_; }
-
- private:
-  std::shared_ptr<void> owner_;
-  S* data_ = nullptr;
-  std::size_t n_ = 0;
-};
-
 // One block of memory for many small weight matrices side by side (each
 // slice 64-byte aligned). The matrices of a model below 2 MB each (all of a
 // stories15M's layers) would otherwise each sit in 4 KB pages; together they
@@ -112,16 +72,15 @@ class WeightArena {
     if (bytes != 0) memory_ = allocate_weights(bytes);
   }
 
-  // A slice of n values; throws std::length_error past the capacity.
-  template <typename S>
-  WeightBuffer<S> take(std::size_t n) {
-    const std::size_t bytes = slice_bytes(n * sizeof(S));
+  // A slice of `bytes` (that keeps the whole block alive); throws
+  // std::length_error past the capacity.
+  std::shared_ptr<void> take(std::size_t bytes) {
+    bytes = slice_bytes(bytes);
     if (bytes > capacity_ - used_)
       throw std::length_error("kvcache: WeightArena: " + std::to_string(bytes) + " more bytes do not fit in " +
                               std::to_string(capacity_ - used_));
-    S* data = reinterpret_cast<S*>(static_cast<unsigned char*>(memory_.get()) + used_);
     used_ += bytes;
-    return WeightBuffer<S>(memory_, data, n);
+    return std::shared_ptr<void>(memory_, static_cast<unsigned char*>(memory_.get()) + (used_ - bytes));
   }
 
   std::size_t used() const { return used_; }
@@ -161,6 +120,15 @@ class WeightMatrix {
   WeightMatrix(const Eigen::EigenBase<Derived>& m) {  // NOLINT: implicit, like Eigen's own
     *this = m;
   }
+  // A copy always gets memory of its own; a move keeps the memory.
+  WeightMatrix(const WeightMatrix& other) : WeightMatrix(other.rows_, other.cols_, other.type_) {
+    if (bytes() != 0) std::memcpy(values_.get(), other.values_.get(), bytes());
+  }
+  WeightMatrix(WeightMatrix&& other) noexcept { swap(other); }
+  WeightMatrix& operator=(WeightMatrix other) noexcept {
+    swap(other);
+    return *this;
+  }
   template <typename Derived>
   WeightMatrix& operator=(const Eigen::EigenBase<Derived>& m) {
     WeightMatrix w(m.rows(), m.cols());
@@ -182,15 +150,10 @@ class WeightMatrix {
       throw std::invalid_argument("kvcache: WeightMatrix::resize(" + std::to_string(rows) + ", " +
                                   std::to_string(cols) + "): negative size");
     const auto r = static_cast<std::size_t>(rows), c = static_cast<std::size_t>(cols);
-    if (c != 0 && r > std::numeric_limits<std::size_t>::max() / c) throw std::bad_alloc();
-    const std::size_t n = r * c;
+    if (c != 0 && r > std::numeric_limits<std::size_t>::max() / sizeof(T) / c) throw std::bad_alloc();
     check_type(type);
-    dense_ = detail::WeightBuffer<T>();  // free first: the peak is the new size only
-    bf16_ = detail::WeightBuffer<std::uint16_t>();
-    if (type == WeightType::f32)
-      dense_ = detail::WeightBuffer<T>(n);
-    else
-      bf16_ = detail::WeightBuffer<std::uint16_t>(n);
+    values_.reset();  // free first: the peak is the new size only
+    if (r * c != 0) values_ = detail::allocate_weights(row_bytes<T>(type, r * c));
     rows_ = rows;
     cols_ = cols;
     type_ = type;
@@ -198,44 +161,23 @@ class WeightMatrix {
 
   // The values as stored; each throws std::logic_error when they are stored
   // in the other type.
-  Eigen::Map<const Dense> f32() const {
-    require(WeightType::f32);
-    return Eigen::Map<const Dense>(dense_.data(), rows_, cols_);
-  }
-  Eigen::Map<Dense> f32() {
-    require(WeightType::f32);
-    return Eigen::Map<Dense>(dense_.data(), rows_, cols_);
-  }
-  Eigen::Map<const Bf16> bf16() const {
-    require(WeightType::bf16);
-    return Eigen::Map<const Bf16>(bf16_.data(), rows_, cols_);
-  }
-  Eigen::Map<Bf16> bf16() {
-    require(WeightType::bf16);
-    return Eigen::Map<Bf16>(bf16_.data(), rows_, cols_);
-  }
+  Eigen::Map<const Dense> f32() const { return {stored<T>(WeightType::f32), rows_, cols_}; }
+  Eigen::Map<Dense> f32() { return {stored<T>(WeightType::f32), rows_, cols_}; }
+  Eigen::Map<const Bf16> bf16() const { return {stored<std::uint16_t>(WeightType::bf16), rows_, cols_}; }
+  Eigen::Map<Bf16> bf16() { return {stored<std::uint16_t>(WeightType::bf16), rows_, cols_}; }
 
   // W(i, j) as T (exact: a bfloat16 converts to any wider type without loss).
   T operator()(Eigen::Index i, Eigen::Index j) const {
-    const std::size_t k = static_cast<std::size_t>(i * cols_ + j);
-    return type_ == WeightType::f32 ? dense_.data()[k] : static_cast<T>(detail::from_bf16(bf16_.data()[k]));
+    T v;
+    read(i * cols_ + j, 1, &v);
+    return v;
   }
-
   // Row i (cols() values, as T) into out, which must hold cols() values.
-  void row_to(Eigen::Index i, T* out) const {
-    const std::size_t first = static_cast<std::size_t>(i * cols_), n = static_cast<std::size_t>(cols_);
-    if (type_ == WeightType::f32) {
-      if (n != 0) std::memcpy(out, dense_.data() + first, n * sizeof(T));
-    } else {
-      const std::uint16_t* h = bf16_.data() + first;
-      for (std::size_t j = 0; j < n; ++j) out[j] = static_cast<T>(detail::from_bf16(h[j]));
-    }
-  }
-
+  void row_to(Eigen::Index i, T* out) const { read(i * cols_, cols_, out); }
   // A copy of all values as T (allocates rows × cols).
   Dense to_dense() const {
     Dense m(rows_, cols_);
-    for (Eigen::Index i = 0; i < rows_; ++i) row_to(i, m.data() + i * cols_);
+    read(0, size(), m.data());
     return m;
   }
 
@@ -246,11 +188,11 @@ class WeightMatrix {
     check_type(type);
     if (type == type_) return;
     WeightMatrix w(rows_, cols_, type);
-    const std::size_t n = static_cast<std::size_t>(size());
-    if (type == WeightType::bf16) {
-      for (std::size_t k = 0; k < n; ++k) w.bf16_.data()[k] = detail::to_bf16(dense_.data()[k]);
+    if (type == WeightType::f32) {
+      read(0, size(), static_cast<T*>(w.values_.get()));
     } else {
-      for (Eigen::Index i = 0; i < rows_; ++i) row_to(i, w.dense_.data() + i * cols_);
+      const T* v = static_cast<const T*>(values_.get());
+      std::transform(v, v + size(), static_cast<std::uint16_t*>(w.values_.get()), detail::to_bf16<T>);
     }
     swap(w);
   }
@@ -258,21 +200,13 @@ class WeightMatrix {
   // Moves the values into a slice of `arena` (which must have room for
   // bytes() more, rounded up to 64), freeing the memory they had.
   void move_into(detail::WeightArena& arena) {
-    const auto n = static_cast<std::size_t>(size());
-    if (type_ == WeightType::f32) {
-      detail::WeightBuffer<T> slice = arena.take<T>(n);
-      if (n != 0) std::memcpy(slice.data(), dense_.data(), n * sizeof(T));
-      dense_ = std::move(slice);
-    } else {
-      detail::WeightBuffer<std::uint16_t> slice = arena.take<std::uint16_t>(n);
-      if (n != 0) std::memcpy(slice.data(), bf16_.data(), n * sizeof(std::uint16_t));
-      bf16_ = std::move(slice);
-    }
+    std::shared_ptr<void> slice = arena.take(bytes());
+    if (bytes() != 0) std::memcpy(slice.get(), values_.get(), bytes());
+    values_ = std::move(slice);
   }
 
   void swap(WeightMatrix& other) noexcept {
-    dense_.swap(other.dense_);
-    bf16_.swap(other.bf16_);
+    values_.swap(other.values_);
     std::swap(rows_, other.rows_);
     std::swap(cols_, other.cols_);
     std::swap(type_, other.type_);
@@ -286,21 +220,35 @@ class WeightMatrix {
   friend bool operator!=(const WeightMatrix& a, const WeightMatrix& b) { return !(a == b); }
 
  private:
-  // The types a WeightMatrix stores (every branch below is f32 or bf16).
+  // The types a WeightMatrix stores (every branch here is f32 or bf16).
   static void check_type(WeightType type) {
     if (type != WeightType::f32 && type != WeightType::bf16)
       throw std::invalid_argument(std::string("kvcache: WeightMatrix stores f32 or bf16 values, not ") +
                                   to_string(type));
   }
 
-  void require(WeightType t) const {
-    if (t != type_)
+  // The values, as S, when they are stored as `type`.
+  template <typename S>
+  S* stored(WeightType type) const {
+    if (type != type_)
       throw std::logic_error(std::string("kvcache: WeightMatrix holds ") + to_string(type_) + " values, not " +
-                             to_string(t));
+                             to_string(type));
+    return static_cast<S*>(values_.get());
   }
 
-  detail::WeightBuffer<T> dense_;             // rows × cols values when type_ == f32, else empty
-  detail::WeightBuffer<std::uint16_t> bf16_;  // rows × cols bfloat16 bit patterns when type_ == bf16, else empty
+  // Values [first, first + n) in row-major order, as T, into out.
+  void read(Eigen::Index first, Eigen::Index n, T* out) const {
+    if (type_ == WeightType::f32) {
+      std::copy_n(static_cast<const T*>(values_.get()) + first, n, out);
+    } else {
+      const std::uint16_t* h = static_cast<const std::uint16_t*>(values_.get()) + first;
+      std::transform(h, h + n, out, detail::from_bf16);
+    }
+  }
+
+  // rows × cols values of type_ (T or bfloat16 bit patterns): memory of its
+  // own (allocate_weights), or a slice of a WeightArena.
+  std::shared_ptr<void> values_;
   Eigen::Index rows_ = 0, cols_ = 0;
   WeightType type_ = WeightType::f32;
 };
@@ -393,15 +341,15 @@ void check_weights(const AttentionConfig& c, const AttentionWeights<T>& w, const
 
 template <typename T>
 void check_weights(const ModelConfig& c, const NormWeights<T>& n, const std::string& name) {
-  const auto d = static_cast<Eigen::Index>(c.d_model);
-  if (n.gamma.size() != d)
-    detail::fail_config(name + ".gamma has " + std::to_string(n.gamma.size()) + " entries, expected d_model = " +
-                        std::to_string(d));
+  const auto check = [&](const char* field, const Vector<T>& v) {
+    if (static_cast<std::size_t>(v.size()) != c.d_model)
+      detail::fail_config(name + field + " has " + std::to_string(v.size()) + " entries, expected d_model = " +
+                          std::to_string(c.d_model));
+  };
+  check(".gamma", n.gamma);
   if (c.norm == NormKind::rms_norm && n.beta.size() != 0)
     detail::fail_config(name + ".beta given but RMSNorm has no shift");
-  if (n.beta.size() != 0 && n.beta.size() != d)
-    detail::fail_config(name + ".beta has " + std::to_string(n.beta.size()) + " entries, expected d_model = " +
-                        std::to_string(d));
+  if (n.beta.size() != 0) check(".beta", n.beta);
 }
 
 template <typename T>

@@ -17,7 +17,7 @@
 
 #include <Eigen/Core>
 
-#include "../weights.hpp"
+#include "../storage.hpp"
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -72,27 +72,6 @@ constexpr int kGemvTokens = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2
 template <typename T>
 void gemv_rows(const T* W, Eigen::Index n, const T* x, T* y, Eigen::Index begin, Eigen::Index end) {
   gemv_rows_k<1>(W, n, &x, &y, begin, end);
-}
-
-// The same with W stored as bfloat16; the products and sums are in T (for
-// float, with the weights exact: a bfloat16 widens to float without loss).
-// Portable: a plain loop over 16 lanes, which compilers vectorise (the
-// widening is a shift into the high half of a 32-bit lane).
-template <typename T>
-void gemv_rows_bf16_portable(const std::uint16_t* W, Eigen::Index n, const T* x, T* y, Eigen::Index begin,
-                             Eigen::Index end) {
-  constexpr int L = 16;
-  for (Eigen::Index i = begin; i < end; ++i) {
-    const std::uint16_t* w = W + i * n;
-    T acc[L] = {};
-    Eigen::Index j = 0;
-    for (; j + L <= n; j += L)
-      for (int k = 0; k < L; ++k) acc[k] += static_cast<T>(from_bf16(w[j + k])) * x[j + k];
-    T sum = 0;
-    for (int k = 0; k < L; ++k) sum += acc[k];
-    for (; j < n; ++j) sum += static_cast<T>(from_bf16(w[j])) * x[j];
-    y[i] = sum;
-  }
 }
 
 #ifdef KVCACHE_GEMV_AVX512BF16
@@ -151,16 +130,34 @@ inline void gemv_rows_bf16_avx512(const std::uint16_t* W, Eigen::Index n, const 
 #endif
 
 // y[i] = W[i, :] · x for i in [begin, end), W stored as bfloat16 (row-major,
-// n columns).
+// n columns); the products and sums are in T (for float, with the weights
+// exact: a bfloat16 widens to float without loss). Portable: a plain loop
+// over 16 lanes, which compilers vectorise (the widening is a shift into the
+// high half of a 32-bit lane).
 template <typename T>
 void gemv_rows_bf16(const std::uint16_t* W, Eigen::Index n, const T* x, T* y, Eigen::Index begin, Eigen::Index end) {
 #ifdef KVCACHE_GEMV_AVX512BF16
-  if constexpr (std::is_same_v<T, float>) {
-    gemv_rows_bf16_avx512(W, n, x, y, begin, end);
-    return;
-  }
+  if constexpr (std::is_same_v<T, float>) return gemv_rows_bf16_avx512(W, n, x, y, begin, end);
 #endif
-  gemv_rows_bf16_portable(W, n, x, y, begin, end);
+  constexpr int L = 16;
+  for (Eigen::Index i = begin; i < end; ++i) {
+    const std::uint16_t* w = W + i * n;
+    T acc[L] = {};
+    Eigen::Index j = 0;
+    for (; j + L <= n; j += L)
+      for (int k = 0; k < L; ++k) acc[k] += static_cast<T>(from_bf16(w[j + k])) * x[j + k];
+    T sum = 0;
+    for (int k = 0; k < L; ++k) sum += acc[k];
+    for (; j < n; ++j) sum += static_cast<T>(from_bf16(w[j])) * x[j];
+    y[i] = sum;
+  }
+}
+
+// gemv_rows_k with W stored as bfloat16: one token after the other.
+template <int K, typename T>
+void gemv_rows_k(const std::uint16_t* W, Eigen::Index n, const T* const* x, T* const* y, Eigen::Index begin,
+                 Eigen::Index end) {
+  for (int k = 0; k < K; ++k) gemv_rows_bf16(W, n, x[k], y[k], begin, end);
 }
 
 }  // namespace detail

@@ -78,16 +78,9 @@ class Barrier {
 class ThreadPool {
  public:
   using Job = void (*)(void*, std::size_t) noexcept;
-  ThreadPool() = default;
-  ThreadPool(const ThreadPool&) = delete;
-  ThreadPool& operator=(const ThreadPool&) = delete;
   ~ThreadPool() {
     for (auto& h : helpers_) {
-      {
-        std::lock_guard<std::mutex> lock(h->mutex);
-        h->stop = true;
-      }
-      h->wake.notify_one();
+      h->wake(true);
       h->thread.join();
     }
   }
@@ -95,7 +88,7 @@ class ThreadPool {
   // False, having run nothing, when the helpers could not be started.
   bool run(std::size_t n, Job job, void* context) {
     try {
-      helpers_.reserve(n - 1);
+      helpers_.reserve(n - 1);  // push_back below then cannot throw
       while (helpers_.size() + 1 < n) {
         auto h = std::make_unique<Helper>();
         h->thread = std::thread([this, helper = h.get(), id = helpers_.size() + 1] { work(*helper, id); });
@@ -107,25 +100,17 @@ class ThreadPool {
     job_ = job;
     context_ = context;
     pending_ = n - 1;  // no helper runs until it is woken below
-    for (std::size_t i = 0; i + 1 < n; ++i) {
-      Helper& h = *helpers_[i];
-      {
-        std::lock_guard<std::mutex> lock(h.mutex);
-        ++h.round;
-      }
-      h.wake.notify_one();
-    }
+    for (std::size_t i = 0; i + 1 < n; ++i) helpers_[i]->wake(false);
+    in_team = true;
     job(context, 0);
+    in_team = false;
     std::unique_lock<std::mutex> lock(done_mutex_);
     done_.wait(lock, [&] { return pending_ == 0; });
     return true;
   }
 
   // True on a thread that is running a region's job.
-  static bool& in_team() {
-    thread_local bool inside = false;
-    return inside;
-  }
+  static inline thread_local bool in_team = false;
   // The calling thread's pool.
   static ThreadPool& mine() {
     thread_local ThreadPool pool;
@@ -135,18 +120,26 @@ class ThreadPool {
  private:
   struct Helper {
     std::mutex mutex;
-    std::condition_variable wake;
+    std::condition_variable woken;
     std::size_t round = 0;
     bool stop = false;
     std::thread thread;
+    void wake(bool stop_now) {
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        ++round;
+        stop = stop_now;
+      }
+      woken.notify_one();
+    }
   };
 
   void work(Helper& h, std::size_t id) {
-    in_team() = true;  // a region inside a job runs as a team of one
+    in_team = true;  // a region inside a job runs as a team of one
     for (std::size_t seen = 0;; ++seen) {
       {
         std::unique_lock<std::mutex> lock(h.mutex);
-        h.wake.wait(lock, [&] { return h.stop || h.round != seen; });
+        h.woken.wait(lock, [&] { return h.round != seen; });
         if (h.stop) return;
       }
       job_(context_, id);
@@ -210,7 +203,7 @@ void parallel_team(std::size_t threads, Body&& body) {
     return;
   }
 #else
-  if (threads > 1 && !ThreadPool::in_team()) {
+  if (threads > 1 && !ThreadPool::in_team) {
     struct Region {
       Body& body;
       std::size_t size;
@@ -220,10 +213,7 @@ void parallel_team(std::size_t threads, Body&& body) {
       Region& r = *static_cast<Region*>(context);
       r.body(Team(id, r.size, &r.barrier));
     };
-    ThreadPool::in_team() = true;
-    const bool ran = ThreadPool::mine().run(threads, job, &region);
-    ThreadPool::in_team() = false;
-    if (ran) return;
+    if (ThreadPool::mine().run(threads, job, &region)) return;
   }
 #endif
   body(Team(0, 1));
@@ -274,31 +264,31 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
   const Eigen::Index m = X.rows(), in = X.cols(), n = end - begin;
   const bool f32 = W.type() == WeightType::f32;
   if (m < kFewTokens) {
-    // 32 KB of weights per tile: a core's L1 data cache.
-    const Eigen::Index row_bytes = in * static_cast<Eigen::Index>(f32 ? sizeof(T) : sizeof(std::uint16_t));
-    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_bytes));
-    for (Eigen::Index r = begin; r < end; r += tile) {
-      const Eigen::Index r_end = std::min(end, r + tile);
-      Eigen::Index t = 0;
-      if (f32) {
+    // 16 KB of weights per tile: they stay in a core's L1 data cache.
+    const auto row_size = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(in)));
+    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_size));
+    const auto decode = [&](const auto* w) {  // W's values as stored: T or bfloat16
+      for (Eigen::Index r = begin; r < end; r += tile) {
+        const Eigen::Index r_end = std::min(end, r + tile);
         // kGemvTokens tokens per pass over the tile, then one at a time.
+        Eigen::Index t = 0;
         for (; t + kGemvTokens <= m; t += kGemvTokens) {
           const T* x[kGemvTokens];
           T* y[kGemvTokens];
-          for (int k = 0; k < kGemvTokens; ++k) {
-            x[k] = X.row(t + k).data();
-            y[k] = Y.row(t + k).data();
-          }
-          gemv_rows_k<kGemvTokens>(W.f32().data(), in, x, y, r, r_end);
+          for (int k = 0; k < kGemvTokens; ++k) x[k] = X.row(t + k).data(), y[k] = Y.row(t + k).data();
+          gemv_rows_k<kGemvTokens>(w, in, x, y, r, r_end);
+        }
+        for (; t < m; ++t) {
+          const T* x = X.row(t).data();
+          T* y = Y.row(t).data();
+          gemv_rows_k<1>(w, in, &x, &y, r, r_end);
         }
       }
-      for (; t < m; ++t) {
-        if (f32)
-          gemv_rows(W.f32().data(), in, X.row(t).data(), Y.row(t).data(), r, r_end);
-        else
-          gemv_rows_bf16(W.bf16().data(), in, X.row(t).data(), Y.row(t).data(), r, r_end);
-      }
-    }
+    };
+    if (f32)
+      decode(W.f32().data());
+    else
+      decode(W.bf16().data());
   } else if (f32) {
     Y.middleCols(begin, n).noalias() = X * W.f32().middleRows(begin, n).transpose();
   } else {
@@ -313,20 +303,6 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
   if (b.size() != 0) Y.middleCols(begin, n).rowwise() += b.segment(begin, n).transpose();
 }
 
-// Y = X · Wᵀ (+ b broadcast over rows).
-//   X: m × in (a row per token), W: out × in, Y: m × out, already sized by
-//   the caller so that this never allocates.
-// Each thread computes a slice of output features, so W is read once in total
-// and the threads never write the same memory.
-template <typename T>
-void linear(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
-            std::size_t threads) {
-  const auto out = static_cast<std::size_t>(W.rows());
-  parallel_slices(out, threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
-    linear_rows<T>(X, W, b, Y, static_cast<Eigen::Index>(begin), static_cast<Eigen::Index>(end));
-  });
-}
-
 // One product of a fused linear: Y = X·Wᵀ + b (b empty: none).
 template <typename T>
 struct LinearTerm {
@@ -338,7 +314,8 @@ struct LinearTerm {
 // Y_k = X · W_kᵀ + b_k for every term k, in one parallel region: the output
 // features of all the terms, side by side, are split across the threads
 // together (as if the W_k were stacked into one matrix), so a decode step
-// starts and joins the threads once, not once per matrix. Shapes as linear().
+// starts and joins the threads once, not once per matrix. Shapes as the
+// one-matrix linear() below.
 template <typename T, std::size_t N>
 void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>, N>& terms, std::size_t threads) {
   std::size_t total = 0;
@@ -354,6 +331,17 @@ void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>
       offset += rows;
     }
   });
+}
+
+// Y = X · Wᵀ (+ b broadcast over rows).
+//   X: m × in (a row per token), W: out × in, Y: m × out, already sized by
+//   the caller so that this never allocates.
+// Each thread computes a slice of output features, so W is read once in total
+// and the threads never write the same memory.
+template <typename T>
+void linear(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
+            std::size_t threads) {
+  linear<T, 1>(X, {{{W, b, Y}}}, threads);
 }
 
 }  // namespace detail

@@ -21,26 +21,23 @@ namespace detail {
 template <typename T>
 class Rope {
  public:
-  Rope() = default;
   Rope(std::size_t d_k, double base) : inv_freq_(d_k / 2) {
     for (std::size_t j = 0; j < inv_freq_.size(); ++j)
       inv_freq_[j] = T(1) / std::pow(static_cast<T>(base), static_cast<T>(2 * j) / static_cast<T>(d_k));
   }
 
-  std::size_t d_k() const { return 2 * inv_freq_.size(); }
-
   // X: m × (n_heads·d_k), row i holds the token at position first_pos + i.
   template <typename Derived>
   void apply(Eigen::MatrixBase<Derived>& X, std::size_t first_pos) const {
-    const std::size_t half = inv_freq_.size();
-    const auto n_heads = static_cast<std::size_t>(X.cols()) / d_k();
+    const std::size_t half = inv_freq_.size(), d_k = 2 * half;
+    const auto n_heads = static_cast<std::size_t>(X.cols()) / d_k;
     for (Eigen::Index i = 0; i < X.rows(); ++i) {
       const T pos = static_cast<T>(first_pos + static_cast<std::size_t>(i));
       for (std::size_t j = 0; j < half; ++j) {
         const T angle = pos * inv_freq_[j];
         const T c = std::cos(angle), s = std::sin(angle);
         for (std::size_t h = 0; h < n_heads; ++h) {
-          const auto col = static_cast<Eigen::Index>(h * d_k() + 2 * j);
+          const auto col = static_cast<Eigen::Index>(h * d_k + 2 * j);
           const T x0 = X(i, col), x1 = X(i, col + 1);
           X(i, col) = x0 * c - x1 * s;
           X(i, col + 1) = x0 * s + x1 * c;
