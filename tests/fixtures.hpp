@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
 #include <kvcache/config.hpp>
 #include <kvcache/decoder.hpp>
 
@@ -59,6 +60,17 @@ inline std::vector<int> random_tokens(std::size_t n, std::size_t vocab, std::uin
   std::vector<int> t(n);
   for (int& x : t) x = pick(rng);
   return t;
+}
+
+// Expects `call` to throw E with a message containing `part`.
+template <typename E, typename F>
+void expect_throw_naming(F&& call, const std::string& part) {
+  try {
+    call();
+    ADD_FAILURE() << "no exception; expected one naming '" << part << "'";
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace fixtures

@@ -47,17 +47,6 @@ GenerateOptions greedy(std::size_t n) {
   return o;
 }
 
-// Expects `call` to throw E with a message containing `part`.
-template <typename E, typename F>
-void expect_throw_naming(F&& call, const std::string& part) {
-  try {
-    call();
-    ADD_FAILURE() << "no exception; expected one naming '" << part << "'";
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
-  }
-}
-
 // A session's position and the logits its next token gets: what "unchanged" means.
 template <typename T>
 kvcache::Matrix<T> probe(const Decoder<T>& d, Session<T>& s) {
@@ -141,16 +130,16 @@ TEST(BatchAttention, RejectsMalformedBatchesAndChangesNothing) {
   const auto call = [&](const std::vector<std::size_t>& rows, const std::vector<KVCache<float>*>& caches) {
     return [&, rows, caches] { layer.forward_batch(x, rows, caches, out, scratch); };
   };
-  expect_throw_naming<std::invalid_argument>(call({0}, {}), "no sequences");
-  expect_throw_naming<std::invalid_argument>(call({0, 3}, {&a, &b}), "first_row has 2 entries");
-  expect_throw_naming<std::invalid_argument>(call({0, 1, 2}, {&a, &b}), "expected 0 to the rows of x = 3");
-  expect_throw_naming<std::invalid_argument>(call({0, 0, 3}, {&a, &b}), "sequence 0 has no rows");
-  expect_throw_naming<std::invalid_argument>(call({0, 1, 3}, {&a, nullptr}), "caches[1] is null");
-  expect_throw_naming<std::invalid_argument>(call({0, 1, 3}, {&a, &a}), "caches[0] and caches[1]");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0}, {}), "no sequences");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0, 3}, {&a, &b}), "first_row has 2 entries");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0, 1, 2}, {&a, &b}), "expected 0 to the rows of x = 3");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0, 0, 3}, {&a, &b}), "sequence 0 has no rows");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0, 1, 3}, {&a, nullptr}), "caches[1] is null");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0, 1, 3}, {&a, &a}), "caches[0] and caches[1]");
   // Sequence 1 would pass max_seq_len: sequence 0 must not have been appended.
-  expect_throw_naming<std::length_error>(call({0, 1, 3}, {&a, &full}), "(sequence 1)");
+  fixtures::expect_throw_naming<std::length_error>(call({0, 1, 3}, {&a, &full}), "(sequence 1)");
   KVCache<float> other(1, 8);
-  expect_throw_naming<std::invalid_argument>(call({0, 1, 3}, {&a, &other}), "(sequence 1)");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({0, 1, 3}, {&a, &other}), "(sequence 1)");
   EXPECT_EQ(a.size(), 0u);
   EXPECT_EQ(full.size(), 7u);
 }
@@ -277,16 +266,16 @@ TEST(DecoderBatch, RejectsBadBatchesAndChangesNoSession) {
       d.forward_batch(tokens, sessions, scratch, Logits::last, threads);
     };
   };
-  expect_throw_naming<std::invalid_argument>(call({}, {}), "no sessions");
-  expect_throw_naming<std::invalid_argument>(call({{1}}, {&a, &b}), "1 token lists for 2 sessions");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "no tokens (sequence 1)");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sessions[0] and sessions[1]");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sessions[1] is null");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
-  expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "token id 99 at index 1");
-  expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "(sequence 1)");
-  expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &near_full}), "(sequence 1)");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &b}, 0), "threads = 0");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({}, {}), "no sessions");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}}, {&a, &b}), "1 token lists for 2 sessions");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "no tokens (sequence 1)");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sessions[0] and sessions[1]");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sessions[1] is null");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
+  fixtures::expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "token id 99 at index 1");
+  fixtures::expect_throw_naming<std::out_of_range>(call({{1}, {2, 99}}, {&a, &b}), "(sequence 1)");
+  fixtures::expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &near_full}), "(sequence 1)");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &b}, 0), "threads = 0");
   EXPECT_EQ(a.position(), 3u);
   EXPECT_EQ(b.position(), 0u);
   EXPECT_EQ(near_full.position(), 15u);
@@ -396,15 +385,15 @@ TEST(GenerateBatch, RejectsBadInputBeforeAnySessionChanges) {
       kvcache::generate_batch(d, sessions, prompts, std::vector<GenerateOptions>(prompts.size(), greedy(n)));
     };
   };
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a}), "2 prompts, 1 sessions");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1: the prompt is empty");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sequence 1: the same session as sequence 0");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sequence 1: the session is null");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
-  expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "(sequence 1)");
-  expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "token id -1 at index 1 is outside");
-  expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "(sequence 1)");
-  expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &b}, 16), "sequence 1: ");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a}), "2 prompts, 1 sessions");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1: the prompt is empty");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sequence 1: the same session as sequence 0");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sequence 1: the session is null");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "(sequence 1)");
+  fixtures::expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "token id -1 at index 1 is outside");
+  fixtures::expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "(sequence 1)");
+  fixtures::expect_throw_naming<std::length_error>(call({{1}, {2, 3}}, {&a, &b}, 16), "sequence 1: ");
   GenerateOptions streaming = greedy(3);
   streaming.on_token = [](int) {};
   EXPECT_THROW(kvcache::generate_batch(d, {{1}}, streaming), std::invalid_argument);

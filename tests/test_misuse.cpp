@@ -17,16 +17,6 @@ namespace {
 using kvcache::Decoder;
 using kvcache::Session;
 
-template <typename E, typename F>
-void expect_throw_naming(F&& call, const std::string& part) {
-  try {
-    call();
-    FAIL() << "no exception; expected one naming '" << part << "'";
-  } catch (const E& e) {
-    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
-  }
-}
-
 kvcache::ModelConfig learned(std::size_t max_seq_len) {
   kvcache::ModelConfig c;
   c.vocab_size = 32;
@@ -47,18 +37,18 @@ TEST(Misuse, ASessionOfAnotherDecoderIsRefusedAndUnchanged) {
   const Decoder<float> short_model = fixtures::make_decoder<float>(learned(32));
   Session<float> s = long_model.new_session();
   long_model.forward(fixtures::random_tokens(30, 32, 1), s);
-  expect_throw_naming<std::invalid_argument>(
+  fixtures::expect_throw_naming<std::invalid_argument>(
       [&] { short_model.forward(fixtures::random_tokens(10, 32, 2), s); }, "made by another decoder");
   EXPECT_EQ(s.size(), 30u);
   // Even a decoder of the very same shape and weights, built separately.
   const Decoder<float> twin = fixtures::make_decoder<float>(learned(64));
-  expect_throw_naming<std::invalid_argument>([&] { twin.forward({1}, s); }, "made by another decoder");
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { twin.forward({1}, s); }, "made by another decoder");
   std::vector<Session<float>*> batch{&s};
   kvcache::Workspace<float> w;
-  expect_throw_naming<std::invalid_argument>([&] { twin.forward_batch({{1}}, batch, w); }, "(sequence 0)");
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { twin.forward_batch({{1}}, batch, w); }, "(sequence 0)");
   kvcache::GenerateOptions o;
   o.max_new_tokens = 2;
-  expect_throw_naming<std::invalid_argument>([&] { kvcache::generate(twin, s, {1}, o); }, "another decoder");
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { kvcache::generate(twin, s, {1}, o); }, "another decoder");
   EXPECT_EQ(s.size(), 30u);
   // A copy of the decoder holds the same weights: its sessions are welcome.
   const Decoder<float> copy = long_model;
@@ -73,7 +63,7 @@ TEST(Misuse, AMovedFromSessionIsRefusedClearly) {
   Session<float> moved = std::move(s);
   EXPECT_EQ(s.size(), 0u);  // NOLINT(bugprone-use-after-move): the point of the test
   EXPECT_EQ(s.n_layers(), 0u);
-  expect_throw_naming<std::invalid_argument>([&] { d.forward({3}, s); }, "moved from");
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { d.forward({3}, s); }, "moved from");
   EXPECT_EQ(moved.size(), 2u);
   EXPECT_NO_THROW(d.forward({3}, moved));
 }
@@ -82,21 +72,21 @@ TEST(Misuse, HeadAndSlotIndicesAreChecked) {
   kvcache::KVCache<float> c(2, 4);
   kvcache::Matrix<float> K = kvcache::Matrix<float>::Ones(3, 8);
   c.append(K, K);
-  expect_throw_naming<std::out_of_range>([&] { c.keys(7); }, "kv head 7 past n_kv_heads = 2");
-  expect_throw_naming<std::out_of_range>([&] { c.values(2); }, "kv head 2");
+  fixtures::expect_throw_naming<std::out_of_range>([&] { c.keys(7); }, "kv head 7 past n_kv_heads = 2");
+  fixtures::expect_throw_naming<std::out_of_range>([&] { c.values(2); }, "kv head 2");
   std::vector<float> out(4 * 4);
-  expect_throw_naming<std::out_of_range>([&] { c.load_keys(2, 0, 1, out.data()); }, "kv head 2");
-  expect_throw_naming<std::out_of_range>([&] { c.load_values(0, 2, 2, out.data()); }, "past size() = 3");
+  fixtures::expect_throw_naming<std::out_of_range>([&] { c.load_keys(2, 0, 1, out.data()); }, "kv head 2");
+  fixtures::expect_throw_naming<std::out_of_range>([&] { c.load_values(0, 2, 2, out.data()); }, "past size() = 3");
   const Decoder<float> d = fixtures::make_decoder<float>(learned(16));
   Session<float> s = d.new_session();
   d.forward({1, 2}, s);
-  expect_throw_naming<std::out_of_range>([&] { s.cache(2); }, "past n_layers() = 2");
-  expect_throw_naming<std::out_of_range>([&] { s.cache(0).keys(2); }, "kv head 2");
+  fixtures::expect_throw_naming<std::out_of_range>([&] { s.cache(2); }, "past n_layers() = 2");
+  fixtures::expect_throw_naming<std::out_of_range>([&] { s.cache(0).keys(2); }, "kv head 2");
 }
 
 TEST(Misuse, ASamplerNeedsAVocabulary) {
-  expect_throw_naming<std::invalid_argument>([] { kvcache::Sampler(0, 0.0f, 1.0f, 1); }, "vocab_size > 0");
+  fixtures::expect_throw_naming<std::invalid_argument>([] { kvcache::Sampler(0, 0.0f, 1.0f, 1); }, "vocab_size > 0");
   kvcache::Sampler sampler(4, 0.0f, 1.0f, 1);
   const Eigen::VectorXf none(0);
-  expect_throw_naming<std::invalid_argument>([&] { sampler.sample(none); }, "got 0 logits, expected 4");
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { sampler.sample(none); }, "got 0 logits, expected 4");
 }
