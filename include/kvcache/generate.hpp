@@ -268,6 +268,36 @@ inline std::uint64_t sequence_seed(std::uint64_t seed, std::size_t i) {
   return s == 0 ? 1 : s;
 }
 
+namespace detail {
+
+// generate_batch's checks, all before any session changes (its prefills run
+// one sequence at a time).
+template <typename T>
+void check_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
+                 const std::vector<std::vector<int>>& prompts, const std::vector<GenerateOptions>& options) {
+  const std::size_t B = prompts.size();
+  if (sessions.size() != B || options.size() != B)
+    throw std::invalid_argument("kvcache: generate_batch: " + std::to_string(B) + " prompts, " +
+                                std::to_string(sessions.size()) + " sessions and " + std::to_string(options.size()) +
+                                " options; need one of each per sequence");
+  for (std::size_t i = 0; i < B; ++i) {
+    const std::string at = "kvcache: generate_batch: sequence " + std::to_string(i) + ": ";
+    const Session<T>* s = sessions[i];
+    if (s == nullptr) throw std::invalid_argument(at + "the session is null");
+    for (std::size_t j = 0; j < i; ++j)
+      if (sessions[j] == s) throw std::invalid_argument(at + "the same session as sequence " + std::to_string(j));
+    if (prompts[i].empty()) throw std::invalid_argument(at + "the prompt is empty (give at least one token)");
+    decoder.check_input(prompts[i], *s, " (sequence " + std::to_string(i) + ")");
+    try {
+      check_generation_fits(s->position(), prompts[i].size(), options[i].max_new_tokens, s->position_limit());
+    } catch (const std::length_error& e) {
+      throw std::length_error(at + e.what());
+    }
+  }
+}
+
+}  // namespace detail
+
 // Generates a continuation of every prompt, the sequences stepped together:
 // each prompt is prefilled alone in its session (exactly as generate()
 // does), then every sequence that has not finished feeds its last id, all of
@@ -294,24 +324,7 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
                                              const std::vector<GenerateOptions>& options) {
   const ModelConfig& c = decoder.config();
   const std::size_t B = prompts.size();
-  if (sessions.size() != B || options.size() != B)
-    throw std::invalid_argument("kvcache: generate_batch: " + std::to_string(B) + " prompts, " +
-                                std::to_string(sessions.size()) + " sessions and " + std::to_string(options.size()) +
-                                " options; need one of each per sequence");
-  for (std::size_t i = 0; i < B; ++i) {
-    const std::string at = "kvcache: generate_batch: sequence " + std::to_string(i) + ": ";
-    const Session<T>* s = sessions[i];
-    if (s == nullptr) throw std::invalid_argument(at + "the session is null");
-    for (std::size_t j = 0; j < i; ++j)
-      if (sessions[j] == s) throw std::invalid_argument(at + "the same session as sequence " + std::to_string(j));
-    if (prompts[i].empty()) throw std::invalid_argument(at + "the prompt is empty (give at least one token)");
-    decoder.check_input(prompts[i], *s, " (sequence " + std::to_string(i) + ")");
-    try {
-      detail::check_generation_fits(s->position(), prompts[i].size(), options[i].max_new_tokens, s->position_limit());
-    } catch (const std::length_error& e) {
-      throw std::length_error(at + e.what());
-    }
-  }
+  detail::check_batch(decoder, sessions, prompts, options);
   std::vector<Sampler> samplers;
   samplers.reserve(B);
   for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(c.vocab_size, options[i]);
