@@ -164,8 +164,7 @@ class Decoder {
   // Throws what forward(tokens, session) would throw for its inputs (with
   // `at` appended to the message), without running it.
   void check_input(const std::vector<int>& tokens, const Session<T>& session, const std::string& at = "") const {
-    Workspace<T> none;
-    detail::Forward<T>(m_, none).check_input(tokens, session, at);
+    detail::Forward<T>::check_input(m_, tokens, session, at);
   }
 
  private:

@@ -113,11 +113,13 @@ class Forward {
     return run(w_.token_lists_, sessions, which, threads, true);
   }
 
-  // Throws as check_input, naming the sequence when the call is a batch.
-  void check_input(const std::vector<int>& tokens, const Session<T>& s, const std::string& at = "") const {
+  // Throws what a forward of `tokens` through model m would throw for its
+  // inputs, with `at` appended to the message.
+  static void check_input(const Model<T>& m, const std::vector<int>& tokens, const Session<T>& s,
+                          const std::string& at) {
     const auto suffix = [&] { return at; };
-    check_session(s, suffix);
-    check_tokens(tokens, s, suffix);
+    check_session(m, s, suffix);
+    check_tokens(m.config, tokens, s, suffix);
   }
 
  private:
@@ -161,36 +163,36 @@ class Forward {
         if (sessions[c] == sessions[b])
           throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(c) +
                                       "] and sessions[" + std::to_string(b) + "] are the same session");
-      check_session(*sessions[b], at);
-      check_tokens(*tokens[b], *sessions[b], at);
+      check_session(m_, *sessions[b], at);
+      check_tokens(c_, *tokens[b], *sessions[b], at);
     }
   }
 
   template <typename At>
-  void check_session(const Session<T>& s, const At& at) const {
+  static void check_session(const Model<T>& m, const Session<T>& s, const At& at) {
     if (s.model_ == nullptr)
       throw std::invalid_argument("kvcache: Decoder::forward: the session was moved from; it holds no caches" + at());
-    if (s.model_ != m_.tag)
+    if (s.model_ != m.tag)
       throw std::invalid_argument("kvcache: Decoder::forward: the session was made by another decoder; a session "
                                   "is used only with the decoder that made it (or a copy of it)" + at());
   }
 
   template <typename At>
-  void check_tokens(const std::vector<int>& tokens, const Session<T>& s, const At& at) const {
+  static void check_tokens(const ModelConfig& c, const std::vector<int>& tokens, const Session<T>& s, const At& at) {
     if (tokens.empty()) throw std::invalid_argument("kvcache: Decoder::forward: no tokens" + at());
     for (std::size_t i = 0; i < tokens.size(); ++i)
-      if (tokens[i] < 0 || static_cast<std::size_t>(tokens[i]) >= c_.vocab_size)
+      if (tokens[i] < 0 || static_cast<std::size_t>(tokens[i]) >= c.vocab_size)
         throw std::out_of_range("kvcache: token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
-                                " is outside [0, vocab_size = " + std::to_string(c_.vocab_size) + ")" + at());
+                                " is outside [0, vocab_size = " + std::to_string(c.vocab_size) + ")" + at());
     // Against the session's limit, and, whatever the session says, against
     // the model's positions: learned positions have max_seq_len rows.
     std::size_t limit = s.position_limit();
-    if (c_.positions == PositionEncoding::learned) limit = std::min(limit, c_.max_seq_len);
+    if (c.positions == PositionEncoding::learned) limit = std::min(limit, c.max_seq_len);
     if (s.position() > limit || tokens.size() > limit - s.position())
       throw std::length_error("kvcache: sequence of " + std::to_string(s.position() + tokens.size()) + " tokens (" +
                               std::to_string(s.position()) + " cached + " + std::to_string(tokens.size()) +
                               " new) exceeds the limit of " + std::to_string(std::min(s.max_tokens(), limit)) +
-                              " (max_seq_len = " + std::to_string(c_.max_seq_len) + ")" + at());
+                              " (max_seq_len = " + std::to_string(c.max_seq_len) + ")" + at());
   }
 
   // ---- Everything that allocates ---------------------------------------------
