@@ -387,8 +387,8 @@ TEST(GenerateBatch, RejectsBadInputBeforeAnySessionChanges) {
   };
   fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a}), "2 prompts, 1 sessions");
   fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {}}, {&a, &b}), "sequence 1: the prompt is empty");
-  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "sequence 1: the same session as sequence 0");
-  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "sequence 1: the session is null");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &a}), "generate_batch: sessions[0] and sessions[1] are the same session");
+  fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, nullptr}), "generate_batch: sessions[1] is null");
   fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "made by another decoder");
   fixtures::expect_throw_naming<std::invalid_argument>(call({{1}, {2}}, {&a, &other}), "(sequence 1)");
   fixtures::expect_throw_naming<std::out_of_range>(call({{1}, {2, -1}}, {&a, &b}), "token id -1 at index 1 is outside");

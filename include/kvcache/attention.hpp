@@ -474,12 +474,7 @@ class MultiHeadAttentionWithCache {
                                     " has no rows (first_row[" + std::to_string(b) + "] = " +
                                     std::to_string(first_row[b]) + ", first_row[" + std::to_string(b + 1) +
                                     "] = " + std::to_string(first_row[b + 1]) + ")");
-      if (caches[b] == nullptr)
-        throw std::invalid_argument("kvcache: forward_batch: caches[" + std::to_string(b) + "] is null");
-      for (std::size_t c = 0; c < b; ++c)
-        if (caches[c] == caches[b])
-          throw std::invalid_argument("kvcache: forward_batch: caches[" + std::to_string(c) + "] and caches[" +
-                                      std::to_string(b) + "] are the same cache");
+      detail::check_distinct(caches, b, "kvcache: forward_batch", "caches", "cache");
       try {
         check_input(static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]), cols, *caches[b]);
       } catch (const std::length_error& e) {

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -51,6 +52,19 @@ namespace detail {
 
 inline void require_positive(const char* field, std::size_t value) {
   if (value == 0) fail_config(std::string(field) + " = 0, must be > 0");
+}
+
+// Throws std::invalid_argument ("<where>: <name>[i] is null", "<where>:
+// <name>[i] and <name>[j] are the same <what>") unless items[b] is non-null
+// and distinct from every item before it: a batch's sessions or caches.
+template <typename P>
+void check_distinct(const std::vector<P*>& items, std::size_t b, const char* where, const char* name,
+                    const char* what) {
+  const auto at = [&](std::size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; };
+  if (items[b] == nullptr) throw std::invalid_argument(std::string(where) + ": " + at(b) + " is null");
+  for (std::size_t c = 0; c < b; ++c)
+    if (items[c] == items[b])
+      throw std::invalid_argument(std::string(where) + ": " + at(c) + " and " + at(b) + " are the same " + what);
 }
 
 }  // namespace detail

@@ -157,12 +157,7 @@ class Forward {
     for (std::size_t b = 0; b < sessions.size(); ++b) {
       // The sequence is named only in a batch, and only on error.
       const auto at = [&] { return batch ? " (sequence " + std::to_string(b) + ")" : std::string(); };
-      if (sessions[b] == nullptr)
-        throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(b) + "] is null");
-      for (std::size_t c = 0; c < b; ++c)
-        if (sessions[c] == sessions[b])
-          throw std::invalid_argument("kvcache: Decoder::forward_batch: sessions[" + std::to_string(c) +
-                                      "] and sessions[" + std::to_string(b) + "] are the same session");
+      check_distinct(sessions, b, "kvcache: Decoder::forward_batch", "sessions", "session");
       check_session(m_, *sessions[b], at);
       check_tokens(c_, *tokens[b], *sessions[b], at);
     }

@@ -282,10 +282,8 @@ void check_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sess
                                 " options; need one of each per sequence");
   for (std::size_t i = 0; i < B; ++i) {
     const std::string at = "kvcache: generate_batch: sequence " + std::to_string(i) + ": ";
+    check_distinct(sessions, i, "kvcache: generate_batch", "sessions", "session");
     const Session<T>* s = sessions[i];
-    if (s == nullptr) throw std::invalid_argument(at + "the session is null");
-    for (std::size_t j = 0; j < i; ++j)
-      if (sessions[j] == s) throw std::invalid_argument(at + "the same session as sequence " + std::to_string(j));
     if (prompts[i].empty()) throw std::invalid_argument(at + "the prompt is empty (give at least one token)");
     decoder.check_input(prompts[i], *s, " (sequence " + std::to_string(i) + ")");
     try {
