@@ -237,3 +237,39 @@ TEST(Generate, DecodeFromSavedLogitsContinuesLikeGenerate) {
     EXPECT_EQ(failing.position(), prompt.size()) << v.name;
   }
 }
+
+// decode()'s inputs: logits of the wrong size, a session of another decoder.
+// Each is a clear error, and the session is as it was.
+TEST(Generate, DecodeRejectsBadInputAndKeepsTheSession) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[0], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  const Decoder<float> other = make_decoder<float>(c, 7);
+  Session<float> s = d.new_session();
+  d.forward({1, 2, 3}, s, kvcache::Logits::last);
+  GenerateOptions o;
+  o.max_new_tokens = 4;
+  const Eigen::VectorXf short_logits = Eigen::VectorXf::Zero(static_cast<Eigen::Index>(c.vocab_size - 1));
+  EXPECT_THROW(kvcache::decode(d, s, short_logits, o), std::invalid_argument);
+  EXPECT_EQ(s.position(), 3u);
+  const Eigen::VectorXf logits = Eigen::VectorXf::Zero(static_cast<Eigen::Index>(c.vocab_size));
+  EXPECT_THROW(kvcache::decode(other, s, logits, o), std::invalid_argument);
+  EXPECT_EQ(s.position(), 3u);
+  o.max_new_tokens = 64;  // 3 cached + 63 fed > 64 positions
+  EXPECT_THROW(kvcache::decode(d, s, logits, o), std::length_error);
+  EXPECT_EQ(s.position(), 3u);
+}
+
+// The one checkpoint: roll_back() drops what was fed since checkpoint().
+TEST(Generate, SessionRollsBackToACheckpoint) {
+  const ModelConfig c = fixtures::model(fixtures::variants()[1], 64);
+  const Decoder<float> d = make_decoder<float>(c);
+  Session<float> s = d.new_session();
+  d.forward({1, 2, 3}, s);
+  const kvcache::Matrix<float> before = d.forward({4}, s);
+  s.truncate(3);
+  const auto checkpoint = s.checkpoint();
+  d.forward({9, 9, 9, 9}, s);
+  s.roll_back(checkpoint);
+  EXPECT_EQ(s.size(), 3u);
+  EXPECT_EQ(d.forward({4}, s), before) << "the same bits as before the detour";
+}
