@@ -366,7 +366,7 @@ TEST(Linear, TeamSlicesCoverTheRangeAndTheBarrierHolds) {
       team.barrier();
       int sum = 0;
       for (const int v : first) sum += v;
-      seen[team.id()] = sum;
+      seen[team.id] = sum;
     });
     for (const int v : first) EXPECT_EQ(v, 1) << threads;  // every index exactly once
     EXPECT_EQ(seen[0], 100) << threads;

@@ -17,21 +17,20 @@
 
 #include <algorithm>
 #include <array>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 
 #if defined(_OPENMP) && !defined(KVCACHE_THREADS_STD)
 #define KVCACHE_DETAIL_OPENMP 1
 #include <omp.h>
-#else
-#include <condition_variable>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
 #endif
 
 #include "../config.hpp"
@@ -45,48 +44,47 @@ namespace detail {
 // Threads
 // ============================================================================
 
-#ifndef KVCACHE_DETAIL_OPENMP
-// Holds `size` threads until all have arrived; reusable.
-class Barrier {
+// A count that threads add to and wait for. Every use locks its mutex, so
+// ThreadSanitizer sees the order it makes.
+class Counter {
  public:
-  explicit Barrier(std::size_t size) : size_(size) {}
-  void arrive_and_wait() {
+  // Returns the new count.
+  std::size_t add() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    reached_.notify_all();
+    return ++count_;
+  }
+  void wait_for(std::size_t count) {
     std::unique_lock<std::mutex> lock(mutex_);
-    const std::size_t round = round_;
-    if (++arrived_ == size_) {
-      arrived_ = 0;
-      ++round_;
-      all_arrived_.notify_all();
-      return;
-    }
-    all_arrived_.wait(lock, [&] { return round_ != round; });
+    reached_.wait(lock, [&] { return count_ >= count; });
   }
 
  private:
   std::mutex mutex_;
-  std::condition_variable all_arrived_;
-  std::size_t size_, arrived_ = 0, round_ = 0;
+  std::condition_variable reached_;
+  std::size_t count_ = 0;
 };
 
-// The helper threads of one calling thread. run(n, job, context) calls
-// job(context, i) for i in [0, n), i = 0 on the caller and the others on
-// helpers, and returns when all have returned. Allocates only when it needs
-// more helpers than it has. Each helper sleeps on its own lock, and the
-// caller and the helpers share no lock while they run a job, so
+#ifndef KVCACHE_DETAIL_OPENMP
+// The helper threads of one calling thread. run(n, job) calls job(i) for i
+// in [0, n), i = 0 on the caller and the others on helpers, and returns when
+// all have returned. Allocates only when it needs more helpers than it has.
+// Each helper is woken through a Counter of its own and reports to another,
+// so the caller and the helpers share no lock while they run a job:
 // ThreadSanitizer sees no order between two jobs of one region that the
 // region's code does not make itself (a Team::barrier()).
 class ThreadPool {
  public:
-  using Job = void (*)(void*, std::size_t) noexcept;
   ~ThreadPool() {
-    for (auto& h : helpers_) {
-      h->wake(true);
-      h->thread.join();
-    }
+    stop_ = true;  // read by each helper once woken below
+    for (auto& h : helpers_) h->wake.add();
+    for (auto& h : helpers_) h->thread.join();
   }
 
-  // False, having run nothing, when the helpers could not be started.
-  bool run(std::size_t n, Job job, void* context) {
+  // False, having run nothing, when the helpers could not be started. job
+  // must not throw (an exception that leaves it terminates the process).
+  template <typename Job>
+  bool run(std::size_t n, Job& job) {
     try {
       helpers_.reserve(n - 1);  // push_back below then cannot throw
       while (helpers_.size() + 1 < n) {
@@ -97,15 +95,13 @@ class ThreadPool {
     } catch (...) {  // std::system_error, std::bad_alloc
       return false;
     }
-    job_ = job;
-    context_ = context;
-    pending_ = n - 1;  // no helper runs until it is woken below
-    for (std::size_t i = 0; i + 1 < n; ++i) helpers_[i]->wake(false);
+    job_ = [](void* context, std::size_t id) noexcept { (*static_cast<Job*>(context))(id); };
+    context_ = &job;  // job_ and context_ are read by the helpers once woken
+    for (std::size_t i = 0; i + 1 < n; ++i) helpers_[i]->wake.add();
     in_team = true;
-    job(context, 0);
+    job(std::size_t{0});
     in_team = false;
-    std::unique_lock<std::mutex> lock(done_mutex_);
-    done_.wait(lock, [&] { return pending_ == 0; });
+    done_.wait_for(given_ += n - 1);
     return true;
   }
 
@@ -119,74 +115,54 @@ class ThreadPool {
 
  private:
   struct Helper {
-    std::mutex mutex;
-    std::condition_variable woken;
-    std::size_t round = 0;
-    bool stop = false;
+    Counter wake;  // one more for each job, and one to stop
     std::thread thread;
-    void wake(bool stop_now) {
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        ++round;
-        stop = stop_now;
-      }
-      woken.notify_one();
-    }
   };
 
   void work(Helper& h, std::size_t id) {
     in_team = true;  // a region inside a job runs as a team of one
-    for (std::size_t seen = 0;; ++seen) {
-      {
-        std::unique_lock<std::mutex> lock(h.mutex);
-        h.woken.wait(lock, [&] { return h.round != seen; });
-        if (h.stop) return;
-      }
+    for (std::size_t wakes = 1;; ++wakes) {
+      h.wake.wait_for(wakes);
+      if (stop_) return;
       job_(context_, id);
-      std::lock_guard<std::mutex> lock(done_mutex_);
-      if (--pending_ == 0) done_.notify_one();
+      done_.add();
     }
   }
 
   std::vector<std::unique_ptr<Helper>> helpers_;
-  Job job_ = nullptr;  // written by the caller before it wakes the helpers
+  void (*job_)(void*, std::size_t) noexcept = nullptr;
   void* context_ = nullptr;
-  std::mutex done_mutex_;
-  std::condition_variable done_;
-  std::size_t pending_ = 0;
+  bool stop_ = false;
+  Counter done_;           // jobs the helpers have finished
+  std::size_t given_ = 0;  // jobs the helpers have been given
 };
-#else
-class Barrier;
 #endif
 
-// The threads of one parallel region, as seen by one of them.
-class Team {
- public:
-  Team(std::size_t id, std::size_t size, Barrier* barrier = nullptr) : id_(id), size_(size), barrier_(barrier) {}
-  std::size_t id() const { return id_; }
-  std::size_t size() const { return size_; }
+// The threads of one parallel region, as seen by one of them: thread `id`
+// of `size`.
+struct Team {
+  std::size_t id, size;
+  Counter* arrivals = nullptr;  // std::thread backend: the barrier's count
 
   // This thread's contiguous part [first, second) of [0, n). Parts start at
   // multiples of `align` (16 floats: a cache line), so threads never write
   // the same line, and are as even as that allows.
   std::pair<std::size_t, std::size_t> slice(std::size_t n, std::size_t align) const {
     const std::size_t blocks = (n + align - 1) / align;
-    return {std::min(n, blocks * id_ / size_ * align), std::min(n, blocks * (id_ + 1) / size_ * align)};
+    return {std::min(n, blocks * id / size * align), std::min(n, blocks * (id + 1) / size * align)};
   }
 
   // Every thread of the team waits here until all have arrived.
   void barrier() const {
-    if (size_ < 2) return;
+    if (size < 2) return;
 #ifdef KVCACHE_DETAIL_OPENMP
 #pragma omp barrier
 #else
-    barrier_->arrive_and_wait();
+    // Arrivals k·size + 1 to (k + 1)·size are those at the team's k-th barrier.
+    const std::size_t arrival = arrivals->add();
+    arrivals->wait_for((arrival + size - 1) / size * size);
 #endif
   }
-
- private:
-  std::size_t id_, size_;
-  [[maybe_unused]] Barrier* barrier_;  // unused with OpenMP
 };
 
 // Runs body(team) on `threads` threads at once (one OpenMP parallel region,
@@ -199,24 +175,17 @@ void parallel_team(std::size_t threads, Body&& body) {
 #ifdef KVCACHE_DETAIL_OPENMP
   if (threads > 1 && !omp_in_parallel()) {
 #pragma omp parallel num_threads(static_cast<int>(threads))
-    body(Team(static_cast<std::size_t>(omp_get_thread_num()), static_cast<std::size_t>(omp_get_num_threads())));
+    body(Team{static_cast<std::size_t>(omp_get_thread_num()), static_cast<std::size_t>(omp_get_num_threads())});
     return;
   }
 #else
   if (threads > 1 && !ThreadPool::in_team) {
-    struct Region {
-      Body& body;
-      std::size_t size;
-      Barrier barrier;
-    } region{body, threads, Barrier(threads)};
-    const ThreadPool::Job job = [](void* context, std::size_t id) noexcept {
-      Region& r = *static_cast<Region*>(context);
-      r.body(Team(id, r.size, &r.barrier));
-    };
-    if (ThreadPool::mine().run(threads, job, &region)) return;
+    Counter arrivals;
+    auto job = [&](std::size_t id) { body(Team{id, threads, &arrivals}); };
+    if (ThreadPool::mine().run(threads, job)) return;
   }
 #endif
-  body(Team(0, 1));
+  body(Team{0, 1});
 }
 
 // Threads worth starting for n items handed out `align` at a time: no more
@@ -232,7 +201,7 @@ template <typename Body>
 void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body&& body) {
   parallel_team(team_size(threads, n, align), [&](const Team& team) {
     const auto [begin, end] = team.slice(n, align);
-    if (begin < end) body(begin, end, team.id());
+    if (begin < end) body(begin, end, team.id);
   });
 }
 
