@@ -374,7 +374,7 @@ TEST(Decoder, RejectsWeightsOfTheWrongShape) {
   };
   expect([](auto& w) { w.token_embedding.resize(36, 32); }, "token_embedding is 36 x 32, expected 37 x 32");
   expect([](auto& w) { w.blocks.pop_back(); }, "1 blocks but n_layers = 2");
-  expect([](auto& w) { w.blocks[1].attention.W_K.resize(32, 32); }, "W_K is 32 x 32, expected 16 x 32 (in blocks[1].attention)");
+  expect([](auto& w) { w.blocks[1].attention.W_K.resize(32, 32); }, "blocks[1].attention.W_K is 32 x 32, expected 16 x 32");
   expect([](auto& w) { w.blocks[0].mlp.W_3.resize(0, 0); }, "blocks[0].mlp.W_3 is 0 x 0, expected 48 x 32");
   expect([](auto& w) { w.blocks[0].mlp.W_2.resize(48, 32); }, "blocks[0].mlp.W_2 is 48 x 32, expected 32 x 48");
   expect([](auto& w) { w.blocks[1].mlp_norm.gamma.resize(31); }, "blocks[1].mlp_norm.gamma has 31 entries");

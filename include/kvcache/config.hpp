@@ -4,8 +4,10 @@
 #pragma once
 
 #include <cstddef>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -50,8 +52,10 @@ namespace detail {
   throw std::invalid_argument("kvcache: invalid config: " + what);
 }
 
-inline void require_positive(const char* field, std::size_t value) {
-  if (value == 0) fail_config(std::string(field) + " = 0, must be > 0");
+// Fails on the first field that is 0.
+inline void require_positive(std::initializer_list<std::pair<const char*, std::size_t>> fields) {
+  for (const auto& [field, value] : fields)
+    if (value == 0) fail_config(std::string(field) + " = 0, must be > 0");
 }
 
 // Throws std::invalid_argument ("<where>: <name>[i] is null", "<where>:
@@ -85,10 +89,8 @@ struct AttentionConfig {
   std::size_t group_size() const { return n_heads / n_kv_heads; }
 
   void validate() const {
-    detail::require_positive("d_model", d_model);
-    detail::require_positive("n_heads", n_heads);
-    detail::require_positive("n_kv_heads", n_kv_heads);
-    detail::require_positive("max_seq_len", max_seq_len);
+    detail::require_positive(
+        {{"d_model", d_model}, {"n_heads", n_heads}, {"n_kv_heads", n_kv_heads}, {"max_seq_len", max_seq_len}});
     if (d_model % n_heads != 0)
       detail::fail_config("d_model % n_heads != 0 (d_model = " + std::to_string(d_model) +
                           ", n_heads = " + std::to_string(n_heads) + ")");
@@ -126,26 +128,15 @@ struct ModelConfig {
   std::size_t kv_dim() const { return kv_heads() * d_k(); }
 
   AttentionConfig attention() const {
-    AttentionConfig a;
-    a.d_model = d_model;
-    a.n_heads = n_heads;
-    a.n_kv_heads = kv_heads();
-    a.positions = positions;
-    a.rope_base = rope_base;
-    a.max_seq_len = max_seq_len;
-    return a;
+    return {d_model, n_heads, kv_heads(), positions, rope_base, max_seq_len};
   }
 
   void validate() const {
-    detail::require_positive("vocab_size", vocab_size);
-    detail::require_positive("d_model", d_model);
-    detail::require_positive("n_layers", n_layers);
-    detail::require_positive("n_heads", n_heads);
-    detail::require_positive("d_ff", d_ff);
-    detail::require_positive("max_seq_len", max_seq_len);
+    // d_model, n_heads and max_seq_len: by attention().validate().
+    detail::require_positive({{"vocab_size", vocab_size}, {"n_layers", n_layers}, {"d_ff", d_ff}});
+    attention().validate();
     if (!(norm_eps > 0.0))
       detail::fail_config("norm_eps = " + std::to_string(norm_eps) + ", must be > 0");
-    attention().validate();
   }
 
   // Bytes of K and V that one token adds across all layers:

@@ -20,6 +20,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -259,20 +260,25 @@ inline std::string shape(Eigen::Index rows, Eigen::Index cols) {
   return std::to_string(rows) + " x " + std::to_string(cols);
 }
 
-// Throws std::invalid_argument (fail_config) unless W is rows × cols.
+// Throws std::invalid_argument (fail_config) unless w is rows × cols, or,
+// when `why_none` is given, unless w is empty ("<name> given but <why_none>").
 template <typename W>
-void check_weight(const std::string& name, const W& w, std::size_t rows, std::size_t cols) {
-  if (static_cast<std::size_t>(w.rows()) != rows || static_cast<std::size_t>(w.cols()) != cols)
+void check_weight(const std::string& name, const W& w, std::size_t rows, std::size_t cols,
+                  const std::string& why_none = "") {
+  if (!why_none.empty()) {
+    if (w.size() != 0) fail_config(name + " given but " + why_none);
+  } else if (static_cast<std::size_t>(w.rows()) != rows || static_cast<std::size_t>(w.cols()) != cols) {
     fail_config(name + " is " + shape(w.rows(), w.cols()) + ", expected " +
                 shape(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols)));
+  }
 }
 
-// ... unless b is empty (no bias) or has `size` entries.
+// ... unless v has `size` entries, or none when it is `optional` (a bias).
 template <typename T>
-void check_bias(const std::string& name, const Vector<T>& b, std::size_t size) {
-  if (b.size() != 0 && static_cast<std::size_t>(b.size()) != size)
-    fail_config(name + " has " + std::to_string(b.size()) + " entries, expected " + std::to_string(size) +
-                " (or none)");
+void check_vector(const std::string& name, const Vector<T>& v, std::size_t size, bool optional = true) {
+  if (static_cast<std::size_t>(v.size()) != size && !(optional && v.size() == 0))
+    fail_config(name + " has " + std::to_string(v.size()) + " entries, expected " + std::to_string(size) +
+                (optional ? " (or none)" : ""));
 }
 
 }  // namespace detail
@@ -329,69 +335,45 @@ struct DecoderWeights {
 template <typename T>
 void check_weights(const AttentionConfig& c, const AttentionWeights<T>& w, const std::string& at = "") {
   const std::size_t d = c.d_model, kv = c.kv_dim();
-  detail::check_weight(at + "W_Q", w.W_Q, d, d);
-  detail::check_weight(at + "W_K", w.W_K, kv, d);
-  detail::check_weight(at + "W_V", w.W_V, kv, d);
-  detail::check_weight(at + "W_O", w.W_O, d, d);
-  detail::check_bias(at + "b_Q", w.b_Q, d);
-  detail::check_bias(at + "b_K", w.b_K, kv);
-  detail::check_bias(at + "b_V", w.b_V, kv);
-  detail::check_bias(at + "b_O", w.b_O, d);
-}
-
-template <typename T>
-void check_weights(const ModelConfig& c, const NormWeights<T>& n, const std::string& name) {
-  const auto check = [&](const char* field, const Vector<T>& v) {
-    if (static_cast<std::size_t>(v.size()) != c.d_model)
-      detail::fail_config(name + field + " has " + std::to_string(v.size()) + " entries, expected d_model = " +
-                          std::to_string(c.d_model));
-  };
-  check(".gamma", n.gamma);
-  if (c.norm == NormKind::rms_norm && n.beta.size() != 0)
-    detail::fail_config(name + ".beta given but RMSNorm has no shift");
-  if (n.beta.size() != 0) check(".beta", n.beta);
-}
-
-template <typename T>
-void check_weights(const ModelConfig& c, const MlpWeights<T>& w, const std::string& at) {
-  const std::size_t d = c.d_model, ff = c.d_ff;
-  detail::check_weight(at + "mlp.W_1", w.W_1, ff, d);
-  detail::check_weight(at + "mlp.W_2", w.W_2, d, ff);
-  if (c.mlp == MlpKind::swiglu)
-    detail::check_weight(at + "mlp.W_3", w.W_3, ff, d);
-  else if (w.W_3.size() != 0)
-    detail::fail_config(at + "mlp.W_3 given but the MLP is GELU");
-  detail::check_bias(at + "mlp.b_1", w.b_1, ff);
-  detail::check_bias(at + "mlp.b_2", w.b_2, d);
+  // (name, W, b, outputs); every input is d_model wide.
+  const std::tuple<const char*, const WeightMatrix<T>&, const Vector<T>&, std::size_t> projections[] = {
+      {"Q", w.W_Q, w.b_Q, d}, {"K", w.W_K, w.b_K, kv}, {"V", w.W_V, w.b_V, kv}, {"O", w.W_O, w.b_O, d}};
+  for (const auto& [x, W, b, out] : projections) {
+    detail::check_weight(at + "W_" + x, W, out, d);
+    detail::check_vector(at + "b_" + x, b, out);
+  }
 }
 
 // Every size and shape of a whole model, in the order a reader meets them.
 template <typename T>
 void check_weights(const ModelConfig& c, const DecoderWeights<T>& w) {
   c.validate();
-  const std::size_t d = c.d_model, V = c.vocab_size;
+  const std::size_t d = c.d_model, V = c.vocab_size, ff = c.d_ff;
+  const auto check_norm = [&](const std::string& name, const NormWeights<T>& n) {
+    detail::check_vector(name + ".gamma", n.gamma, d, false);
+    if (c.norm == NormKind::rms_norm) detail::check_weight(name + ".beta", n.beta, 0, 0, "RMSNorm has no shift");
+    detail::check_vector(name + ".beta", n.beta, d);
+  };
+  const bool learned = c.positions == PositionEncoding::learned;
   detail::check_weight("token_embedding", w.token_embedding, V, d);
-  if (c.positions == PositionEncoding::learned)
-    detail::check_weight("position_embedding", w.position_embedding, c.max_seq_len, d);
-  else if (w.position_embedding.size() != 0)
-    detail::fail_config(std::string("position_embedding given but positions = ") + to_string(c.positions));
+  detail::check_weight("position_embedding", w.position_embedding, c.max_seq_len, d,
+                       learned ? "" : std::string("positions = ") + to_string(c.positions));
   if (w.blocks.size() != c.n_layers)
     detail::fail_config("weights have " + std::to_string(w.blocks.size()) + " blocks but n_layers = " +
                         std::to_string(c.n_layers));
-  check_weights(c, w.final_norm, "final_norm");
-  if (c.tied_lm_head && w.lm_head.size() != 0) detail::fail_config("lm_head given but tied_lm_head = true");
-  if (!c.tied_lm_head) detail::check_weight("lm_head", w.lm_head, V, d);
+  check_norm("final_norm", w.final_norm);
+  detail::check_weight("lm_head", w.lm_head, V, d, c.tied_lm_head ? "tied_lm_head = true" : "");
   for (std::size_t l = 0; l < c.n_layers; ++l) {
-    const auto& b = w.blocks[l];
+    const BlockWeights<T>& b = w.blocks[l];
     const std::string at = "blocks[" + std::to_string(l) + "].";
-    check_weights(c, b.attention_norm, at + "attention_norm");
-    check_weights(c, b.mlp_norm, at + "mlp_norm");
-    check_weights(c, b.mlp, at);
-    try {
-      check_weights(c.attention(), b.attention);
-    } catch (const std::invalid_argument& e) {
-      throw std::invalid_argument(std::string(e.what()) + " (in " + at + "attention)");
-    }
+    check_norm(at + "attention_norm", b.attention_norm);
+    check_norm(at + "mlp_norm", b.mlp_norm);
+    detail::check_weight(at + "mlp.W_1", b.mlp.W_1, ff, d);
+    detail::check_weight(at + "mlp.W_2", b.mlp.W_2, d, ff);
+    detail::check_weight(at + "mlp.W_3", b.mlp.W_3, ff, d, c.mlp == MlpKind::swiglu ? "" : "the MLP is GELU");
+    detail::check_vector(at + "mlp.b_1", b.mlp.b_1, ff);
+    detail::check_vector(at + "mlp.b_2", b.mlp.b_2, d);
+    check_weights(c.attention(), b.attention, at + "attention.");
   }
 }
 
@@ -438,34 +420,31 @@ template <typename T = float>
 DecoderWeights<T> random_weights(const ModelConfig& c, std::uint64_t seed) {
   c.validate();
   detail::SplitMix64 rng(seed);
-  const std::size_t d = c.d_model, kv = c.kv_dim();
-  const double s_d = 1.0 / std::sqrt(static_cast<double>(d));
-  const double s_ff = 1.0 / std::sqrt(static_cast<double>(c.d_ff));
-  auto norm = [&] {
-    NormWeights<T> n;
-    n.gamma = Vector<T>::Ones(static_cast<Eigen::Index>(d));
-    if (c.norm == NormKind::layer_norm) n.beta = Vector<T>::Zero(static_cast<Eigen::Index>(d));
-    return n;
+  const std::size_t d = c.d_model, kv = c.kv_dim(), ff = c.d_ff;
+  // A linear layer's [out, in] matrix, with standard deviation 1/√in.
+  const auto linear = [&](std::size_t out, std::size_t in) {
+    return detail::random_matrix<T>(rng, out, in, 1.0 / std::sqrt(static_cast<double>(in)));
   };
+  const auto di = static_cast<Eigen::Index>(d);
+  const NormWeights<T> norm{Vector<T>::Ones(di), c.norm == NormKind::layer_norm ? Vector<T>::Zero(di) : Vector<T>()};
   DecoderWeights<T> w;
   w.token_embedding = detail::random_matrix<T>(rng, c.vocab_size, d, 1.0);
   if (c.positions == PositionEncoding::learned)
     w.position_embedding = detail::random_matrix<T>(rng, c.max_seq_len, d, 1.0);
   for (std::size_t l = 0; l < c.n_layers; ++l) {
     BlockWeights<T> b;
-    b.attention_norm = norm();
-    b.attention.W_Q = detail::random_matrix<T>(rng, d, d, s_d);
-    b.attention.W_K = detail::random_matrix<T>(rng, kv, d, s_d);
-    b.attention.W_V = detail::random_matrix<T>(rng, kv, d, s_d);
-    b.attention.W_O = detail::random_matrix<T>(rng, d, d, s_d);
-    b.mlp_norm = norm();
-    b.mlp.W_1 = detail::random_matrix<T>(rng, c.d_ff, d, s_d);
-    b.mlp.W_2 = detail::random_matrix<T>(rng, d, c.d_ff, s_ff);
-    if (c.mlp == MlpKind::swiglu) b.mlp.W_3 = detail::random_matrix<T>(rng, c.d_ff, d, s_d);
+    b.attention_norm = b.mlp_norm = norm;
+    b.attention.W_Q = linear(d, d);
+    b.attention.W_K = linear(kv, d);
+    b.attention.W_V = linear(kv, d);
+    b.attention.W_O = linear(d, d);
+    b.mlp.W_1 = linear(ff, d);
+    b.mlp.W_2 = linear(d, ff);
+    if (c.mlp == MlpKind::swiglu) b.mlp.W_3 = linear(ff, d);
     w.blocks.push_back(std::move(b));
   }
-  w.final_norm = norm();
-  if (!c.tied_lm_head) w.lm_head = detail::random_matrix<T>(rng, c.vocab_size, d, s_d);
+  w.final_norm = norm;
+  if (!c.tied_lm_head) w.lm_head = linear(c.vocab_size, d);
   return w;
 }
 

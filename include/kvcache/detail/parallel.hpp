@@ -19,7 +19,6 @@
 #include <array>
 #include <condition_variable>
 #include <cstddef>
-#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -195,8 +194,9 @@ inline std::size_t team_size(std::size_t threads, std::size_t n, std::size_t ali
 }
 
 // Calls body(begin, end, slot) on up to `threads` contiguous slices of [0, n),
-// in parallel; slot in [0, threads) numbers the slice, for per-thread scratch. Slices start at multiples of `align` so that
-// each thread's rows begin on a cache line. body must not throw.
+// in parallel; slot in [0, threads) numbers the slice, for per-thread
+// scratch. Slices start at multiples of `align` so that each thread's rows
+// begin on a cache line. body must not throw.
 template <typename Body>
 void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body&& body) {
   parallel_team(team_size(threads, n, align), [&](const Team& team) {
