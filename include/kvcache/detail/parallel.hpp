@@ -75,7 +75,7 @@ class Counter {
 class ThreadPool {
  public:
   ~ThreadPool() {
-    stop_ = true;  // read by each helper once woken below
+    job_ = nullptr;  // stops each helper once woken below
     for (auto& h : helpers_) h->wake.add();
     for (auto& h : helpers_) h->thread.join();
   }
@@ -114,7 +114,7 @@ class ThreadPool {
 
  private:
   struct Helper {
-    Counter wake;  // one more for each job, and one to stop
+    Counter wake;  // one more for each job, and one to stop (job_ null)
     std::thread thread;
   };
 
@@ -122,7 +122,7 @@ class ThreadPool {
     in_team = true;  // a region inside a job runs as a team of one
     for (std::size_t wakes = 1;; ++wakes) {
       h.wake.wait_for(wakes);
-      if (stop_) return;
+      if (job_ == nullptr) return;
       job_(context_, id);
       done_.add();
     }
@@ -131,7 +131,6 @@ class ThreadPool {
   std::vector<std::unique_ptr<Helper>> helpers_;
   void (*job_)(void*, std::size_t) noexcept = nullptr;
   void* context_ = nullptr;
-  bool stop_ = false;
   Counter done_;           // jobs the helpers have finished
   std::size_t given_ = 0;  // jobs the helpers have been given
 };
@@ -287,17 +286,16 @@ struct LinearTerm {
 // one-matrix linear() below.
 template <typename T, std::size_t N>
 void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>, N>& terms, std::size_t threads) {
-  std::size_t total = 0;
-  for (const auto& term : terms) total += static_cast<std::size_t>(term.W.rows());
-  parallel_slices(total, threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
-    std::size_t offset = 0;  // where the current term's rows start in [0, total)
+  Eigen::Index total = 0;
+  for (const auto& term : terms) total += term.W.rows();
+  parallel_slices(static_cast<std::size_t>(total), threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
+    // The slice's rows of each term: rows [begin, end) of all the terms,
+    // less where the term starts (none when the range is empty).
+    Eigen::Index first = 0;  // where the current term's rows start
     for (const auto& term : terms) {
-      const std::size_t rows = static_cast<std::size_t>(term.W.rows());
-      const std::size_t lo = std::max(begin, offset), hi = std::min(end, offset + rows);
-      if (lo < hi)
-        linear_rows<T>(X, term.W, term.b, term.Y, static_cast<Eigen::Index>(lo - offset),
-                       static_cast<Eigen::Index>(hi - offset));
-      offset += rows;
+      linear_rows<T>(X, term.W, term.b, term.Y, std::max(static_cast<Eigen::Index>(begin) - first, Eigen::Index{0}),
+                     std::min(static_cast<Eigen::Index>(end) - first, term.W.rows()));
+      first += term.W.rows();
     }
   });
 }

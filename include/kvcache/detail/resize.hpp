@@ -17,7 +17,6 @@ namespace detail {
 // Eigen's do: a decode step that needs no growth still allocates nothing.
 template <typename Derived>
 void resize_buffer(Eigen::PlainObjectBase<Derived>& m, Eigen::Index rows, Eigen::Index cols) {
-  if (m.rows() == rows && m.cols() == cols) return;
   if (m.size() == rows * cols) {
     m.resize(rows, cols);  // the same number of elements: no allocation
     return;
