@@ -926,6 +926,26 @@ TEST(TokenizerLimits, FileBytes) {
 #endif
 }
 
+// A token that claims 2 GB in a stream that cannot be measured: refused once
+// the stream has given more than the limit, without holding what it claims.
+TEST(TokenizerLimits, HugeTokenInAPipe) {
+  std::string header;
+  append_int32(header, std::numeric_limits<std::int32_t>::max());
+  append_float32(header, 0.0f);
+  append_int32(header, std::numeric_limits<std::int32_t>::max());
+  UnseekableBuffer zeros(header, /*endless=*/true);  // then zeros for ever
+  std::istream endless(&zeros);
+  kvcache::LoadLimits limits;
+  limits.max_tokenizer_bytes = 1 << 20;
+  try {
+    (void)Tokenizer::load(endless, "pipe", limits);
+    ADD_FAILURE() << "a 2 GB token loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("max_tokenizer_bytes (more than 1048576"), std::string::npos) << e.what();
+  }
+  EXPECT_LE(zeros.bytes_given(), (std::size_t{1} << 20) + (1 << 16) + 4096);
+}
+
 TEST(TokenizerLimits, VocabSize) {
   const std::string path = write_file("ok.bin", valid_bytes(300));
   kvcache::LoadLimits limits;

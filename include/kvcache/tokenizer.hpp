@@ -115,9 +115,6 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
       "LoadLimits::max_vocab_size " + std::to_string(limits.max_vocab_size) + ", ids up to " + std::to_string(kMaxId);
   if (vocab_size && *vocab_size > max_tokens)
     io::fail(label, "the model's vocab_size " + std::to_string(*vocab_size) + " is above the limit (" + vocab_limit + ")");
-  const auto holds = [&](std::size_t n) {
-    return "holds " + std::to_string(n) + " tokens but the model's vocab_size is " + std::to_string(*vocab_size);
-  };
   const std::uint64_t max_bytes = limits.max_tokenizer_bytes;
   const auto too_large = [&](const std::string& size) {
     io::fail(label, "is larger than LoadLimits::max_tokenizer_bytes (" + size + " vs " + std::to_string(max_bytes) +
@@ -126,11 +123,9 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
   const std::optional<std::uint64_t> length = io::remaining_bytes(in);
   if (length && *length > max_bytes) too_large(std::to_string(*length));
   io::BoundedReader reader(in, label);
-  // Asked before every token, so it also stops a stream that could not be
-  // measured at the byte limit.
-  const auto at_end = [&] {
+  // What stops a stream that could not be measured at the limit.
+  reader.on_read = [&](const unsigned char*, std::size_t) {
     if (reader.consumed() > max_bytes) too_large("more than " + std::to_string(max_bytes));
-    return in.peek() == std::char_traits<char>::eof();
   };
 
   unsigned char header[4];
@@ -139,32 +134,26 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
   out.max_token_length = io::get_i32_le(header);
   if (out.max_token_length < 0)
     io::fail(label, "max_token_length is " + std::to_string(out.max_token_length) + ", must be >= 0");
-  // Each token takes at least 8 bytes, so the file bounds what is reserved,
-  // whatever vocab_size claims.
-  const auto reserved = static_cast<std::size_t>(std::min<std::uint64_t>(vocab_size.value_or(max_tokens), length.value_or(0) / 8));
-  out.pieces.reserve(reserved);
-  out.scores.reserve(reserved);
-  while (vocab_size ? out.pieces.size() < *vocab_size : !at_end()) {
-    if (vocab_size && at_end()) io::fail(label, holds(out.pieces.size()));
+  // Every token up to the end. Past the model's vocab_size tokens, the
+  // message tells more tokens (another vocabulary) from plain trailing bytes.
+  std::uint64_t after = 0;  // bytes up to the model's vocab_size tokens
+  while (in.peek() != std::char_traits<char>::eof()) {
     if (out.pieces.size() == max_tokens) io::fail(label, "holds more tokens than the limit (" + vocab_limit + ")");
+    if (vocab_size && out.pieces.size() == *vocab_size) after = reader.consumed();
     out.pieces.emplace_back();
-    out.scores.push_back(read_token(reader, label, out.pieces.size() - 1, out.max_token_length, out.pieces.back()));
-  }
-  if (!vocab_size || at_end()) return out;
-  // Bytes after the model's vocab_size tokens: more tokens when they parse as
-  // such, otherwise plain trailing garbage.
-  const std::uint64_t after = reader.consumed();
-  std::size_t extra = 0;
-  for (std::string piece; !at_end(); ++extra) {
     try {
-      read_token(reader, label, *vocab_size + extra, out.max_token_length, piece);
+      out.scores.push_back(read_token(reader, label, out.pieces.size() - 1, out.max_token_length, out.pieces.back()));
     } catch (const std::runtime_error&) {
+      if (!vocab_size || out.pieces.size() <= *vocab_size || reader.consumed() > max_bytes) throw;
       io::fail(label, (length && *length > after ? std::to_string(*length - after) : std::string("some")) +
                           " unexpected bytes after the " + std::to_string(*vocab_size) +
                           " tokens of the model's vocab_size");
     }
   }
-  io::fail(label, holds(*vocab_size + extra));
+  if (vocab_size && out.pieces.size() != *vocab_size)
+    io::fail(label, "holds " + std::to_string(out.pieces.size()) + " tokens but the model's vocab_size is " +
+                        std::to_string(*vocab_size));
+  return out;
 }
 
 // ============================================================================
@@ -273,8 +262,9 @@ class Tokenizer {
 
   // The same from a stream (a file, a std::istringstream over bytes in
   // memory), read from its position to its end; `name` stands for the path in
-  // messages. The stream need not be seekable: at most
-  // limits.max_tokenizer_bytes + 1 bytes are read from it.
+  // messages. The stream need not be seekable: one that cannot be measured
+  // is refused once it has given more than limits.max_tokenizer_bytes (at
+  // most 64 KB more are read).
   static Tokenizer load(std::istream& in, const std::string& name, std::size_t vocab_size,
                         const LoadLimits& limits = {}) {
     return Tokenizer(detail::read_tokenizer(in, name, vocab_size, limits), name);
@@ -293,7 +283,28 @@ class Tokenizer {
     tokens.reserve(text.size() + 3);
     if (bos) tokens.push_back(kBosId);
     if (!text.empty() && dummy_prefix_id_ >= 0) tokens.push_back(dummy_prefix_id_);
-    append_chunk_tokens(text, tokens);
+    // Step 3: one token per chunk found in the vocabulary, byte fallback for
+    // the rest. A chunk is a byte plus up to 3 continuation bytes, whatever
+    // the first byte is: that is how llama2.c groups bytes, so e.g. "a\x80"
+    // is one chunk (not in the vocabulary, so two fallback bytes).
+    const auto is_continuation_byte = [](char c) { return (static_cast<unsigned char>(c) & 0xC0) == 0x80; };
+    for (std::size_t begin = 0, length = 1; begin < text.size(); begin += length, length = 1) {
+      while (length < 4 && begin + length < text.size() && is_continuation_byte(text[begin + length])) ++length;
+      const std::string_view chunk = text.substr(begin, length);
+      const int id = find(chunk);
+      if (id >= 0) {
+        tokens.push_back(id);
+        continue;
+      }
+      for (const char byte : chunk) {
+        const int fallback = kByteFallbackOffset + static_cast<unsigned char>(byte);
+        if (static_cast<std::size_t>(fallback) >= pieces_.size())
+          throw std::runtime_error("kvcache::Tokenizer: byte " + std::to_string(fallback - kByteFallbackOffset) +
+                                   " needs byte-fallback token " + std::to_string(fallback) +
+                                   " but the vocabulary has only " + std::to_string(pieces_.size()) + " tokens");
+        tokens.push_back(fallback);
+      }
+    }
     std::string joined;  // reused by every lookup of a pair
     detail::merge_pairs(tokens, [&](int left, int right) {
       const std::string& a = pieces_[static_cast<std::size_t>(left)];
@@ -335,11 +346,9 @@ class Tokenizer {
   // printable nor whitespace (in the C locale) is not printed; every other
   // piece is.
   static bool is_printable_piece(const std::string& piece) {
-    if (piece.size() != 1) return true;
-    const auto byte = static_cast<unsigned char>(piece[0]);
-    const bool printable = byte >= 0x20 && byte <= 0x7E;  // isprint, C locale
-    const bool space = byte == ' ' || (byte >= '\t' && byte <= '\r');  // isspace
-    return printable || space;
+    const auto byte = static_cast<unsigned char>(piece[0]);  // '\0' for an empty piece
+    // isprint (0x20 to 0x7E) or isspace ('\t' to '\r', and ' ') in the C locale
+    return piece.size() != 1 || (byte >= 0x20 && byte <= 0x7E) || (byte >= '\t' && byte <= '\r');
   }
 
   std::size_t vocab_size() const noexcept { return pieces_.size(); }
@@ -376,33 +385,6 @@ class Tokenizer {
       throw std::out_of_range("kvcache::Tokenizer: token id " + std::to_string(id) +
                               " is outside the vocabulary [0, " + std::to_string(pieces_.size()) + ")");
     return static_cast<std::size_t>(id);
-  }
-
-  // Step 3 of encoding: one token per chunk found in the vocabulary, byte
-  // fallback for the rest. A chunk is a byte plus up to 3 continuation bytes,
-  // whatever the first byte is: that is how llama2.c groups bytes, so e.g.
-  // "a\x80" is one chunk (not in the vocabulary, so two fallback bytes).
-  void append_chunk_tokens(std::string_view text, std::vector<int>& tokens) const {
-    constexpr std::size_t kMaxChunk = 4;
-    const auto is_continuation_byte = [](char c) { return (static_cast<unsigned char>(c) & 0xC0) == 0x80; };
-    for (std::size_t begin = 0, length = 1; begin < text.size(); begin += length, length = 1) {
-      while (length < kMaxChunk && begin + length < text.size() && is_continuation_byte(text[begin + length]))
-        ++length;
-      const std::string_view chunk = text.substr(begin, length);
-      const int id = find(chunk);
-      if (id >= 0) {
-        tokens.push_back(id);
-        continue;
-      }
-      for (const char byte : chunk) {
-        const int fallback = kByteFallbackOffset + static_cast<unsigned char>(byte);
-        if (static_cast<std::size_t>(fallback) >= pieces_.size())
-          throw std::runtime_error("kvcache::Tokenizer: byte " + std::to_string(fallback - kByteFallbackOffset) +
-                                   " needs byte-fallback token " + std::to_string(fallback) +
-                                   " but the vocabulary has only " + std::to_string(pieces_.size()) + " tokens");
-        tokens.push_back(fallback);
-      }
-    }
   }
 
   std::vector<std::string> pieces_;
