@@ -67,9 +67,16 @@ class Sampler {
     // A temperature so small that logits / temperature overflows is greedy
     // decoding in all but name: the limit of softmax(l / t) as t → 0.
     if (!std::all_of(probs_.begin(), probs_.end(), [](float p) { return std::isfinite(p); })) return argmax(logits);
-    softmax(probs_);
+    const float max = *std::max_element(probs_.begin(), probs_.end());
+    float sum = 0.0f;
+    for (float& p : probs_) {
+      p = std::exp(p - max);
+      sum += p;
+    }
+    for (float& p : probs_) p /= sum;  // softmax
     const float coin = random_f32();
-    return (top_p_ <= 0.0f || top_p_ >= 1.0f) ? sample_multinomial(coin) : sample_top_p(coin);
+    if (top_p_ > 0.0f && top_p_ < 1.0f) return sample_top_p(coin);
+    return static_cast<int>(pick(n, coin, [&](std::size_t k) { return probs_[k]; }));
   }
 
   // The first index of the largest value.
@@ -82,32 +89,25 @@ class Sampler {
   }
 
  private:
-  // xorshift64*: 64 bits of state, the top 32 bits of the product returned.
-  std::uint32_t random_u32() {
+  // xorshift64*: 64 bits of state; the top 24 of the product's top 32 bits
+  // make a float in [0, 1).
+  float random_f32() {
     state_ ^= state_ >> 12;
     state_ ^= state_ << 25;
     state_ ^= state_ >> 27;
-    return static_cast<std::uint32_t>((state_ * 0x2545F4914F6CDD1Dull) >> 32);
-  }
-  float random_f32() { return static_cast<float>(random_u32() >> 8) / 16777216.0f; }
-
-  static void softmax(std::vector<float>& x) {
-    const float max = *std::max_element(x.begin(), x.end());
-    float sum = 0.0f;
-    for (float& v : x) {
-      v = std::exp(v - max);
-      sum += v;
-    }
-    for (float& v : x) v /= sum;
+    return static_cast<float>(static_cast<std::uint32_t>((state_ * 0x2545F4914F6CDD1Dull) >> 32) >> 8) / 16777216.0f;
   }
 
-  int sample_multinomial(float coin) const {
+  // The first of n items whose running sum of prob(k) exceeds r; the last
+  // when rounding left r at or above the total.
+  template <typename Prob>
+  static std::size_t pick(std::size_t n, float r, const Prob& prob) {
     float cdf = 0.0f;
-    for (std::size_t i = 0; i < probs_.size(); ++i) {
-      cdf += probs_[i];
-      if (coin < cdf) return static_cast<int>(i);
+    for (std::size_t k = 0; k < n; ++k) {
+      cdf += prob(k);
+      if (r < cdf) return k;
     }
-    return static_cast<int>(probs_.size() - 1);  // rounding left coin >= cdf
+    return n - 1;
   }
 
   // Samples from the smallest set of most probable ids whose probabilities
@@ -119,29 +119,14 @@ class Sampler {
     std::size_t kept = 0;
     for (std::size_t i = 0; i < n; ++i)
       if (probs_[i] >= cutoff) candidates_[kept++] = {probs_[i], static_cast<int>(i)};
-    if (kept == 0) return argmax_of_probs();  // only by rounding, with top_p < 1/n
+    // None only by rounding, with top_p < 1/n: the most probable id.
+    if (kept == 0) return argmax(Eigen::Map<const Eigen::VectorXf>(probs_.data(), static_cast<Eigen::Index>(n)));
     std::sort(candidates_.begin(), candidates_.begin() + static_cast<std::ptrdiff_t>(kept),
               [](const Candidate& a, const Candidate& b) { return a.prob > b.prob; });
-    float cumulative = 0.0f;
-    std::size_t last = kept - 1;
-    for (std::size_t i = 0; i < kept; ++i) {
-      cumulative += candidates_[i].prob;
-      if (cumulative > top_p_) {
-        last = i;
-        break;
-      }
-    }
-    const float r = coin * cumulative;
-    float cdf = 0.0f;
-    for (std::size_t i = 0; i <= last; ++i) {
-      cdf += candidates_[i].prob;
-      if (r < cdf) return candidates_[i].id;
-    }
-    return candidates_[last].id;
-  }
-
-  int argmax_of_probs() const {
-    return static_cast<int>(std::max_element(probs_.begin(), probs_.end()) - probs_.begin());
+    std::size_t last = 0;
+    float cumulative = candidates_[0].prob;
+    while (cumulative <= top_p_ && last + 1 < kept) cumulative += candidates_[++last].prob;
+    return candidates_[pick(last + 1, coin * cumulative, [&](std::size_t k) { return candidates_[k].prob; })].id;
   }
 
   struct Candidate {
@@ -158,16 +143,21 @@ class Sampler {
 
 namespace detail {
 
-// Generation feeds the prompt and then every new id but the last, so it needs
-// prompt + max_new_tokens - 1 positions after the ones already cached.
-inline void check_generation_fits(std::size_t cached, std::size_t prompt, std::size_t max_new_tokens,
-                                  std::size_t limit) {
+// Everything generate, decode, generate_batch and generate_uncached check of
+// one sequence's sizes before any session changes, each message starting
+// with `where`: a prompt (none for decode()) of at least one token, and room
+// after the `cached` positions for it and every new id but the last (which
+// is not fed), within `limit`.
+inline void check_generation(const std::string& where, const std::vector<int>* prompt, std::size_t cached,
+                             std::size_t limit, std::size_t max_new_tokens) {
+  if (prompt && prompt->empty()) throw std::invalid_argument(where + "the prompt is empty (give at least one token)");
+  const std::size_t m = prompt ? prompt->size() : 0;
   const std::size_t later = max_new_tokens == 0 ? 0 : max_new_tokens - 1;
   // Compared by subtraction, so that a huge max_new_tokens cannot wrap around.
-  if (cached > limit || prompt > limit - cached || later > limit - cached - prompt)
-    throw std::length_error("kvcache: generate: " + std::to_string(cached) + " cached + " + std::to_string(prompt) +
-                            " prompt tokens + " + std::to_string(max_new_tokens) +
-                            " new tokens need more positions than the limit of " + std::to_string(limit));
+  if (cached > limit || m > limit - cached || later > limit - cached - m)
+    throw std::length_error(where + std::to_string(cached) + " cached + " + std::to_string(m) + " prompt tokens + " +
+                            std::to_string(max_new_tokens) + " new tokens need more positions than the limit of " +
+                            std::to_string(limit));
 }
 
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
@@ -176,21 +166,58 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   return (o.end_token && id == *o.end_token) || out.size() >= o.max_new_tokens;
 }
 
-}  // namespace detail
-
-namespace detail {
-
-// The decode loop: samples an id from `logits` (the last token's), feeds it,
-// and so on until options say stop; ids go to out.
-template <typename T, typename Row>
-void decode_into(const Decoder<T>& decoder, Session<T>& session, Workspace<T>& workspace, Sampler& sampler,
-                 const Row& logits, const GenerateOptions& options, std::vector<int>& out) {
-  std::vector<int> step(1);
-  int id = sampler.sample(logits);
-  while (!emit(id, out, options)) {
-    step[0] = id;
-    id = sampler.sample(decoder.forward(step, session, workspace, Logits::last).row(0));
+// The loop of generate, decode and generate_batch, whose checks have passed.
+// Sequence i (options[i], *sessions[i]) starts with the id first(i,
+// workspace, its sampler) picks (from its prompt's prefill, or from logits
+// the caller holds); then every sequence that has not finished feeds its
+// last id, all of them in one Decoder::forward_batch per step (one sequence
+// is a batch of one), until each produces its end_token or reaches its
+// max_new_tokens. When anything throws, every session is rolled back to the
+// tokens it held before: the caller never gets the ids, so the cache must
+// not keep them either. (A sliding window that dropped tokens during the call
+// cannot be rolled back: the session is then cleared.)
+template <typename T, typename First>
+std::vector<std::vector<int>> generate_sequences(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
+                                                 const std::vector<GenerateOptions>& options, const First& first) {
+  const std::size_t B = sessions.size();
+  std::vector<Sampler> samplers;
+  samplers.reserve(B);
+  for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(decoder.config().vocab_size, options[i]);
+  std::vector<std::vector<int>> out(B);
+  std::vector<typename Session<T>::Checkpoint> start(B);
+  for (std::size_t i = 0; i < B; ++i) start[i] = sessions[i]->checkpoint();
+  Workspace<T> workspace;
+  try {
+    std::vector<std::size_t> active;  // the sequences still generating, in order
+    for (std::size_t i = 0; i < B; ++i) {
+      if (options[i].max_new_tokens == 0) continue;
+      out[i].reserve(std::min<std::size_t>(options[i].max_new_tokens, 4096));  // not 2³¹ ids for a window's limit
+      if (!emit(first(i, workspace, samplers[i]), out[i], options[i])) active.push_back(i);
+    }
+    std::vector<std::vector<int>> step;
+    std::vector<Session<T>*> batch;
+    const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
+    while (!active.empty()) {
+      step.resize(active.size());
+      batch.resize(active.size());
+      for (std::size_t k = 0; k < active.size(); ++k) {
+        step[k].assign(1, out[active[k]].back());
+        batch[k] = sessions[active[k]];
+      }
+      const Matrix<T>& logits = decoder.forward_batch(step, batch, workspace, Logits::last, threads);  // decode
+      std::size_t kept = 0;
+      for (std::size_t k = 0; k < active.size(); ++k) {
+        const std::size_t i = active[k];
+        if (!emit(samplers[i].sample(logits.row(static_cast<Eigen::Index>(k))), out[i], options[i]))
+          active[kept++] = i;
+      }
+      active.resize(kept);
+    }
+  } catch (...) {
+    for (std::size_t i = 0; i < B; ++i) sessions[i]->roll_back(start[i]);
+    throw;
   }
+  return out;
 }
 
 }  // namespace detail
@@ -198,32 +225,19 @@ void decode_into(const Decoder<T>& decoder, Session<T>& session, Workspace<T>& w
 // Prefill then decode: one forward over the whole prompt, then one forward
 // per new token, each reusing the keys and values cached by the previous
 // ones. The session may already hold a prefix (a conversation goes on);
-// the prompt is appended to it. Returns the new ids.
-//
-// When anything throws midway (out of memory, non-finite logits, the
-// caller's on_token), the session is rolled back to the tokens it held
-// before the call: the caller never gets the ids, so the cache must not keep
-// them either. (A sliding window that dropped tokens during the call cannot
-// be rolled back: the session is then cleared.)
+// the prompt is appended to it. Returns the new ids. When anything throws
+// midway (out of memory, non-finite logits, the caller's on_token), the
+// session is rolled back to the tokens it held before the call.
 template <typename T>
 std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const std::vector<int>& prompt,
                           const GenerateOptions& options = {}) {
-  if (prompt.empty()) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
-  detail::check_generation_fits(session.position(), prompt.size(), options.max_new_tokens, session.position_limit());
-  Sampler sampler(decoder.config().vocab_size, options);
-  std::vector<int> out;
-  if (options.max_new_tokens == 0) return out;
-  out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));  // not 2³¹ ids for a window's huge limit
-  const auto start = session.checkpoint();
-  Workspace<T> workspace;
-  try {
-    const Matrix<T>& logits = decoder.forward(prompt, session, workspace, Logits::last);  // prefill
-    detail::decode_into(decoder, session, workspace, sampler, logits.row(0), options, out);
-  } catch (...) {
-    session.roll_back(start);
-    throw;
-  }
-  return out;
+  detail::check_generation("kvcache: generate: ", &prompt, session.position(), session.position_limit(),
+                           options.max_new_tokens);
+  const auto prefill = [&](std::size_t, Workspace<T>& w, Sampler& s) {
+    return s.sample(decoder.forward(prompt, session, w, Logits::last).row(0));
+  };
+  // Moved out: a copy could fail to allocate after the session has changed.
+  return std::move(detail::generate_sequences(decoder, {&session}, {options}, prefill).front());
 }
 
 // generate() without the prefill: decodes from the logits of the last token
@@ -232,20 +246,10 @@ std::vector<int> generate(const Decoder<T>& decoder, Session<T>& session, const 
 template <typename T, typename Derived>
 std::vector<int> decode(const Decoder<T>& decoder, Session<T>& session, const Eigen::MatrixBase<Derived>& last_logits,
                         const GenerateOptions& options = {}) {
-  detail::check_generation_fits(session.position(), 0, options.max_new_tokens, session.position_limit());
-  Sampler sampler(decoder.config().vocab_size, options);
-  std::vector<int> out;
-  if (options.max_new_tokens == 0) return out;
-  out.reserve(std::min<std::size_t>(options.max_new_tokens, 4096));
-  const auto start = session.checkpoint();
-  Workspace<T> workspace;
-  try {
-    detail::decode_into(decoder, session, workspace, sampler, last_logits, options, out);
-  } catch (...) {
-    session.roll_back(start);
-    throw;
-  }
-  return out;
+  detail::check_generation("kvcache: decode: ", nullptr, session.position(), session.position_limit(),
+                           options.max_new_tokens);
+  const auto given = [&](std::size_t, Workspace<T>&, Sampler& s) { return s.sample(last_logits); };
+  return std::move(detail::generate_sequences(decoder, {&session}, {options}, given).front());
 }
 
 // The same with a fresh session.
@@ -267,34 +271,6 @@ inline std::uint64_t sequence_seed(std::uint64_t seed, std::size_t i) {
   const std::uint64_t s = seed + static_cast<std::uint64_t>(i);
   return s == 0 ? 1 : s;
 }
-
-namespace detail {
-
-// generate_batch's checks, all before any session changes (its prefills run
-// one sequence at a time).
-template <typename T>
-void check_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
-                 const std::vector<std::vector<int>>& prompts, const std::vector<GenerateOptions>& options) {
-  const std::size_t B = prompts.size();
-  if (sessions.size() != B || options.size() != B)
-    throw std::invalid_argument("kvcache: generate_batch: " + std::to_string(B) + " prompts, " +
-                                std::to_string(sessions.size()) + " sessions and " + std::to_string(options.size()) +
-                                " options; need one of each per sequence");
-  for (std::size_t i = 0; i < B; ++i) {
-    const std::string at = "kvcache: generate_batch: sequence " + std::to_string(i) + ": ";
-    check_distinct(sessions, i, "kvcache: generate_batch", "sessions", "session");
-    const Session<T>* s = sessions[i];
-    if (prompts[i].empty()) throw std::invalid_argument(at + "the prompt is empty (give at least one token)");
-    decoder.check_input(prompts[i], *s, " (sequence " + std::to_string(i) + ")");
-    try {
-      check_generation_fits(s->position(), prompts[i].size(), options[i].max_new_tokens, s->position_limit());
-    } catch (const std::length_error& e) {
-      throw std::length_error(at + e.what());
-    }
-  }
-}
-
-}  // namespace detail
 
 // Generates a continuation of every prompt, the sequences stepped together:
 // each prompt is prefilled alone in its session (exactly as generate()
@@ -320,51 +296,20 @@ template <typename T>
 std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
                                              const std::vector<std::vector<int>>& prompts,
                                              const std::vector<GenerateOptions>& options) {
-  const ModelConfig& c = decoder.config();
   const std::size_t B = prompts.size();
-  detail::check_batch(decoder, sessions, prompts, options);
-  std::vector<Sampler> samplers;
-  samplers.reserve(B);
-  for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(c.vocab_size, options[i]);
-
-  std::vector<std::vector<int>> out(B);
-  // Where each session was, to roll all of them back if anything throws
-  // midway (as generate() does for one).
-  std::vector<typename Session<T>::Checkpoint> start(B);
-  for (std::size_t i = 0; i < B; ++i) start[i] = sessions[i]->checkpoint();
-  Workspace<T> workspace;
-  try {
-    std::vector<std::size_t> active;  // the sequences still generating, in order
-    for (std::size_t i = 0; i < B; ++i) {
-      if (options[i].max_new_tokens == 0) continue;
-      out[i].reserve(std::min<std::size_t>(options[i].max_new_tokens, 4096));
-      const Matrix<T>& logits = decoder.forward(prompts[i], *sessions[i], workspace, Logits::last);  // prefill, alone
-      if (!detail::emit(samplers[i].sample(logits.row(0)), out[i], options[i])) active.push_back(i);
-    }
-    std::vector<std::vector<int>> step;
-    std::vector<Session<T>*> batch;
-    const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
-    while (!active.empty()) {
-      step.resize(active.size());
-      batch.resize(active.size());
-      for (std::size_t k = 0; k < active.size(); ++k) {
-        step[k].assign(1, out[active[k]].back());
-        batch[k] = sessions[active[k]];
-      }
-      const Matrix<T>& logits = decoder.forward_batch(step, batch, workspace, Logits::last, threads);  // decode
-      std::size_t kept = 0;
-      for (std::size_t k = 0; k < active.size(); ++k) {
-        const std::size_t i = active[k];
-        if (!detail::emit(samplers[i].sample(logits.row(static_cast<Eigen::Index>(k))), out[i], options[i]))
-          active[kept++] = i;
-      }
-      active.resize(kept);
-    }
-  } catch (...) {
-    for (std::size_t i = 0; i < B; ++i) sessions[i]->roll_back(start[i]);
-    throw;
+  if (sessions.size() != B || options.size() != B)
+    throw std::invalid_argument("kvcache: generate_batch: " + std::to_string(B) + " prompts, " +
+                                std::to_string(sessions.size()) + " sessions and " + std::to_string(options.size()) +
+                                " options; need one of each per sequence");
+  for (std::size_t i = 0; i < B; ++i) {  // all before any prefill
+    detail::check_distinct(sessions, i, "kvcache: generate_batch", "sessions", "session");
+    detail::check_generation("kvcache: generate_batch: sequence " + std::to_string(i) + ": ", &prompts[i],
+                             sessions[i]->position(), sessions[i]->position_limit(), options[i].max_new_tokens);
+    decoder.check_input(prompts[i], *sessions[i], " (sequence " + std::to_string(i) + ")");
   }
-  return out;
+  return detail::generate_sequences(decoder, sessions, options, [&](std::size_t i, Workspace<T>& w, Sampler& s) {
+    return s.sample(decoder.forward(prompts[i], *sessions[i], w, Logits::last).row(0));  // prefill, alone
+  });
 }
 
 // The same with fresh sessions of `threads` threads and one set of options:
@@ -378,7 +323,6 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
   if (options.on_token)
     throw std::invalid_argument("kvcache: generate_batch: on_token is set for the whole batch; give one "
                                 "GenerateOptions per sequence to stream each one's ids");
-  if (threads == 0) throw std::invalid_argument("kvcache: generate_batch: threads = 0, need at least 1");
   std::vector<Session<T>> sessions;
   std::vector<Session<T>*> pointers;
   std::vector<GenerateOptions> per_sequence(prompts.size(), options);
@@ -398,8 +342,8 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
 template <typename T>
 std::vector<int> generate_uncached(const Decoder<T>& decoder, const std::vector<int>& prompt,
                                    const GenerateOptions& options = {}, std::size_t threads = 1) {
-  if (prompt.empty()) throw std::invalid_argument("kvcache: generate: the prompt is empty (give at least one token)");
-  detail::check_generation_fits(0, prompt.size(), options.max_new_tokens, decoder.config().max_seq_len);
+  detail::check_generation("kvcache: generate_uncached: ", &prompt, 0, decoder.config().max_seq_len,
+                           options.max_new_tokens);
   Sampler sampler(decoder.config().vocab_size, options);
   std::vector<int> out;
   if (options.max_new_tokens == 0) return out;

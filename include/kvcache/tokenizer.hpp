@@ -41,6 +41,7 @@
 #pragma once
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -66,7 +67,7 @@ namespace detail {
 // Reading tokenizer.bin
 // ============================================================================
 
-inline std::string describe_tokenizer(const std::string& path) { return "tokenizer '" + path + "'"; }
+inline std::string tokenizer_label(const std::string& name) { return "tokenizer '" + name + "'"; }
 
 // What a tokenizer.bin holds.
 struct TokenizerFile {
@@ -75,149 +76,83 @@ struct TokenizerFile {
   std::vector<float> scores;
 };
 
-inline void open_tokenizer_file(const std::string& path, std::ifstream& in) {
-  const std::string problem = io::open_problem(path, in);
-  if (!problem.empty()) throw std::runtime_error("cannot open " + describe_tokenizer(path) + ": " + problem);
+// Token `index`: its score (returned) and its piece, each checked. The piece
+// is read 64 KB at a time, so that memory grows with the bytes that arrive,
+// never with the length a token claims.
+inline float read_token(io::BoundedReader& reader, const std::string& label, std::size_t index, int max_token_length,
+                        std::string& piece) {
+  const std::string token = "token " + std::to_string(index);
+  unsigned char field[8];
+  reader.read(field, 8, token + "'s score and length");
+  const float score = io::get_f32_le(field);
+  const std::int32_t length = io::get_i32_le(field + 4);
+  if (std::isnan(score)) io::fail(label, token + " has a NaN score");
+  if (length < 0 || length > max_token_length)
+    io::fail(label, token + " has length " + std::to_string(length) + ", outside [0, max_token_length " +
+                        std::to_string(max_token_length) + "]");
+  piece.clear();
+  for (auto left = static_cast<std::size_t>(length); left > 0;) {
+    const std::size_t n = std::min<std::size_t>(left, std::size_t{1} << 16);
+    piece.resize(piece.size() + n);
+    reader.read(reinterpret_cast<unsigned char*>(&piece[piece.size() - n]), n, token);
+    left -= n;
+  }
+  return score;
 }
 
-// The stream's bytes from its position to its end, refusing more than
-// max_bytes: a seekable stream is measured first (a huge file fails
-// without being read), any other is read in chunks up to max_bytes + 1
-// (/dev/zero or an endless pipe fails after max_bytes).
-inline std::string read_tokenizer_bytes(std::istream& in, const std::string& name, std::uint64_t max_bytes) {
-  const auto too_large = [&](const std::string& size) {
-    return std::runtime_error(describe_tokenizer(name) + " is larger than LoadLimits::max_tokenizer_bytes (" + size +
-                              " vs " + std::to_string(max_bytes) + " bytes)");
-  };
-  const std::optional<std::uint64_t> length = io::remaining_bytes(in);
-  if (length && *length > max_bytes) throw too_large(std::to_string(*length));
-  // Read straight into the string, a chunk at a time, never asking for
-  // more than max_bytes + 1 in total.
-  constexpr std::uint64_t kChunk = 1 << 16;
-  std::string bytes;
-  while (in) {
-    const std::size_t old = bytes.size();
-    const std::uint64_t room = max_bytes - old;  // old <= max_bytes here
-    const auto want = static_cast<std::size_t>(room >= kChunk ? kChunk : room + 1);
-    bytes.resize(old + want);
-    in.read(&bytes[old], static_cast<std::streamsize>(want));
-    bytes.resize(old + static_cast<std::size_t>(in.gcount()));
-    if (bytes.size() > max_bytes) throw too_large("more than " + std::to_string(max_bytes));
-  }
-  if (in.bad()) throw std::runtime_error("error while reading " + describe_tokenizer(name));
-  return bytes;
-}
-
-// Walks the file's bytes, checking every length against what is left.
-class TokenizerReader {
- public:
-  TokenizerReader(const std::string& path, const std::string& bytes) : path_(path), bytes_(bytes) {}
-
-  bool at_end() const noexcept { return offset_ == bytes_.size(); }
-  std::size_t bytes_left() const noexcept { return bytes_.size() - offset_; }
-  // Each token is at least a score and a length: 8 bytes.
-  std::size_t max_tokens_left() const noexcept { return bytes_left() / 8; }
-
-  int read_max_token_length() {
-    if (bytes_left() < 4)
-      throw std::runtime_error(describe_tokenizer(path_) + " is " + std::to_string(bytes_.size()) +
-                               " bytes, too short for its 4-byte header (max_token_length)");
-    const std::int32_t value = io::get_i32_le(next(4));
-    if (value < 0) throw error(": max_token_length is " + std::to_string(value) + ", must be >= 0");
-    return value;
-  }
-
-  // Token `index`: its piece (moved into `piece`) and its score.
-  float read_token(std::size_t index, int max_token_length, std::string& piece) {
-    const std::string token = " token " + std::to_string(index);
-    if (bytes_left() < 8)
-      throw error(" is truncated:" + token + " needs 8 bytes (score, length) at offset " + std::to_string(offset_) +
-                  " but only " + std::to_string(bytes_left()) + " remain");
-    const float score = io::get_f32_le(next(4));
-    const std::int32_t length = io::get_i32_le(next(4));
-    if (std::isnan(score)) throw error(":" + token + " has a NaN score");
-    if (length < 0) throw error(":" + token + " has length " + std::to_string(length) + ", must be >= 0");
-    if (length > max_token_length)
-      throw error(":" + token + " has length " + std::to_string(length) + ", above max_token_length " +
-                  std::to_string(max_token_length));
-    const auto size = static_cast<std::size_t>(length);
-    if (size > bytes_left())
-      throw error(" is truncated:" + token + " has length " + std::to_string(length) + " but only " +
-                  std::to_string(bytes_left()) + " bytes remain");
-    piece.assign(bytes_, offset_, size);
-    offset_ += size;
-    return score;
-  }
-
- private:
-  std::runtime_error error(const std::string& what) const {
-    return std::runtime_error(describe_tokenizer(path_) + what);
-  }
-  const unsigned char* next(std::size_t n) {  // n <= bytes_left(), checked by the caller
-    offset_ += n;
-    return reinterpret_cast<const unsigned char*>(bytes_.data()) + offset_ - n;
-  }
-
-  const std::string& path_;
-  const std::string& bytes_;
-  std::size_t offset_ = 0;
-};
-
-// The message for bytes left after the model's vocab_size tokens: more
-// tokens when they parse as such, otherwise plain trailing garbage.
-inline std::string describe_trailing_bytes(const std::string& path, const TokenizerReader& reader,
-                                           std::size_t vocab_size, int max_token_length) {
-  TokenizerReader probe = reader;
-  std::size_t extra = 0;
-  std::string piece;
-  try {
-    for (; !probe.at_end(); ++extra) probe.read_token(vocab_size + extra, max_token_length, piece);
-  } catch (const std::runtime_error&) {
-    return describe_tokenizer(path) + " has " + std::to_string(reader.bytes_left()) + " unexpected bytes after the " +
-           std::to_string(vocab_size) + " tokens of the model's vocab_size";
-  }
-  return describe_tokenizer(path) + " holds " + std::to_string(vocab_size + extra) +
-         " tokens but the model's vocab_size is " + std::to_string(vocab_size);
-}
-
-// Reads a tokenizer.bin from the stream: exactly vocab_size tokens when it
-// is given (the model's vocab_size), otherwise every token up to the end. At
-// most limits.max_tokenizer_bytes + 1 bytes are read.
+// Reads a tokenizer.bin from the stream: exactly vocab_size tokens when it is
+// given (the model's vocab_size), otherwise every token up to the end. A
+// stream longer than limits.max_tokenizer_bytes is refused before it is read
+// when it can be measured, otherwise (a pipe, /dev/zero) once it has given
+// that many bytes.
 inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, std::optional<std::size_t> vocab_size,
                                     const LoadLimits& limits) {
-  constexpr auto kMaxId = static_cast<std::size_t>(std::numeric_limits<int>::max());
-  const std::string file = describe_tokenizer(name);
-  if (vocab_size && *vocab_size > kMaxId)
-    throw std::runtime_error(file + ": the model's vocab_size " + std::to_string(*vocab_size) +
-                             " exceeds the largest id " + std::to_string(kMaxId));
-  if (vocab_size && *vocab_size > limits.max_vocab_size)
-    throw std::runtime_error(file + ": the model's vocab_size is above LoadLimits::max_vocab_size (" +
-                             std::to_string(*vocab_size) + " vs " + std::to_string(limits.max_vocab_size) + ")");
-  const std::string bytes = read_tokenizer_bytes(in, name, limits.max_tokenizer_bytes);
-  TokenizerReader reader(name, bytes);
-  TokenizerFile out;
-  out.max_token_length = reader.read_max_token_length();
+  const std::string label = tokenizer_label(name);
   // Ids are ints: whatever the limit says, no more tokens than that.
-  const std::size_t max_tokens =
-      vocab_size ? *vocab_size
-                 : static_cast<std::size_t>(std::min<std::uint64_t>(limits.max_vocab_size, std::uint64_t{kMaxId}));
-  // Each token takes at least 8 bytes, so the file bounds what is reserved,
-  // whatever vocab_size claims.
-  const std::size_t reserved = std::min(max_tokens, reader.max_tokens_left());
-  out.pieces.reserve(reserved);
-  out.scores.reserve(reserved);
-  while (vocab_size ? out.pieces.size() < *vocab_size : !reader.at_end()) {
-    if (reader.at_end())  // only with a vocab_size
-      throw std::runtime_error(file + " holds " + std::to_string(out.pieces.size()) +
-                               " tokens but the model's vocab_size is " + std::to_string(*vocab_size));
-    if (out.pieces.size() == max_tokens)  // only without
-      throw std::runtime_error(file + " holds more tokens than the limit (LoadLimits::max_vocab_size " +
-                               std::to_string(limits.max_vocab_size) + ", ids up to " + std::to_string(kMaxId) + ")");
+  constexpr std::uint64_t kMaxId = std::numeric_limits<int>::max();
+  const auto max_tokens = static_cast<std::size_t>(std::min(limits.max_vocab_size, kMaxId));
+  const std::string vocab_limit =
+      "LoadLimits::max_vocab_size " + std::to_string(limits.max_vocab_size) + ", ids up to " + std::to_string(kMaxId);
+  if (vocab_size && *vocab_size > max_tokens)
+    io::fail(label, "the model's vocab_size " + std::to_string(*vocab_size) + " is above the limit (" + vocab_limit + ")");
+  const std::uint64_t max_bytes = limits.max_tokenizer_bytes;
+  const auto too_large = [&](const std::string& size) {
+    io::fail(label, "is larger than LoadLimits::max_tokenizer_bytes (" + size + " vs " + std::to_string(max_bytes) +
+                        " bytes)");
+  };
+  const std::optional<std::uint64_t> length = io::remaining_bytes(in);
+  if (length && *length > max_bytes) too_large(std::to_string(*length));
+  io::BoundedReader reader(in, label);
+  // What stops a stream that could not be measured at the limit.
+  reader.on_read = [&](const unsigned char*, std::size_t) {
+    if (reader.consumed() > max_bytes) too_large("more than " + std::to_string(max_bytes));
+  };
+
+  unsigned char header[4];
+  reader.read(header, 4, "4-byte header (max_token_length)");
+  TokenizerFile out;
+  out.max_token_length = io::get_i32_le(header);
+  if (out.max_token_length < 0)
+    io::fail(label, "max_token_length is " + std::to_string(out.max_token_length) + ", must be >= 0");
+  // Every token up to the end. Past the model's vocab_size tokens, the
+  // message tells more tokens (another vocabulary) from plain trailing bytes.
+  std::uint64_t after = 0;  // bytes up to the model's vocab_size tokens
+  while (in.peek() != std::char_traits<char>::eof()) {
+    if (out.pieces.size() == max_tokens) io::fail(label, "holds more tokens than the limit (" + vocab_limit + ")");
+    if (vocab_size && out.pieces.size() == *vocab_size) after = reader.consumed();
     out.pieces.emplace_back();
-    out.scores.push_back(reader.read_token(out.pieces.size() - 1, out.max_token_length, out.pieces.back()));
+    try {
+      out.scores.push_back(read_token(reader, label, out.pieces.size() - 1, out.max_token_length, out.pieces.back()));
+    } catch (const std::runtime_error&) {
+      if (!vocab_size || out.pieces.size() <= *vocab_size || reader.consumed() > max_bytes) throw;
+      io::fail(label, (length && *length > after ? std::to_string(*length - after) : std::string("some")) +
+                          " unexpected bytes after the " + std::to_string(*vocab_size) +
+                          " tokens of the model's vocab_size");
+    }
   }
-  if (vocab_size && !reader.at_end())
-    throw std::runtime_error(describe_trailing_bytes(name, reader, *vocab_size, out.max_token_length));
+  if (vocab_size && out.pieces.size() != *vocab_size)
+    io::fail(label, "holds " + std::to_string(out.pieces.size()) + " tokens but the model's vocab_size is " +
+                        std::to_string(*vocab_size));
   return out;
 }
 
@@ -232,30 +167,27 @@ constexpr float kMinMergeScore = -1e10f;
 // Merges `tokens` in place. find_merge(left_id, right_id) gives the id and
 // score of the entry spelling the two pieces together (id -1: none).
 // The tokens form a doubly linked list over their initial positions; merging
-// a pair keeps the left node (with the merged id) and unlinks the right one,
-// so the surviving nodes stay in position order and a node's initial position
-// orders it exactly as its current index would. A max-heap holds candidate
-// merges keyed by (score, then lowest left position), which is llama2.c's
-// "highest score, leftmost on ties". A merge changes its left node and
-// removes its right one; candidates that saw either node before that are
-// recognised by a per-node version stamp and skipped when they reach the top
-// (lazy deletion).
+// a pair keeps the left node (with the merged id) and marks the right one
+// removed (id -1), so the surviving nodes stay in position order and a node's
+// initial position orders it exactly as its current index would. A max-heap
+// holds candidate merges keyed by (score, then lowest left position), which is
+// llama2.c's "highest score, leftmost on ties". A candidate whose two nodes
+// are no longer neighbours with the ids it saw is skipped when it reaches the
+// top (lazy deletion); one whose pair still stands merges what a fresh one
+// would, since the merge depends on the two ids only.
 template <typename FindMerge>
 void merge_pairs(std::vector<int>& tokens, const FindMerge& find_merge) {
   const std::size_t n = tokens.size();
-  if (n < 2) return;
   constexpr std::size_t kNone = std::numeric_limits<std::size_t>::max();
 
   struct Candidate {
     float score;
     std::size_t left, right;  // node positions
-    int merged_id;
-    std::uint32_t left_version, right_version;
+    int left_id, right_id, merged_id;
   };
   // "a comes out after b": lower score, or the same score further right.
   const auto after = [](const Candidate& a, const Candidate& b) {
-    if (a.score != b.score) return a.score < b.score;
-    return a.left > b.left;
+    return a.score != b.score ? a.score < b.score : a.left > b.left;
   };
   std::priority_queue<Candidate, std::vector<Candidate>, decltype(after)> heap(after);
 
@@ -264,55 +196,39 @@ void merge_pairs(std::vector<int>& tokens, const FindMerge& find_merge) {
     prev[i] = i == 0 ? kNone : i - 1;
     next[i] = i + 1 == n ? kNone : i + 1;
   }
-  std::vector<std::uint32_t> version(n, 0);
-
   const auto consider = [&](std::size_t left, std::size_t right) {
     const std::pair<int, float> merge = find_merge(tokens[left], tokens[right]);
-    if (merge.first < 0 || !(merge.second > kMinMergeScore)) return;
-    heap.push(Candidate{merge.second, left, right, merge.first, version[left], version[right]});
+    if (merge.first >= 0 && merge.second > kMinMergeScore)
+      heap.push(Candidate{merge.second, left, right, tokens[left], tokens[right], merge.first});
   };
-
   for (std::size_t i = 0; i + 1 < n; ++i) consider(i, i + 1);
 
   while (!heap.empty()) {
     const Candidate best = heap.top();
     heap.pop();
-    const bool stale = version[best.left] != best.left_version || version[best.right] != best.right_version ||
-                       next[best.left] != best.right;
-    if (stale) continue;
-
+    if (next[best.left] != best.right || tokens[best.left] != best.left_id || tokens[best.right] != best.right_id)
+      continue;  // stale
     tokens[best.left] = best.merged_id;
-    ++version[best.left];
-    ++version[best.right];  // removed: every candidate naming it is stale
+    tokens[best.right] = -1;
     const std::size_t after_right = next[best.right];
     next[best.left] = after_right;
     if (after_right != kNone) prev[after_right] = best.left;
-
     if (prev[best.left] != kNone) consider(prev[best.left], best.left);
     if (after_right != kNone) consider(best.left, after_right);
   }
-
-  // Node 0 is never a right node, so it heads the surviving list.
-  std::size_t kept = 0;
-  for (std::size_t i = 0; i != kNone; i = next[i]) tokens[kept++] = tokens[i];
-  tokens.resize(kept);
+  tokens.erase(std::remove(tokens.begin(), tokens.end(), -1), tokens.end());
 }
 
 // The byte a piece of the exact form "<0xXX>" (either hex case) stands for,
 // or -1. (llama2.c uses sscanf("<0x%02hhX>"), which also accepts a prefix
 // such as "<0x4" or "<0x41>junk"; no real vocabulary has such pieces.)
 inline int parse_byte_piece(std::string_view text) noexcept {
-  const auto hex_digit = [](char c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  const char* digits = text.data() + 3;
+  unsigned byte = 0;
+  if (text.size() != 6 || text.substr(0, 3) != "<0x" || text[5] != '>' ||
+      std::from_chars(digits, digits + 2, byte, 16).ptr != digits + 2)
     return -1;
-  };
-  if (text.size() != 6 || text.substr(0, 3) != "<0x" || text[5] != '>') return -1;
-  const int high = hex_digit(text[3]);
-  const int low = hex_digit(text[4]);
-  if (high < 0 || low < 0) return -1;
-  return high * 16 + low;
+  return static_cast<int>(byte);
 }
 
 }  // namespace detail
@@ -333,21 +249,22 @@ class Tokenizer {
   // (max_tokenizer_bytes, max_vocab_size).
   static Tokenizer load(const std::string& path, std::size_t vocab_size, const LoadLimits& limits = {}) {
     std::ifstream in;
-    detail::open_tokenizer_file(path, in);
+    detail::io::open_for_reading(path, detail::tokenizer_label(path), in);
     return load(in, path, vocab_size, limits);
   }
 
   // Reads every token in the file; vocab_size() is how many there are.
   static Tokenizer load(const std::string& path, const LoadLimits& limits = {}) {
     std::ifstream in;
-    detail::open_tokenizer_file(path, in);
+    detail::io::open_for_reading(path, detail::tokenizer_label(path), in);
     return load(in, path, limits);
   }
 
   // The same from a stream (a file, a std::istringstream over bytes in
   // memory), read from its position to its end; `name` stands for the path in
-  // messages. The stream need not be seekable: at most
-  // limits.max_tokenizer_bytes + 1 bytes are read from it.
+  // messages. The stream need not be seekable: one that cannot be measured
+  // is refused once it has given more than limits.max_tokenizer_bytes (at
+  // most 64 KB more are read).
   static Tokenizer load(std::istream& in, const std::string& name, std::size_t vocab_size,
                         const LoadLimits& limits = {}) {
     return Tokenizer(detail::read_tokenizer(in, name, vocab_size, limits), name);
@@ -366,17 +283,37 @@ class Tokenizer {
     tokens.reserve(text.size() + 3);
     if (bos) tokens.push_back(kBosId);
     if (!text.empty() && dummy_prefix_id_ >= 0) tokens.push_back(dummy_prefix_id_);
-    append_chunk_tokens(text, tokens);
+    // Step 3: one token per chunk found in the vocabulary, byte fallback for
+    // the rest. A chunk is a byte plus up to 3 continuation bytes, whatever
+    // the first byte is: that is how llama2.c groups bytes, so e.g. "a\x80"
+    // is one chunk (not in the vocabulary, so two fallback bytes).
+    const auto is_continuation_byte = [](char c) { return (static_cast<unsigned char>(c) & 0xC0) == 0x80; };
+    for (std::size_t begin = 0, length = 1; begin < text.size(); begin += length, length = 1) {
+      while (length < 4 && begin + length < text.size() && is_continuation_byte(text[begin + length])) ++length;
+      const std::string_view chunk = text.substr(begin, length);
+      const int id = find(chunk);
+      if (id >= 0) {
+        tokens.push_back(id);
+        continue;
+      }
+      for (const char byte : chunk) {
+        const int fallback = kByteFallbackOffset + static_cast<unsigned char>(byte);
+        if (static_cast<std::size_t>(fallback) >= pieces_.size())
+          throw std::runtime_error("kvcache::Tokenizer: byte " + std::to_string(fallback - kByteFallbackOffset) +
+                                   " needs byte-fallback token " + std::to_string(fallback) +
+                                   " but the vocabulary has only " + std::to_string(pieces_.size()) + " tokens");
+        tokens.push_back(fallback);
+      }
+    }
     std::string joined;  // reused by every lookup of a pair
     detail::merge_pairs(tokens, [&](int left, int right) {
       const std::string& a = pieces_[static_cast<std::size_t>(left)];
       const std::string& b = pieces_[static_cast<std::size_t>(right)];
       // No entry is longer than max_token_length (checked at load).
-      if (a.size() + b.size() > static_cast<std::size_t>(max_token_length_)) return std::pair<int, float>(-1, 0.0f);
-      joined.assign(a).append(b);
-      const auto it = ids_.find(joined);
-      if (it == ids_.end()) return std::pair<int, float>(-1, 0.0f);
-      return std::pair<int, float>(it->second, scores_[static_cast<std::size_t>(it->second)]);
+      const std::pair<int, float> none(-1, 0.0f);
+      if (a.size() + b.size() > static_cast<std::size_t>(max_token_length_)) return none;
+      const auto it = ids_.find(joined.assign(a).append(b));
+      return it == ids_.end() ? none : std::pair<int, float>(it->second, scores_[static_cast<std::size_t>(it->second)]);
     });
     if (eos) tokens.push_back(kEosId);
     return tokens;
@@ -388,8 +325,7 @@ class Tokenizer {
     std::string_view text = piece(token);
     if (prev_token == kBosId && !text.empty() && text.front() == ' ') text.remove_prefix(1);
     const int byte = detail::parse_byte_piece(text);
-    if (byte >= 0) return std::string(1, static_cast<char>(byte));
-    return std::string(text);
+    return byte >= 0 ? std::string(1, static_cast<char>(byte)) : std::string(text);
   }
 
   // The concatenated text of `ids`, each decoded after the one before it, the
@@ -410,11 +346,9 @@ class Tokenizer {
   // printable nor whitespace (in the C locale) is not printed; every other
   // piece is.
   static bool is_printable_piece(const std::string& piece) {
-    if (piece.size() != 1) return true;
-    const auto byte = static_cast<unsigned char>(piece[0]);
-    const bool printable = byte >= 0x20 && byte <= 0x7E;  // isprint, C locale
-    const bool space = byte == ' ' || (byte >= '\t' && byte <= '\r');  // isspace
-    return printable || space;
+    const auto byte = static_cast<unsigned char>(piece[0]);  // '\0' for an empty piece
+    // isprint (0x20 to 0x7E) or isspace ('\t' to '\r', and ' ') in the C locale
+    return piece.size() != 1 || (byte >= 0x20 && byte <= 0x7E) || (byte >= '\t' && byte <= '\r');
   }
 
   std::size_t vocab_size() const noexcept { return pieces_.size(); }
@@ -435,11 +369,11 @@ class Tokenizer {
 
  private:
   // Checks the vocabulary has the special ids and builds the lookup table.
-  Tokenizer(detail::TokenizerFile file, const std::string& path)
+  Tokenizer(detail::TokenizerFile file, const std::string& name)
       : pieces_(std::move(file.pieces)), scores_(std::move(file.scores)), max_token_length_(file.max_token_length) {
     if (pieces_.size() <= static_cast<std::size_t>(kEosId))
-      throw std::runtime_error(detail::describe_tokenizer(path) + " holds " + std::to_string(pieces_.size()) +
-                               " tokens, fewer than the 3 special ones (<unk>, BOS, EOS)");
+      detail::io::fail(detail::tokenizer_label(name), "holds " + std::to_string(pieces_.size()) +
+                                                          " tokens, fewer than the 3 special ones (<unk>, BOS, EOS)");
     ids_.reserve(pieces_.size());
     // emplace keeps the existing entry, so a duplicated string maps to its lowest id.
     for (std::size_t id = 0; id < pieces_.size(); ++id) ids_.emplace(pieces_[id], static_cast<int>(id));
@@ -451,35 +385,6 @@ class Tokenizer {
       throw std::out_of_range("kvcache::Tokenizer: token id " + std::to_string(id) +
                               " is outside the vocabulary [0, " + std::to_string(pieces_.size()) + ")");
     return static_cast<std::size_t>(id);
-  }
-
-  // Step 3 of encoding: one token per chunk found in the vocabulary, byte
-  // fallback for the rest. A chunk is a byte plus up to 3 continuation bytes,
-  // whatever the first byte is: that is how llama2.c groups bytes, so e.g.
-  // "a\x80" is one chunk (not in the vocabulary, so two fallback bytes).
-  void append_chunk_tokens(std::string_view text, std::vector<int>& tokens) const {
-    constexpr std::size_t kMaxChunk = 4;
-    const auto is_continuation_byte = [](char c) { return (static_cast<unsigned char>(c) & 0xC0) == 0x80; };
-    for (std::size_t begin = 0, length = 1; begin < text.size(); begin += length, length = 1) {
-      while (length < kMaxChunk && begin + length < text.size() && is_continuation_byte(text[begin + length]))
-        ++length;
-      const std::string_view chunk = text.substr(begin, length);
-      const int id = find(chunk);
-      if (id >= 0) {
-        tokens.push_back(id);
-      } else {
-        for (const char byte : chunk) tokens.push_back(byte_fallback_id(static_cast<unsigned char>(byte)));
-      }
-    }
-  }
-
-  int byte_fallback_id(unsigned char byte) const {
-    const int id = kByteFallbackOffset + byte;
-    if (static_cast<std::size_t>(id) >= pieces_.size())
-      throw std::runtime_error("kvcache::Tokenizer: byte " + std::to_string(byte) + " needs byte-fallback token " +
-                               std::to_string(id) + " but the vocabulary has only " + std::to_string(pieces_.size()) +
-                               " tokens");
-    return id;
   }
 
   std::vector<std::string> pieces_;
