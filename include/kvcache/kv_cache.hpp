@@ -15,6 +15,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -48,9 +49,8 @@ class KVRows {
                                   std::to_string(n_kv_heads) + ", d_k = " + std::to_string(d_k));
     storage_info(type, "KVType");
   }
-  KVRows(const KVRows&) = delete;
-  KVRows& operator=(const KVRows&) = delete;
-  // A moved-from KVRows keeps its shape and holds nothing.
+  // A moved-from KVRows keeps its shape and holds nothing. (No copy
+  // constructor: copy() makes the cost explicit.)
   KVRows(KVRows&& other) noexcept : n_kv_heads_(other.n_kv_heads_), d_k_(other.d_k_), type_(other.type_) {
     swap(other);
   }
@@ -302,8 +302,7 @@ class Caches {
   // needs more than its window). Throws std::length_error past max_tokens();
   // on any exception no token changes (every layer keeps its tokens).
   void reserve(std::size_t n) {
-    if (table_.window().window != 0) n = std::min(n, table_.window().window);
-    table_.check_limit(n);
+    n = table_.slots_for(n);
     for (auto& l : layers_)
       if (l.capacity() < n) l.reallocate(n, table_.size());
   }
@@ -317,7 +316,6 @@ class Caches {
 template <typename T, typename Derived>
 class CacheReader {
  public:
-  using Scalar = T;
   using HeadView = typename KVRows<T>::HeadView;  // size() × d_k
 
   std::size_t n_kv_heads() const { return rows().n_kv_heads(); }
@@ -332,7 +330,7 @@ class CacheReader {
   // position the next token takes in the sequence.
   std::size_t position() const { return table().position(); }
   // Tokens the sliding window has dropped.
-  std::size_t evicted() const { return table().evicted(); }
+  std::size_t evicted() const { return position() - size(); }
   std::size_t capacity() const { return rows().capacity(); }
   std::size_t max_tokens() const { return table().max_tokens(); }
   std::size_t row_bytes() const { return rows().row_bytes(); }
@@ -433,8 +431,8 @@ class KVCache : public detail::Caches<T, std::array<KVRows<T>, 1>>, public detai
   // caller that makes room before appending (to fail before changing
   // anything else) keeps append's O(m) amortized cost.
   void reserve_more(std::size_t m) {
-    const std::size_t needed = this->table_.size_after(m);
-    this->table_.check_limit(needed);
+    const std::size_t room = std::numeric_limits<std::size_t>::max() - this->size();
+    const std::size_t needed = this->table_.slots_for(this->size() + std::min(m, room));
     kv_rows().grow(needed, this->size(), this->max_tokens());
   }
 
@@ -443,11 +441,12 @@ class KVCache : public detail::Caches<T, std::array<KVRows<T>, 1>>, public detai
   // nothing) on a shape mismatch or past max_tokens(). A full sliding window
   // drops its oldest non-sink token for each new one.
   void append(const Eigen::Ref<const Matrix<T>>& K_new, const Eigen::Ref<const Matrix<T>>& V_new) {
-    check_shape("K_new", K_new);
-    check_shape("V_new", V_new);
-    if (K_new.rows() != V_new.rows())
-      throw std::invalid_argument("kvcache: KVCache::append: K_new has " + std::to_string(K_new.rows()) +
-                                  " rows but V_new has " + std::to_string(V_new.rows()));
+    const auto shape = [](const auto& M) { return std::to_string(M.rows()) + " × " + std::to_string(M.cols()); };
+    if (static_cast<std::size_t>(K_new.cols()) != this->kv_dim() || V_new.cols() != K_new.cols() ||
+        V_new.rows() != K_new.rows())
+      throw std::invalid_argument("kvcache: KVCache::append: K_new is " + shape(K_new) + " and V_new " +
+                                  shape(V_new) + ", expected both m × n_kv_heads * d_k = m × " +
+                                  std::to_string(this->kv_dim()));
     reserve_more(static_cast<std::size_t>(K_new.rows()));
     const SlotTable::State end =
         this->table_.for_each_slot(static_cast<std::size_t>(K_new.rows()), [&](std::size_t i, std::size_t slot) {
@@ -464,13 +463,6 @@ class KVCache : public detail::Caches<T, std::array<KVRows<T>, 1>>, public detai
 
  private:
   KVCache(const SlotTable& table, KVRows<T> rows) : Base(table, {std::move(rows)}) {}
-
-  void check_shape(const char* name, const Eigen::Ref<const Matrix<T>>& M) const {
-    if (static_cast<std::size_t>(M.cols()) != this->kv_dim())
-      throw std::invalid_argument(std::string("kvcache: KVCache::append: ") + name + " has " +
-                                  std::to_string(M.cols()) + " columns, expected n_kv_heads * d_k = " +
-                                  std::to_string(this->kv_dim()));
-  }
 };
 
 }  // namespace kvcache
