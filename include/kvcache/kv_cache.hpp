@@ -166,43 +166,31 @@ class KVRows {
   // (kKeys or kValues) ...
   void store(std::size_t a, std::size_t h, std::size_t slot, const T* x) {
     unsigned char* to = a_[a].data() + offset(a, h, slot);
-    switch (type_) {
-      case StorageType::f32:
-        std::copy_n(x, d_k_, reinterpret_cast<T*>(to));
-        break;
-      case StorageType::bf16:
-        for (std::size_t c = 0; c < d_k_; ++c) reinterpret_cast<std::uint16_t*>(to)[c] = detail::to_bf16(x[c]);
-        break;
-      case StorageType::int8:
-        a_[a + kScales].data()[offset(a + kScales, h, slot)] = detail::quantize_int8(x, d_k_, reinterpret_cast<std::int8_t*>(to));
-        break;
-    }
+    unsigned char* code = a_[a + kScales].data() + offset(a + kScales, h, slot);  // int8 only
+    if (type_ == StorageType::f32)
+      std::copy_n(x, d_k_, reinterpret_cast<T*>(to));
+    else if (type_ == StorageType::bf16)
+      std::transform(x, x + d_k_, reinterpret_cast<std::uint16_t*>(to), detail::to_bf16<T>);
+    else
+      *code = detail::quantize_int8(x, d_k_, reinterpret_cast<std::int8_t*>(to));
   }
 
   // ... and reading `count` rows back as T.
   void load(std::size_t a, std::size_t h, std::size_t first, std::size_t count, T* out) const {
     const unsigned char* from = a_[a].data() + offset(a, h, first);
-    const std::size_t n = count * d_k_;
-    switch (type_) {
-      case StorageType::f32:
-        std::copy_n(reinterpret_cast<const T*>(from), n, out);
-        break;
-      case StorageType::bf16: {
-        const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
-        for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<T>(detail::from_bf16(b16[i]));
-        break;
+    const unsigned char* codes = a_[a + kScales].data() + offset(a + kScales, h, first);  // int8 only
+    const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
+    const auto* i8 = reinterpret_cast<const std::int8_t*>(from);
+    const auto& scales = detail::int8_scales();
+    if (type_ == StorageType::f32)
+      std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
+    else if (type_ == StorageType::bf16)
+      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t b) { return static_cast<T>(detail::from_bf16(b)); });
+    else
+      for (std::size_t r = 0; r < count; ++r) {
+        const T s = static_cast<T>(scales[codes[r]]);
+        for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(i8[r * d_k_ + c]);
       }
-      case StorageType::int8: {
-        const auto* src = reinterpret_cast<const std::int8_t*>(from);
-        const unsigned char* codes = a_[a + kScales].data() + offset(a + kScales, h, first);
-        const auto& scales = detail::int8_scales();
-        for (std::size_t r = 0; r < count; ++r) {
-          const T s = static_cast<T>(scales[codes[r]]);
-          for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(src[r * d_k_ + c]);
-        }
-        break;
-      }
-    }
   }
 
   // Allocates every array for `capacity` slots and copies source's first
@@ -346,19 +334,17 @@ class CacheReader {
   // slot order (token order until a sliding window wraps). f32 storage only
   // (std::logic_error otherwise: read compact types with load_keys /
   // load_values); std::out_of_range for a head past n_kv_heads().
-  HeadView keys(std::size_t h) const { return rows().keys(checked_head(h), size()); }
-  HeadView values(std::size_t h) const { return rows().values(checked_head(h), size()); }
+  HeadView keys(std::size_t h) const { return rows().keys(checked(h), size()); }
+  HeadView values(std::size_t h) const { return rows().values(checked(h), size()); }
 
   // Writes slots [first, first + count) of head h, converted to T, to out
   // (count × d_k, row-major). Throws std::out_of_range past size() or
   // n_kv_heads().
   void load_keys(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    check_slots(h, first, count);
-    rows().load_keys(h, first, count, out);
+    rows().load_keys(checked(h, first, count), first, count, out);
   }
   void load_values(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    check_slots(h, first, count);
-    rows().load_values(h, first, count, out);
+    rows().load_values(checked(h, first, count), first, count, out);
   }
 
  protected:
@@ -366,17 +352,15 @@ class CacheReader {
   const KVRows<T>& rows() const { return static_cast<const Derived&>(*this).kv_rows(); }
 
  private:
-  std::size_t checked_head(std::size_t h) const {
+  // h, once head h and slots [first, first + count) are known to be held.
+  std::size_t checked(std::size_t h, std::size_t first = 0, std::size_t count = 0) const {
     if (h >= n_kv_heads())
       throw std::out_of_range("kvcache: KVCache: kv head " + std::to_string(h) + " past n_kv_heads = " +
                               std::to_string(n_kv_heads()));
-    return h;
-  }
-  void check_slots(std::size_t h, std::size_t first, std::size_t count) const {
-    checked_head(h);
     if (first > size() || count > size() - first)
       throw std::out_of_range("kvcache: KVCache::load: slots [" + std::to_string(first) + ", " +
                               std::to_string(first + count) + ") past size() = " + std::to_string(size()));
+    return h;
   }
 };
 

@@ -152,14 +152,10 @@ class SlotTable {
   // tokens fed since are dropped if they only appended, and the table is
   // cleared if a window overwrote older tokens, which cannot be brought back
   // (nor can tokens that something else removed meanwhile).
-  void roll_back(const State& checkpoint, bool slots_intact = false) noexcept {
-    const State& c = checkpoint;
+  void roll_back(const State& c, bool slots_intact = false) noexcept {
     const bool only_appended = s_.ring_start == c.ring_start && s_.position >= c.position && s_.size >= c.size &&
                                s_.position - c.position == s_.size - c.size;
-    if (slots_intact || only_appended)
-      s_ = c;
-    else
-      clear();
+    s_ = slots_intact || only_appended ? c : State{};
   }
 
   void clear() noexcept { s_ = State{}; }
@@ -169,12 +165,8 @@ class SlotTable {
   // first + length) left by `by` in every layer's rows (KVRows::rotate).
   template <typename Rotate>
   void truncate(std::size_t n, Rotate&& rotate) noexcept {
-    if (s_.ring_start != 0) {
-      rotate(window_.sinks, window_.window - window_.sinks, s_.ring_start);
-      s_.ring_start = 0;
-    }
-    s_.position -= s_.size - n;
-    s_.size = n;
+    if (s_.ring_start != 0) rotate(window_.sinks, window_.window - window_.sinks, s_.ring_start);
+    s_ = {n, s_.position - (s_.size - n), 0};
   }
 
   // Throws std::invalid_argument unless `s` is a state appends, truncates and
