@@ -18,7 +18,6 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
@@ -42,7 +41,6 @@ class KVRows {
  public:
   using HeadView = Eigen::Map<const Matrix<T>>;  // rows × d_k
 
-  KVRows() = default;
   KVRows(std::size_t n_kv_heads, std::size_t d_k, StorageType type) : n_kv_heads_(n_kv_heads), d_k_(d_k), type_(type) {
     if (n_kv_heads == 0 || d_k == 0)
       throw std::invalid_argument("kvcache: KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = " +
@@ -121,23 +119,18 @@ class KVRows {
       }
   }
 
-  // Calls f(bytes, n) for each stored array and kv head with the n bytes of
+  // Calls f(bytes, n) for each of rows' stored arrays and kv head with the n bytes of
   // that head's first `used` slots (contiguous, in slot order), in this
   // order: the keys of heads 0 … n_kv_heads − 1, then the values; for int8
   // then the keys' scale codes and the values' (a byte per slot). Elements
   // are in the host's byte order; the arrays of one head add up to 2 × used
-  // × row_bytes(). With a writable KVRows, f gets writable bytes: how a
-  // restored cache gets its contents.
-  template <typename F>
-  void visit_raw(std::size_t used, F&& f) const {
-    for (std::size_t a = 0; a < arrays(); ++a)
-      for (std::size_t h = 0; h < n_kv_heads_; ++h) f(a_[a].data() + offset(a, h, 0), used * width(a));
-  }
-  template <typename F>
-  void visit_raw(std::size_t used, F&& f) {
-    std::as_const(*this).visit_raw(used, [&](const unsigned char* p, std::size_t n) {
-      f(const_cast<unsigned char*>(p), n);
-    });
+  // × row_bytes(). With a writable KVRows (Rows = KVRows), f gets writable
+  // bytes: how a restored cache gets its contents.
+  template <typename Rows, typename F>
+  static void visit_raw(Rows& rows, std::size_t used, F&& f) {
+    for (std::size_t a = 0; a < rows.arrays(); ++a)
+      for (std::size_t h = 0; h < rows.n_kv_heads_; ++h)
+        f(rows.a_[a].data() + rows.offset(a, h, 0), used * rows.width(a));
   }
 
  private:
@@ -159,7 +152,8 @@ class KVRows {
     if (type_ != StorageType::f32)
       throw std::logic_error(std::string("kvcache: KVCache::keys/values: the cache stores ") + to_string(type_) +
                              "; read it with load_keys/load_values");
-    return {reinterpret_cast<const T*>(a_[a].data() + offset(a, h, 0)), static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
+    const auto* first = reinterpret_cast<const T*>(a_[a].data() + offset(a, h, 0));
+    return {first, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
   }
 
   // The codec of each type, writing one row of d_k values to array a
@@ -185,7 +179,7 @@ class KVRows {
     if (type_ == StorageType::f32)
       std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
     else if (type_ == StorageType::bf16)
-      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t b) { return static_cast<T>(detail::from_bf16(b)); });
+      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t v) { return T(detail::from_bf16(v)); });
     else
       for (std::size_t r = 0; r < count; ++r) {
         const T s = static_cast<T>(scales[codes[r]]);
@@ -201,7 +195,8 @@ class KVRows {
     for (std::size_t a = 0; a < arrays(); ++a) {
       grown[a].resize(static_cast<Eigen::Index>(n_kv_heads_ * capacity * width(a)));
       for (std::size_t h = 0; h < n_kv_heads_; ++h)
-        std::copy_n(source.a_[a].data() + source.offset(a, h, 0), used * width(a), grown[a].data() + h * capacity * width(a));
+        std::copy_n(source.a_[a].data() + source.offset(a, h, 0), used * width(a),
+                    grown[a].data() + h * capacity * width(a));
     }
     a_.swap(grown);
     capacity_ = capacity;
@@ -278,11 +273,11 @@ class Caches {
   // one gets its contents.
   template <typename F>
   void read_raw(F&& f) const {
-    for (const auto& l : layers_) l.visit_raw(table_.size(), f);
+    for (const auto& l : layers_) KVRows<T>::visit_raw(l, table_.size(), f);
   }
   template <typename F>
   void write_raw(F&& f) {
-    for (auto& l : layers_) l.visit_raw(table_.size(), f);
+    for (auto& l : layers_) KVRows<T>::visit_raw(l, table_.size(), f);
   }
 
  protected:
@@ -376,7 +371,7 @@ class KVCacheView : public detail::CacheReader<T, KVCacheView<T>> {
   // The bytes of every held slot (see KVRows::visit_raw).
   template <typename F>
   void read_raw(F&& f) const {
-    rows_->visit_raw(table_->size(), f);
+    KVRows<T>::visit_raw(*rows_, table_->size(), f);
   }
 
  private:

@@ -98,9 +98,8 @@ class Session : public detail::Caches<T, std::vector<KVRows<T>>> {
   // A deep copy of the cached tokens (O(size) memory copy, no recompute):
   // fork a prefix and continue it in several ways.
   Session copy() const {
-    std::vector<KVRows<T>> layers;
-    for (const auto& l : this->layers_) layers.push_back(l.copy(size()));
-    Session s(model_, this->table_, std::move(layers));
+    Session s(model_, this->table_, {});
+    for (const auto& l : this->layers_) s.layers_.push_back(l.copy(size()));
     s.threads_ = threads_;
     return s;
   }

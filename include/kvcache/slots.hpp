@@ -70,7 +70,6 @@ class SlotTable {
     std::size_t ring_start = 0;  // the ring's oldest token is in slot sinks + ring_start
   };
 
-  SlotTable() = default;
   // max_tokens == 0: no limit. With a window the window is the limit, so
   // max_tokens must be 0 or the window.
   explicit SlotTable(std::size_t max_tokens, SlidingWindow window = {})
