@@ -39,7 +39,7 @@ TEST(SlotTable, WithoutAWindowOneRunTakesTheNextSlots) {
   EXPECT_EQ(runs[0].n, 7u);
   EXPECT_EQ(end.size, 7u);
   EXPECT_EQ(end.position, 7u);
-  EXPECT_THROW(t.check_limit(11), std::length_error);
+  EXPECT_THROW(t.slots_for(11), std::length_error);
 }
 
 // Runs never let the window drop a token one of the run's own tokens sees:

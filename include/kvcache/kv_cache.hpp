@@ -7,15 +7,17 @@
 //   KVCache<T>  a KVRows with a SlotTable of its own (slots.hpp): a whole
 //               cache for one layer of one sequence, for the attention layer
 //               of attention.hpp. A Session (session.hpp) holds one table
-//               and one KVRows per layer instead.
+//               and one KVRows per layer instead; detail::Caches is what
+//               the two share.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <utility>
 
 #include <Eigen/Core>
@@ -26,40 +28,33 @@
 
 namespace kvcache {
 
-// Layout: for each kv head h, keys live in one contiguous block of capacity()
-// rows of d_k values (a row per slot), and so do values. With f32 storage a
-// head's first n rows are therefore a dense matrix that attention reads with
-// one Map. Capacity grows geometrically, so appending m tokens costs O(m)
-// amortized however long the cache is. Copying costs O(size), so it is an
-// explicit copy(), never a copy constructor; moving is free.
+// Layout: a byte array for the keys and one for the values (and, for int8,
+// one for each one's scale codes). In each, kv head h holds one contiguous
+// block of capacity() slots, a slot being the stored row of d_k values (or
+// its scale code). With f32 storage a head's first n rows are therefore a
+// dense matrix that attention reads with one Map. Capacity grows
+// geometrically, so appending m tokens costs O(m) amortized however long the
+// cache is. Copying costs O(size), so it is an explicit copy(), never a copy
+// constructor; moving is free.
 template <typename T = float>
 class KVRows {
  public:
   using HeadView = Eigen::Map<const Matrix<T>>;  // rows × d_k
 
-  KVRows() = default;
   KVRows(std::size_t n_kv_heads, std::size_t d_k, StorageType type) : n_kv_heads_(n_kv_heads), d_k_(d_k), type_(type) {
     if (n_kv_heads == 0 || d_k == 0)
       throw std::invalid_argument("kvcache: KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = " +
                                   std::to_string(n_kv_heads) + ", d_k = " + std::to_string(d_k));
     storage_info(type, "KVType");
   }
-  KVRows(const KVRows&) = delete;
-  KVRows& operator=(const KVRows&) = delete;
-  KVRows(KVRows&& other) noexcept { swap(other); }
+  // A moved-from KVRows keeps its shape and holds nothing. (No copy
+  // constructor: copy() makes the cost explicit.)
+  KVRows(KVRows&& other) noexcept : n_kv_heads_(other.n_kv_heads_), d_k_(other.d_k_), type_(other.type_) {
+    swap(other);
+  }
   KVRows& operator=(KVRows&& other) noexcept {
     KVRows(std::move(other)).swap(*this);
     return *this;
-  }
-  ~KVRows() = default;
-
-  // The same shape and type, holding nothing.
-  KVRows shape_only() const noexcept {
-    KVRows r;
-    r.n_kv_heads_ = n_kv_heads_;
-    r.d_k_ = d_k_;
-    r.type_ = type_;
-    return r;
   }
 
   // The first `used` slots, in a copy with exactly that capacity.
@@ -94,8 +89,8 @@ class KVRows {
   // h in [h·d_k, (h+1)·d_k).
   void write(std::size_t slot, const T* K_row, const T* V_row) {
     for (std::size_t h = 0; h < n_kv_heads_; ++h) {
-      store(s_.K, s_.K16, s_.K8, s_.K_scale, h, slot, K_row + h * d_k_);
-      store(s_.V, s_.V16, s_.V8, s_.V_scale, h, slot, V_row + h * d_k_);
+      store(kKeys, h, slot, K_row + h * d_k_);
+      store(kValues, h, slot, V_row + h * d_k_);
     }
   }
 
@@ -103,160 +98,108 @@ class KVRows {
   // (count × d_k, row-major): how attention reads compact types, a tile at a
   // time. Unchecked: the caller knows what is held.
   void load_keys(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    load(s_.K, s_.K16, s_.K8, s_.K_scale, h, first, count, out);
+    load(kKeys, h, first, count, out);
   }
   void load_values(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    load(s_.V, s_.V16, s_.V8, s_.V_scale, h, first, count, out);
+    load(kValues, h, first, count, out);
   }
 
   // Zero-copy views of head h's first n slots: f32 storage only (throws
   // std::logic_error for compact types, which have no T to point at).
-  HeadView keys(std::size_t h, std::size_t n) const { return view(s_.K, h, n); }
-  HeadView values(std::size_t h, std::size_t n) const { return view(s_.V, h, n); }
+  HeadView keys(std::size_t h, std::size_t n) const { return view(kKeys, h, n); }
+  HeadView values(std::size_t h, std::size_t n) const { return view(kValues, h, n); }
 
   // Rotates slots [first, first + length) of every head left by `by`: puts a
   // wrapped ring back in token order (noexcept: moves bytes in place).
   void rotate(std::size_t first, std::size_t length, std::size_t by) noexcept {
-    for_each_buffer(s_, s_, [&](auto& buffer, const auto&, std::size_t width) {
+    for (std::size_t a = 0; a < arrays(); ++a)
       for (std::size_t h = 0; h < n_kv_heads_; ++h) {
-        auto* begin = buffer.data() + (h * capacity_ + first) * width;
-        std::rotate(begin, begin + by * width, begin + length * width);
+        unsigned char* begin = a_[a].data() + offset(a, h, first);
+        std::rotate(begin, begin + by * width(a), begin + length * width(a));
       }
-    });
   }
 
-  // Calls f(bytes, n) for each stored array and kv head with the n bytes of
+  // Calls f(bytes, n) for each of rows' stored arrays and kv head with the n bytes of
   // that head's first `used` slots (contiguous, in slot order), in this
   // order: the keys of heads 0 … n_kv_heads − 1, then the values; for int8
   // then the keys' scale codes and the values' (a byte per slot). Elements
   // are in the host's byte order; the arrays of one head add up to 2 × used
-  // × row_bytes(). With a writable KVRows, f gets writable bytes: how a
-  // restored cache gets its contents.
-  template <typename F>
-  void visit_raw(std::size_t used, F&& f) const {
-    visit_raw_of(*this, used, f);
-  }
-  template <typename F>
-  void visit_raw(std::size_t used, F&& f) {
-    visit_raw_of(*this, used, f);
+  // × row_bytes(). With a writable KVRows (Rows = KVRows), f gets writable
+  // bytes: how a restored cache gets its contents.
+  template <typename Rows, typename F>
+  static void visit_raw(Rows& rows, std::size_t used, F&& f) {
+    for (std::size_t a = 0; a < rows.arrays(); ++a)
+      for (std::size_t h = 0; h < rows.n_kv_heads_; ++h)
+        f(rows.a_[a].data() + rows.offset(a, h, 0), used * rows.width(a));
   }
 
  private:
-  template <typename E>
-  using Buffer = Eigen::Matrix<E, Eigen::Dynamic, 1>;  // uninitialised on allocation, aligned
+  using Bytes = Eigen::Matrix<unsigned char, Eigen::Dynamic, 1>;  // uninitialised on allocation, aligned
+  // The arrays, in visit_raw's order: the rows of keys and of values, then
+  // (types with a scale per row) the keys' and the values' scale codes.
+  enum Array : std::size_t { kKeys, kValues, kScales };
 
-  // Only the buffers of type_ are ever allocated. Each is n_kv_heads blocks
-  // of capacity slots of `width` entries (d_k, or 1 for a scale code).
-  struct Storage {
-    Buffer<T> K, V;                         // f32
-    Buffer<std::uint16_t> K16, V16;         // bf16
-    Buffer<std::int8_t> K8, V8;             // int8
-    Buffer<std::uint8_t> K_scale, V_scale;  // int8: a scale code per slot
-  };
-
-  // Calls f(buffer_of_a, buffer_of_b, width) for each buffer type_ uses, in
-  // the order visit_raw documents. The one switch over the buffers.
-  template <typename A, typename B, typename F>
-  void for_each_buffer(A& a, B& b, F&& f) const {
-    switch (type_) {
-      case StorageType::f32:
-        f(a.K, b.K, d_k_);
-        f(a.V, b.V, d_k_);
-        break;
-      case StorageType::bf16:
-        f(a.K16, b.K16, d_k_);
-        f(a.V16, b.V16, d_k_);
-        break;
-      case StorageType::int8:
-        f(a.K8, b.K8, d_k_);
-        f(a.V8, b.V8, d_k_);
-        f(a.K_scale, b.K_scale, 1);
-        f(a.V_scale, b.V_scale, 1);
-        break;
-    }
+  std::size_t arrays() const { return storage_info(type_).row_extra != 0 ? 4 : 2; }
+  // Bytes of one slot of array a.
+  std::size_t width(std::size_t a) const {
+    const std::size_t extra = storage_info(type_).row_extra;
+    return a < kScales ? row_bytes() - extra : extra;
   }
+  // Where array a holds slot `slot` of head h.
+  std::size_t offset(std::size_t a, std::size_t h, std::size_t slot) const { return (h * capacity_ + slot) * width(a); }
 
-  template <typename Self, typename F>
-  static void visit_raw_of(Self& self, std::size_t used, F& f) {
-    using Byte = std::conditional_t<std::is_const<Self>::value, const unsigned char, unsigned char>;
-    self.for_each_buffer(self.s_, self.s_, [&](auto& buffer, const auto&, std::size_t width) {
-      using Element = std::remove_reference_t<decltype(*buffer.data())>;
-      for (std::size_t h = 0; h < self.n_kv_heads_; ++h)
-        f(reinterpret_cast<Byte*>(buffer.data() + h * self.capacity_ * width), used * width * sizeof(Element));
-    });
-  }
-
-  HeadView view(const Buffer<T>& s, std::size_t h, std::size_t n) const {
+  HeadView view(std::size_t a, std::size_t h, std::size_t n) const {
     if (type_ != StorageType::f32)
       throw std::logic_error(std::string("kvcache: KVCache::keys/values: the cache stores ") + to_string(type_) +
                              "; read it with load_keys/load_values");
-    return {s.data() + h * capacity_ * d_k_, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
+    const auto* first = reinterpret_cast<const T*>(a_[a].data() + offset(a, h, 0));
+    return {first, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
   }
 
-  // The codec of each type, writing one row of d_k values.
-  void store(Buffer<T>& full, Buffer<std::uint16_t>& b16, Buffer<std::int8_t>& i8, Buffer<std::uint8_t>& scale,
-             std::size_t h, std::size_t slot, const T* x) {
-    const std::size_t at = (h * capacity_ + slot) * d_k_;
-    switch (type_) {
-      case StorageType::f32:
-        std::copy_n(x, d_k_, full.data() + at);
-        break;
-      case StorageType::bf16:
-        for (std::size_t c = 0; c < d_k_; ++c) b16.data()[at + c] = detail::to_bf16(x[c]);
-        break;
-      case StorageType::int8:
-        scale.data()[h * capacity_ + slot] = detail::quantize_int8(x, d_k_, i8.data() + at);
-        break;
-    }
+  // The codec of each type, writing one row of d_k values to array a
+  // (kKeys or kValues) ...
+  void store(std::size_t a, std::size_t h, std::size_t slot, const T* x) {
+    unsigned char* to = a_[a].data() + offset(a, h, slot);
+    unsigned char* code = a_[a + kScales].data() + offset(a + kScales, h, slot);  // int8 only
+    if (type_ == StorageType::f32)
+      std::copy_n(x, d_k_, reinterpret_cast<T*>(to));
+    else if (type_ == StorageType::bf16)
+      std::transform(x, x + d_k_, reinterpret_cast<std::uint16_t*>(to), detail::to_bf16<T>);
+    else
+      *code = detail::quantize_int8(x, d_k_, reinterpret_cast<std::int8_t*>(to));
   }
 
   // ... and reading `count` rows back as T.
-  void load(const Buffer<T>& full, const Buffer<std::uint16_t>& b16, const Buffer<std::int8_t>& i8,
-            const Buffer<std::uint8_t>& scale, std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    const std::size_t at = (h * capacity_ + first) * d_k_, n = count * d_k_;
-    switch (type_) {
-      case StorageType::f32:
-        std::copy_n(full.data() + at, n, out);
-        break;
-      case StorageType::bf16:
-        for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<T>(detail::from_bf16(b16.data()[at + i]));
-        break;
-      case StorageType::int8: {
-        const std::int8_t* src = i8.data() + at;
-        const std::uint8_t* codes = scale.data() + h * capacity_ + first;
-        const auto& scales = detail::int8_scales();
-        for (std::size_t r = 0; r < count; ++r) {
-          const T s = static_cast<T>(scales[codes[r]]);
-          for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(src[r * d_k_ + c]);
-        }
-        break;
+  void load(std::size_t a, std::size_t h, std::size_t first, std::size_t count, T* out) const {
+    const unsigned char* from = a_[a].data() + offset(a, h, first);
+    const unsigned char* codes = a_[a + kScales].data() + offset(a + kScales, h, first);  // int8 only
+    const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
+    const auto* i8 = reinterpret_cast<const std::int8_t*>(from);
+    const auto& scales = detail::int8_scales();
+    if (type_ == StorageType::f32)
+      std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
+    else if (type_ == StorageType::bf16)
+      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t v) { return T(detail::from_bf16(v)); });
+    else
+      for (std::size_t r = 0; r < count; ++r) {
+        const T s = static_cast<T>(scales[codes[r]]);
+        for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(i8[r * d_k_ + c]);
       }
-    }
   }
 
-  // Allocates every buffer for `capacity` slots and copies source's first
-  // `used` slots of each head into them. The buffers are filled before they
+  // Allocates every array for `capacity` slots and copies source's first
+  // `used` slots of each head into them. The arrays are filled before they
   // replace the old ones, so a failed allocation leaves *this as it was.
   void reallocate_from(const KVRows& source, std::size_t used, std::size_t capacity) {
-    Storage grown;
-    for_each_buffer(grown, source.s_, [&](auto& to, const auto& from, std::size_t width) {
-      to.resize(static_cast<Eigen::Index>(n_kv_heads_ * capacity * width));
+    std::array<Bytes, 4> grown;
+    for (std::size_t a = 0; a < arrays(); ++a) {
+      grown[a].resize(static_cast<Eigen::Index>(n_kv_heads_ * capacity * width(a)));
       for (std::size_t h = 0; h < n_kv_heads_; ++h)
-        std::copy_n(from.data() + h * source.capacity_ * width, used * width, to.data() + h * capacity * width);
-    });
-    swap_storage(s_, grown);
+        std::copy_n(source.a_[a].data() + source.offset(a, h, 0), used * width(a),
+                    grown[a].data() + h * capacity * width(a));
+    }
+    a_.swap(grown);
     capacity_ = capacity;
-  }
-
-  static void swap_storage(Storage& a, Storage& b) noexcept {
-    a.K.swap(b.K);
-    a.V.swap(b.V);
-    a.K16.swap(b.K16);
-    a.V16.swap(b.V16);
-    a.K8.swap(b.K8);
-    a.V8.swap(b.V8);
-    a.K_scale.swap(b.K_scale);
-    a.V_scale.swap(b.V_scale);
   }
 
   void swap(KVRows& other) noexcept {
@@ -264,24 +207,98 @@ class KVRows {
     std::swap(d_k_, other.d_k_);
     std::swap(type_, other.type_);
     std::swap(capacity_, other.capacity_);
-    swap_storage(s_, other.s_);
+    a_.swap(other.a_);
   }
 
   std::size_t n_kv_heads_ = 0;
   std::size_t d_k_ = 0;
   StorageType type_ = StorageType::f32;
   std::size_t capacity_ = 0;
-  Storage s_;
+  std::array<Bytes, 4> a_;  // only the first arrays() are ever allocated
 };
 
 namespace detail {
+
+// What KVCache and Session share: one slot table and the rows of each layer
+// (Layers holds one KVRows for a KVCache, one per layer for a Session), and
+// every call that goes through all of them. Copies are explicit (the
+// classes' copy()); moving is free and leaves the source holding no tokens.
+template <typename T, typename Layers>
+class Caches {
+ public:
+  Caches(const SlotTable& table, Layers layers) : table_(table), layers_(std::move(layers)) {}
+  Caches(Caches&& other) noexcept : table_(other.table_), layers_(std::move(other.layers_)) { other.table_.clear(); }
+  Caches& operator=(Caches&& other) noexcept {
+    table_ = other.table_;
+    layers_ = std::move(other.layers_);
+    other.table_.clear();
+    return *this;
+  }
+
+  const SlotTable& slot_table() const { return table_; }
+
+  // Forgets every token (the reset between independent requests); keeps the
+  // memory for the next request.
+  void clear() noexcept { table_.clear(); }
+
+  // Rolls back to the first n tokens held, e.g. to undo rejected draft
+  // tokens. (A wrapped ring is first put back in token order, O(size).)
+  void truncate(std::size_t n) {
+    if (n > table_.size())
+      throw std::out_of_range("kvcache: truncate(" + std::to_string(n) + ") past size() = " +
+                              std::to_string(table_.size()));
+    table_.truncate(n, [&](std::size_t first, std::size_t length, std::size_t by) {
+      for (auto& l : layers_) l.rotate(first, length, by);
+    });
+  }
+
+  // Makes the caches hold `size` tokens in the ring state given, with the
+  // contents of their slots unspecified until write_raw fills them: the
+  // first half of restoring a saved cache. Throws as check_state,
+  // std::length_error past max_tokens(); on any exception no token changes.
+  void restore_state(std::size_t size, std::size_t position, std::size_t ring_start) {
+    check_state(size, position, ring_start);
+    reserve(size);
+    table_.commit({size, position, ring_start});
+  }
+
+  // Throws std::invalid_argument unless restore_state(size, position,
+  // ring_start) describes a state the caches can be in (SlotTable::check_state).
+  void check_state(std::size_t size, std::size_t position, std::size_t ring_start) const {
+    table_.check_state({size, position, ring_start});
+  }
+
+  // KVRows::visit_raw of every held slot, layer 0, then layer 1, …: how a
+  // session file saves the caches, and, with writable bytes, how a restored
+  // one gets its contents.
+  template <typename F>
+  void read_raw(F&& f) const {
+    for (const auto& l : layers_) KVRows<T>::visit_raw(l, table_.size(), f);
+  }
+  template <typename F>
+  void write_raw(F&& f) {
+    for (auto& l : layers_) KVRows<T>::visit_raw(l, table_.size(), f);
+  }
+
+ protected:
+  // Ensures room for n tokens without reallocating (a sliding window never
+  // needs more than its window). Throws std::length_error past max_tokens();
+  // on any exception no token changes (every layer keeps its tokens).
+  void reserve(std::size_t n) {
+    n = table_.slots_for(n);
+    for (auto& l : layers_)
+      if (l.capacity() < n) l.reallocate(n, table_.size());
+  }
+
+  SlotTable table_;
+  Layers layers_;
+};
 
 // What a cache shows a reader: a slot table and the rows of one layer. Shared
 // by KVCache (which owns both) and KVCacheView (a layer of a Session).
 template <typename T, typename Derived>
 class CacheReader {
  public:
-  using Scalar = T;
   using HeadView = typename KVRows<T>::HeadView;  // size() × d_k
 
   std::size_t n_kv_heads() const { return rows().n_kv_heads(); }
@@ -296,7 +313,7 @@ class CacheReader {
   // position the next token takes in the sequence.
   std::size_t position() const { return table().position(); }
   // Tokens the sliding window has dropped.
-  std::size_t evicted() const { return table().evicted(); }
+  std::size_t evicted() const { return position() - size(); }
   std::size_t capacity() const { return rows().capacity(); }
   std::size_t max_tokens() const { return table().max_tokens(); }
   std::size_t row_bytes() const { return rows().row_bytes(); }
@@ -312,26 +329,17 @@ class CacheReader {
   // slot order (token order until a sliding window wraps). f32 storage only
   // (std::logic_error otherwise: read compact types with load_keys /
   // load_values); std::out_of_range for a head past n_kv_heads().
-  HeadView keys(std::size_t h) const { return rows().keys(checked_head(h), size()); }
-  HeadView values(std::size_t h) const { return rows().values(checked_head(h), size()); }
+  HeadView keys(std::size_t h) const { return rows().keys(checked(h), size()); }
+  HeadView values(std::size_t h) const { return rows().values(checked(h), size()); }
 
   // Writes slots [first, first + count) of head h, converted to T, to out
   // (count × d_k, row-major). Throws std::out_of_range past size() or
   // n_kv_heads().
   void load_keys(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    check_slots(h, first, count);
-    rows().load_keys(h, first, count, out);
+    rows().load_keys(checked(h, first, count), first, count, out);
   }
   void load_values(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    check_slots(h, first, count);
-    rows().load_values(h, first, count, out);
-  }
-
-  // The bytes of every held slot (see KVRows::visit_raw): how a session
-  // file saves a cache.
-  template <typename F>
-  void read_raw(F&& f) const {
-    rows().visit_raw(size(), f);
+    rows().load_values(checked(h, first, count), first, count, out);
   }
 
  protected:
@@ -339,17 +347,15 @@ class CacheReader {
   const KVRows<T>& rows() const { return static_cast<const Derived&>(*this).kv_rows(); }
 
  private:
-  std::size_t checked_head(std::size_t h) const {
+  // h, once head h and slots [first, first + count) are known to be held.
+  std::size_t checked(std::size_t h, std::size_t first = 0, std::size_t count = 0) const {
     if (h >= n_kv_heads())
       throw std::out_of_range("kvcache: KVCache: kv head " + std::to_string(h) + " past n_kv_heads = " +
                               std::to_string(n_kv_heads()));
-    return h;
-  }
-  void check_slots(std::size_t h, std::size_t first, std::size_t count) const {
-    checked_head(h);
     if (first > size() || count > size() - first)
       throw std::out_of_range("kvcache: KVCache::load: slots [" + std::to_string(first) + ", " +
                               std::to_string(first + count) + ") past size() = " + std::to_string(size()));
+    return h;
   }
 };
 
@@ -362,6 +368,11 @@ class KVCacheView : public detail::CacheReader<T, KVCacheView<T>> {
   KVCacheView(const SlotTable& table, const KVRows<T>& rows) : table_(&table), rows_(&rows) {}
   const SlotTable& slot_table() const { return *table_; }
   const KVRows<T>& kv_rows() const { return *rows_; }
+  // The bytes of every held slot (see KVRows::visit_raw).
+  template <typename F>
+  void read_raw(F&& f) const {
+    KVRows<T>::visit_raw(*rows_, table_->size(), f);
+  }
 
  private:
   const SlotTable* table_;
@@ -369,60 +380,39 @@ class KVCacheView : public detail::CacheReader<T, KVCacheView<T>> {
 };
 
 // The keys and values of one attention layer for the tokens seen so far: a
-// SlotTable and a KVRows of its own.
+// SlotTable and a KVRows of its own. Copying costs O(size), so it is an
+// explicit copy(), never a copy constructor; a moved-from cache is empty,
+// with no capacity, and still usable.
 template <typename T = float>
-class KVCache : public detail::CacheReader<T, KVCache<T>> {
+class KVCache : public detail::Caches<T, std::array<KVRows<T>, 1>>, public detail::CacheReader<T, KVCache<T>> {
+  using Base = detail::Caches<T, std::array<KVRows<T>, 1>>;
+
  public:
   // max_tokens == 0 means no limit other than memory. With a sliding window
   // the cache holds at most window.window tokens and never refuses a token,
   // so max_tokens must be 0 or equal to the window.
   KVCache(std::size_t n_kv_heads, std::size_t d_k, std::size_t max_tokens = 0, KVType type = KVType::f32,
           SlidingWindow window = {})
-      : rows_(n_kv_heads, d_k, type), table_(max_tokens, window) {}
-
-  static void check_window(SlidingWindow w) { kvcache::check_window(w); }
-
-  KVCache(const KVCache&) = delete;
-  KVCache& operator=(const KVCache&) = delete;
-  // A moved-from cache is empty, with no capacity, and still usable.
-  KVCache(KVCache&& other) noexcept : rows_(std::move(other.rows_)), table_(other.table_) {
-    other.rows_ = rows_.shape_only();
-    other.table_.clear();
-  }
-  KVCache& operator=(KVCache&& other) noexcept {
-    KVCache(std::move(other)).swap(*this);
-    return *this;
-  }
-  ~KVCache() = default;
+      : Base(SlotTable(max_tokens, window), {KVRows<T>(n_kv_heads, d_k, type)}) {}
 
   // A deep copy holding the same tokens (capacity trimmed to size()).
-  KVCache copy() const {
-    KVCache c(*this, rows_.copy(this->size()));
-    return c;
-  }
+  KVCache copy() const { return KVCache(this->table_, kv_rows().copy(this->size())); }
 
-  const SlotTable& slot_table() const { return table_; }
-  const KVRows<T>& kv_rows() const { return rows_; }
-  SlotTable& slot_table() { return table_; }
-  KVRows<T>& kv_rows() { return rows_; }
+  using Base::slot_table;
+  SlotTable& slot_table() { return this->table_; }
+  const KVRows<T>& kv_rows() const { return this->layers_[0]; }
+  KVRows<T>& kv_rows() { return this->layers_[0]; }
 
-  // Ensures room for n tokens without reallocating (a sliding window never
-  // needs more than its window). Throws std::length_error past max_tokens();
-  // on any exception the cache is unchanged.
-  void reserve(std::size_t n) {
-    if (this->window().window != 0) n = std::min(n, this->window().window);
-    if (n <= rows_.capacity()) return;
-    table_.check_limit(n);
-    rows_.reallocate(n, this->size());
-  }
+  // reserve(n): room for n tokens without reallocating (detail::Caches).
+  using Base::reserve;
 
   // Ensures room for m more tokens, growing geometrically as append does: a
   // caller that makes room before appending (to fail before changing
   // anything else) keeps append's O(m) amortized cost.
   void reserve_more(std::size_t m) {
-    const std::size_t needed = table_.size_after(m);
-    table_.check_limit(needed);
-    rows_.grow(needed, this->size(), table_.max_tokens());
+    const std::size_t room = std::numeric_limits<std::size_t>::max() - this->size();
+    const std::size_t needed = this->table_.slots_for(this->size() + std::min(m, room));
+    kv_rows().grow(needed, this->size(), this->max_tokens());
   }
 
   // Appends m tokens. K_new and V_new are m × (n_kv_heads·d_k), a row per
@@ -430,78 +420,28 @@ class KVCache : public detail::CacheReader<T, KVCache<T>> {
   // nothing) on a shape mismatch or past max_tokens(). A full sliding window
   // drops its oldest non-sink token for each new one.
   void append(const Eigen::Ref<const Matrix<T>>& K_new, const Eigen::Ref<const Matrix<T>>& V_new) {
-    check_shape("K_new", K_new);
-    check_shape("V_new", V_new);
-    if (K_new.rows() != V_new.rows())
-      throw std::invalid_argument("kvcache: KVCache::append: K_new has " + std::to_string(K_new.rows()) +
-                                  " rows but V_new has " + std::to_string(V_new.rows()));
+    const auto shape = [](const auto& M) { return std::to_string(M.rows()) + " × " + std::to_string(M.cols()); };
+    if (static_cast<std::size_t>(K_new.cols()) != this->kv_dim() || V_new.cols() != K_new.cols() ||
+        V_new.rows() != K_new.rows())
+      throw std::invalid_argument("kvcache: KVCache::append: K_new is " + shape(K_new) + " and V_new " +
+                                  shape(V_new) + ", expected both m × n_kv_heads * d_k = m × " +
+                                  std::to_string(this->kv_dim()));
     reserve_more(static_cast<std::size_t>(K_new.rows()));
     const SlotTable::State end =
-        table_.for_each_slot(static_cast<std::size_t>(K_new.rows()), [&](std::size_t i, std::size_t slot) {
+        this->table_.for_each_slot(static_cast<std::size_t>(K_new.rows()), [&](std::size_t i, std::size_t slot) {
           const auto r = static_cast<Eigen::Index>(i);
-          rows_.write(slot, K_new.row(r).data(), V_new.row(r).data());
+          kv_rows().write(slot, K_new.row(r).data(), V_new.row(r).data());
         });
-    table_.commit(end);
-  }
-
-  // Forgets every token (the reset between independent requests); keeps the
-  // memory for the next request.
-  void clear() noexcept { table_.clear(); }
-
-  // Rolls back to the first n tokens held, e.g. to undo rejected draft
-  // tokens. (A wrapped ring is first put back in token order, O(size).)
-  void truncate(std::size_t n) {
-    if (n > this->size())
-      throw std::out_of_range("kvcache: KVCache::truncate(" + std::to_string(n) + ") past size() = " +
-                              std::to_string(this->size()));
-    table_.truncate(n, [&](std::size_t first, std::size_t length, std::size_t by) { rows_.rotate(first, length, by); });
+    this->table_.commit(end);
   }
 
   // Releases the memory beyond size().
   void shrink_to_fit() {
-    if (rows_.capacity() > this->size()) rows_.reallocate(this->size(), this->size());
-  }
-
-  // The same with writable bytes: how a restored cache gets its contents.
-  template <typename F>
-  void write_raw(F&& f) {
-    rows_.visit_raw(this->size(), f);
-  }
-
-  // Makes the cache hold `size` tokens in the ring state given, with the
-  // contents of their slots unspecified until write_raw fills them: the
-  // first half of restoring a saved cache. Throws as check_state,
-  // std::length_error past max_tokens(); on any exception the cache is
-  // unchanged.
-  void restore_state(std::size_t size, std::size_t position, std::size_t ring_start) {
-    check_state(size, position, ring_start);
-    reserve(size);
-    table_.commit({size, position, ring_start});
-  }
-
-  // Throws std::invalid_argument unless restore_state(size, position,
-  // ring_start) describes a state this cache can be in (SlotTable::check_state).
-  void check_state(std::size_t size, std::size_t position, std::size_t ring_start) const {
-    table_.check_state({size, position, ring_start});
+    if (this->capacity() > this->size()) kv_rows().reallocate(this->size(), this->size());
   }
 
  private:
-  KVCache(const KVCache& like, KVRows<T> rows) : rows_(std::move(rows)), table_(like.table_) {}
-
-  void check_shape(const char* name, const Eigen::Ref<const Matrix<T>>& M) const {
-    if (static_cast<std::size_t>(M.cols()) != this->kv_dim())
-      throw std::invalid_argument(std::string("kvcache: KVCache::append: ") + name + " has " +
-                                  std::to_string(M.cols()) + " columns, expected n_kv_heads * d_k = " +
-                                  std::to_string(this->kv_dim()));
-  }
-
-  void swap(KVCache& other) noexcept {
-    std::swap(rows_, other.rows_);
-    std::swap(table_, other.table_);
-  }
-
-  KVRows<T> rows_;
-  SlotTable table_;
+  KVCache(const SlotTable& table, KVRows<T> rows) : Base(table, {std::move(rows)}) {}
 };
 
 }  // namespace kvcache

@@ -14,6 +14,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvcache {
@@ -69,24 +70,20 @@ class SlotTable {
     std::size_t ring_start = 0;  // the ring's oldest token is in slot sinks + ring_start
   };
 
-  SlotTable() = default;
   // max_tokens == 0: no limit. With a window the window is the limit, so
   // max_tokens must be 0 or the window.
-  explicit SlotTable(std::size_t max_tokens, SlidingWindow window = {}) : max_tokens_(max_tokens), window_(window) {
+  explicit SlotTable(std::size_t max_tokens, SlidingWindow window = {})
+      : max_tokens_(window.window != 0 ? window.window : max_tokens), window_(window) {
     check_window(window);
-    if (window.window != 0) {
-      if (max_tokens != 0 && max_tokens != window.window)
-        throw std::invalid_argument("kvcache: KVCache: max_tokens = " + std::to_string(max_tokens) +
-                                    " with a sliding window of " + std::to_string(window.window) +
-                                    " (the window is the limit; pass 0 or the window)");
-      max_tokens_ = window.window;
-    }
+    if (max_tokens != 0 && max_tokens != max_tokens_)
+      throw std::invalid_argument("kvcache: KVCache: max_tokens = " + std::to_string(max_tokens) +
+                                  " with a sliding window of " + std::to_string(window.window) +
+                                  " (the window is the limit; pass 0 or the window)");
   }
 
   std::size_t size() const { return s_.size; }
   std::size_t position() const { return s_.position; }
   std::size_t ring_start() const { return s_.ring_start; }
-  std::size_t evicted() const { return s_.position - s_.size; }
   std::size_t max_tokens() const { return max_tokens_; }
   SlidingWindow window() const { return window_; }
   State state() const { return s_; }
@@ -103,18 +100,14 @@ class SlotTable {
     return sinks + (i - sinks + s_.ring_start) % (window_.window - sinks);
   }
 
-  // The slots held once n more tokens are fed (a window never holds more).
-  std::size_t size_after(std::size_t m) const {
-    const std::size_t n = m > std::numeric_limits<std::size_t>::max() - s_.size ? std::numeric_limits<std::size_t>::max()
-                                                                                 : s_.size + m;
-    return window_.window != 0 ? std::min(n, window_.window) : n;
-  }
-
-  // Throws std::length_error when holding n tokens would pass max_tokens().
-  void check_limit(std::size_t n) const {
+  // The slots that n tokens take (a window never holds more than its
+  // window). Throws std::length_error past max_tokens().
+  std::size_t slots_for(std::size_t n) const {
+    if (window_.window != 0) return std::min(n, window_.window);
     if (max_tokens_ != 0 && n > max_tokens_)
       throw std::length_error("kvcache: KVCache would hold " + std::to_string(n) +
                               " tokens, past its limit max_tokens = " + std::to_string(max_tokens_));
+    return n;
   }
 
   // Plans where m new tokens go, as runs (out is overwritten), and returns
@@ -133,8 +126,8 @@ class SlotTable {
         rows = 1;  // every query re-bases the sinks to its own place
       else if (W != 0 && s.size + rows > W)
         rows = s.size < W ? W - s.size : 1;
-      const std::size_t slot = next_slot(s);
-      for (std::size_t i = 0; i < rows; ++i) advance(s);
+      const std::size_t slot = advance(s);
+      for (std::size_t i = 1; i < rows; ++i) advance(s);
       out.push_back({first, rows, slot, s.size, rebase && s.position != s.size});
       first += rows;
     }
@@ -146,10 +139,7 @@ class SlotTable {
   template <typename F>
   State for_each_slot(std::size_t m, F&& f) const {
     State s = s_;
-    for (std::size_t i = 0; i < m; ++i) {
-      f(i, next_slot(s));
-      advance(s);
-    }
+    for (std::size_t i = 0; i < m; ++i) f(i, advance(s));
     return s;
   }
 
@@ -161,14 +151,10 @@ class SlotTable {
   // tokens fed since are dropped if they only appended, and the table is
   // cleared if a window overwrote older tokens, which cannot be brought back
   // (nor can tokens that something else removed meanwhile).
-  void roll_back(const State& checkpoint, bool slots_intact = false) noexcept {
-    const State& c = checkpoint;
+  void roll_back(const State& c, bool slots_intact = false) noexcept {
     const bool only_appended = s_.ring_start == c.ring_start && s_.position >= c.position && s_.size >= c.size &&
                                s_.position - c.position == s_.size - c.size;
-    if (slots_intact || only_appended)
-      s_ = c;
-    else
-      clear();
+    s_ = slots_intact || only_appended ? c : State{};
   }
 
   void clear() noexcept { s_ = State{}; }
@@ -178,12 +164,8 @@ class SlotTable {
   // first + length) left by `by` in every layer's rows (KVRows::rotate).
   template <typename Rotate>
   void truncate(std::size_t n, Rotate&& rotate) noexcept {
-    if (s_.ring_start != 0) {
-      rotate(window_.sinks, window_.window - window_.sinks, s_.ring_start);
-      s_.ring_start = 0;
-    }
-    s_.position -= s_.size - n;
-    s_.size = n;
+    if (s_.ring_start != 0) rotate(window_.sinks, window_.window - window_.sinks, s_.ring_start);
+    s_ = {n, s_.position - (s_.size - n), 0};
   }
 
   // Throws std::invalid_argument unless `s` is a state appends, truncates and
@@ -191,37 +173,31 @@ class SlotTable {
   // with one size <= window, position >= size, ring_start < window − sinks,
   // and ring_start == 0 unless the window is full.
   void check_state(const State& s) const {
-    const auto fail = [&](const std::string& why) {
-      throw std::invalid_argument("kvcache: KVCache state size = " + std::to_string(s.size) + ", position = " +
-                                  std::to_string(s.position) + ", ring_start = " + std::to_string(s.ring_start) +
-                                  " is impossible: " + why);
-    };
-    if (max_tokens_ != 0 && s.size > max_tokens_) fail("size > max_tokens = " + std::to_string(max_tokens_));
-    if (window_.window == 0) {
-      if (s.position != s.size) fail("without a sliding window position == size");
-      if (s.ring_start != 0) fail("without a sliding window ring_start == 0");
-      return;
-    }
-    const std::size_t ring = window_.window - window_.sinks;
-    if (s.position < s.size) fail("position < size");
-    if (s.ring_start >= ring) fail("ring_start >= window - sinks = " + std::to_string(ring));
-    if (s.ring_start != 0 && s.size != window_.window)
-      fail("only a full window (size = " + std::to_string(window_.window) + ") has wrapped");
+    const std::size_t W = window_.window;
+    const std::size_t ring = W - window_.sinks;
+    const std::pair<bool, std::string> rules[] = {
+        {max_tokens_ != 0 && s.size > max_tokens_, "size > max_tokens = " + std::to_string(max_tokens_)},
+        {W == 0 && s.position != s.size, "without a sliding window position == size"},
+        {W == 0 && s.ring_start != 0, "without a sliding window ring_start == 0"},
+        {W != 0 && s.position < s.size, "position < size"},
+        {W != 0 && s.ring_start >= ring, "ring_start >= window - sinks = " + std::to_string(ring)},
+        {s.ring_start != 0 && s.size != W, "only a full window (size = " + std::to_string(W) + ") has wrapped"}};
+    for (const auto& [broken, why] : rules)
+      if (broken)
+        throw std::invalid_argument("kvcache: KVCache state size = " + std::to_string(s.size) + ", position = " +
+                                    std::to_string(s.position) + ", ring_start = " + std::to_string(s.ring_start) +
+                                    " is impossible: " + why);
   }
 
  private:
-  // The slot the next token goes to: behind the others, or, in a full
-  // window, over the oldest token of the ring.
-  std::size_t next_slot(const State& s) const {
-    if (window_.window == 0 || s.size < window_.window) return s.size;
-    return window_.sinks + s.ring_start;
-  }
-  void advance(State& s) const {
+  // Feeds one token to s; returns the slot it goes to: behind the others,
+  // or, in a full window, over the oldest token of the ring.
+  std::size_t advance(State& s) const {
     ++s.position;
-    if (window_.window == 0 || s.size < window_.window)
-      ++s.size;
-    else
-      s.ring_start = (s.ring_start + 1) % (window_.window - window_.sinks);
+    if (window_.window == 0 || s.size < window_.window) return s.size++;
+    const std::size_t slot = window_.sinks + s.ring_start;
+    s.ring_start = (s.ring_start + 1) % (window_.window - window_.sinks);
+    return slot;
   }
 
   std::size_t max_tokens_ = 0;
