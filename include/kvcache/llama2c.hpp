@@ -114,7 +114,6 @@ namespace detail {
 // check happens here, before anything is allocated.
 inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
                                           std::uint64_t actual_bytes, const LoadLimits& limits) {
-  using io::count_string;
   using io::sat_add;
   using io::sat_mul;
   static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
@@ -126,24 +125,21 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   // foreign file (vocab_size's sign carries the tied/untied flag, so its
   // magnitude must be positive; int64 keeps -INT32_MIN representable).
   for (int i = 0; i < 7; ++i) {
-    const std::int64_t v = io::get_i32_le(bytes + 4 * i);
+    const std::int64_t v = io::get_le<std::int32_t>(bytes + 4 * i);
     const std::int64_t magnitude = i == 5 && v < 0 ? -v : v;
     if (magnitude <= 0)
-      io::fail(path, std::string("header field ") + names[i] + " = " + std::to_string(v) +
-                         (i == 5 ? ", its magnitude must be > 0" : ", must be > 0"));
+      io::fail(path, "header field ", names[i], " = ", v, i == 5 ? ", its magnitude must be > 0" : ", must be > 0");
     *fields[i] = static_cast<std::size_t>(magnitude);
     if (i == 5) h.shared_classifier = v > 0;
   }
 
   // The head structure: heads split dim evenly, query heads split evenly
   // over kv heads, and RoPE rotates pairs, so a head has an even size.
-  if (h.dim % h.n_heads != 0)
-    io::fail(path, "dim is not a multiple of n_heads (" + std::to_string(h.dim) + " vs " + std::to_string(h.n_heads) + ")");
+  if (h.dim % h.n_heads != 0) io::fail(path, "dim is not a multiple of n_heads (", h.dim, " vs ", h.n_heads, ")");
   if (h.n_heads % h.n_kv_heads != 0)
-    io::fail(path, "n_heads is not a multiple of n_kv_heads (" + std::to_string(h.n_heads) + " vs " +
-                       std::to_string(h.n_kv_heads) + ")");
+    io::fail(path, "n_heads is not a multiple of n_kv_heads (", h.n_heads, " vs ", h.n_kv_heads, ")");
   if (h.head_size() % 2 != 0)
-    io::fail(path, "head size dim / n_heads = " + std::to_string(h.head_size()) + " is odd, RoPE needs it even");
+    io::fail(path, "head size dim / n_heads = ", h.head_size(), " is odd, RoPE needs it even");
 
   // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
   // product of three can pass 2^64; saturation makes it fail the limit.
@@ -156,23 +152,23 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   params = sat_add(params, d);                                           // final RMSNorm
   if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));     // wcls
   if (params > limits.max_parameters)
-    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
-                       " vs " + std::to_string(limits.max_parameters) + ")");
+    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (", io::count_string(params),
+             " vs ", limits.max_parameters, ")");
   h.n_parameters = params;
 
   // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
   const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
   if (kv_cache_bytes > limits.max_kv_cache_bytes)
-    io::fail(path, "a session at seq_len = " + std::to_string(h.seq_len) +
-                       " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
-                       count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
+    io::fail(path, "a session at seq_len = ", h.seq_len,
+             " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (",
+             io::count_string(kv_cache_bytes), " vs ", limits.max_kv_cache_bytes, " bytes)");
 
   // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
   const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
   const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
   if (expected > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))
-    io::fail(path, "the header implies a file of " + count_string(expected) +
-                       " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
+    io::fail(path, "the header implies a file of ", io::count_string(expected),
+             " bytes, more than this platform can address (seq_len = ", h.seq_len, ")");
   io::require_length(path, actual_bytes, expected);
   h.file_bytes = expected;
   return h;
@@ -198,14 +194,11 @@ void for_each_layer_array(std::size_t d, std::size_t kv, std::size_t ff, F&& f) 
 // tensor, for the message about a non-finite value.
 inline void read_floats(std::istream& in, const std::string& path, float* dst, std::size_t count,
                         const std::string& name, bool check_finite, std::size_t first = 0) {
-  const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
-  in.read(reinterpret_cast<char*>(dst), bytes);
-  if (!in || in.gcount() != bytes)
-    io::fail(path, "read error in " + name + " (file changed or truncated while reading)");
+  if (!in.read(reinterpret_cast<char*>(dst), static_cast<std::streamsize>(count * sizeof(float))))
+    io::fail(path, "read error in ", name, " (file changed or truncated while reading)");
   for (std::size_t i = 0; check_finite && i < count; ++i)
     if (!std::isfinite(dst[i]))
-      io::fail(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
-                         std::to_string(first + i));
+      io::fail(path, "tensor ", name, " holds a non-finite value (", dst[i], ") at element ", first + i);
 }
 
 // Allocates an array of the given shape and reads it. The file stores
@@ -244,7 +237,7 @@ inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& na
   // A stream that cannot seek (a pipe) has no length to check the header against.
   const std::uint64_t size = detail::io::file_length(in, name);
   if (size < Llama2cHeader::kBytes)
-    detail::io::fail(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
+    detail::io::fail(name, "file is too short for the 28-byte header (", size, " vs 28 bytes)");
   unsigned char bytes[Llama2cHeader::kBytes];
   if (!in.read(reinterpret_cast<char*>(bytes), sizeof bytes)) detail::io::fail(name, "cannot read the header");
   return detail::parse_llama2c_header(name, bytes, size, limits);
@@ -298,8 +291,8 @@ inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, co
   try {
     return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
   } catch (const std::bad_alloc&) {
-    detail::io::fail(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
-                               detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)) + " bytes)");
+    detail::io::fail(name, "out of memory loading ", h.n_parameters, " parameters (",
+                     detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)), " bytes)");
   }
 }
 
@@ -329,15 +322,13 @@ namespace detail {
 // the field, for what the format cannot say.
 inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* header) {
   const ModelConfig& c = decoder.config();
-  const std::string at = "kvcache: save_llama2c: ";
+  const char* const at = "save_llama2c: ";
   if (c.positions != PositionEncoding::rope)
-    throw std::invalid_argument(at + "positions = " + to_string(c.positions) + ", the format needs rope");
-  if (c.rope_base != 10000.0)
-    throw std::invalid_argument(at + "rope_base = " + std::to_string(c.rope_base) + ", the format needs 10000");
-  if (c.norm != NormKind::rms_norm) throw std::invalid_argument(at + "norm = layer_norm, the format needs rms_norm");
-  if (c.norm_eps != 1e-5)
-    throw std::invalid_argument(at + "norm_eps = " + std::to_string(c.norm_eps) + ", the format needs 1e-5");
-  if (c.mlp != MlpKind::swiglu) throw std::invalid_argument(at + "mlp = gelu, the format needs swiglu");
+    io::invalid(at, "positions = ", to_string(c.positions), ", the format needs rope");
+  if (c.rope_base != 10000.0) io::invalid(at, "rope_base = ", c.rope_base, ", the format needs 10000");
+  if (c.norm != NormKind::rms_norm) io::invalid(at, "norm = layer_norm, the format needs rms_norm");
+  if (c.norm_eps != 1e-5) io::invalid(at, "norm_eps = ", c.norm_eps, ", the format needs 1e-5");
+  if (c.mlp != MlpKind::swiglu) io::invalid(at, "mlp = gelu, the format needs swiglu");
   // The seven header fields, in file order.
   const std::pair<const char*, std::size_t> fields[7] = {
       {"d_model", c.d_model},       {"d_ff", c.d_ff},             {"n_layers", c.n_layers},
@@ -345,10 +336,9 @@ inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* head
       {"max_seq_len", c.max_seq_len}};
   for (int i = 0; i < 7; ++i) {
     if (fields[i].second > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
-      throw std::invalid_argument(at + fields[i].first + " = " + std::to_string(fields[i].second) +
-                                  " does not fit the format's int32 header");
+      io::invalid(at, fields[i].first, " = ", fields[i].second, " does not fit the format's int32 header");
     const auto value = static_cast<std::int32_t>(fields[i].second);
-    io::put_i32_le(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
+    io::put_le<std::int32_t>(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
   }
   for (std::size_t l = 0; l < c.n_layers; ++l) {
     const auto& b = decoder.block(l);
@@ -357,9 +347,7 @@ inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* head
         {"attention.b_V", b.attention.b_V.size()}, {"attention.b_O", b.attention.b_O.size()},
         {"mlp.b_1", b.mlp.b_1.size()},             {"mlp.b_2", b.mlp.b_2.size()}};
     for (const auto& bias : biases)
-      if (bias.second != 0)
-        throw std::invalid_argument(at + "blocks[" + std::to_string(l) + "]." + bias.first +
-                                    " is a bias; the llama2.c format has none");
+      if (bias.second != 0) io::invalid(at, "blocks[", l, "].", bias.first, " is a bias; the llama2.c format has none");
   }
 }
 
