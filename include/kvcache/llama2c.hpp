@@ -110,6 +110,22 @@ struct Llama2cHeader {
 
 namespace detail {
 
+// The arrays stored per layer, in file order, each [layers, rows, cols] (a
+// vector: cols 0): f(name, rows, cols, of), where of(block) is the array in
+// a block. Loading, saving and the count of parameters walk this table.
+template <typename F>
+void for_each_layer_array(std::size_t d, std::size_t kv, std::size_t ff, F&& f) {
+  f("rms_att_weight", d, 0, [](auto& b) -> auto& { return b.attention_norm.gamma; });
+  f("wq", d, d, [](auto& b) -> auto& { return b.attention.W_Q; });
+  f("wk", kv, d, [](auto& b) -> auto& { return b.attention.W_K; });
+  f("wv", kv, d, [](auto& b) -> auto& { return b.attention.W_V; });
+  f("wo", d, d, [](auto& b) -> auto& { return b.attention.W_O; });
+  f("rms_ffn_weight", d, 0, [](auto& b) -> auto& { return b.mlp_norm.gamma; });
+  f("w1", ff, d, [](auto& b) -> auto& { return b.mlp.W_1; });
+  f("w2", d, ff, [](auto& b) -> auto& { return b.mlp.W_2; });
+  f("w3", ff, d, [](auto& b) -> auto& { return b.mlp.W_3; });
+}
+
 // Checks the seven header ints and computes the sizes they imply. Every size
 // check happens here, before anything is allocated.
 inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
@@ -143,11 +159,12 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
 
   // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
   // product of three can pass 2^64; saturation makes it fail the limit.
-  const std::uint64_t d = h.dim, ff = h.hidden_dim, L = h.n_layers, V = h.vocab_size, kv = h.kv_dim();
-  std::uint64_t per_layer = sat_mul(2, d);                     // two RMSNorm weights
-  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(d, d)));   // wq, wo
-  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(kv, d)));  // wk, wv
-  per_layer = sat_add(per_layer, sat_mul(3, sat_mul(ff, d)));  // w1, w2, w3
+  // Per layer: the arrays of the table above.
+  const std::uint64_t d = h.dim, L = h.n_layers, V = h.vocab_size, kv = h.kv_dim();
+  std::uint64_t per_layer = 0;
+  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char*, std::uint64_t rows, std::uint64_t cols, auto) {
+    per_layer = sat_add(per_layer, sat_mul(rows, std::max<std::uint64_t>(cols, 1)));
+  });
   std::uint64_t params = sat_add(sat_mul(V, d), sat_mul(L, per_layer));  // token embedding, layers
   params = sat_add(params, d);                                           // final RMSNorm
   if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));     // wcls
@@ -172,22 +189,6 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   io::require_length(path, actual_bytes, expected);
   h.file_bytes = expected;
   return h;
-}
-
-// The arrays stored per layer, in file order, each [layers, rows, cols] (a
-// vector: cols 0): f(name, rows, cols, of), where of(block) is the array in
-// a block. Loading and saving both walk this table.
-template <typename F>
-void for_each_layer_array(std::size_t d, std::size_t kv, std::size_t ff, F&& f) {
-  f("rms_att_weight", d, 0, [](auto& b) -> auto& { return b.attention_norm.gamma; });
-  f("wq", d, d, [](auto& b) -> auto& { return b.attention.W_Q; });
-  f("wk", kv, d, [](auto& b) -> auto& { return b.attention.W_K; });
-  f("wv", kv, d, [](auto& b) -> auto& { return b.attention.W_V; });
-  f("wo", d, d, [](auto& b) -> auto& { return b.attention.W_O; });
-  f("rms_ffn_weight", d, 0, [](auto& b) -> auto& { return b.mlp_norm.gamma; });
-  f("w1", ff, d, [](auto& b) -> auto& { return b.mlp.W_1; });
-  f("w2", d, ff, [](auto& b) -> auto& { return b.mlp.W_2; });
-  f("w3", ff, d, [](auto& b) -> auto& { return b.mlp.W_3; });
 }
 
 // Reads `count` floats into dst; `first` is the index of dst[0] in the
@@ -225,6 +226,27 @@ inline void read_tensor(std::istream& in, const std::string& path, Vector<float>
   read_floats(in, path, v.data(), rows, name, check_finite);
 }
 
+// The weights after a validated header, `in` positioned at the first float;
+// each array is allocated as it is read.
+inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
+                                           bool finite, WeightType weights) {
+  DecoderWeights<float> w;
+  w.blocks.resize(h.n_layers);
+  read_tensor(in, name, w.token_embedding, h.vocab_size, h.dim, weights, "token_embedding", finite);
+  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char* array, std::size_t rows, std::size_t cols,
+                                                            auto of) {
+    for (std::size_t l = 0; l < h.n_layers; ++l)
+      read_tensor(in, name, of(w.blocks[l]), rows, cols, weights,
+                  std::string(array) + "[layer " + std::to_string(l) + "]", finite);
+  });
+  read_tensor(in, name, w.final_norm.gamma, h.dim, 0, weights, "rms_final_weight", finite);
+  // The legacy RoPE tables: kvcache computes the rotation instead.
+  in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
+  if (!in) io::fail(name, "cannot skip the RoPE tables");
+  if (!h.shared_classifier) read_tensor(in, name, w.lm_head, h.vocab_size, h.dim, weights, "wcls", finite);
+  return Decoder<float>(h.config(), std::move(w), weights);
+}
+
 }  // namespace detail
 
 // Reads and validates the header of a checkpoint held by a seekable stream
@@ -253,31 +275,6 @@ inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimi
 // ============================================================================
 // Loading
 // ============================================================================
-
-namespace detail {
-
-// The weights after a validated header, `in` positioned at the first float;
-// each array is allocated as it is read.
-inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
-                                           bool finite, WeightType weights) {
-  DecoderWeights<float> w;
-  w.blocks.resize(h.n_layers);
-  read_tensor(in, name, w.token_embedding, h.vocab_size, h.dim, weights, "token_embedding", finite);
-  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char* array, std::size_t rows, std::size_t cols,
-                                                            auto of) {
-    for (std::size_t l = 0; l < h.n_layers; ++l)
-      read_tensor(in, name, of(w.blocks[l]), rows, cols, weights,
-                  std::string(array) + "[layer " + std::to_string(l) + "]", finite);
-  });
-  read_tensor(in, name, w.final_norm.gamma, h.dim, 0, weights, "rms_final_weight", finite);
-  // The legacy RoPE tables: kvcache computes the rotation instead.
-  in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
-  if (!in) io::fail(name, "cannot skip the RoPE tables");
-  if (!h.shared_classifier) read_tensor(in, name, w.lm_head, h.vocab_size, h.dim, weights, "wcls", finite);
-  return Decoder<float>(h.config(), std::move(w), weights);
-}
-
-}  // namespace detail
 
 // Reads a llama2.c checkpoint from a seekable stream, from its current
 // position to its end, which must be exactly the checkpoint (see

@@ -106,6 +106,47 @@ struct SessionLoadOptions {
   std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max();
 };
 
+// A 64-bit fingerprint of a decoder's weights: FNV-1a over every weight
+// array's shape and 256 of its values, evenly spaced (all of them in smaller
+// arrays). Two checkpoints trained or fine-tuned apart differ in nearly
+// every weight and so get different fingerprints; an edit of a few single
+// weights may go unnoticed. Cheap: a few thousand values, whatever the model's
+// size. Session files record it, so that a session is never continued on
+// other weights of the same shape.
+template <typename T>
+std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
+  std::uint64_t h = detail::io::kFnvStart;
+  // Values are taken row by row through m(i, j), so that a matrix stored as
+  // bfloat16 gives the rounded values it computes with (and a fingerprint of
+  // its own).
+  const auto add = [&h](const auto& m) {
+    const auto n = static_cast<std::uint64_t>(m.size());
+    const auto cols = static_cast<std::uint64_t>(m.cols());
+    h = detail::io::fnv1a(h, static_cast<std::uint64_t>(m.rows()));
+    h = detail::io::fnv1a(h, cols);
+    const std::uint64_t samples = std::min<std::uint64_t>(n, 256);
+    for (std::uint64_t k = 0; k < samples; ++k) {
+      const std::uint64_t at = (2 * k + 1) * n / (2 * samples);  // the middle of the k-th of `samples` parts
+      const T value = m(static_cast<Eigen::Index>(at / cols), static_cast<Eigen::Index>(at % cols));
+      h = detail::io::fnv1a(h, reinterpret_cast<const unsigned char*>(&value), sizeof value);
+    }
+  };
+  add(decoder.token_embedding());
+  add(decoder.position_embedding());
+  for (std::size_t l = 0; l < decoder.config().n_layers; ++l) {  // in the order of the block's structs
+    const auto& b = decoder.block(l);
+    const AttentionWeights<T>& a = b.attention;
+    for (const auto* v : {&b.attention_norm.gamma, &b.attention_norm.beta}) add(*v);
+    for (const auto* W : {&a.W_Q, &a.W_K, &a.W_V, &a.W_O}) add(*W);
+    for (const auto* v : {&a.b_Q, &a.b_K, &a.b_V, &a.b_O, &b.mlp_norm.gamma, &b.mlp_norm.beta}) add(*v);
+    for (const auto* W : {&b.mlp.W_1, &b.mlp.W_2, &b.mlp.W_3}) add(*W);
+    for (const auto* v : {&b.mlp.b_1, &b.mlp.b_2}) add(*v);
+  }
+  for (const auto* v : {&decoder.final_norm().gamma, &decoder.final_norm().beta}) add(*v);
+  if (!decoder.config().tied_lm_head) add(decoder.lm_head());
+  return h;
+}
+
 namespace detail {
 namespace session_file {
 
@@ -146,24 +187,10 @@ inline std::string show(std::size_t field, std::uint64_t v) {
   return buffer;
 }
 
-// FNV-1a, 64 bits, going on from the state h (kFnvStart at first): one xor
-// and one multiply per byte. Both are bijections of the state, so changing
-// any single byte always changes the result.
-constexpr std::uint64_t kFnvStart = 0xcbf29ce484222325ull;
-inline std::uint64_t fnv1a(std::uint64_t h, const unsigned char* p, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
-  return h;
-}
-inline std::uint64_t fnv1a(std::uint64_t h, std::uint64_t v) {  // v's 8 bytes, little-endian
-  unsigned char b[8];
-  io::put_le(v, b);
-  return fnv1a(h, b, 8);
-}
-
 // The header's checksum: FNV-1a of its bytes before the checksum field.
 inline std::uint64_t header_checksum(const std::uint64_t* f) {
-  std::uint64_t h = kFnvStart;
-  for (std::size_t i = 0; i < kHeaderChecksum; ++i) h = fnv1a(h, f[i]);
+  std::uint64_t h = io::kFnvStart;
+  for (std::size_t i = 0; i < kHeaderChecksum; ++i) h = io::fnv1a(h, f[i]);
   return h;
 }
 
@@ -183,53 +210,6 @@ inline std::string bad_token(const std::vector<int>& tokens, std::uint64_t vocab
       return io::text("token id ", tokens[i], " at index ", i, " is outside [0, vocab_size = ", vocab_size, ")");
   return "";
 }
-
-}  // namespace session_file
-}  // namespace detail
-
-// A 64-bit fingerprint of a decoder's weights: FNV-1a over every weight
-// array's shape and 256 of its values, evenly spaced (all of them in smaller
-// arrays). Two checkpoints trained or fine-tuned apart differ in nearly
-// every weight and so get different fingerprints; an edit of a few single
-// weights may go unnoticed. Cheap: a few thousand values, whatever the model's
-// size. Session files record it, so that a session is never continued on
-// other weights of the same shape.
-template <typename T>
-std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
-  std::uint64_t h = detail::session_file::kFnvStart;
-  // Values are taken row by row through m(i, j), so that a matrix stored as
-  // bfloat16 gives the rounded values it computes with (and a fingerprint of
-  // its own).
-  const auto add = [&h](const auto& m) {
-    const auto n = static_cast<std::uint64_t>(m.size());
-    const auto cols = static_cast<std::uint64_t>(m.cols());
-    h = detail::session_file::fnv1a(h, static_cast<std::uint64_t>(m.rows()));
-    h = detail::session_file::fnv1a(h, cols);
-    const std::uint64_t samples = std::min<std::uint64_t>(n, 256);
-    for (std::uint64_t k = 0; k < samples; ++k) {
-      const std::uint64_t at = (2 * k + 1) * n / (2 * samples);  // the middle of the k-th of `samples` parts
-      const T value = m(static_cast<Eigen::Index>(at / cols), static_cast<Eigen::Index>(at % cols));
-      h = detail::session_file::fnv1a(h, reinterpret_cast<const unsigned char*>(&value), sizeof value);
-    }
-  };
-  add(decoder.token_embedding());
-  add(decoder.position_embedding());
-  for (std::size_t l = 0; l < decoder.config().n_layers; ++l) {  // in the order of the block's structs
-    const auto& b = decoder.block(l);
-    const AttentionWeights<T>& a = b.attention;
-    for (const auto* v : {&b.attention_norm.gamma, &b.attention_norm.beta}) add(*v);
-    for (const auto* W : {&a.W_Q, &a.W_K, &a.W_V, &a.W_O}) add(*W);
-    for (const auto* v : {&a.b_Q, &a.b_K, &a.b_V, &a.b_O, &b.mlp_norm.gamma, &b.mlp_norm.beta}) add(*v);
-    for (const auto* W : {&b.mlp.W_1, &b.mlp.W_2, &b.mlp.W_3}) add(*W);
-    for (const auto* v : {&b.mlp.b_1, &b.mlp.b_2}) add(*v);
-  }
-  for (const auto* v : {&decoder.final_norm().gamma, &decoder.final_norm().beta}) add(*v);
-  if (!decoder.config().tied_lm_head) add(decoder.lm_head());
-  return h;
-}
-
-namespace detail {
-namespace session_file {
 
 // The header fields the model determines (2 to 16: scalar size, shape,
 // fingerprint), in file order, with the enums' codes of the table on top.
@@ -272,10 +252,10 @@ void check_saveable(const std::string& name, const Decoder<T>& decoder, const Se
 template <typename T, typename Put>
 void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::vector<int>& tokens,
                const T* logits, std::size_t n_logits, Put&& put) {
-  std::uint64_t hash = kFnvStart;
+  std::uint64_t hash = io::kFnvStart;
   const auto emit = [&](const unsigned char* p, std::size_t n) {
     if (n == 0) return;
-    hash = fnv1a(hash, p, n);
+    hash = io::fnv1a(hash, p, n);
     put(p, n);
   };
 
@@ -373,11 +353,9 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   io::require_little_endian(label(name), "session files");
   if (length && *length > options.max_bytes)
     fail(name, "the file has ", *length, " bytes, more than the limit of ", options.max_bytes);
-  if (length && *length < kHeaderBytes)
-    fail(name, "file is truncated: ", *length, " bytes, the header alone takes ", kHeaderBytes);
   io::BoundedReader reader(in, label(name));
-  std::uint64_t hash = kFnvStart;
-  reader.on_read = [&hash](const unsigned char* p, std::size_t n) { hash = fnv1a(hash, p, n); };
+  std::uint64_t hash = io::kFnvStart;
+  reader.on_read = [&hash](const unsigned char* p, std::size_t n) { hash = io::fnv1a(hash, p, n); };
   std::uint64_t f[kFields];
   read_header(reader, name, decoder, f);
   SessionOptions session_options;

@@ -147,6 +147,24 @@ inline std::int32_t get_i32_le(const unsigned char* p) { return get_le<std::int3
 inline float get_f32_le(const unsigned char* p) { return get_le<float>(p); }
 
 // ============================================================================
+// Checksum
+// ============================================================================
+
+// FNV-1a, 64 bits, going on from the state h (kFnvStart at first): one xor
+// and one multiply per byte. Both are bijections of the state, so changing
+// any single byte always changes the result.
+constexpr std::uint64_t kFnvStart = 0xcbf29ce484222325ull;
+inline std::uint64_t fnv1a(std::uint64_t h, const unsigned char* p, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+inline std::uint64_t fnv1a(std::uint64_t h, std::uint64_t v) {  // v's 8 bytes, little-endian
+  unsigned char b[8];
+  put_le(v, b);
+  return fnv1a(h, b, 8);
+}
+
+// ============================================================================
 // Saturating sizes
 // ============================================================================
 
@@ -330,11 +348,8 @@ class FileSink {
 
   void put(const void* data, std::size_t n) {
     if (buffer_.size() + n > kBuffer) flush();
-    if (n >= kBuffer) {
-      write_out(static_cast<const char*>(data), n);
-    } else {
-      buffer_.append(static_cast<const char*>(data), n);
-    }
+    if (n >= kBuffer) return write_out(static_cast<const char*>(data), n);  // large pieces go straight out
+    buffer_.append(static_cast<const char*>(data), n);
   }
 
   void flush() {
