@@ -202,6 +202,17 @@ template <typename... Parts>
   io::fail(label(name), problem...);
 }
 
+// f(), its std::invalid_argument turned into "kvcache: session file
+// '<name>': <prefix><what>": the saved state is impossible.
+template <typename F>
+auto as_file_error(const std::string& name, const char* prefix, F&& f) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    fail(name, prefix, e.what());
+  }
+}
+
 // "token id X at index i is outside [0, vocab_size = V)" for the first id
 // outside the vocabulary, or "" when there is none.
 inline std::string bad_token(const std::vector<int>& tokens, std::uint64_t vocab_size) {
@@ -233,8 +244,9 @@ void fill_model_fields(const Decoder<T>& decoder, std::uint64_t* f) {
 // it; std::runtime_error on a host that cannot write the format.
 template <typename T>
 void check_saveable(const std::string& name, const Decoder<T>& decoder, const Session<T>& session,
-                    const std::vector<int>& tokens, std::size_t n_logits) {
+                    const std::vector<int>& tokens, const RowVector<T>& last_logits) {
   const ModelConfig& c = decoder.config();
+  const auto n_logits = static_cast<std::size_t>(last_logits.size());
   if (session.n_layers() != c.n_layers || session.cache(0).n_kv_heads() != c.kv_heads() ||
       session.cache(0).d_k() != c.d_k())
     io::invalid("save_session: the session was made for another model shape");
@@ -251,7 +263,8 @@ void check_saveable(const std::string& name, const Decoder<T>& decoder, const Se
 // Writes the whole file through put(bytes, n), which throws on failure.
 template <typename T, typename Put>
 void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::vector<int>& tokens,
-               const T* logits, std::size_t n_logits, Put&& put) {
+               const RowVector<T>& logits, Put&& put) {
+  const auto n_logits = static_cast<std::size_t>(logits.size());
   std::uint64_t hash = io::kFnvStart;
   const auto emit = [&](const unsigned char* p, std::size_t n) {
     if (n == 0) return;
@@ -277,7 +290,7 @@ void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::
     io::put_le(static_cast<std::int32_t>(id), b);
     emit(b, 4);
   }
-  emit(reinterpret_cast<const unsigned char*>(logits), n_logits * sizeof(T));
+  emit(reinterpret_cast<const unsigned char*>(logits.data()), n_logits * sizeof(T));
   session.read_raw([&](const unsigned char* p, std::size_t n) { emit(p, n); });
 
   unsigned char checksum[8];
@@ -322,27 +335,20 @@ Session<T> empty_session_of(const std::string& name, const std::uint64_t* f, con
          " for max_seq_len = ", max_seq_len);
   options.window = SlidingWindow{static_cast<std::size_t>(f[kWindow]), static_cast<std::size_t>(f[kSinks])};
   options.max_tokens = static_cast<std::size_t>(f[kMaxTokens]);
-  std::optional<Session<T>> probe;
-  try {
-    probe.emplace(decoder.new_session(options));
-  } catch (const std::invalid_argument& e) {
-    fail(name, "impossible session options: ", e.what());
-  }
-  if (probe->max_tokens() != f[kMaxTokens])
-    fail(name, "max_tokens = ", f[kMaxTokens], " but a window of ", f[kWindow], " holds ", probe->max_tokens());
+  Session<T> probe = as_file_error(name, "impossible session options: ", [&] { return decoder.new_session(options); });
+  if (probe.max_tokens() != f[kMaxTokens])
+    fail(name, "max_tokens = ", f[kMaxTokens], " but a window of ", f[kWindow], " holds ", probe.max_tokens());
   if (f[kPosition] > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max()))
     fail(name, "position = ", f[kPosition], " does not fit this platform");
-  try {
-    probe->check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
-                       static_cast<std::size_t>(f[kRingStart]));
-  } catch (const std::invalid_argument& e) {
-    fail(name, e.what());
-  }
+  as_file_error(name, "", [&] {
+    probe.check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
+                      static_cast<std::size_t>(f[kRingStart]));
+  });
   if (f[kNTokens] != f[kPosition])
     fail(name, "n_tokens = ", f[kNTokens], " but position = ", f[kPosition], " (a token id per position)");
   if (f[kNLogits] != 0 && f[kNLogits] != f[kVocabSize])
     fail(name, "n_logits = ", f[kNLogits], ", expected 0 or vocab_size = ", f[kVocabSize]);
-  return std::move(*probe);
+  return probe;
 }
 
 // Reads and checks a whole session file from `in`. `length`: the bytes
@@ -354,8 +360,6 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   if (length && *length > options.max_bytes)
     fail(name, "the file has ", *length, " bytes, more than the limit of ", options.max_bytes);
   io::BoundedReader reader(in, label(name));
-  std::uint64_t hash = io::kFnvStart;
-  reader.on_read = [&hash](const unsigned char* p, std::size_t n) { hash = io::fnv1a(hash, p, n); };
   std::uint64_t f[kFields];
   read_header(reader, name, decoder, f);
   SessionOptions session_options;
@@ -391,7 +395,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   session.restore_state(size, static_cast<std::size_t>(f[kPosition]), static_cast<std::size_t>(f[kRingStart]));
   session.write_raw([&](unsigned char* p, std::size_t n) { reader.read(p, n, "caches"); });
 
-  const std::uint64_t computed = hash;
+  const std::uint64_t computed = reader.checksum();
   std::uint64_t stored = 0;
   reader.read_values<std::uint64_t>(1, "checksum", [&](std::uint64_t v) { stored = v; });
   if (stored != computed) fail(name, "checksum mismatch: the file is damaged");
@@ -427,13 +431,12 @@ inline bool is_session_file(const io::FilePrefix& p) { return p.bytes.compare(0,
 template <typename T>
 void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T>& session,
                    const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
-  const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  detail::session_file::check_saveable("<stream>", decoder, session, tokens, n_logits);
+  detail::session_file::check_saveable("<stream>", decoder, session, tokens, last_logits);
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
     if (!out) throw std::runtime_error("kvcache: write_session: write error");
   };
-  detail::session_file::write_all(decoder, session, tokens, last_logits.data(), n_logits, put);
+  detail::session_file::write_all(decoder, session, tokens, last_logits, put);
 }
 
 // Throws std::runtime_error naming `path` unless save_session may write
@@ -460,11 +463,9 @@ template <typename T>
 void save_session(const std::string& path, const Decoder<T>& decoder, const Session<T>& session,
                   const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   namespace sf = detail::session_file;
-  const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  if (path.empty()) throw std::invalid_argument("kvcache: save_session: empty path");
-  sf::check_saveable(path, decoder, session, tokens, n_logits);
+  sf::check_saveable(path, decoder, session, tokens, last_logits);
   const auto write = [&](detail::io::FileSink& out) {
-    sf::write_all(decoder, session, tokens, last_logits.data(), n_logits,
+    sf::write_all(decoder, session, tokens, last_logits,
                   [&out](const unsigned char* p, std::size_t n) { out.put(p, n); });
   };
   detail::io::write_atomically(path, sf::label(path), write, [&] { check_session_replaceable(path); });

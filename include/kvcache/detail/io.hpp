@@ -51,7 +51,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <istream>
 #include <limits>
 #include <optional>
@@ -233,8 +232,8 @@ inline void require_length(const std::string& label, std::uint64_t actual, std::
 }
 
 // Reads exactly the bytes asked for, or throws "file is truncated: it ends
-// in the <what> after N bytes". `consumed()` counts the bytes read so far;
-// `on_read`, when set, sees every byte read (a checksum).
+// in the <what> after N bytes". `consumed()` counts the bytes read so far,
+// `checksum()` is their FNV-1a.
 class BoundedReader {
  public:
   BoundedReader(std::istream& in, std::string label) : in_(in), label_(std::move(label)) {}
@@ -245,7 +244,7 @@ class BoundedReader {
     const auto got = static_cast<std::size_t>(std::max<std::streamsize>(in_.gcount(), 0));
     consumed_ += got;
     if (got != n) fail(label_, "file is truncated: it ends in the ", what, " after ", consumed_, " bytes");
-    if (on_read) on_read(p, n);
+    checksum_ = fnv1a(checksum_, p, n);
   }
 
   // `count` little-endian values of T (get_le), a block of 4 KB at a time,
@@ -263,13 +262,13 @@ class BoundedReader {
   }
 
   std::uint64_t consumed() const { return consumed_; }
-
-  std::function<void(const unsigned char*, std::size_t)> on_read;
+  std::uint64_t checksum() const { return checksum_; }
 
  private:
   std::istream& in_;
   std::string label_;
   std::uint64_t consumed_ = 0;
+  std::uint64_t checksum_ = kFnvStart;
 };
 
 // ============================================================================
