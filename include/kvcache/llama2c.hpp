@@ -44,6 +44,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -191,59 +192,52 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
   return h;
 }
 
-// Reads `count` floats into dst; `first` is the index of dst[0] in the
-// tensor, for the message about a non-finite value.
-inline void read_floats(std::istream& in, const std::string& path, float* dst, std::size_t count,
-                        const std::string& name, bool check_finite, std::size_t first = 0) {
-  if (!in.read(reinterpret_cast<char*>(dst), static_cast<std::streamsize>(count * sizeof(float))))
-    io::fail(path, "read error in ", name, " (file changed or truncated while reading)");
-  for (std::size_t i = 0; check_finite && i < count; ++i)
-    if (!std::isfinite(dst[i]))
-      io::fail(path, "tensor ", name, " holds a non-finite value (", dst[i], ") at element ", first + i);
-}
-
-// Allocates an array of the given shape and reads it. The file stores
-// matrices row by row, as WeightMatrix does: straight into its memory, or,
-// for a bfloat16 matrix, through a buffer of 64K floats rounded into place
-// (so the float32 values never all exist at once).
-inline void read_tensor(std::istream& in, const std::string& path, WeightMatrix<float>& W, std::size_t rows,
-                        std::size_t cols, WeightType type, const std::string& name, bool check_finite) {
-  W.resize(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols), type);
-  const auto count = static_cast<std::size_t>(W.size());
-  if (type == WeightType::f32) return read_floats(in, path, W.f32().data(), count, name, check_finite);
-  std::uint16_t* dst = W.bf16().data();
-  std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
-  for (std::size_t first = 0; first < count; first += buffer.size()) {
-    const std::size_t n = std::min(buffer.size(), count - first);
-    read_floats(in, path, buffer.data(), n, name, check_finite, first);
-    for (std::size_t i = 0; i < n; ++i) dst[first + i] = float_to_bf16(buffer[i]);
-  }
-}
-
-inline void read_tensor(std::istream& in, const std::string& path, Vector<float>& v, std::size_t rows, std::size_t,
-                        WeightType, const std::string& name, bool check_finite) {
-  v.resize(static_cast<Eigen::Index>(rows));
-  read_floats(in, path, v.data(), rows, name, check_finite);
-}
-
 // The weights after a validated header, `in` positioned at the first float;
 // each array is allocated as it is read.
 inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
                                            bool finite, WeightType weights) {
+  // Reads `count` floats of `tensor` into dst; `first` is the index of dst[0]
+  // in the tensor, for the message about a non-finite value.
+  const auto read_floats = [&](float* dst, std::size_t count, const std::string& tensor, std::size_t first) {
+    if (!in.read(reinterpret_cast<char*>(dst), static_cast<std::streamsize>(count * sizeof(float))))
+      io::fail(name, "read error in ", tensor, " (file changed or truncated while reading)");
+    for (std::size_t i = 0; finite && i < count; ++i)
+      if (!std::isfinite(dst[i]))
+        io::fail(name, "tensor ", tensor, " holds a non-finite value (", dst[i], ") at element ", first + i);
+  };
+  // Allocates an array of the given shape (a vector: cols 0) and reads it.
+  // The file stores matrices row by row, as WeightMatrix does: straight into
+  // its memory, or, for a bfloat16 matrix, through a buffer of 64K floats
+  // rounded into place (so the float32 values never all exist at once).
+  const auto read = [&](auto& W, std::size_t rows, std::size_t cols, const std::string& tensor) {
+    if constexpr (std::is_same<std::decay_t<decltype(W)>, Vector<float>>::value) {
+      W.resize(static_cast<Eigen::Index>(rows));
+      return read_floats(W.data(), rows, tensor, 0);
+    } else {
+      W.resize(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols), weights);
+      const auto count = static_cast<std::size_t>(W.size());
+      if (weights == WeightType::f32) return read_floats(W.f32().data(), count, tensor, 0);
+      std::uint16_t* dst = W.bf16().data();
+      std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
+      for (std::size_t first = 0; first < count; first += buffer.size()) {
+        const std::size_t n = std::min(buffer.size(), count - first);
+        read_floats(buffer.data(), n, tensor, first);
+        for (std::size_t i = 0; i < n; ++i) dst[first + i] = float_to_bf16(buffer[i]);
+      }
+    }
+  };
   DecoderWeights<float> w;
   w.blocks.resize(h.n_layers);
-  read_tensor(in, name, w.token_embedding, h.vocab_size, h.dim, weights, "token_embedding", finite);
+  read(w.token_embedding, h.vocab_size, h.dim, "token_embedding");
   for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char* array, std::size_t rows, std::size_t cols,
                                                             auto of) {
-    for (std::size_t l = 0; l < h.n_layers; ++l)
-      read_tensor(in, name, of(w.blocks[l]), rows, cols, weights,
-                  std::string(array) + "[layer " + std::to_string(l) + "]", finite);
+    for (std::size_t l = 0; l < h.n_layers; ++l) read(of(w.blocks[l]), rows, cols, io::text(array, "[layer ", l, "]"));
   });
-  read_tensor(in, name, w.final_norm.gamma, h.dim, 0, weights, "rms_final_weight", finite);
+  read(w.final_norm.gamma, h.dim, 0, "rms_final_weight");
   // The legacy RoPE tables: kvcache computes the rotation instead.
   in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
   if (!in) io::fail(name, "cannot skip the RoPE tables");
-  if (!h.shared_classifier) read_tensor(in, name, w.lm_head, h.vocab_size, h.dim, weights, "wcls", finite);
+  if (!h.shared_classifier) read(w.lm_head, h.vocab_size, h.dim, "wcls");
   return Decoder<float>(h.config(), std::move(w), weights);
 }
 
