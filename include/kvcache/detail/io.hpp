@@ -1,6 +1,7 @@
-// kvcache/detail/io.hpp — what every file format of kvcache shares: little-
-// endian codecs, saturating sizes, bounded reads, opening a file with a clear
-// error, the "may this path be replaced" check, and ONE atomic write. POSIX
+// kvcache/detail/io.hpp — what every file format of kvcache shares: error
+// messages, little-endian codecs, a checksum (FNV-1a), saturating sizes,
+// bounded reads, opening a file with a clear error, the "may this path be
+// replaced" check, and ONE atomic write. POSIX
 // (Linux, macOS, the BSDs); the unnamed temporary file needs Linux.
 //
 // The guarantees of write_atomically(path, ...), used for every file kvcache
