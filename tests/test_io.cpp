@@ -67,23 +67,25 @@ const char* name_of(Temporary t) { return t == Temporary::named ? "named" : "unn
 
 TEST(IoCodecs, LittleEndianBytes) {
   unsigned char b[8];
-  io::put_u32_le(0x04030201u, b);
+  io::put_le<std::uint32_t>(0x04030201u, b);
   EXPECT_EQ(std::vector<unsigned char>(b, b + 4), (std::vector<unsigned char>{1, 2, 3, 4}));
-  EXPECT_EQ(io::get_u32_le(b), 0x04030201u);
-  io::put_u64_le(0x0807060504030201ull, b);
+  EXPECT_EQ(io::get_le<std::uint32_t>(b), 0x04030201u);
+  io::put_le<std::uint64_t>(0x0807060504030201ull, b);
   EXPECT_EQ(std::vector<unsigned char>(b, b + 8), (std::vector<unsigned char>{1, 2, 3, 4, 5, 6, 7, 8}));
-  EXPECT_EQ(io::get_u64_le(b), 0x0807060504030201ull);
-  io::put_i32_le(-2, b);
+  EXPECT_EQ(io::get_le<std::uint64_t>(b), 0x0807060504030201ull);
+  io::put_le<std::int32_t>(-2, b);
   EXPECT_EQ(std::vector<unsigned char>(b, b + 4), (std::vector<unsigned char>{0xFE, 0xFF, 0xFF, 0xFF}));
+  EXPECT_EQ(io::get_le<std::int32_t>(b), -2);
   EXPECT_EQ(io::get_i32_le(b), -2);
-  EXPECT_EQ(io::get_i32_le(reinterpret_cast<const unsigned char*>("\x00\x00\x00\x80")),
+  EXPECT_EQ(io::get_le<std::int32_t>(reinterpret_cast<const unsigned char*>("\x00\x00\x00\x80")),
             std::numeric_limits<std::int32_t>::min());
-  io::put_f32_le(1.0f, b);
-  EXPECT_EQ(io::get_u32_le(b), 0x3F800000u);
+  io::put_le(1.0f, b);
+  EXPECT_EQ(io::get_le<std::uint32_t>(b), 0x3F800000u);
+  EXPECT_EQ(io::get_le<float>(b), 1.0f);
   EXPECT_EQ(io::get_f32_le(b), 1.0f);
-  io::put_f64_le(-0.5, b);
-  EXPECT_EQ(io::get_u64_le(b), 0xBFE0000000000000ull);
-  EXPECT_EQ(io::get_f64_le(b), -0.5);
+  io::put_le(-0.5, b);
+  EXPECT_EQ(io::get_le<std::uint64_t>(b), 0xBFE0000000000000ull);
+  EXPECT_EQ(io::get_le<double>(b), -0.5);
 }
 
 TEST(IoSizes, SaturateInsteadOfWrapping) {
@@ -101,7 +103,7 @@ TEST(IoReads, ExactReadsNameTheFileWhatAndWhere) {
   std::istringstream in(std::string("\x01\x00\x00\x00\x02\x00\x00\x00\x03", 9));
   io::BoundedReader r(in, "f.bin");
   std::vector<std::int32_t> got;
-  r.read_i32s(2, "ids", [&](std::int32_t v) { got.push_back(v); });
+  r.read_values<std::int32_t>(2, "ids", [&](std::int32_t v) { got.push_back(v); });
   EXPECT_EQ(got, (std::vector<std::int32_t>{1, 2}));
   unsigned char b[4];
   try {
@@ -118,7 +120,7 @@ TEST(IoReads, AClaimedCountCostsOnlyWhatArrives) {
   std::istringstream in(std::string(4 * 3000, '\0'));
   io::BoundedReader r(in, "s");
   std::size_t seen = 0;
-  EXPECT_THROW(r.read_i32s(std::uint64_t{1} << 40, "ids", [&](std::int32_t) { ++seen; }), std::runtime_error);
+  EXPECT_THROW(r.read_values<std::int32_t>(std::uint64_t{1} << 40, "ids", [&](std::int32_t) { ++seen; }), std::runtime_error);
   EXPECT_LE(seen, 3000u);
   EXPECT_EQ(r.consumed(), 4u * 3000);
 }

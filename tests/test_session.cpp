@@ -704,6 +704,9 @@ TEST(SessionFile, BadArgumentsWriteNothing) {
   other.n_layers = 3;
   const Decoder<float> e = fixtures::make_decoder<float>(other);
   EXPECT_THROW(kvcache::save_session(path, e, f.session, f.tokens), std::invalid_argument);
+  EXPECT_NE(error_of<std::invalid_argument>([&] { kvcache::save_session("", d, f.session, f.tokens); })
+                .find("empty file name"),
+            std::string::npos);
   EXPECT_TRUE(entries(dir).empty());
 }
 

@@ -44,6 +44,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -110,77 +111,9 @@ struct Llama2cHeader {
 
 namespace detail {
 
-// Checks the seven header ints and computes the sizes they imply. Every size
-// check happens here, before anything is allocated.
-inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
-                                          std::uint64_t actual_bytes, const LoadLimits& limits) {
-  using io::count_string;
-  using io::sat_add;
-  using io::sat_mul;
-  static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
-                                       "n_kv_heads", "vocab_size", "seq_len"};
-  Llama2cHeader h;
-  std::size_t* const fields[7] = {&h.dim, &h.hidden_dim, &h.n_layers, &h.n_heads, &h.n_kv_heads, &h.vocab_size,
-                                  &h.seq_len};
-  // Every size must be positive: a zero or negative one is a corrupt or
-  // foreign file (vocab_size's sign carries the tied/untied flag, so its
-  // magnitude must be positive; int64 keeps -INT32_MIN representable).
-  for (int i = 0; i < 7; ++i) {
-    const std::int64_t v = io::get_i32_le(bytes + 4 * i);
-    const std::int64_t magnitude = i == 5 && v < 0 ? -v : v;
-    if (magnitude <= 0)
-      io::fail(path, std::string("header field ") + names[i] + " = " + std::to_string(v) +
-                         (i == 5 ? ", its magnitude must be > 0" : ", must be > 0"));
-    *fields[i] = static_cast<std::size_t>(magnitude);
-    if (i == 5) h.shared_classifier = v > 0;
-  }
-
-  // The head structure: heads split dim evenly, query heads split evenly
-  // over kv heads, and RoPE rotates pairs, so a head has an even size.
-  if (h.dim % h.n_heads != 0)
-    io::fail(path, "dim is not a multiple of n_heads (" + std::to_string(h.dim) + " vs " + std::to_string(h.n_heads) + ")");
-  if (h.n_heads % h.n_kv_heads != 0)
-    io::fail(path, "n_heads is not a multiple of n_kv_heads (" + std::to_string(h.n_heads) + " vs " +
-                       std::to_string(h.n_kv_heads) + ")");
-  if (h.head_size() % 2 != 0)
-    io::fail(path, "head size dim / n_heads = " + std::to_string(h.head_size()) + " is odd, RoPE needs it even");
-
-  // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
-  // product of three can pass 2^64; saturation makes it fail the limit.
-  const std::uint64_t d = h.dim, ff = h.hidden_dim, L = h.n_layers, V = h.vocab_size, kv = h.kv_dim();
-  std::uint64_t per_layer = sat_mul(2, d);                     // two RMSNorm weights
-  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(d, d)));   // wq, wo
-  per_layer = sat_add(per_layer, sat_mul(2, sat_mul(kv, d)));  // wk, wv
-  per_layer = sat_add(per_layer, sat_mul(3, sat_mul(ff, d)));  // w1, w2, w3
-  std::uint64_t params = sat_add(sat_mul(V, d), sat_mul(L, per_layer));  // token embedding, layers
-  params = sat_add(params, d);                                           // final RMSNorm
-  if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));     // wcls
-  if (params > limits.max_parameters)
-    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (" + count_string(params) +
-                       " vs " + std::to_string(limits.max_parameters) + ")");
-  h.n_parameters = params;
-
-  // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
-  const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
-  if (kv_cache_bytes > limits.max_kv_cache_bytes)
-    io::fail(path, "a session at seq_len = " + std::to_string(h.seq_len) +
-                       " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (" +
-                       count_string(kv_cache_bytes) + " vs " + std::to_string(limits.max_kv_cache_bytes) + " bytes)");
-
-  // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
-  const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
-  const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
-  if (expected > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))
-    io::fail(path, "the header implies a file of " + count_string(expected) +
-                       " bytes, more than this platform can address (seq_len = " + std::to_string(h.seq_len) + ")");
-  io::require_length(path, actual_bytes, expected);
-  h.file_bytes = expected;
-  return h;
-}
-
 // The arrays stored per layer, in file order, each [layers, rows, cols] (a
 // vector: cols 0): f(name, rows, cols, of), where of(block) is the array in
-// a block. Loading and saving both walk this table.
+// a block. Loading, saving and the count of parameters walk this table.
 template <typename F>
 void for_each_layer_array(std::size_t d, std::size_t kv, std::size_t ff, F&& f) {
   f("rms_att_weight", d, 0, [](auto& b) -> auto& { return b.attention_norm.gamma; });
@@ -194,42 +127,118 @@ void for_each_layer_array(std::size_t d, std::size_t kv, std::size_t ff, F&& f) 
   f("w3", ff, d, [](auto& b) -> auto& { return b.mlp.W_3; });
 }
 
-// Reads `count` floats into dst; `first` is the index of dst[0] in the
-// tensor, for the message about a non-finite value.
-inline void read_floats(std::istream& in, const std::string& path, float* dst, std::size_t count,
-                        const std::string& name, bool check_finite, std::size_t first = 0) {
-  const auto bytes = static_cast<std::streamsize>(count * sizeof(float));
-  in.read(reinterpret_cast<char*>(dst), bytes);
-  if (!in || in.gcount() != bytes)
-    io::fail(path, "read error in " + name + " (file changed or truncated while reading)");
-  for (std::size_t i = 0; check_finite && i < count; ++i)
-    if (!std::isfinite(dst[i]))
-      io::fail(path, "tensor " + name + " holds a non-finite value (" + std::to_string(dst[i]) + ") at element " +
-                         std::to_string(first + i));
-}
-
-// Allocates an array of the given shape and reads it. The file stores
-// matrices row by row, as WeightMatrix does: straight into its memory, or,
-// for a bfloat16 matrix, through a buffer of 64K floats rounded into place
-// (so the float32 values never all exist at once).
-inline void read_tensor(std::istream& in, const std::string& path, WeightMatrix<float>& W, std::size_t rows,
-                        std::size_t cols, WeightType type, const std::string& name, bool check_finite) {
-  W.resize(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols), type);
-  const auto count = static_cast<std::size_t>(W.size());
-  if (type == WeightType::f32) return read_floats(in, path, W.f32().data(), count, name, check_finite);
-  std::uint16_t* dst = W.bf16().data();
-  std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
-  for (std::size_t first = 0; first < count; first += buffer.size()) {
-    const std::size_t n = std::min(buffer.size(), count - first);
-    read_floats(in, path, buffer.data(), n, name, check_finite, first);
-    for (std::size_t i = 0; i < n; ++i) dst[first + i] = float_to_bf16(buffer[i]);
+// Checks the seven header ints and computes the sizes they imply. Every size
+// check happens here, before anything is allocated.
+inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigned char* bytes,
+                                          std::uint64_t actual_bytes, const LoadLimits& limits) {
+  using io::sat_add;
+  using io::sat_mul;
+  static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
+                                       "n_kv_heads", "vocab_size", "seq_len"};
+  Llama2cHeader h;
+  std::size_t* const fields[7] = {&h.dim, &h.hidden_dim, &h.n_layers, &h.n_heads, &h.n_kv_heads, &h.vocab_size,
+                                  &h.seq_len};
+  // Every size must be positive: a zero or negative one is a corrupt or
+  // foreign file (vocab_size's sign carries the tied/untied flag, so its
+  // magnitude must be positive; int64 keeps -INT32_MIN representable).
+  for (int i = 0; i < 7; ++i) {
+    const std::int64_t v = io::get_le<std::int32_t>(bytes + 4 * i);
+    const std::int64_t magnitude = i == 5 && v < 0 ? -v : v;
+    if (magnitude <= 0)
+      io::fail(path, "header field ", names[i], " = ", v, i == 5 ? ", its magnitude must be > 0" : ", must be > 0");
+    *fields[i] = static_cast<std::size_t>(magnitude);
+    if (i == 5) h.shared_classifier = v > 0;
   }
+
+  // The head structure: heads split dim evenly, query heads split evenly
+  // over kv heads, and RoPE rotates pairs, so a head has an even size.
+  if (h.dim % h.n_heads != 0) io::fail(path, "dim is not a multiple of n_heads (", h.dim, " vs ", h.n_heads, ")");
+  if (h.n_heads % h.n_kv_heads != 0)
+    io::fail(path, "n_heads is not a multiple of n_kv_heads (", h.n_heads, " vs ", h.n_kv_heads, ")");
+  if (h.head_size() % 2 != 0)
+    io::fail(path, "head size dim / n_heads = ", h.head_size(), " is odd, RoPE needs it even");
+
+  // Sizes in 64-bit saturating arithmetic: each header int is < 2^31, so a
+  // product of three can pass 2^64; saturation makes it fail the limit.
+  // Per layer: the arrays of the table above.
+  const std::uint64_t d = h.dim, L = h.n_layers, V = h.vocab_size, kv = h.kv_dim();
+  std::uint64_t per_layer = 0;
+  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char*, std::uint64_t rows, std::uint64_t cols, auto) {
+    per_layer = sat_add(per_layer, sat_mul(rows, std::max<std::uint64_t>(cols, 1)));
+  });
+  std::uint64_t params = sat_add(sat_mul(V, d), sat_mul(L, per_layer));  // token embedding, layers
+  params = sat_add(params, d);                                           // final RMSNorm
+  if (!h.shared_classifier) params = sat_add(params, sat_mul(V, d));     // wcls
+  if (params > limits.max_parameters)
+    io::fail(path, "the header claims too many parameters for LoadLimits::max_parameters (", io::count_string(params),
+             " vs ", limits.max_parameters, ")");
+  h.n_parameters = params;
+
+  // Keys and values at every position: 2 (K and V) · 4 bytes · layers · kv_dim · seq_len.
+  const std::uint64_t kv_cache_bytes = sat_mul(sat_mul(8, L), sat_mul(kv, h.seq_len));
+  if (kv_cache_bytes > limits.max_kv_cache_bytes)
+    io::fail(path, "a session at seq_len = ", h.seq_len,
+             " positions would cache more keys and values than LoadLimits::max_kv_cache_bytes (",
+             io::count_string(kv_cache_bytes), " vs ", limits.max_kv_cache_bytes, " bytes)");
+
+  // Two RoPE tables of seq_len × head_size/2 floats: seq_len × head_size.
+  const std::uint64_t rope_floats = sat_mul(h.seq_len, h.head_size());
+  const std::uint64_t expected = sat_add(Llama2cHeader::kBytes, sat_mul(4, sat_add(params, rope_floats)));
+  if (expected > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()))
+    io::fail(path, "the header implies a file of ", io::count_string(expected),
+             " bytes, more than this platform can address (seq_len = ", h.seq_len, ")");
+  io::require_length(path, actual_bytes, expected);
+  h.file_bytes = expected;
+  return h;
 }
 
-inline void read_tensor(std::istream& in, const std::string& path, Vector<float>& v, std::size_t rows, std::size_t,
-                        WeightType, const std::string& name, bool check_finite) {
-  v.resize(static_cast<Eigen::Index>(rows));
-  read_floats(in, path, v.data(), rows, name, check_finite);
+// The weights after a validated header, `in` positioned at the first float;
+// each array is allocated as it is read.
+inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
+                                           bool finite, WeightType weights) {
+  // Reads `count` floats of `tensor` into dst; `first` is the index of dst[0]
+  // in the tensor, for the message about a non-finite value.
+  const auto read_floats = [&](float* dst, std::size_t count, const std::string& tensor, std::size_t first) {
+    if (!in.read(reinterpret_cast<char*>(dst), static_cast<std::streamsize>(count * sizeof(float))))
+      io::fail(name, "read error in ", tensor, " (file changed or truncated while reading)");
+    for (std::size_t i = 0; finite && i < count; ++i)
+      if (!std::isfinite(dst[i]))
+        io::fail(name, "tensor ", tensor, " holds a non-finite value (", dst[i], ") at element ", first + i);
+  };
+  // Allocates an array of the given shape (a vector: cols 0) and reads it.
+  // The file stores matrices row by row, as WeightMatrix does: straight into
+  // its memory, or, for a bfloat16 matrix, through a buffer of 64K floats
+  // rounded into place (so the float32 values never all exist at once).
+  const auto read = [&](auto& W, std::size_t rows, std::size_t cols, const std::string& tensor) {
+    if constexpr (std::is_same<std::decay_t<decltype(W)>, Vector<float>>::value) {
+      W.resize(static_cast<Eigen::Index>(rows));
+      return read_floats(W.data(), rows, tensor, 0);
+    } else {
+      W.resize(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols), weights);
+      const auto count = static_cast<std::size_t>(W.size());
+      if (weights == WeightType::f32) return read_floats(W.f32().data(), count, tensor, 0);
+      std::uint16_t* dst = W.bf16().data();
+      std::vector<float> buffer(std::min<std::size_t>(count, std::size_t{1} << 16));
+      for (std::size_t first = 0; first < count; first += buffer.size()) {
+        const std::size_t n = std::min(buffer.size(), count - first);
+        read_floats(buffer.data(), n, tensor, first);
+        for (std::size_t i = 0; i < n; ++i) dst[first + i] = float_to_bf16(buffer[i]);
+      }
+    }
+  };
+  DecoderWeights<float> w;
+  w.blocks.resize(h.n_layers);
+  read(w.token_embedding, h.vocab_size, h.dim, "token_embedding");
+  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char* array, std::size_t rows, std::size_t cols,
+                                                            auto of) {
+    for (std::size_t l = 0; l < h.n_layers; ++l) read(of(w.blocks[l]), rows, cols, io::text(array, "[layer ", l, "]"));
+  });
+  read(w.final_norm.gamma, h.dim, 0, "rms_final_weight");
+  // The legacy RoPE tables: kvcache computes the rotation instead.
+  in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
+  if (!in) io::fail(name, "cannot skip the RoPE tables");
+  if (!h.shared_classifier) read(w.lm_head, h.vocab_size, h.dim, "wcls");
+  return Decoder<float>(h.config(), std::move(w), weights);
 }
 
 }  // namespace detail
@@ -244,7 +253,7 @@ inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& na
   // A stream that cannot seek (a pipe) has no length to check the header against.
   const std::uint64_t size = detail::io::file_length(in, name);
   if (size < Llama2cHeader::kBytes)
-    detail::io::fail(name, "file is too short for the 28-byte header (" + std::to_string(size) + " vs 28 bytes)");
+    detail::io::fail(name, "file is too short for the 28-byte header (", size, " vs 28 bytes)");
   unsigned char bytes[Llama2cHeader::kBytes];
   if (!in.read(reinterpret_cast<char*>(bytes), sizeof bytes)) detail::io::fail(name, "cannot read the header");
   return detail::parse_llama2c_header(name, bytes, size, limits);
@@ -261,31 +270,6 @@ inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimi
 // Loading
 // ============================================================================
 
-namespace detail {
-
-// The weights after a validated header, `in` positioned at the first float;
-// each array is allocated as it is read.
-inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& name, const Llama2cHeader& h,
-                                           bool finite, WeightType weights) {
-  DecoderWeights<float> w;
-  w.blocks.resize(h.n_layers);
-  read_tensor(in, name, w.token_embedding, h.vocab_size, h.dim, weights, "token_embedding", finite);
-  for_each_layer_array(h.dim, h.kv_dim(), h.hidden_dim, [&](const char* array, std::size_t rows, std::size_t cols,
-                                                            auto of) {
-    for (std::size_t l = 0; l < h.n_layers; ++l)
-      read_tensor(in, name, of(w.blocks[l]), rows, cols, weights,
-                  std::string(array) + "[layer " + std::to_string(l) + "]", finite);
-  });
-  read_tensor(in, name, w.final_norm.gamma, h.dim, 0, weights, "rms_final_weight", finite);
-  // The legacy RoPE tables: kvcache computes the rotation instead.
-  in.seekg(static_cast<std::streamoff>(h.seq_len * h.head_size() * sizeof(float)), std::ios::cur);
-  if (!in) io::fail(name, "cannot skip the RoPE tables");
-  if (!h.shared_classifier) read_tensor(in, name, w.lm_head, h.vocab_size, h.dim, weights, "wcls", finite);
-  return Decoder<float>(h.config(), std::move(w), weights);
-}
-
-}  // namespace detail
-
 // Reads a llama2.c checkpoint from a seekable stream, from its current
 // position to its end, which must be exactly the checkpoint (see
 // load_llama2c(path) below for the checks); `name` stands for the path in
@@ -298,8 +282,8 @@ inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, co
   try {
     return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
   } catch (const std::bad_alloc&) {
-    detail::io::fail(name, "out of memory loading " + std::to_string(h.n_parameters) + " parameters (" +
-                               detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)) + " bytes)");
+    detail::io::fail(name, "out of memory loading ", h.n_parameters, " parameters (",
+                     detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)), " bytes)");
   }
 }
 
@@ -329,15 +313,13 @@ namespace detail {
 // the field, for what the format cannot say.
 inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* header) {
   const ModelConfig& c = decoder.config();
-  const std::string at = "kvcache: save_llama2c: ";
+  const char* const at = "save_llama2c: ";
   if (c.positions != PositionEncoding::rope)
-    throw std::invalid_argument(at + "positions = " + to_string(c.positions) + ", the format needs rope");
-  if (c.rope_base != 10000.0)
-    throw std::invalid_argument(at + "rope_base = " + std::to_string(c.rope_base) + ", the format needs 10000");
-  if (c.norm != NormKind::rms_norm) throw std::invalid_argument(at + "norm = layer_norm, the format needs rms_norm");
-  if (c.norm_eps != 1e-5)
-    throw std::invalid_argument(at + "norm_eps = " + std::to_string(c.norm_eps) + ", the format needs 1e-5");
-  if (c.mlp != MlpKind::swiglu) throw std::invalid_argument(at + "mlp = gelu, the format needs swiglu");
+    io::invalid(at, "positions = ", to_string(c.positions), ", the format needs rope");
+  if (c.rope_base != 10000.0) io::invalid(at, "rope_base = ", c.rope_base, ", the format needs 10000");
+  if (c.norm != NormKind::rms_norm) io::invalid(at, "norm = layer_norm, the format needs rms_norm");
+  if (c.norm_eps != 1e-5) io::invalid(at, "norm_eps = ", c.norm_eps, ", the format needs 1e-5");
+  if (c.mlp != MlpKind::swiglu) io::invalid(at, "mlp = gelu, the format needs swiglu");
   // The seven header fields, in file order.
   const std::pair<const char*, std::size_t> fields[7] = {
       {"d_model", c.d_model},       {"d_ff", c.d_ff},             {"n_layers", c.n_layers},
@@ -345,10 +327,9 @@ inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* head
       {"max_seq_len", c.max_seq_len}};
   for (int i = 0; i < 7; ++i) {
     if (fields[i].second > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
-      throw std::invalid_argument(at + fields[i].first + " = " + std::to_string(fields[i].second) +
-                                  " does not fit the format's int32 header");
+      io::invalid(at, fields[i].first, " = ", fields[i].second, " does not fit the format's int32 header");
     const auto value = static_cast<std::int32_t>(fields[i].second);
-    io::put_i32_le(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
+    io::put_le<std::int32_t>(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
   }
   for (std::size_t l = 0; l < c.n_layers; ++l) {
     const auto& b = decoder.block(l);
@@ -357,9 +338,7 @@ inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* head
         {"attention.b_V", b.attention.b_V.size()}, {"attention.b_O", b.attention.b_O.size()},
         {"mlp.b_1", b.mlp.b_1.size()},             {"mlp.b_2", b.mlp.b_2.size()}};
     for (const auto& bias : biases)
-      if (bias.second != 0)
-        throw std::invalid_argument(at + "blocks[" + std::to_string(l) + "]." + bias.first +
-                                    " is a bias; the llama2.c format has none");
+      if (bias.second != 0) io::invalid(at, "blocks[", l, "].", bias.first, " is a bias; the llama2.c format has none");
   }
 }
 

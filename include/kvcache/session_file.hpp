@@ -67,7 +67,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <fstream>
 #include <initializer_list>
 #include <istream>
@@ -107,101 +106,6 @@ struct SessionLoadOptions {
   std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max();
 };
 
-namespace detail {
-namespace session_file {
-
-constexpr unsigned char kMagic[8] = {'K', 'V', 'C', 'S', 'E', 'S', 'S', '\0'};
-constexpr std::uint64_t kVersion = 1;
-constexpr std::size_t kFields = 27;  // header fields, the checksum included
-constexpr std::uint64_t kHeaderBytes = kFields * 8;
-constexpr std::uint64_t kChecksumBytes = 8;
-
-// Indices of the header fields (see the table at the top).
-enum Field : std::size_t {
-  kMagicField, kVersionField, kScalarBytes, kVocabSize, kDModel, kNLayers, kNHeads, kNKvHeads, kDFf, kMaxSeqLen,
-  kPositions, kRopeBase, kNorm, kNormEps, kMlp, kTiedLmHead, kFingerprint, kKvType, kWindow, kSinks, kMaxTokens,
-  kSize, kPosition, kRingStart, kNTokens, kNLogits, kHeaderChecksum
-};
-
-// FNV-1a, 64 bits: one xor and one multiply per byte. Both are bijections of
-// the state, so changing any single byte always changes the result.
-class Fnv1a64 {
- public:
-  void update(const unsigned char* p, std::size_t n) {
-    std::uint64_t h = h_;
-    for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
-    h_ = h;
-  }
-  void update_u64(std::uint64_t v) {
-    unsigned char b[8];
-    io::put_u64_le(v, b);
-    update(b, 8);
-  }
-  std::uint64_t value() const { return h_; }
-
- private:
-  std::uint64_t h_ = 0xcbf29ce484222325ull;
-};
-
-// The codes of the enums in the file, independent of the enums' order, and
-// their names in messages.
-inline std::uint64_t code(PositionEncoding p) {
-  return p == PositionEncoding::none ? 0 : p == PositionEncoding::learned ? 1 : 2;
-}
-inline std::uint64_t code(NormKind n) { return n == NormKind::layer_norm ? 0 : 1; }
-inline std::uint64_t code(MlpKind m) { return m == MlpKind::gelu ? 0 : 1; }
-inline std::uint64_t code(KVType t) { return t == KVType::full ? 0 : t == KVType::bf16 ? 1 : 2; }
-
-inline std::string code_name(std::uint64_t c, std::initializer_list<const char*> names) {
-  return c < names.size() ? names.begin()[c] : "unknown (" + std::to_string(c) + ")";
-}
-inline std::string number_name(std::uint64_t v) { return std::to_string(v); }
-inline std::string positions_name(std::uint64_t c) { return code_name(c, {"none", "learned", "rope"}); }
-inline std::string norm_name(std::uint64_t c) { return code_name(c, {"layer_norm", "rms_norm"}); }
-inline std::string mlp_name(std::uint64_t c) { return code_name(c, {"gelu", "swiglu"}); }
-inline std::string double_name(std::uint64_t bits) {
-  char buffer[40];
-  std::snprintf(buffer, sizeof buffer, "%.9g", io::bit_cast<double>(bits));
-  return buffer;
-}
-
-// The header fields that describe the model (3 to 15, after the scalar
-// size), each listed once: where it goes, its name in messages, its value
-// for a model, and how to show a stored value. Both saving and the check on
-// loading go through this table.
-struct ModelField {
-  Field field;
-  const char* name;
-  std::uint64_t (*value)(const ModelConfig& c, std::size_t scalar_bytes);
-  std::string (*show)(std::uint64_t);
-};
-using C = const ModelConfig&;
-using S = std::size_t;
-inline const ModelField kModelFields[] = {
-    {kScalarBytes, "sizeof(T)", [](C, S bytes) -> std::uint64_t { return bytes; }, number_name},
-    {kVocabSize, "vocab_size", [](C c, S) -> std::uint64_t { return c.vocab_size; }, number_name},
-    {kDModel, "d_model", [](C c, S) -> std::uint64_t { return c.d_model; }, number_name},
-    {kNLayers, "n_layers", [](C c, S) -> std::uint64_t { return c.n_layers; }, number_name},
-    {kNHeads, "n_heads", [](C c, S) -> std::uint64_t { return c.n_heads; }, number_name},
-    {kNKvHeads, "n_kv_heads", [](C c, S) -> std::uint64_t { return c.kv_heads(); }, number_name},
-    {kDFf, "d_ff", [](C c, S) -> std::uint64_t { return c.d_ff; }, number_name},
-    {kMaxSeqLen, "max_seq_len", [](C c, S) -> std::uint64_t { return c.max_seq_len; }, number_name},
-    {kPositions, "positions", [](C c, S) { return code(c.positions); }, positions_name},
-    {kRopeBase, "rope_base", [](C c, S) { return io::bit_cast<std::uint64_t>(c.rope_base); }, double_name},
-    {kNorm, "norm", [](C c, S) { return code(c.norm); }, norm_name},
-    {kNormEps, "norm_eps", [](C c, S) { return io::bit_cast<std::uint64_t>(c.norm_eps); }, double_name},
-    {kMlp, "mlp", [](C c, S) { return code(c.mlp); }, mlp_name},
-    {kTiedLmHead, "tied_lm_head", [](C c, S) -> std::uint64_t { return c.tied_lm_head ? 1 : 0; }, number_name},
-};
-
-// How errors name a session file.
-inline std::string label(const std::string& name) { return "session file '" + name + "'"; }
-
-[[noreturn]] inline void fail(const std::string& name, const std::string& problem) { io::fail(label(name), problem); }
-
-}  // namespace session_file
-}  // namespace detail
-
 // A 64-bit fingerprint of a decoder's weights: FNV-1a over every weight
 // array's shape and 256 of its values, evenly spaced (all of them in smaller
 // arrays). Two checkpoints trained or fine-tuned apart differ in nearly
@@ -211,52 +115,128 @@ inline std::string label(const std::string& name) { return "session file '" + na
 // other weights of the same shape.
 template <typename T>
 std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
-  detail::session_file::Fnv1a64 h;
+  std::uint64_t h = detail::io::kFnvStart;
   // Values are taken row by row through m(i, j), so that a matrix stored as
   // bfloat16 gives the rounded values it computes with (and a fingerprint of
   // its own).
   const auto add = [&h](const auto& m) {
     const auto n = static_cast<std::uint64_t>(m.size());
     const auto cols = static_cast<std::uint64_t>(m.cols());
-    h.update_u64(static_cast<std::uint64_t>(m.rows()));
-    h.update_u64(cols);
+    h = detail::io::fnv1a(h, static_cast<std::uint64_t>(m.rows()));
+    h = detail::io::fnv1a(h, cols);
     const std::uint64_t samples = std::min<std::uint64_t>(n, 256);
     for (std::uint64_t k = 0; k < samples; ++k) {
       const std::uint64_t at = (2 * k + 1) * n / (2 * samples);  // the middle of the k-th of `samples` parts
       const T value = m(static_cast<Eigen::Index>(at / cols), static_cast<Eigen::Index>(at % cols));
-      h.update(reinterpret_cast<const unsigned char*>(&value), sizeof value);
+      h = detail::io::fnv1a(h, reinterpret_cast<const unsigned char*>(&value), sizeof value);
     }
-  };
-  const auto add_norm = [&add](const NormWeights<T>& w) {
-    add(w.gamma);
-    add(w.beta);
   };
   add(decoder.token_embedding());
   add(decoder.position_embedding());
-  for (std::size_t l = 0; l < decoder.config().n_layers; ++l) {
+  for (std::size_t l = 0; l < decoder.config().n_layers; ++l) {  // in the order of the block's structs
     const auto& b = decoder.block(l);
     const AttentionWeights<T>& a = b.attention;
-    add_norm(b.attention_norm);
+    for (const auto* v : {&b.attention_norm.gamma, &b.attention_norm.beta}) add(*v);
     for (const auto* W : {&a.W_Q, &a.W_K, &a.W_V, &a.W_O}) add(*W);
-    for (const auto* bias : {&a.b_Q, &a.b_K, &a.b_V, &a.b_O}) add(*bias);
-    add_norm(b.mlp_norm);
+    for (const auto* v : {&a.b_Q, &a.b_K, &a.b_V, &a.b_O, &b.mlp_norm.gamma, &b.mlp_norm.beta}) add(*v);
     for (const auto* W : {&b.mlp.W_1, &b.mlp.W_2, &b.mlp.W_3}) add(*W);
-    add(b.mlp.b_1);
-    add(b.mlp.b_2);
+    for (const auto* v : {&b.mlp.b_1, &b.mlp.b_2}) add(*v);
   }
-  add_norm(decoder.final_norm());
+  for (const auto* v : {&decoder.final_norm().gamma, &decoder.final_norm().beta}) add(*v);
   if (!decoder.config().tied_lm_head) add(decoder.lm_head());
-  return h.value();
+  return h;
 }
 
 namespace detail {
 namespace session_file {
 
-// The header fields the model determines: scalar size, shape, fingerprint.
+constexpr char kMagic[8] = {'K', 'V', 'C', 'S', 'E', 'S', 'S', '\0'};
+constexpr std::uint64_t kVersion = 1;
+constexpr std::size_t kFields = 27;  // header fields, the checksum included
+constexpr std::uint64_t kHeaderBytes = kFields * 8;
+
+// Indices of the header fields (see the table at the top), and their names
+// in messages.
+enum Field : std::size_t {
+  kMagicField, kVersionField, kScalarBytes, kVocabSize, kDModel, kNLayers, kNHeads, kNKvHeads, kDFf, kMaxSeqLen,
+  kPositions, kRopeBase, kNorm, kNormEps, kMlp, kTiedLmHead, kFingerprint, kKvType, kWindow, kSinks, kMaxTokens,
+  kSize, kPosition, kRingStart, kNTokens, kNLogits, kHeaderChecksum
+};
+constexpr const char* kNames[kFields] = {
+    "magic",     "version",     "sizeof(T)", "vocab_size", "d_model",  "n_layers",   "n_heads",
+    "n_kv_heads", "d_ff",       "max_seq_len", "positions", "rope_base", "norm",      "norm_eps",
+    "mlp",       "tied_lm_head", "weights fingerprint", "kv_type", "window", "sinks", "max_tokens",
+    "size",      "position",    "ring_start", "n_tokens",   "n_logits", "header checksum"};
+
+// A stored value as messages show it: the enums' names (their codes in the
+// file are fixed, whatever the enums' order), doubles, the fingerprint in hex.
+inline std::string show(std::size_t field, std::uint64_t v) {
+  const auto named = [v](std::initializer_list<const char*> names) {
+    return v < names.size() ? std::string(names.begin()[v]) : io::text("unknown (", v, ")");
+  };
+  char buffer[40];
+  switch (field) {
+    case kPositions: return named({"none", "learned", "rope"});
+    case kNorm: return named({"layer_norm", "rms_norm"});
+    case kMlp: return named({"gelu", "swiglu"});
+    case kRopeBase:
+    case kNormEps: std::snprintf(buffer, sizeof buffer, "%.9g", io::bit_cast<double>(v)); break;
+    case kFingerprint: std::snprintf(buffer, sizeof buffer, "%016llx", static_cast<unsigned long long>(v)); break;
+    default: return std::to_string(v);
+  }
+  return buffer;
+}
+
+// The header's checksum: FNV-1a of its bytes before the checksum field.
+inline std::uint64_t header_checksum(const std::uint64_t* f) {
+  std::uint64_t h = io::kFnvStart;
+  for (std::size_t i = 0; i < kHeaderChecksum; ++i) h = io::fnv1a(h, f[i]);
+  return h;
+}
+
+// How errors name a session file.
+inline std::string label(const std::string& name) { return "session file '" + name + "'"; }
+
+template <typename... Parts>
+[[noreturn]] void fail(const std::string& name, const Parts&... problem) {
+  io::fail(label(name), problem...);
+}
+
+// f(), its std::invalid_argument turned into "kvcache: session file
+// '<name>': <prefix><what>": the saved state is impossible.
+template <typename F>
+auto as_file_error(const std::string& name, const char* prefix, F&& f) {
+  try {
+    return f();
+  } catch (const std::invalid_argument& e) {
+    fail(name, prefix, e.what());
+  }
+}
+
+// "token id X at index i is outside [0, vocab_size = V)" for the first id
+// outside the vocabulary, or "" when there is none.
+inline std::string bad_token(const std::vector<int>& tokens, std::uint64_t vocab_size) {
+  for (std::size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] < 0 || static_cast<std::uint64_t>(tokens[i]) >= vocab_size)
+      return io::text("token id ", tokens[i], " at index ", i, " is outside [0, vocab_size = ", vocab_size, ")");
+  return "";
+}
+
+// The header fields the model determines (2 to 16: scalar size, shape,
+// fingerprint), in file order, with the enums' codes of the table on top.
 template <typename T>
 void fill_model_fields(const Decoder<T>& decoder, std::uint64_t* f) {
-  for (const ModelField& m : kModelFields) f[m.field] = m.value(decoder.config(), sizeof(T));
-  f[kFingerprint] = weights_fingerprint(decoder);
+  const ModelConfig& c = decoder.config();
+  const std::uint64_t positions = c.positions == PositionEncoding::none      ? 0
+                                  : c.positions == PositionEncoding::learned ? 1
+                                                                             : 2;
+  const std::uint64_t model[] = {sizeof(T),    c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.kv_heads(), c.d_ff,
+                                 c.max_seq_len, positions,   io::bit_cast<std::uint64_t>(c.rope_base),
+                                 c.norm == NormKind::layer_norm ? 0u : 1u, io::bit_cast<std::uint64_t>(c.norm_eps),
+                                 c.mlp == MlpKind::gelu ? 0u : 1u,         c.tied_lm_head,
+                                 weights_fingerprint(decoder)};
+  static_assert(sizeof model / sizeof model[0] == kFingerprint - kScalarBytes + 1, "the model fields, in order");
+  std::copy(std::begin(model), std::end(model), f + kScalarBytes);
 }
 
 // Throws std::invalid_argument, before anything is written, unless `session`
@@ -264,99 +244,81 @@ void fill_model_fields(const Decoder<T>& decoder, std::uint64_t* f) {
 // it; std::runtime_error on a host that cannot write the format.
 template <typename T>
 void check_saveable(const std::string& name, const Decoder<T>& decoder, const Session<T>& session,
-                    const std::vector<int>& tokens, std::size_t n_logits) {
+                    const std::vector<int>& tokens, const RowVector<T>& last_logits) {
   const ModelConfig& c = decoder.config();
+  const auto n_logits = static_cast<std::size_t>(last_logits.size());
   if (session.n_layers() != c.n_layers || session.cache(0).n_kv_heads() != c.kv_heads() ||
       session.cache(0).d_k() != c.d_k())
-    throw std::invalid_argument("kvcache: save_session: the session was made for another model shape");
+    io::invalid("save_session: the session was made for another model shape");
   if (tokens.size() != session.position())
-    throw std::invalid_argument("kvcache: save_session: the session has been fed " +
-                                std::to_string(session.position()) + " tokens but " + std::to_string(tokens.size()) +
-                                " token ids were given (they must be the ids that produced the state)");
-  for (std::size_t i = 0; i < tokens.size(); ++i)
-    if (tokens[i] < 0 || static_cast<std::size_t>(tokens[i]) >= c.vocab_size)
-      throw std::invalid_argument("kvcache: save_session: token id " + std::to_string(tokens[i]) + " at index " +
-                                  std::to_string(i) + " is outside [0, vocab_size = " +
-                                  std::to_string(c.vocab_size) + ")");
+    io::invalid("save_session: the session has been fed ", session.position(), " tokens but ", tokens.size(),
+                " token ids were given (they must be the ids that produced the state)");
+  const std::string bad = bad_token(tokens, c.vocab_size);
+  if (!bad.empty()) io::invalid("save_session: ", bad);
   if (n_logits != 0 && n_logits != c.vocab_size)
-    throw std::invalid_argument("kvcache: save_session: last_logits has " + std::to_string(n_logits) +
-                                " entries, expected 0 or vocab_size = " + std::to_string(c.vocab_size));
+    io::invalid("save_session: last_logits has ", n_logits, " entries, expected 0 or vocab_size = ", c.vocab_size);
   io::require_little_endian(label(name), "session files");
 }
 
 // Writes the whole file through put(bytes, n), which throws on failure.
 template <typename T, typename Put>
 void write_all(const Decoder<T>& decoder, const Session<T>& session, const std::vector<int>& tokens,
-               const T* logits, std::size_t n_logits, Put&& put) {
-  Fnv1a64 hash;
+               const RowVector<T>& logits, Put&& put) {
+  const auto n_logits = static_cast<std::size_t>(logits.size());
+  std::uint64_t hash = io::kFnvStart;
   const auto emit = [&](const unsigned char* p, std::size_t n) {
     if (n == 0) return;
-    hash.update(p, n);
+    hash = io::fnv1a(hash, p, n);
     put(p, n);
   };
 
-  std::uint64_t f[kFields] = {};
+  std::uint64_t f[kFields] = {io::get_le<std::uint64_t>(reinterpret_cast<const unsigned char*>(kMagic)), kVersion};
   fill_model_fields(decoder, f);
-  f[kVersionField] = kVersion;
-  const std::uint64_t state[] = {code(session.kv_type()), session.window().window, session.window().sinks,
-                                 session.max_tokens(),     session.size(),          session.position(),
-                                 session.ring_start(),     tokens.size(),           n_logits};
+  const std::uint64_t kv_type = session.kv_type() == KVType::full ? 0 : session.kv_type() == KVType::bf16 ? 1 : 2;
+  const std::uint64_t state[] = {kv_type,           session.window().window, session.window().sinks,
+                                 session.max_tokens(), session.size(),        session.position(),
+                                 session.ring_start(), tokens.size(),         n_logits};
   static_assert(sizeof state / sizeof state[0] == kNLogits - kKvType + 1, "the session fields, in order");
   std::copy(std::begin(state), std::end(state), f + kKvType);
+  f[kHeaderChecksum] = header_checksum(f);
   unsigned char header[kHeaderBytes];
-  std::memcpy(header, kMagic, 8);
-  for (std::size_t i = 1; i < kFields - 1; ++i) io::put_u64_le(f[i], header + 8 * i);
-  Fnv1a64 header_hash;
-  header_hash.update(header, kHeaderBytes - 8);
-  io::put_u64_le(header_hash.value(), header + kHeaderBytes - 8);
+  for (std::size_t i = 0; i < kFields; ++i) io::put_le(f[i], header + 8 * i);
   emit(header, kHeaderBytes);
 
   for (const int id : tokens) {  // little-endian int32
     unsigned char b[4];
-    io::put_i32_le(static_cast<std::int32_t>(id), b);
+    io::put_le(static_cast<std::int32_t>(id), b);
     emit(b, 4);
   }
-  emit(reinterpret_cast<const unsigned char*>(logits), n_logits * sizeof(T));
+  emit(reinterpret_cast<const unsigned char*>(logits.data()), n_logits * sizeof(T));
   session.read_raw([&](const unsigned char* p, std::size_t n) { emit(p, n); });
 
   unsigned char checksum[8];
-  io::put_u64_le(hash.value(), checksum);
+  io::put_le(hash, checksum);
   put(checksum, 8);
 }
 
-// Compares the saved model with the decoder's, naming the first field that
-// differs.
+// Reads the header into f and checks it: the magic bytes, the version, the
+// header's checksum, then the model it was saved for against the decoder's,
+// naming the first field that differs (std::invalid_argument).
 template <typename T>
-void check_model(const std::string& name, const std::uint64_t* saved, const Decoder<T>& decoder) {
+void read_header(io::BoundedReader& reader, const std::string& name, const Decoder<T>& decoder, std::uint64_t* f) {
+  std::size_t i = 0;
+  reader.read_values<std::uint64_t>(kFields, "header", [&](std::uint64_t v) { f[i++] = v; });
+  if (f[kMagicField] != io::get_le<std::uint64_t>(reinterpret_cast<const unsigned char*>(kMagic)))
+    fail(name, "not a kvcache session file (wrong magic bytes)");
+  if (f[kVersionField] != kVersion)
+    fail(name, "format version ", f[kVersionField], ", this build reads version ", kVersion);
+  if (header_checksum(f) != f[kHeaderChecksum]) fail(name, "header checksum mismatch: the file is damaged");
   std::uint64_t have[kFields] = {};
   fill_model_fields(decoder, have);
-  for (const ModelField& m : kModelFields)
-    if (saved[m.field] != have[m.field])
-      throw std::invalid_argument("kvcache: " + label(name) + " was saved for " + m.name + " = " +
-                                  m.show(saved[m.field]) + ", this model has " + m.show(have[m.field]));
-  if (saved[kFingerprint] != have[kFingerprint]) {
-    char buffer[96];
-    std::snprintf(buffer, sizeof buffer, "(weights fingerprint %016llx, this model's %016llx)",
-                  static_cast<unsigned long long>(saved[kFingerprint]),
-                  static_cast<unsigned long long>(have[kFingerprint]));
-    throw std::invalid_argument("kvcache: " + label(name) + " was saved for a model of this shape with other weights " +
-                                buffer);
-  }
-}
-
-// Reads the header into f: the magic bytes, the version and the header's
-// checksum are checked here.
-inline void read_header(io::BoundedReader& reader, const std::string& name, std::uint64_t* f) {
-  unsigned char header[kHeaderBytes];
-  reader.read(header, kHeaderBytes, "header");
-  if (std::memcmp(header, kMagic, 8) != 0) fail(name, "not a kvcache session file (wrong magic bytes)");
-  for (std::size_t i = 1; i < kFields; ++i) f[i] = io::get_u64_le(header + 8 * i);
-  if (f[kVersionField] != kVersion)
-    fail(name, "format version " + std::to_string(f[kVersionField]) + ", this build reads version " +
-                   std::to_string(kVersion));
-  Fnv1a64 header_hash;
-  header_hash.update(header, kHeaderBytes - 8);
-  if (header_hash.value() != f[kHeaderChecksum]) fail(name, "header checksum mismatch: the file is damaged");
+  for (std::size_t k = kScalarBytes; k < kFingerprint; ++k)
+    if (f[k] != have[k])
+      io::invalid(label(name), " was saved for ", kNames[k], " = ", show(k, f[k]), ", this model has ",
+                  show(k, have[k]));
+  if (f[kFingerprint] != have[kFingerprint])
+    io::invalid(label(name), " was saved for a model of this shape with other weights (weights fingerprint ",
+                show(kFingerprint, f[kFingerprint]), ", this model's ", show(kFingerprint, have[kFingerprint]), ")");
 }
 
 // The session options of the saved session, and an empty session made with
@@ -365,39 +327,28 @@ inline void read_header(io::BoundedReader& reader, const std::string& name, std:
 template <typename T>
 Session<T> empty_session_of(const std::string& name, const std::uint64_t* f, const Decoder<T>& decoder,
                             SessionOptions& options) {
-  if (f[kKvType] > 2) fail(name, "unknown kv_type code " + std::to_string(f[kKvType]) + " (0 full, 1 bf16, 2 int8)");
+  if (f[kKvType] > 2) fail(name, "unknown kv_type code ", f[kKvType], " (0 full, 1 bf16, 2 int8)");
   options.kv_type = f[kKvType] == 0 ? KVType::full : f[kKvType] == 1 ? KVType::bf16 : KVType::int8;
   const std::uint64_t max_seq_len = decoder.config().max_seq_len;
   if (f[kWindow] > max_seq_len || f[kSinks] > max_seq_len || f[kMaxTokens] == 0 || f[kMaxTokens] > max_seq_len)
-    fail(name, "impossible window = " + std::to_string(f[kWindow]) + ", sinks = " + std::to_string(f[kSinks]) +
-                   " or max_tokens = " + std::to_string(f[kMaxTokens]) + " for max_seq_len = " +
-                   std::to_string(max_seq_len));
+    fail(name, "impossible window = ", f[kWindow], ", sinks = ", f[kSinks], " or max_tokens = ", f[kMaxTokens],
+         " for max_seq_len = ", max_seq_len);
   options.window = SlidingWindow{static_cast<std::size_t>(f[kWindow]), static_cast<std::size_t>(f[kSinks])};
   options.max_tokens = static_cast<std::size_t>(f[kMaxTokens]);
-  std::optional<Session<T>> probe;
-  try {
-    probe.emplace(decoder.new_session(options));
-  } catch (const std::invalid_argument& e) {
-    fail(name, std::string("impossible session options: ") + e.what());
-  }
-  if (probe->max_tokens() != f[kMaxTokens])
-    fail(name, "max_tokens = " + std::to_string(f[kMaxTokens]) + " but a window of " + std::to_string(f[kWindow]) +
-                   " holds " + std::to_string(probe->max_tokens()));
+  Session<T> probe = as_file_error(name, "impossible session options: ", [&] { return decoder.new_session(options); });
+  if (probe.max_tokens() != f[kMaxTokens])
+    fail(name, "max_tokens = ", f[kMaxTokens], " but a window of ", f[kWindow], " holds ", probe.max_tokens());
   if (f[kPosition] > static_cast<std::uint64_t>(std::numeric_limits<std::size_t>::max()))
-    fail(name, "position = " + std::to_string(f[kPosition]) + " does not fit this platform");
-  try {
-    probe->check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
-                       static_cast<std::size_t>(f[kRingStart]));
-  } catch (const std::invalid_argument& e) {
-    fail(name, e.what());
-  }
+    fail(name, "position = ", f[kPosition], " does not fit this platform");
+  as_file_error(name, "", [&] {
+    probe.check_state(static_cast<std::size_t>(f[kSize]), static_cast<std::size_t>(f[kPosition]),
+                      static_cast<std::size_t>(f[kRingStart]));
+  });
   if (f[kNTokens] != f[kPosition])
-    fail(name, "n_tokens = " + std::to_string(f[kNTokens]) + " but position = " + std::to_string(f[kPosition]) +
-                   " (a token id per position)");
+    fail(name, "n_tokens = ", f[kNTokens], " but position = ", f[kPosition], " (a token id per position)");
   if (f[kNLogits] != 0 && f[kNLogits] != f[kVocabSize])
-    fail(name, "n_logits = " + std::to_string(f[kNLogits]) + ", expected 0 or vocab_size = " +
-                   std::to_string(f[kVocabSize]));
-  return std::move(*probe);
+    fail(name, "n_logits = ", f[kNLogits], ", expected 0 or vocab_size = ", f[kVocabSize]);
+  return probe;
 }
 
 // Reads and checks a whole session file from `in`. `length`: the bytes
@@ -407,32 +358,23 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
                          const Decoder<T>& decoder, const SessionLoadOptions& options) {
   io::require_little_endian(label(name), "session files");
   if (length && *length > options.max_bytes)
-    fail(name, "the file has " + std::to_string(*length) + " bytes, more than the limit of " +
-                   std::to_string(options.max_bytes));
-  if (length && *length < kHeaderBytes)
-    fail(name, "file is truncated: " + std::to_string(*length) + " bytes, the header alone takes " +
-                   std::to_string(kHeaderBytes));
+    fail(name, "the file has ", *length, " bytes, more than the limit of ", options.max_bytes);
   io::BoundedReader reader(in, label(name));
-  Fnv1a64 hash;
-  reader.on_read = [&hash](const unsigned char* p, std::size_t n) { hash.update(p, n); };
   std::uint64_t f[kFields];
-  read_header(reader, name, f);
-  check_model(name, f, decoder);
+  read_header(reader, name, decoder, f);
   SessionOptions session_options;
   const Session<T> probe = empty_session_of(name, f, decoder, session_options);
 
   // The length the header implies (size <= max_seq_len by now, but n_tokens
-  // is bounded by nothing but the file).
+  // is bounded by nothing but the file): header, ids, logits, caches, checksum.
   const std::uint64_t slot_bytes = probe.cache(0).row_bytes(), layers = f[kNLayers], heads = f[kNKvHeads];
-  std::uint64_t expected = io::sat_add(kHeaderBytes, io::sat_mul(4, f[kNTokens]));
+  std::uint64_t expected = io::sat_add(kHeaderBytes + 8, io::sat_mul(4, f[kNTokens]));
   expected = io::sat_add(expected, io::sat_mul(f[kNLogits], sizeof(T)));
   expected = io::sat_add(expected, io::sat_mul(io::sat_mul(2 * layers, heads), io::sat_mul(f[kSize], slot_bytes)));
-  expected = io::sat_add(expected, kChecksumBytes);
   const std::uint64_t limit =
       std::min<std::uint64_t>(options.max_bytes, static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()));
   if (expected > limit)
-    fail(name, "the header implies a file of " + io::count_string(expected) + " bytes, more than the limit of " +
-                   std::to_string(limit));
+    fail(name, "the header implies a file of ", io::count_string(expected), " bytes, more than the limit of ", limit);
   if (length) io::require_length(label(name), *length, expected);
 
   // Everything is consistent: allocate and read. With a known length the
@@ -442,7 +384,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   const auto n_tokens = static_cast<std::size_t>(f[kNTokens]);
   std::vector<int> tokens;
   tokens.reserve(length ? n_tokens : std::min<std::size_t>(n_tokens, std::size_t{1} << 16));
-  reader.read_i32s(n_tokens, "token ids", [&](std::int32_t id) { tokens.push_back(static_cast<int>(id)); });
+  reader.read_values<std::int32_t>(n_tokens, "token ids", [&](std::int32_t id) { tokens.push_back(id); });
   RowVector<T> logits(static_cast<Eigen::Index>(f[kNLogits]));
   reader.read(reinterpret_cast<unsigned char*>(logits.data()), static_cast<std::size_t>(logits.size()) * sizeof(T),
               "logits");
@@ -453,26 +395,21 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
   session.restore_state(size, static_cast<std::size_t>(f[kPosition]), static_cast<std::size_t>(f[kRingStart]));
   session.write_raw([&](unsigned char* p, std::size_t n) { reader.read(p, n, "caches"); });
 
-  const std::uint64_t computed = hash.value();
-  unsigned char stored[8];
-  reader.read(stored, 8, "checksum");
-  if (io::get_u64_le(stored) != computed) fail(name, "checksum mismatch: the file is damaged");
+  const std::uint64_t computed = reader.checksum();
+  std::uint64_t stored = 0;
+  reader.read_values<std::uint64_t>(1, "checksum", [&](std::uint64_t v) { stored = v; });
+  if (stored != computed) fail(name, "checksum mismatch: the file is damaged");
   if (!length && in.peek() != std::char_traits<char>::eof())
-    fail(name, "file has trailing bytes after the " + std::to_string(expected) + " the header implies");
-
-  for (std::size_t i = 0; i < tokens.size(); ++i)
-    if (tokens[i] < 0 || static_cast<std::uint64_t>(tokens[i]) >= f[kVocabSize])
-      fail(name, "token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
-                     " is outside [0, vocab_size = " + std::to_string(f[kVocabSize]) + ")");
+    fail(name, "file has trailing bytes after the ", expected, " the header implies");
+  const std::string bad = bad_token(tokens, f[kVocabSize]);
+  if (!bad.empty()) fail(name, bad);
   return SavedSession<T>{std::move(tokens), std::move(session), std::move(logits)};
 }
 
 // Whether a file that starts with `p` is a session file kvcache may replace:
 // it has the magic bytes (damaged, of another model or another version, it
 // is still one of ours).
-inline bool is_session_file(const io::FilePrefix& p) {
-  return p.bytes.size() >= 8 && std::memcmp(p.bytes.data(), kMagic, 8) == 0;
-}
+inline bool is_session_file(const io::FilePrefix& p) { return p.bytes.compare(0, 8, kMagic, 8) == 0; }
 
 }  // namespace session_file
 }  // namespace detail
@@ -494,13 +431,12 @@ inline bool is_session_file(const io::FilePrefix& p) {
 template <typename T>
 void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T>& session,
                    const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
-  const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  detail::session_file::check_saveable("<stream>", decoder, session, tokens, n_logits);
+  detail::session_file::check_saveable("<stream>", decoder, session, tokens, last_logits);
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
     if (!out) throw std::runtime_error("kvcache: write_session: write error");
   };
-  detail::session_file::write_all(decoder, session, tokens, last_logits.data(), n_logits, put);
+  detail::session_file::write_all(decoder, session, tokens, last_logits, put);
 }
 
 // Throws std::runtime_error naming `path` unless save_session may write
@@ -527,11 +463,9 @@ template <typename T>
 void save_session(const std::string& path, const Decoder<T>& decoder, const Session<T>& session,
                   const std::vector<int>& tokens, const RowVector<T>& last_logits = {}) {
   namespace sf = detail::session_file;
-  const auto n_logits = static_cast<std::size_t>(last_logits.size());
-  if (path.empty()) throw std::invalid_argument("kvcache: save_session: empty path");
-  sf::check_saveable(path, decoder, session, tokens, n_logits);
+  sf::check_saveable(path, decoder, session, tokens, last_logits);
   const auto write = [&](detail::io::FileSink& out) {
-    sf::write_all(decoder, session, tokens, last_logits.data(), n_logits,
+    sf::write_all(decoder, session, tokens, last_logits,
                   [&out](const unsigned char* p, std::size_t n) { out.put(p, n); });
   };
   detail::io::write_atomically(path, sf::label(path), write, [&] { check_session_replaceable(path); });

@@ -1,6 +1,7 @@
-// kvcache/detail/io.hpp — what every file format of kvcache shares: little-
-// endian codecs, saturating sizes, bounded reads, opening a file with a clear
-// error, the "may this path be replaced" check, and ONE atomic write. POSIX
+// kvcache/detail/io.hpp — what every file format of kvcache shares: error
+// messages, little-endian codecs, a checksum (FNV-1a), saturating sizes,
+// bounded reads, opening a file with a clear error, the "may this path be
+// replaced" check, and ONE atomic write. POSIX
 // (Linux, macOS, the BSDs); the unnamed temporary file needs Linux.
 //
 // The guarantees of write_atomically(path, ...), used for every file kvcache
@@ -51,7 +52,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <istream>
 #include <limits>
 #include <optional>
@@ -59,6 +59,7 @@
 #include <stdexcept>
 #include <string>
 #include <system_error>
+#include <type_traits>
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -72,10 +73,28 @@ namespace io {
 // Errors
 // ============================================================================
 
-// "kvcache: <label>: <problem>"; `label` names the file ("model.bin", or
-// "session file 'a.kvs'").
-[[noreturn]] inline void fail(const std::string& label, const std::string& problem) {
-  throw std::runtime_error("kvcache: " + label + ": " + problem);
+// One message from strings and numbers (numbers through std::to_string).
+inline const std::string& piece(const std::string& s) { return s; }
+template <typename N, typename = std::enable_if_t<std::is_arithmetic<N>::value>>
+std::string piece(N n) {
+  return std::to_string(n);
+}
+template <typename... Parts>
+std::string text(const Parts&... parts) {
+  return (std::string() + ... + piece(parts));
+}
+
+// "kvcache: <label>: <problem>", the problem put together as text() does;
+// `label` names the file ("model.bin", or "session file 'a.kvs'").
+template <typename... Parts>
+[[noreturn]] void fail(const std::string& label, const Parts&... problem) {
+  throw std::runtime_error("kvcache: " + label + ": " + text(problem...));
+}
+
+// std::invalid_argument "kvcache: <message>", put together as text() does.
+template <typename... Parts>
+[[noreturn]] void invalid(const Parts&... message) {
+  throw std::invalid_argument("kvcache: " + text(message...));
 }
 
 inline std::string errno_text(int error) {
@@ -95,21 +114,10 @@ inline void require_little_endian(const std::string& label, const std::string& f
   const std::uint32_t one = 1;
   unsigned char first = 0;
   std::memcpy(&first, &one, 1);
-  if (first != 1) fail(label, format + " are little-endian and this host is not (unsupported)");
+  if (first != 1) fail(label, format, " are little-endian and this host is not (unsupported)");
 }
 
-template <typename U>
-U get_le(const unsigned char* p) {
-  U v = 0;
-  for (std::size_t i = sizeof(U); i-- > 0;) v = static_cast<U>((v << 8) | p[i]);
-  return v;
-}
-template <typename U>
-void put_le(U v, unsigned char* p) {
-  for (std::size_t i = 0; i < sizeof(U); ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
-}
-
-// Bit casts, so that signed and floating values go through the codecs above.
+// Bit casts, so that signed and floating values go through the codecs below.
 template <typename To, typename From>
 To bit_cast(const From& from) {
   static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
@@ -118,16 +126,43 @@ To bit_cast(const From& from) {
   return to;
 }
 
-inline std::uint32_t get_u32_le(const unsigned char* p) { return get_le<std::uint32_t>(p); }
-inline void put_u32_le(std::uint32_t v, unsigned char* p) { put_le(v, p); }
-inline std::uint64_t get_u64_le(const unsigned char* p) { return get_le<std::uint64_t>(p); }
-inline void put_u64_le(std::uint64_t v, unsigned char* p) { put_le(v, p); }
-inline std::int32_t get_i32_le(const unsigned char* p) { return bit_cast<std::int32_t>(get_u32_le(p)); }
-inline void put_i32_le(std::int32_t v, unsigned char* p) { put_u32_le(bit_cast<std::uint32_t>(v), p); }
-inline float get_f32_le(const unsigned char* p) { return bit_cast<float>(get_u32_le(p)); }
-inline void put_f32_le(float v, unsigned char* p) { put_u32_le(bit_cast<std::uint32_t>(v), p); }
-inline double get_f64_le(const unsigned char* p) { return bit_cast<double>(get_u64_le(p)); }
-inline void put_f64_le(double v, unsigned char* p) { put_u64_le(bit_cast<std::uint64_t>(v), p); }
+// get_le<T> and put_le<T> for any T of 4 or 8 bytes (uint32, int32, float,
+// uint64, double): its bits as an unsigned integer, lowest byte first.
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
+
+template <typename T>
+T get_le(const unsigned char* p) {
+  Bits<T> v = 0;
+  for (std::size_t i = sizeof(T); i-- > 0;) v = static_cast<Bits<T>>((v << 8) | p[i]);
+  return bit_cast<T>(v);
+}
+template <typename T>
+void put_le(T value, unsigned char* p) {
+  const auto v = bit_cast<Bits<T>>(value);
+  for (std::size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
+}
+// The two tokenizer.hpp reads.
+inline std::int32_t get_i32_le(const unsigned char* p) { return get_le<std::int32_t>(p); }
+inline float get_f32_le(const unsigned char* p) { return get_le<float>(p); }
+
+// ============================================================================
+// Checksum
+// ============================================================================
+
+// FNV-1a, 64 bits, going on from the state h (kFnvStart at first): one xor
+// and one multiply per byte. Both are bijections of the state, so changing
+// any single byte always changes the result.
+constexpr std::uint64_t kFnvStart = 0xcbf29ce484222325ull;
+inline std::uint64_t fnv1a(std::uint64_t h, const unsigned char* p, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+inline std::uint64_t fnv1a(std::uint64_t h, std::uint64_t v) {  // v's 8 bytes, little-endian
+  unsigned char b[8];
+  put_le(v, b);
+  return fnv1a(h, b, 8);
+}
 
 // ============================================================================
 // Saturating sizes
@@ -193,14 +228,13 @@ inline std::uint64_t file_length(std::istream& in, const std::string& label) {
 // `actual` bytes has the `expected` length that its header implies.
 inline void require_length(const std::string& label, std::uint64_t actual, std::uint64_t expected) {
   if (actual != expected)
-    fail(label, std::string(actual < expected ? "file is truncated" : "file has trailing bytes") +
-                    ": the header implies " + std::to_string(expected) + " bytes, the file has " +
-                    std::to_string(actual));
+    fail(label, actual < expected ? "file is truncated" : "file has trailing bytes", ": the header implies ", expected,
+         " bytes, the file has ", actual);
 }
 
 // Reads exactly the bytes asked for, or throws "file is truncated: it ends
-// in the <what> after N bytes". `consumed()` counts the bytes read so far;
-// `on_read`, when set, sees every byte read (a checksum).
+// in the <what> after N bytes". `consumed()` counts the bytes read so far,
+// `checksum()` is their FNV-1a.
 class BoundedReader {
  public:
   BoundedReader(std::istream& in, std::string label) : in_(in), label_(std::move(label)) {}
@@ -210,33 +244,32 @@ class BoundedReader {
     in_.read(reinterpret_cast<char*>(p), static_cast<std::streamsize>(n));
     const auto got = static_cast<std::size_t>(std::max<std::streamsize>(in_.gcount(), 0));
     consumed_ += got;
-    if (got != n)
-      fail(label_, "file is truncated: it ends in the " + what + " after " + std::to_string(consumed_) + " bytes");
-    if (on_read) on_read(p, n);
+    if (got != n) fail(label_, "file is truncated: it ends in the ", what, " after ", consumed_, " bytes");
+    checksum_ = fnv1a(checksum_, p, n);
   }
 
-  // `count` little-endian int32 values, a block of 4 KB at a time, each
-  // handed to on_value: memory grows with what actually arrives, never with
-  // what a header claims.
-  template <typename F>
-  void read_i32s(std::uint64_t count, const std::string& what, F&& on_value) {
+  // `count` little-endian values of T (get_le), a block of 4 KB at a time,
+  // each handed to on_value: memory grows with what actually arrives, never
+  // with what a header claims.
+  template <typename T, typename F>
+  void read_values(std::uint64_t count, const std::string& what, F&& on_value) {
     unsigned char block[4096];
     while (count > 0) {
-      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(count, sizeof block / 4));
-      read(block, 4 * n, what);
-      for (std::size_t k = 0; k < n; ++k) on_value(get_i32_le(block + 4 * k));
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(count, sizeof block / sizeof(T)));
+      read(block, sizeof(T) * n, what);
+      for (std::size_t k = 0; k < n; ++k) on_value(get_le<T>(block + sizeof(T) * k));
       count -= n;
     }
   }
 
   std::uint64_t consumed() const { return consumed_; }
-
-  std::function<void(const unsigned char*, std::size_t)> on_read;
+  std::uint64_t checksum() const { return checksum_; }
 
  private:
   std::istream& in_;
   std::string label_;
   std::uint64_t consumed_ = 0;
+  std::uint64_t checksum_ = kFnvStart;
 };
 
 // ============================================================================
@@ -250,6 +283,16 @@ struct FilePrefix {
   std::uint64_t size = 0;
 };
 
+// What a file of this mode is when it is not a regular file, or nullptr.
+inline const char* irregular_kind(mode_t mode) {
+  return S_ISREG(mode)                     ? nullptr
+         : S_ISLNK(mode)                   ? "a symbolic link"
+         : S_ISDIR(mode)                   ? "a directory"
+         : S_ISFIFO(mode)                  ? "a FIFO"
+         : S_ISCHR(mode) || S_ISBLK(mode) ? "a device"
+                                           : "not a regular file";
+}
+
 // Throws std::runtime_error unless `path` may be written over: it does not
 // exist, or it is a regular file (a symbolic link is not followed: it is
 // refused) that `accept(prefix)` recognises as a file of `kind` (for
@@ -258,43 +301,39 @@ struct FilePrefix {
 template <typename Accept>
 void require_replaceable(const std::string& path, const std::string& label, const std::string& kind,
                          std::size_t prefix_bytes, Accept&& accept) {
-  const std::string refuse = "exists and is not a " + kind + "; refusing to replace it";
+  const std::string refuse = "; refusing to replace it";
+  const auto require_regular = [&](mode_t mode) {
+    if (const char* type = irregular_kind(mode)) fail(label, "is ", type, ", not a ", kind, refuse);
+  };
   struct stat st;
   if (::lstat(path.c_str(), &st) != 0) {
     const int error = errno;
     if (error == ENOENT || error == ENOTDIR) return;  // nothing to replace (writing then fails, naming why)
-    fail(label, "cannot inspect it before replacing it" + errno_text(error));
+    fail(label, "cannot inspect it before replacing it", errno_text(error));
   }
-  const char* type = S_ISREG(st.st_mode)    ? nullptr
-                     : S_ISLNK(st.st_mode)  ? "a symbolic link"
-                     : S_ISDIR(st.st_mode)  ? "a directory"
-                     : S_ISFIFO(st.st_mode) ? "a FIFO"
-                     : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
-                                                                   : "not a regular file";
-  if (type != nullptr) fail(label, std::string("is ") + type + ", not a " + kind + "; refusing to replace it");
+  require_regular(st.st_mode);
   // O_NOFOLLOW and O_NONBLOCK: if it became a link or a FIFO since lstat,
   // fail rather than follow or block.
   const int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-  if (fd < 0) fail(label, refuse + " (cannot read it to check" + errno_text(errno) + ")");
+  int error = fd < 0 ? errno : 0;
   FilePrefix prefix;
   prefix.bytes.resize(prefix_bytes);
   std::size_t got = 0;
-  int error = 0;
-  while (got < prefix_bytes) {
+  while (fd >= 0 && got < prefix_bytes) {
     const ::ssize_t n = ::read(fd, &prefix.bytes[got], prefix_bytes - got);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) error = errno;
     if (n <= 0) break;
     got += static_cast<std::size_t>(n);
   }
-  struct stat now;
-  const bool still_regular = ::fstat(fd, &now) == 0 && S_ISREG(now.st_mode);
-  ::close(fd);
-  if (error != 0) fail(label, refuse + " (cannot read it to check" + errno_text(error) + ")");
-  if (!still_regular) fail(label, "is not a regular file, not a " + kind + "; refusing to replace it");
+  const bool measured = fd >= 0 && ::fstat(fd, &st) == 0;
+  if (fd >= 0) ::close(fd);
+  if (error != 0)
+    fail(label, "exists and is not a ", kind, refuse, " (cannot read it to check", errno_text(error), ")");
+  require_regular(measured ? st.st_mode : 0);  // mode 0: "not a regular file"
   prefix.bytes.resize(got);
-  prefix.size = static_cast<std::uint64_t>(now.st_size);
-  if (!accept(static_cast<const FilePrefix&>(prefix))) fail(label, refuse);
+  prefix.size = static_cast<std::uint64_t>(st.st_size);
+  if (!accept(static_cast<const FilePrefix&>(prefix))) fail(label, "exists and is not a ", kind, refuse);
 }
 
 // ============================================================================
@@ -309,11 +348,8 @@ class FileSink {
 
   void put(const void* data, std::size_t n) {
     if (buffer_.size() + n > kBuffer) flush();
-    if (n >= kBuffer) {
-      write_out(static_cast<const char*>(data), n);
-    } else {
-      buffer_.append(static_cast<const char*>(data), n);
-    }
+    if (n >= kBuffer) return write_out(static_cast<const char*>(data), n);  // large pieces go straight out
+    buffer_.append(static_cast<const char*>(data), n);
   }
 
   void flush() {
@@ -328,7 +364,7 @@ class FileSink {
     while (n > 0) {
       const ::ssize_t w = ::write(fd_, p, std::min<std::size_t>(n, std::size_t{1} << 30));
       if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) fail(label_, "write error" + errno_text(w < 0 ? errno : EIO));
+      if (w <= 0) fail(label_, "write error", errno_text(w < 0 ? errno : EIO));
       p += w;
       n -= static_cast<std::size_t>(w);
     }
@@ -386,7 +422,7 @@ inline int open_unnamed(const std::string& dir, const std::string& label) {
   if (fd >= 0) return fd;
   const int error = errno;
   if (error == EOPNOTSUPP || error == EISDIR || error == EINVAL) return -1;
-  fail(label, "cannot create a temporary file in " + dir + errno_text(error));
+  fail(label, "cannot create a temporary file in ", dir, errno_text(error));
 #else
   (void)dir, (void)label;
   return -1;
@@ -424,7 +460,7 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
       tmp.fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       return tmp.fd >= 0 ? 0 : errno;
     });
-    if (error != 0) fail(label, "cannot create a temporary file in " + dir + errno_text(error));
+    if (error != 0) fail(label, "cannot create a temporary file in ", dir, errno_text(error));
   }
 
   FileSink sink(tmp.fd, label);
@@ -432,7 +468,7 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
   sink.flush();
   // On disk before it gets its name: after a power failure `path` holds the
   // old file or the whole new one.
-  if (::fsync(tmp.fd) != 0) fail(label, "cannot flush to disk" + errno_text(errno));
+  if (::fsync(tmp.fd) != 0) fail(label, "cannot flush to disk", errno_text(errno));
 
   may_replace();
   if (unnamed) {
@@ -445,12 +481,12 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
       may_replace();  // it may have appeared since the last check
       error = with_temporary_name(path, tmp.name, [&](const std::string& name) { return link_unnamed(tmp.fd, name); });
     }
-    if (error != 0) fail(label, "cannot link the new file into " + dir + errno_text(error));
+    if (error != 0) fail(label, "cannot link the new file into ", dir, errno_text(error));
   }
   // The only moment a temporary name is visible: from the link (or the
   // O_EXCL create) to here. A failed rename removes it (~TemporaryFile).
   if (::rename(tmp.name.c_str(), path.c_str()) != 0)
-    fail(label, "cannot rename " + tmp.name + " into place" + errno_text(errno));
+    fail(label, "cannot rename ", tmp.name, " into place", errno_text(errno));
   tmp.name.clear();
   sync_directory(dir);
 }
