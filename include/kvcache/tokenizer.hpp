@@ -116,17 +116,10 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
   if (vocab_size && *vocab_size > max_tokens)
     io::fail(label, "the model's vocab_size " + std::to_string(*vocab_size) + " is above the limit (" + vocab_limit + ")");
   const std::uint64_t max_bytes = limits.max_tokenizer_bytes;
-  const auto too_large = [&](const std::string& size) {
-    io::fail(label, "is larger than LoadLimits::max_tokenizer_bytes (" + size + " vs " + std::to_string(max_bytes) +
-                        " bytes)");
-  };
   const std::optional<std::uint64_t> length = io::remaining_bytes(in);
-  if (length && *length > max_bytes) too_large(std::to_string(*length));
-  io::BoundedReader reader(in, label);
-  // What stops a stream that could not be measured at the limit.
-  reader.on_read = [&](const unsigned char*, std::size_t) {
-    if (reader.consumed() > max_bytes) too_large("more than " + std::to_string(max_bytes));
-  };
+  if (length && *length > max_bytes)
+    io::fail(label, "is larger than LoadLimits::max_tokenizer_bytes (", *length, " vs ", max_bytes, " bytes)");
+  io::BoundedReader reader(in, label, max_bytes, "LoadLimits::max_tokenizer_bytes");
 
   unsigned char header[4];
   reader.read(header, 4, "4-byte header (max_token_length)");

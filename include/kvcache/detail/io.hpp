@@ -234,16 +234,20 @@ inline void require_length(const std::string& label, std::uint64_t actual, std::
 
 // Reads exactly the bytes asked for, or throws "file is truncated: it ends
 // in the <what> after N bytes". `consumed()` counts the bytes read so far,
-// `checksum()` is their FNV-1a.
+// `checksum()` is their FNV-1a. A stream that could not be measured (a pipe)
+// is stopped once it has given more than `max_bytes`, named `limit` in the
+// message, so that memory never grows with what it keeps sending.
 class BoundedReader {
  public:
-  BoundedReader(std::istream& in, std::string label) : in_(in), label_(std::move(label)) {}
+  BoundedReader(std::istream& in, std::string label, std::uint64_t max_bytes = UINT64_MAX, std::string limit = "")
+      : in_(in), label_(std::move(label)), limit_(std::move(limit)), max_bytes_(max_bytes) {}
 
   void read(unsigned char* p, std::size_t n, const std::string& what) {
     if (n == 0) return;
     in_.read(reinterpret_cast<char*>(p), static_cast<std::streamsize>(n));
     const auto got = static_cast<std::size_t>(std::max<std::streamsize>(in_.gcount(), 0));
     consumed_ += got;
+    if (consumed_ > max_bytes_) fail(label_, "is larger than ", limit_, " (more than ", max_bytes_, " bytes)");
     if (got != n) fail(label_, "file is truncated: it ends in the ", what, " after ", consumed_, " bytes");
     checksum_ = fnv1a(checksum_, p, n);
   }
@@ -267,8 +271,8 @@ class BoundedReader {
 
  private:
   std::istream& in_;
-  std::string label_;
-  std::uint64_t consumed_ = 0;
+  std::string label_, limit_;
+  std::uint64_t max_bytes_, consumed_ = 0;
   std::uint64_t checksum_ = kFnvStart;
 };
 
