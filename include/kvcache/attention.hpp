@@ -29,12 +29,10 @@
 
 #include <Eigen/Core>
 
-#include "config.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
 #include "detail/rope.hpp"
 #include "kv_cache.hpp"
-#include "slots.hpp"
 #include "weights.hpp"
 
 namespace kvcache {

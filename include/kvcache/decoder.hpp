@@ -51,13 +51,12 @@ class Decoder {
 
   // Bytes of all parameters, as stored (a bfloat16 weight takes 2).
   std::size_t weight_bytes() const {
-    const DecoderWeights<T>& w = m_.w;
-    std::size_t n = bytes(w.token_embedding) + bytes(w.position_embedding) + bytes(w.final_norm) + bytes(w.lm_head);
-    for (const auto& b : w.blocks) {
+    std::size_t n = bytes(m_.w.position_embedding) + bytes(m_.w.final_norm);
+    for (const WeightMatrix<T>* W : matrices(m_.w)) n += W->bytes();
+    for (const auto& b : m_.w.blocks) {
       const auto& a = b.attention;
-      n += bytes(b.attention_norm) + bytes(b.mlp_norm) + bytes(a.W_Q) + bytes(a.W_K) + bytes(a.W_V) + bytes(a.W_O) +
-           bytes(a.b_Q) + bytes(a.b_K) + bytes(a.b_V) + bytes(a.b_O) + bytes(b.mlp.W_1) + bytes(b.mlp.W_2) +
-           bytes(b.mlp.W_3) + bytes(b.mlp.b_1) + bytes(b.mlp.b_2);
+      n += bytes(b.attention_norm) + bytes(b.mlp_norm) + bytes(a.b_Q) + bytes(a.b_K) + bytes(a.b_V) + bytes(a.b_O) +
+           bytes(b.mlp.b_1) + bytes(b.mlp.b_2);
     }
     return n;
   }
@@ -174,9 +173,11 @@ class Decoder {
     }
   }
 
-  // Every weight matrix of `w`, in the order they are stored.
-  static std::vector<WeightMatrix<T>*> matrices(DecoderWeights<T>& w) {
-    std::vector<WeightMatrix<T>*> all;
+  // Every weight matrix of `w` (a DecoderWeights<T>, const or not), in the
+  // order they are stored.
+  template <typename Weights>
+  static auto matrices(Weights& w) {
+    std::vector<decltype(&w.lm_head)> all;
     for (auto& b : w.blocks)
       all.insert(all.end(), {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1,
                              &b.mlp.W_2, &b.mlp.W_3});
@@ -188,7 +189,6 @@ class Decoder {
   static std::size_t bytes(const Eigen::EigenBase<Derived>& m) {
     return static_cast<std::size_t>(m.size()) * sizeof(typename Derived::Scalar);
   }
-  static std::size_t bytes(const WeightMatrix<T>& W) { return W.bytes(); }
   static std::size_t bytes(const NormWeights<T>& n) { return bytes(n.gamma) + bytes(n.beta); }
 
   detail::Model<T> m_;

@@ -38,18 +38,20 @@ namespace kvcache {
 // last; the LM head costs vocab_size × d_model per row.
 enum class Logits { all, last };
 
-// The activation buffers of a forward pass (detail::Forward's), sized for the
-// rows of a call and reused across calls and sessions: once grown to a
-// step's size (the same number of sequences and rows), a step allocates
-// nothing. Not part of any session; one per thread that runs forward passes.
+// The activation buffers of a forward pass, sized for the rows of a call and
+// reused across calls and sessions: once grown to a step's size (the same
+// number of sequences and rows), a step allocates nothing. Not part of any
+// session; one per thread that runs forward passes. Only detail::Forward
+// writes them; `logits` holds what the last forward returned.
 template <typename T = float>
-struct Workspace {
+class Workspace {  // a class: session.hpp declares it so
+ public:
   Matrix<T> x;       // residual stream, R × d_model
   Matrix<T> normed;  // norm(x), R × d_model; at the head, of the rows that get logits
   Matrix<T> delta;   // a sublayer's output, R × d_model; at the head, each sequence's last row of x
   Matrix<T> hidden;  // MLP, R × d_ff
   Matrix<T> gate;    // SwiGLU's W_3 x, R × d_ff
-  Matrix<T> logits;  // the rows that get logits × vocab_size: what the last forward returned
+  Matrix<T> logits;  // the rows that get logits × vocab_size
   AttentionScratch<T> attention;  // and the batch's plan
 };
 
@@ -157,8 +159,7 @@ class Forward {
       for (auto& l : s.layers_) l.grow(seqs()[b].end.size, s.size(), s.max_tokens());
     }
     const auto rows = static_cast<Eigen::Index>(seqs().back().first_row + seqs().back().m);
-    const auto d = static_cast<Eigen::Index>(c_.d_model);
-    const auto ff = static_cast<Eigen::Index>(c_.d_ff);
+    const auto d = static_cast<Eigen::Index>(c_.d_model), ff = static_cast<Eigen::Index>(c_.d_ff);
     for (Matrix<T>* M : {&w_.x, &w_.normed, &w_.delta}) resize_buffer(*M, rows, d);
     resize_buffer(w_.hidden, rows, ff);
     if (c_.mlp == MlpKind::swiglu) resize_buffer(w_.gate, rows, ff);
