@@ -29,25 +29,30 @@
 
 #include <Eigen/Core>
 
-#include "config.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
 #include "detail/rope.hpp"
 #include "kv_cache.hpp"
-#include "slots.hpp"
 #include "weights.hpp"
 
 namespace kvcache {
 
-// One sequence of a batch, as one layer's attention sees it.
+// One sequence of a batch, as one layer's attention sees it: the caller
+// sets m, rows and table; Attention::prepare the rest. Sequences are
+// stacked in x in batch order.
 template <typename T>
 struct AttentionSequence {
   std::size_t first_row = 0;  // its rows of the stacked x: [first_row, first_row + m)
   std::size_t m = 0;
-  std::size_t position = 0;   // the position of its first new token
-  std::size_t sinks = 0;      // its window's sinks (re-based queries only)
-  const std::vector<SlotRun>* runs = nullptr;  // where its tokens go (SlotTable::plan)
-  KVRows<T>* rows = nullptr;  // this layer's keys and values of the sequence
+  KVRows<T>* rows = nullptr;   // this layer's keys and values of the sequence
+  SlotTable* table = nullptr;  // where its tokens live
+  std::vector<SlotRun> runs;   // where its new tokens go (SlotTable::plan)
+  // Where the table stands before the call (position: that of the first new
+  // token) and where the call takes it.
+  SlotTable::State checkpoint, end;
+  // Whether its slots were written yet: a failed call that wrote none of
+  // them is undone exactly.
+  bool written = false;
 };
 
 // Buffers attention works in, sized for the rows of a call and reused across
@@ -68,54 +73,18 @@ struct AttentionScratch {
   // Re-based sinks only: Q before RoPE, and each sequence's query rotated to
   // its place in the window (a row per sequence).
   Matrix<T> Q_unrotated, Q_in_window;
+  // What the plan needs: one thread's scores (enough rows and columns for
+  // the largest run), and whether any run re-bases its sinks.
+  std::size_t region = 0;
+  bool rebased = false;
   // The sequences that have a run in the current round.
   std::vector<std::size_t> active;
-  // The batch, one entry per sequence: its place in the rows, its slot
-  // table, where its tokens go, where it was before the call and where the
-  // call takes it, and whether its slots were written yet (a failed call that
-  // wrote none of them is undone exactly).
+  // The batch, one entry per sequence (its entries keep their runs'
+  // memory from call to call).
   std::vector<AttentionSequence<T>> seqs;
-  std::vector<SlotTable*> tables;
-  std::vector<std::vector<SlotRun>> runs;
-  std::vector<SlotTable::State> checkpoints, ends;
-  std::vector<char> written_by;
-  std::vector<std::size_t> first_row;  // MultiHeadAttentionWithCache::forward's one sequence
-  std::vector<KVCache<T>*> caches;     // and its cache
 };
 
 namespace detail {
-
-// ---- A batch's slots: planned once per call, for every layer --------------
-
-// Plans the batch whose sequences are in s.seqs (first_row, m) and s.tables:
-// each sequence's runs, its position and sinks, where it stands and where
-// the call takes it. Changes no table (commit_batch does).
-template <typename T>
-void plan_batch(AttentionScratch<T>& s, bool rope) {
-  const std::size_t B = s.seqs.size();
-  if (s.runs.size() < B) s.runs.resize(B);
-  s.checkpoints.resize(B);
-  s.ends.resize(B);
-  for (std::size_t b = 0; b < B; ++b) {
-    const SlotTable& table = *s.tables[b];
-    s.checkpoints[b] = table.state();
-    s.ends[b] = table.plan(s.seqs[b].m, rope, s.runs[b]);
-    s.seqs[b].position = table.position();
-    s.seqs[b].sinks = table.window().sinks;
-    s.seqs[b].runs = &s.runs[b];
-  }
-}
-
-template <typename T>
-void commit_batch(AttentionScratch<T>& s) noexcept {
-  for (std::size_t b = 0; b < s.seqs.size(); ++b) s.tables[b]->commit(s.ends[b]);
-}
-
-// After a failure: every table back at its checkpoint (SlotTable::roll_back).
-template <typename T>
-void roll_back_batch(AttentionScratch<T>& s) noexcept {
-  for (std::size_t b = 0; b < s.seqs.size(); ++b) s.tables[b]->roll_back(s.checkpoints[b], !s.written_by[b]);
-}
 
 // Softmax of row[0, n_valid) in place, subtracting the maximum so exp never
 // overflows; entries at and past n_valid (masked: the future) become 0.
@@ -141,88 +110,91 @@ class Attention {
   Attention(const AttentionConfig& c, const AttentionWeights<T>& w, const Rope<T>* rope, AttentionScratch<T>& s)
       : c_(c), w_(w), rope_(rope), s_(s) {}
 
-  // Sizes every buffer of s for the batch (the only step that allocates), so
-  // that nothing can throw once slots are written; marks no slot written.
-  static void prepare(const AttentionConfig& c, AttentionScratch<T>& s, const std::vector<AttentionSequence<T>>& seqs,
-                      std::size_t threads) {
-    const auto rows = static_cast<Eigen::Index>(seqs.back().first_row + seqs.back().m);
-    const auto d = static_cast<Eigen::Index>(c.d_model), kv = static_cast<Eigen::Index>(c.kv_dim());
-    resize_buffer(s.Q, rows, d);
-    resize_buffer(s.K, rows, kv);
-    resize_buffer(s.V, rows, kv);
-    resize_buffer(s.O, rows, d);
-    if (rebases(seqs)) {
-      resize_buffer(s.Q_unrotated, rows, d);
-      resize_buffer(s.Q_in_window, static_cast<Eigen::Index>(seqs.size()), d);
+  // Plans the batch in s.seqs (m and table set), changing no table, and
+  // sizes every buffer of s for it: the only step that allocates, so that
+  // nothing can throw once slots are written.
+  static void prepare(const AttentionConfig& c, bool rope, AttentionScratch<T>& s, std::size_t threads) {
+    std::size_t rows = 0;
+    s.region = 0;
+    s.rebased = false;
+    for (AttentionSequence<T>& q : s.seqs) {
+      q.first_row = rows;
+      rows += q.m;
+      q.checkpoint = q.table->state();
+      q.end = q.table->plan(q.m, rope, q.runs);
+      q.written = false;
+      for (const SlotRun& run : q.runs) {
+        s.region = std::max(s.region, std::max(q.m, c.group_size()) * scores_stride(run.n));
+        s.rebased = s.rebased || run.rebased;
+      }
+    }
+    const auto R = static_cast<Eigen::Index>(rows), d = static_cast<Eigen::Index>(c.d_model);
+    const auto kv = static_cast<Eigen::Index>(c.kv_dim());
+    for (Matrix<T>* M : {&s.Q, &s.O}) resize_buffer(*M, R, d);
+    for (Matrix<T>* M : {&s.K, &s.V}) resize_buffer(*M, R, kv);
+    if (s.rebased) {
+      resize_buffer(s.Q_unrotated, R, d);
+      resize_buffer(s.Q_in_window, static_cast<Eigen::Index>(s.seqs.size()), d);
     }
     // Grown, never shrunk, so that a decode step, whose n grows by one,
     // reallocates only when the size doubles.
-    const auto needed = static_cast<Eigen::Index>(threads * scores_region(c, seqs));
+    const auto needed = static_cast<Eigen::Index>(threads * s.region);
     if (s.S.size() < needed) resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
     resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * c.d_k()), 1);
-    if (s.active.capacity() < seqs.size()) s.active.reserve(seqs.size());
-    s.written_by.assign(seqs.size(), 0);
+    s.active.reserve(s.seqs.size());
   }
 
-  // out = attention(x) (rows × d_model), placing every sequence's keys and
-  // values; prepare() must have been called with the same batch.
+  // Commits the plan of every sequence of s and calls run(); if that throws,
+  // puts every table back at its checkpoint (SlotTable::roll_back).
+  template <typename F>
+  static void commit_then(AttentionScratch<T>& s, F&& run) {
+    for (const AttentionSequence<T>& q : s.seqs) q.table->commit(q.end);
+    try {
+      run();
+    } catch (...) {
+      for (const AttentionSequence<T>& q : s.seqs) q.table->roll_back(q.checkpoint, !q.written);
+      throw;
+    }
+  }
+
+  // out = attention(x) (rows × d_model) for the batch prepare() planned,
+  // placing every sequence's keys and values.
   template <typename Derived>
-  void run(const Eigen::MatrixBase<Derived>& x, const std::vector<AttentionSequence<T>>& seqs, Matrix<T>& out,
-           std::size_t threads) {
-    project(x, threads);
-    if (rebases(seqs)) s_.Q_unrotated = s_.Q;
+  void run(const Eigen::MatrixBase<Derived>& x, Matrix<T>& out, std::size_t threads) {
+    std::vector<AttentionSequence<T>>& seqs = s_.seqs;
+    // Q, K and V read the same x: one parallel region computes all three, its
+    // threads splitting the d_model + 2·kv_dim output features between them.
+    const std::array<LinearTerm<T>, 3> qkv{{{w_.W_Q, w_.b_Q, s_.Q}, {w_.W_K, w_.b_K, s_.K}, {w_.W_V, w_.b_V, s_.V}}};
+    linear<T>(x, qkv, threads);
+    if (s_.rebased) s_.Q_unrotated = s_.Q;
     if (rope_ != nullptr)
       for (const auto& q : seqs) {
         auto Q_b = s_.Q.middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
         auto K_b = s_.K.middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
-        rope_->apply(Q_b, q.position);
-        rope_->apply(K_b, q.position);
+        rope_->apply(Q_b, q.checkpoint.position);
+        rope_->apply(K_b, q.checkpoint.position);
       }
     // Round k takes the k-th run of every sequence: runs of one sequence
     // must follow each other (a later one may overwrite slots an earlier one
     // reads); runs of different sequences are independent.
-    const std::size_t region = scores_region(c_, seqs);
     for (std::size_t k = 0;; ++k) {
       s_.active.clear();
       for (std::size_t b = 0; b < seqs.size(); ++b)
-        if (k < seqs[b].runs->size()) {
+        if (k < seqs[b].runs.size()) {
           s_.active.push_back(b);
-          place(seqs[b], b, (*seqs[b].runs)[k]);
+          place(seqs[b], b, seqs[b].runs[k]);
         }
       if (s_.active.empty()) break;
-      attend_round(seqs, k, region, threads);
+      attend_round(k, threads);
     }
     linear<T>(s_.O, w_.W_O, w_.b_O, out, threads);
   }
 
  private:
-  static bool rebases(const std::vector<AttentionSequence<T>>& seqs) {
-    for (const auto& q : seqs)
-      for (const SlotRun& run : *q.runs)
-        if (run.rebased) return true;
-    return false;
-  }
-
-  // One thread's scores: enough rows and columns for the largest run.
-  static std::size_t scores_region(const AttentionConfig& c, const std::vector<AttentionSequence<T>>& seqs) {
-    std::size_t r = 0;
-    for (const auto& q : seqs)
-      for (const SlotRun& run : *q.runs) r = std::max(r, std::max(q.m, c.group_size()) * scores_stride(run.n));
-    return r;
-  }
-
-  // Q, K and V read the same x: one parallel region computes all three, its
-  // threads splitting the d_model + 2·kv_dim output features between them.
-  template <typename Derived>
-  void project(const Eigen::MatrixBase<Derived>& x, std::size_t threads) {
-    const std::array<LinearTerm<T>, 3> qkv{{{w_.W_Q, w_.b_Q, s_.Q}, {w_.W_K, w_.b_K, s_.K}, {w_.W_V, w_.b_V, s_.V}}};
-    linear<T>(x, qkv, threads);
-  }
-
   // Writes the run's keys and values into its slots; a re-based run's query
   // is rotated to its place in the window (row b of Q_in_window).
-  void place(const AttentionSequence<T>& q, std::size_t b, const SlotRun& run) {
-    s_.written_by[b] = 1;
+  void place(AttentionSequence<T>& q, std::size_t b, const SlotRun& run) {
+    q.written = true;
     for (std::size_t i = 0; i < run.rows; ++i) {
       const auto r = static_cast<Eigen::Index>(q.first_row + run.first + i);
       q.rows->write(run.slot + i, s_.K.row(r).data(), s_.V.row(r).data());
@@ -236,15 +208,14 @@ class Attention {
 
   // The k-th run of every active sequence, split across threads by
   // (sequence, query head): unit u is head u % H of active sequence u / H.
-  void attend_round(const std::vector<AttentionSequence<T>>& seqs, std::size_t k, std::size_t region,
-                    std::size_t threads) {
+  void attend_round(std::size_t k, std::size_t threads) {
     const std::size_t H = c_.n_heads;
     parallel_slices(s_.active.size() * H, threads, 1, [&](std::size_t begin, std::size_t end, std::size_t slot) {
-      T* scores = s_.S.data() + slot * region;
+      T* scores = s_.S.data() + slot * s_.region;
       T* tile = s_.tile.data() + slot * kTile * c_.d_k();
       for (std::size_t u = begin; u < end;) {
         const std::size_t b = s_.active[u / H], h_begin = u % H, h_end = std::min(H, h_begin + (end - u));
-        attend_heads(seqs[b], b, (*seqs[b].runs)[k], h_begin, h_end, scores, tile);
+        attend_heads(s_.seqs[b], b, s_.seqs[b].runs[k], h_begin, h_end, scores, tile);
         u += h_end - h_begin;
       }
     });
@@ -286,7 +257,7 @@ class Attention {
         // query rotated to its place in the window, not in the sequence.
         const ConstStridedMap Q_w(Q_window + h * d_k, q_rows, static_cast<Eigen::Index>(d_k),
                                   Eigen::OuterStride<>(static_cast<Eigen::Index>(d_k)));
-        key_products(Q_w, *q.rows, g, 0, q.sinks, S, tile);
+        key_products(Q_w, *q.rows, g, 0, q.table->window().sinks, S, tile);
       }
       S /= sqrt_d_k;
       for (Eigen::Index i = 0; i < q_rows; ++i)
@@ -375,10 +346,10 @@ class MultiHeadAttentionWithCache {
   template <typename Derived>
   void forward(const Eigen::MatrixBase<Derived>& x, KVCache<T>& cache, Matrix<T>& out,
                AttentionScratch<T>& scratch, std::size_t threads = 1) const {
-    check_input(x.rows(), x.cols(), cache);
-    scratch.first_row.assign({0, static_cast<std::size_t>(x.rows())});
-    scratch.caches.assign(1, &cache);
-    run(x, scratch.first_row, scratch.caches, out, scratch, threads);
+    check_input(x.rows(), x.cols(), cache, [] { return std::string(); });
+    const std::size_t first_row[] = {0, static_cast<std::size_t>(x.rows())};
+    KVCache<T>* const caches[] = {&cache};
+    run(x, 1, first_row, caches, out, scratch, threads);
   }
 
   // Several sequences at once. x stacks their new tokens: sequence b owns
@@ -395,8 +366,26 @@ class MultiHeadAttentionWithCache {
   void forward_batch(const Eigen::MatrixBase<Derived>& x, const std::vector<std::size_t>& first_row,
                      const std::vector<KVCache<T>*>& caches, Matrix<T>& out, AttentionScratch<T>& scratch,
                      std::size_t threads = 1) const {
-    check_batch(x.rows(), x.cols(), first_row, caches);
-    run(x, first_row, caches, out, scratch, threads);
+    const std::size_t B = caches.size();
+    if (B == 0) throw std::invalid_argument("kvcache: forward_batch: no sequences (no caches)");
+    if (first_row.size() != B + 1)
+      throw std::invalid_argument("kvcache: forward_batch: first_row has " + std::to_string(first_row.size()) +
+                                  " entries, expected caches + 1 = " + std::to_string(B + 1));
+    if (first_row.front() != 0 || first_row.back() != static_cast<std::size_t>(x.rows()))
+      throw std::invalid_argument("kvcache: forward_batch: first_row runs from " + std::to_string(first_row.front()) +
+                                  " to " + std::to_string(first_row.back()) + ", expected 0 to the rows of x = " +
+                                  std::to_string(x.rows()));
+    for (std::size_t b = 0; b < B; ++b) {
+      const auto at = [&] { return " (sequence " + std::to_string(b) + ")"; };
+      if (first_row[b + 1] <= first_row[b])
+        throw std::invalid_argument("kvcache: forward_batch: sequence " + std::to_string(b) +
+                                    " has no rows (first_row[" + std::to_string(b) + "] = " +
+                                    std::to_string(first_row[b]) + ", first_row[" + std::to_string(b + 1) +
+                                    "] = " + std::to_string(first_row[b + 1]) + ")");
+      detail::check_distinct(caches, b, "kvcache: forward_batch", "caches", "cache");
+      check_input(static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]), x.cols(), *caches[b], at);
+    }
+    run(x, B, first_row.data(), caches.data(), out, scratch, threads);
   }
 
   // The same, returning a new matrix (allocates; convenient outside hot loops).
@@ -414,12 +403,9 @@ class MultiHeadAttentionWithCache {
   // the owned cache untouched. Not for sharing between threads.
   template <typename Derived>
   Matrix<T> forward(const Eigen::MatrixBase<Derived>& x, bool use_cache) {
-    if (!use_cache) {
-      KVCache<T> fresh = make_cache();
-      return forward(x, fresh);
-    }
-    if (!own_cache_) own_cache_.emplace(make_cache());
-    return forward(x, *own_cache_);
+    if (use_cache && !own_cache_) own_cache_.emplace(make_cache());
+    KVCache<T> fresh = make_cache();  // empty until used: use_cache = false
+    return forward(x, use_cache ? *own_cache_ : fresh);
   }
   void reset_cache() {
     if (own_cache_) own_cache_->clear();
@@ -427,81 +413,48 @@ class MultiHeadAttentionWithCache {
   std::size_t cache_size() const { return own_cache_ ? own_cache_->size() : 0; }
 
  private:
+  // Sequence b: rows [first_row[b], first_row[b + 1]) of x and *caches[b].
   // Everything that can throw (the limits, allocations) happens before the
   // first cache changes; a failure after that rolls every cache back.
   template <typename Derived>
-  void run(const Eigen::MatrixBase<Derived>& x, const std::vector<std::size_t>& first_row,
-           const std::vector<KVCache<T>*>& caches, Matrix<T>& out, AttentionScratch<T>& s, std::size_t threads) const {
+  void run(const Eigen::MatrixBase<Derived>& x, std::size_t B, const std::size_t* first_row, KVCache<T>* const* caches,
+           Matrix<T>& out, AttentionScratch<T>& s, std::size_t threads) const {
     threads = std::max<std::size_t>(threads, 1);
-    const std::size_t B = caches.size();
     s.seqs.resize(B);
-    s.tables.resize(B);
     for (std::size_t b = 0; b < B; ++b) {
-      const std::size_t m = first_row[b + 1] - first_row[b];
-      caches[b]->reserve_more(m);
-      s.seqs[b].first_row = first_row[b];
-      s.seqs[b].m = m;
-      s.seqs[b].rows = &caches[b]->kv_rows();
-      s.tables[b] = &caches[b]->slot_table();
+      AttentionSequence<T>& q = s.seqs[b];
+      q.m = first_row[b + 1] - first_row[b];
+      q.rows = &caches[b]->kv_rows();
+      q.table = &caches[b]->slot_table();
+      caches[b]->reserve_more(q.m);
     }
-    detail::plan_batch(s, rope_.has_value());
-    detail::Attention<T>::prepare(config_, s, s.seqs, threads);
+    detail::Attention<T>::prepare(config_, rope_.has_value(), s, threads);
     detail::resize_buffer(out, x.rows(), static_cast<Eigen::Index>(config_.d_model));
-    detail::commit_batch(s);
-    try {
-      detail::Attention<T>(config_, weights_, rope_ ? &*rope_ : nullptr, s).run(x, s.seqs, out, threads);
-    } catch (...) {
-      detail::roll_back_batch(s);
-      throw;
-    }
+    detail::Attention<T>::commit_then(s, [&] {
+      detail::Attention<T>(config_, weights_, rope_ ? &*rope_ : nullptr, s).run(x, out, threads);
+    });
   }
 
-  // forward_batch's checks, before anything changes.
-  void check_batch(Eigen::Index rows, Eigen::Index cols, const std::vector<std::size_t>& first_row,
-                   const std::vector<KVCache<T>*>& caches) const {
-    const std::size_t B = caches.size();
-    if (B == 0) throw std::invalid_argument("kvcache: forward_batch: no sequences (no caches)");
-    if (first_row.size() != B + 1)
-      throw std::invalid_argument("kvcache: forward_batch: first_row has " + std::to_string(first_row.size()) +
-                                  " entries, expected caches + 1 = " + std::to_string(B + 1));
-    if (first_row.front() != 0 || first_row.back() != static_cast<std::size_t>(rows))
-      throw std::invalid_argument("kvcache: forward_batch: first_row runs from " + std::to_string(first_row.front()) +
-                                  " to " + std::to_string(first_row.back()) + ", expected 0 to the rows of x = " +
-                                  std::to_string(rows));
-    for (std::size_t b = 0; b < B; ++b) {
-      if (first_row[b + 1] <= first_row[b])
-        throw std::invalid_argument("kvcache: forward_batch: sequence " + std::to_string(b) +
-                                    " has no rows (first_row[" + std::to_string(b) + "] = " +
-                                    std::to_string(first_row[b]) + ", first_row[" + std::to_string(b + 1) +
-                                    "] = " + std::to_string(first_row[b + 1]) + ")");
-      detail::check_distinct(caches, b, "kvcache: forward_batch", "caches", "cache");
-      try {
-        check_input(static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]), cols, *caches[b]);
-      } catch (const std::length_error& e) {
-        throw std::length_error(e.what() + (" (sequence " + std::to_string(b) + ")"));
-      } catch (const std::invalid_argument& e) {
-        throw std::invalid_argument(e.what() + (" (sequence " + std::to_string(b) + ")"));
-      }
-    }
-  }
-
-  void check_input(Eigen::Index rows, Eigen::Index cols, const KVCache<T>& cache) const {
-    if (rows == 0) throw std::invalid_argument("kvcache: attention input has no rows (no tokens)");
+  // Throws for an input of rows × cols to append to `cache`, with at()
+  // appended to the message.
+  template <typename At>
+  void check_input(Eigen::Index rows, Eigen::Index cols, const KVCache<T>& cache, const At& at) const {
+    if (rows == 0) throw std::invalid_argument("kvcache: attention input has no rows (no tokens)" + at());
     if (static_cast<std::size_t>(cols) != config_.d_model)
       throw std::invalid_argument("kvcache: attention input is " + detail::shape(rows, cols) +
-                                  ", expected m x d_model = m x " + std::to_string(config_.d_model));
+                                  ", expected m x d_model = m x " + std::to_string(config_.d_model) + at());
     if (cache.n_kv_heads() != config_.n_kv_heads || cache.d_k() != config_.d_k())
       throw std::invalid_argument("kvcache: cache holds " + std::to_string(cache.n_kv_heads()) + " kv heads of " +
                                   std::to_string(cache.d_k()) + ", the layer needs " +
-                                  std::to_string(config_.n_kv_heads) + " of " + std::to_string(config_.d_k()));
+                                  std::to_string(config_.n_kv_heads) + " of " + std::to_string(config_.d_k()) + at());
     const std::size_t window = cache.window().window;
     if (window > config_.max_seq_len)
       throw std::invalid_argument("kvcache: sliding window of " + std::to_string(window) +
-                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len));
+                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len) + at());
     const std::size_t end = cache.position() + static_cast<std::size_t>(rows);
     if (window == 0 && end > config_.max_seq_len)
       throw std::length_error("kvcache: positions up to " + std::to_string(end) + " pass max_seq_len = " +
-                              std::to_string(config_.max_seq_len));
+                              std::to_string(config_.max_seq_len) + at());
   }
 
   AttentionConfig config_;

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <cstddef>
-#include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -13,13 +12,7 @@
 
 #include <Eigen/Core>
 
-#include "config.hpp"
-#include "detail/rope.hpp"
 #include "forward.hpp"
-#include "kv_cache.hpp"
-#include "session.hpp"
-#include "slots.hpp"
-#include "weights.hpp"
 
 namespace kvcache {
 
@@ -43,33 +36,27 @@ class Decoder {
     check_weights(config, weights);
     store(weights, weight_type);
     m_.config = config;
-    m_.weight_type = weight_type;
-    m_.token_embedding = std::move(weights.token_embedding);
-    m_.position_embedding = std::move(weights.position_embedding);
-    m_.blocks = std::move(weights.blocks);
-    m_.final_norm = std::move(weights.final_norm);
-    m_.lm_head = std::move(weights.lm_head);
+    m_.w = std::move(weights);
     if (config.positions == PositionEncoding::rope) m_.rope.emplace(config.d_k(), config.rope_base);
   }
 
   const ModelConfig& config() const { return m_.config; }
-  // How the weight matrices are stored.
-  WeightType weight_type() const { return m_.weight_type; }
-  const BlockWeights<T>& block(std::size_t l) const { return m_.blocks.at(l); }
-  const WeightMatrix<T>& token_embedding() const { return m_.token_embedding; }
-  const Matrix<T>& position_embedding() const { return m_.position_embedding; }
-  const NormWeights<T>& final_norm() const { return m_.final_norm; }
+  // How the weight matrices are stored (all alike).
+  WeightType weight_type() const { return m_.w.token_embedding.type(); }
+  const BlockWeights<T>& block(std::size_t l) const { return m_.w.blocks.at(l); }
+  const WeightMatrix<T>& token_embedding() const { return m_.w.token_embedding; }
+  const Matrix<T>& position_embedding() const { return m_.w.position_embedding; }
+  const NormWeights<T>& final_norm() const { return m_.w.final_norm; }
   const WeightMatrix<T>& lm_head() const { return m_.head(); }
 
   // Bytes of all parameters, as stored (a bfloat16 weight takes 2).
   std::size_t weight_bytes() const {
-    std::size_t n = bytes(m_.token_embedding) + bytes(m_.position_embedding) + bytes(m_.final_norm) +
-                    bytes(m_.lm_head);
-    for (const auto& b : m_.blocks) {
+    std::size_t n = bytes(m_.w.position_embedding) + bytes(m_.w.final_norm);
+    for (const WeightMatrix<T>* W : matrices(m_.w)) n += W->bytes();
+    for (const auto& b : m_.w.blocks) {
       const auto& a = b.attention;
-      n += bytes(b.attention_norm) + bytes(b.mlp_norm) + bytes(a.W_Q) + bytes(a.W_K) + bytes(a.W_V) + bytes(a.W_O) +
-           bytes(a.b_Q) + bytes(a.b_K) + bytes(a.b_V) + bytes(a.b_O) + bytes(b.mlp.W_1) + bytes(b.mlp.W_2) +
-           bytes(b.mlp.W_3) + bytes(b.mlp.b_1) + bytes(b.mlp.b_2);
+      n += bytes(b.attention_norm) + bytes(b.mlp_norm) + bytes(a.b_Q) + bytes(a.b_K) + bytes(a.b_V) + bytes(a.b_O) +
+           bytes(b.mlp.b_1) + bytes(b.mlp.b_2);
     }
     return n;
   }
@@ -91,7 +78,6 @@ class Decoder {
   Session<T> new_session(const SessionOptions& options) const {
     const ModelConfig& c = m_.config;
     const std::size_t W = options.window.window;
-    check_window(options.window);
     if (W > c.max_seq_len)
       throw std::invalid_argument("kvcache: new_session: sliding window of " + std::to_string(W) +
                                   " tokens is longer than max_seq_len = " + std::to_string(c.max_seq_len));
@@ -164,7 +150,7 @@ class Decoder {
   // Throws what forward(tokens, session) would throw for its inputs (with
   // `at` appended to the message), without running it.
   void check_input(const std::vector<int>& tokens, const Session<T>& session, const std::string& at = "") const {
-    detail::Forward<T>::check_input(m_, tokens, session, at);
+    detail::Forward<T>::check_input(m_, tokens, session, [&] { return at; });
   }
 
  private:
@@ -187,9 +173,11 @@ class Decoder {
     }
   }
 
-  // Every weight matrix of `w`, in the order they are stored.
-  static std::vector<WeightMatrix<T>*> matrices(DecoderWeights<T>& w) {
-    std::vector<WeightMatrix<T>*> all;
+  // Every weight matrix of `w` (a DecoderWeights<T>, const or not), in the
+  // order they are stored.
+  template <typename Weights>
+  static auto matrices(Weights& w) {
+    std::vector<decltype(&w.lm_head)> all;
     for (auto& b : w.blocks)
       all.insert(all.end(), {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1,
                              &b.mlp.W_2, &b.mlp.W_3});
@@ -201,7 +189,6 @@ class Decoder {
   static std::size_t bytes(const Eigen::EigenBase<Derived>& m) {
     return static_cast<std::size_t>(m.size()) * sizeof(typename Derived::Scalar);
   }
-  static std::size_t bytes(const WeightMatrix<T>& W) { return W.bytes(); }
   static std::size_t bytes(const NormWeights<T>& n) { return bytes(n.gamma) + bytes(n.beta); }
 
   detail::Model<T> m_;
