@@ -172,14 +172,14 @@ class Decoder {
   // move side by side into one arena, so that together they fill huge pages
   // (bigger ones have huge pages of their own: see WeightArena).
   static void store(DecoderWeights<T>& weights, WeightType type) {
-    const std::size_t value_bytes = row_bytes<T>(type, 1);
+    const std::size_t block_bytes = row_bytes<T>(type, 32);  // 32 values: one q8_0 block
     const auto in_arena = [&](const WeightMatrix<T>& W) {
-      const std::size_t bytes = static_cast<std::size_t>(W.size()) * value_bytes;
+      const std::size_t bytes = static_cast<std::size_t>(W.size()) * block_bytes / 32;
       return bytes != 0 && bytes < detail::kHugePage;
     };
     std::size_t arena_bytes = 0;
     for (WeightMatrix<T>* W : matrices(weights))
-      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(static_cast<std::size_t>(W->size()) * value_bytes);
+      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(static_cast<std::size_t>(W->size()) * block_bytes / 32);
     detail::WeightArena arena(arena_bytes);
     for (WeightMatrix<T>* W : matrices(weights)) {
       W->convert_to(type);

@@ -43,6 +43,9 @@ class KVRows {
       throw std::invalid_argument("kvcache: KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = " +
                                   std::to_string(n_kv_heads) + ", d_k = " + std::to_string(d_k));
     storage_info(type, "KVType");
+    if (type == StorageType::f16 || type == StorageType::q8_0)
+      throw std::invalid_argument(std::string("kvcache: KVType ") + to_string(type) +
+                                  " is a weight type; a cache stores f32, bf16 or int8");
   }
   KVRows(const KVRows&) = delete;
   KVRows& operator=(const KVRows&) = delete;
@@ -173,6 +176,8 @@ class KVRows {
         f(a.K_scale, b.K_scale, 1);
         f(a.V_scale, b.V_scale, 1);
         break;
+      default:  // f16, q8_0: refused by the constructor
+        break;
     }
   }
 
@@ -207,6 +212,8 @@ class KVRows {
       case StorageType::int8:
         scale.data()[h * capacity_ + slot] = detail::quantize_int8(x, d_k_, i8.data() + at);
         break;
+      default:
+        break;
     }
   }
 
@@ -231,6 +238,8 @@ class KVRows {
         }
         break;
       }
+      default:
+        break;
     }
   }
 
