@@ -9,7 +9,11 @@
 #   NODE_DIR    a folder whose node_modules holds node-llama-cpp 3.21.1
 # Makes two tiny all-zero llama2.c checkpoints (vocab 512 and 32000) in a
 # temporary folder and converts them with each tokenizer: llama.cpp only reads
-# their vocabularies (vocabOnly).
+# their vocabularies (vocabOnly). Texts that are not valid UTF-8 go through
+# llamacpp_tokenize_bytes.cpp, built with g++ against node-llama-cpp's
+# prebuilt libllama and the llama.h of the llama.cpp source it ships
+# (node_modules/node-llama-cpp/llama/gitRelease.bundle, cloned into the
+# temporary folder).
 set -euo pipefail
 models=$1 peer=$2 node_dir=$3
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +33,33 @@ PY
 done
 python3 "$peer/llama2c_to_gguf.py" "$tmp/v512.bin" "$models/tok512.bin" "$tmp/tok512.gguf" 2> /dev/null
 python3 "$peer/llama2c_to_gguf.py" "$tmp/v32000.bin" "$models/llama2_tokenizer.bin" "$tmp/llama2.gguf" 2> /dev/null
+out=$here/../tests/sentencepiece_fixture.hpp
 NODE_LLAMA_CPP_DIR=$node_dir node "$here/record_sentencepiece_fixture.mjs" "$tmp/tok512.gguf" "$tmp/llama2.gguf" \
-  > "$here/../tests/sentencepiece_fixture.hpp"
+  | sed '$d' | sed '$d' > "$out"   # without its closing "}  // namespace" line
+
+bins=$node_dir/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64
+git clone -q "$node_dir/node_modules/node-llama-cpp/llama/gitRelease.bundle" "$tmp/llama.cpp" 2> /dev/null
+g++ -std=c++17 -O1 -I"$tmp/llama.cpp/include" -I"$tmp/llama.cpp/ggml/include" \
+  "$here/llamacpp_tokenize_bytes.cpp" -o "$tmp/tokenize_bytes" \
+  "$bins"/libllama.v*.so "$bins"/libggml.v*.so "$bins/libggml-base.so" -Wl,-rpath,"$bins"
+# not UTF-8: lone lead bytes, stray continuation bytes, truncated and
+# overlong sequences, a surrogate, 0xFF/0xFE, NUL; and valid ones around them
+hex=(c3 c361 80 80c3 61e282ac62 e282 e28261 f09f98 f09f988061 ff fe41 c0af eda080 00 410042 e29681 2020 0a0a)
+{
+  echo ""
+  echo "// Byte strings (hex) that are not all valid UTF-8: llama_tokenize(bytes,"
+  echo "// add_special = false, parse_special = false), by llamacpp_tokenize_bytes.cpp."
+  echo "struct SpmBytesCase {"
+  echo "  const char* hex;"
+  echo "  const char* ids;  // space-separated, no BOS"
+  echo "};"
+  for name in Tok512:tok512 Llama2:llama2; do
+    echo ""
+    echo "inline const SpmBytesCase k${name%%:*}BytesCases[] = {"
+    "$tmp/tokenize_bytes" "$tmp/${name##*:}.gguf" "${hex[@]}"
+    echo "};"
+  done
+  echo ""
+  echo "}  // namespace kvcache_test"
+} >> "$out"
 echo "wrote tests/sentencepiece_fixture.hpp"

@@ -1,6 +1,7 @@
 // Tests of kvcache::SentencePieceTokenizer and kvcache::Tokenizer built from a
-// SentencePieceVocab: llama.cpp's own tokenization of ~36 texts on the two
-// shared tokenizers (tests/sentencepiece_fixture.hpp), round trips, small
+// SentencePieceVocab: llama.cpp's own tokenization of 36 texts and 18 byte
+// strings that are not all UTF-8 on the two shared tokenizers
+// (tests/sentencepiece_fixture.hpp), round trips, small
 // hand-written vocabularies that pin down merge order, ties, duplicates, byte
 // fallback and decoding by token type, and the vocabulary's validation.
 #include <kvcache/sentencepiece.hpp>
@@ -104,6 +105,36 @@ TEST(SentencePieceLlamaCpp, Tok512MatchesLlamaCpp) { expect_matches_llama_cpp("t
 
 TEST(SentencePieceLlamaCpp, Llama2MatchesLlamaCpp) {
   expect_matches_llama_cpp("llama2_tokenizer.bin", kvcache_test::kLlama2Cases);
+}
+
+std::string from_hex(const std::string& hex) {
+  std::string bytes;
+  for (std::size_t i = 0; i + 1 < hex.size(); i += 2)
+    bytes += static_cast<char>(std::stoi(hex.substr(i, 2), nullptr, 16));
+  return bytes;
+}
+
+// Byte strings that are not valid UTF-8: symbols are cut by the lead byte
+// alone, and what is no piece falls back to byte tokens.
+template <std::size_t N>
+void expect_bytes_match_llama_cpp(const char* file, const kvcache_test::SpmBytesCase (&cases)[N]) {
+  KVCACHE_MODEL_FILE_OR_SKIP(path, file);
+  const Tokenizer tok(vocab_from_llama2c(Tokenizer::load(path)));
+  for (const kvcache_test::SpmBytesCase& c : cases) {
+    const std::string bytes = from_hex(c.hex);
+    EXPECT_EQ(tok.encode(bytes, false), parse_ids(c.ids)) << file << ", bytes " << c.hex;
+    if (bytes.find("\xE2\x96\x81") == std::string::npos) {  // U+2581 comes back as a space
+      EXPECT_EQ(tok.decode(tok.encode(bytes, false)), bytes) << file << ", bytes " << c.hex;
+    }
+  }
+}
+
+TEST(SentencePieceLlamaCpp, Tok512BytesMatchLlamaCpp) {
+  expect_bytes_match_llama_cpp("tok512.bin", kvcache_test::kTok512BytesCases);
+}
+
+TEST(SentencePieceLlamaCpp, Llama2BytesMatchLlamaCpp) {
+  expect_bytes_match_llama_cpp("llama2_tokenizer.bin", kvcache_test::kLlama2BytesCases);
 }
 
 // Every text of the fixture comes back from its ids, except one that holds
