@@ -33,6 +33,24 @@ PY
 done
 python3 "$peer/llama2c_to_gguf.py" "$tmp/v512.bin" "$models/tok512.bin" "$tmp/tok512.gguf" 2> /dev/null
 python3 "$peer/llama2c_to_gguf.py" "$tmp/v32000.bin" "$models/llama2_tokenizer.bin" "$tmp/llama2.gguf" 2> /dev/null
+# tok512 with user-defined pieces (type 4): ids 264 "ing", 267 "en", 313 "ent"
+# as they are, 300 ("ke") renamed "<|user|>" and 325 (" whispers") as
+# "\u2581whispers"; the test builds the same vocabulary (user_defined_vocab).
+python3 - "$peer" "$tmp/v512.bin" "$models/tok512.bin" "$tmp/tok512_user.gguf" <<'PY' 2> /dev/null
+import sys
+sys.path.insert(0, sys.argv[1])
+import llama2c_to_gguf as g
+read = g.read_tokenizer
+def patched(path, vocab):
+    texts, scores, types = read(path, vocab)
+    texts[300] = "<|user|>"
+    for i in (264, 267, 300, 313, 325):
+        types[i] = 4
+    return texts, scores, types
+g.read_tokenizer = patched
+sys.argv = ["llama2c_to_gguf.py"] + sys.argv[2:]
+g.main()
+PY
 out=$here/../tests/sentencepiece_fixture.hpp
 NODE_LLAMA_CPP_DIR=$node_dir node "$here/record_sentencepiece_fixture.mjs" "$tmp/tok512.gguf" "$tmp/llama2.gguf" \
   | sed '$d' | sed '$d' > "$out"   # without its closing "}  // namespace" line
@@ -59,6 +77,14 @@ hex=(c3 c361 80 80c3 61e282ac62 e282 e28261 f09f98 f09f988061 ff fe41 c0af eda08
     "$tmp/tokenize_bytes" "$tmp/${name##*:}.gguf" "${hex[@]}"
     echo "};"
   done
+  echo ""
+  echo "// tok512 with user-defined pieces (see record_sentencepiece_fixture.sh):"
+  echo "// llama_tokenize(bytes, add_special = false, parse_special = false)."
+  echo "inline const SpmBytesCase kTok512UserDefinedCases[] = {"
+  user=("singing" "<|user|>hello" "hi <|user|> there" "<|user|><|user|>" "mention entry" "spent" "ing"
+        " ing " "<|user|>" $'\xe2\x96\x81whispers and whispers' "a<|user|" "ingent")
+  "$tmp/tokenize_bytes" "$tmp/tok512_user.gguf" $(for t in "${user[@]}"; do printf '%s' "$t" | od -An -tx1 | tr -d ' \n'; echo; done)
+  echo "};"
   echo ""
   echo "}  // namespace kvcache_test"
 } >> "$out"

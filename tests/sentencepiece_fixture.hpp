@@ -148,4 +148,21 @@ inline const SpmBytesCase kLlama2BytesCases[] = {
     {"0a0a", "29871 13 13"},
 };
 
+// tok512 with user-defined pieces (see record_sentencepiece_fixture.sh):
+// llama_tokenize(bytes, add_special = false, parse_special = false).
+inline const SpmBytesCase kTok512UserDefinedCases[] = {
+    {"73696e67696e67", "266 264 264"},
+    {"3c7c757365727c3e68656c6c6f", "300 309 375 438 437"},
+    {"6869203c7c757365727c3e207468657265", "309 432 429 300 429 277 261 430"},
+    {"3c7c757365727c3e3c7c757365727c3e", "300 300"},
+    {"6d656e74696f6e20656e747279", "276 313 429 283 429 313 429 436 451"},
+    {"7370656e74", "420 313"},
+    {"696e67", "264"},
+    {"20696e6720", "429 429 264 429 429"},
+    {"3c7c757365727c3e", "300"},
+    {"e29681776869737065727320616e64207768697370657273", "325 429 351 325"},
+    {"613c7c757365727c", "262 63 127 337 261 127"},
+    {"696e67656e74", "264 313"},
+};
+
 }  // namespace kvcache_test

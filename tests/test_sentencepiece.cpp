@@ -153,6 +153,24 @@ TEST(SentencePieceLlamaCpp, RoundTrips) {
   }
 }
 
+// tok512 with user-defined pieces, as scripts/record_sentencepiece_fixture.sh
+// makes it for llama.cpp: ids 264 "ing", 267 "en", 313 "ent", 300 renamed
+// "<|user|>" and 325 ("\u2581whispers") of type 4.
+TEST(SentencePieceLlamaCpp, UserDefinedPiecesMatchLlamaCpp) {
+  KVCACHE_MODEL_FILE_OR_SKIP(path, "tok512.bin");
+  SentencePieceVocab vocab = vocab_from_llama2c(Tokenizer::load(path));
+  vocab.pieces[300] = "<|user|>";
+  for (const std::size_t id : {264, 267, 300, 313, 325}) vocab.types[id] = 4;
+  const Tokenizer tok(vocab);
+  for (const kvcache_test::SpmBytesCase& c : kvcache_test::kTok512UserDefinedCases) {
+    const std::string text = from_hex(c.hex);
+    EXPECT_EQ(tok.encode(text, false), parse_ids(c.ids)) << "text '" << text << "'";
+  }
+  // A user-defined piece decodes as it is spelled, U+2581 included.
+  EXPECT_EQ(tok.decode(tok.encode("hi <|user|>", false)), "hi <|user|>");
+  EXPECT_EQ(tok.decode(0, 325), "\xE2\x96\x81whispers");
+}
+
 // ---------------------------------------------------------------------------
 // Small vocabularies
 
@@ -253,6 +271,25 @@ TEST(SentencePieceSpaces, PrefixAndEscapes) {
   const SentencePieceTokenizer plain(v);
   EXPECT_EQ(plain.encode("a a", true), (std::vector<int>{4, 5}));
   EXPECT_EQ(plain.detokenize({5, 5}), " a a");
+}
+
+TEST(SentencePieceMerges, UserDefinedPiecesAreCutOutFirst) {
+  // "ab" (user-defined) and "abc", "bc" (normal, scoring higher); no prefix
+  // space.
+  SentencePieceVocab v = small_vocab({{"a", 0}, {"b", 0}, {"c", 0}, {"ab", 0}, {"bc", 5}, {"abc", 9}, {kSp, 0},
+                                      {kSp + "c", 9}, {"cab", 0}},
+                                     {1, 1, 1, 4, 1, 1, 1, 1, 4});
+  v.add_space_prefix = false;
+  const SentencePieceTokenizer spm(v);
+  // ids: a 3, b 4, c 5, ab 6, bc 7, abc 8, ▁ 9, ▁c 10, cab 11
+  EXPECT_EQ(spm.encode("abc", false), (std::vector<int>{6, 5}));
+  EXPECT_EQ(spm.encode("cabab", false), (std::vector<int>{11, 6}));  // longest first
+  EXPECT_EQ(spm.encode("a b", false), (std::vector<int>{3, 9, 4}));
+  v.add_space_prefix = true;
+  const SentencePieceTokenizer prefixed(v);
+  // The space prefix goes at the start and after each user-defined token.
+  EXPECT_EQ(prefixed.encode("abc", false), (std::vector<int>{6, 10}));
+  EXPECT_EQ(prefixed.encode("c", false), (std::vector<int>{10}));
 }
 
 TEST(SentencePieceDecode, ByTokenType) {

@@ -19,11 +19,14 @@
 //      no piece (only a single character can be) becomes one token per byte:
 //      the piece "<0xAB>" (upper-case hex), else the one-byte piece, else
 //      unknown_id (llama.cpp throws std::out_of_range there).
+// Before step 2, as llama.cpp's tokenizer_st_partition, the text is cut at
+// every occurrence of a user-defined piece (type 4), longest pieces first
+// (equal lengths: lowest id first), each occurrence becoming that token;
+// the rest is tokenized in pieces, each as above, but with the space prefix
+// only at the start of the text and after a user-defined token. (llama.cpp's
+// strip attributes, set only for a few models by name, are not reproduced.)
 // When a string is the piece of several ids, the highest id is the one
 // found, as llama.cpp's token_to_id map keeps the last.
-// Not done: llama.cpp first cuts the text at every user-defined piece (type
-// 4) and emits that token; a vocabulary with such pieces is tokenized here
-// as if they were normal ones.
 //
 // Decoding, as llama_token_to_piece(id, lstrip, special = false): a normal
 // piece with each U+2581 as a space, a byte piece as its byte, a
@@ -160,6 +163,11 @@ class SentencePieceTokenizer {
     ids_.reserve(vocab_.pieces.size());
     // operator[] overwrites: a duplicated piece maps to its highest id.
     for (std::size_t id = 0; id < vocab_.pieces.size(); ++id) ids_[vocab_.pieces[id]] = static_cast<int>(id);
+    for (std::size_t id = 0; id < vocab_.pieces.size(); ++id)
+      if (vocab_.types[id] == detail::kSpmUserDefined) user_defined_.push_back(static_cast<int>(id));
+    std::stable_sort(user_defined_.begin(), user_defined_.end(), [this](int a, int b) {
+      return vocab_.pieces[static_cast<std::size_t>(a)].size() > vocab_.pieces[static_cast<std::size_t>(b)].size();
+    });
     static constexpr char kHex[] = "0123456789ABCDEF";
     for (int b = 0; b < 256; ++b) {
       const std::string byte_piece{'<', '0', 'x', kHex[b >> 4], kHex[b & 15], '>'};
@@ -174,7 +182,17 @@ class SentencePieceTokenizer {
   std::vector<int> encode(std::string_view text, bool add_special = true) const {
     std::vector<int> ids;
     if (add_special && vocab_.add_bos) ids.push_back(vocab_.bos_id);
-    if (!text.empty()) append_text_tokens(detail::spm_escape_spaces(text, vocab_.add_space_prefix), ids);
+    bool after_special = true;  // at the start, the space prefix applies
+    for (const Fragment& f : fragments(text)) {
+      if (f.token >= 0) {
+        ids.push_back(f.token);
+        after_special = true;
+      } else {
+        const std::string_view raw = text.substr(f.begin, f.size);
+        append_text_tokens(detail::spm_escape_spaces(raw, vocab_.add_space_prefix && after_special), ids);
+        after_special = false;
+      }
+    }
     return ids;
   }
 
@@ -244,6 +262,38 @@ class SentencePieceTokenizer {
     return static_cast<std::size_t>(id);
   }
 
+  // A stretch of the text to tokenize (token -1) or a user-defined token.
+  struct Fragment {
+    std::size_t begin, size;
+    int token;
+  };
+
+  // The text cut at every user-defined piece, longest pieces first.
+  std::vector<Fragment> fragments(std::string_view text) const {
+    std::vector<Fragment> out;
+    if (!text.empty()) out.push_back(Fragment{0, text.size(), -1});
+    for (const int id : user_defined_) {
+      const std::string& piece = vocab_.pieces[static_cast<std::size_t>(id)];
+      std::vector<Fragment> cut;
+      for (const Fragment& f : out) {
+        if (f.token >= 0) {
+          cut.push_back(f);
+          continue;
+        }
+        const std::size_t end = f.begin + f.size;
+        std::size_t at = f.begin;
+        for (std::size_t hit; (hit = text.substr(0, end).find(piece, at)) != std::string_view::npos;) {
+          if (hit > at) cut.push_back(Fragment{at, hit - at, -1});
+          cut.push_back(Fragment{hit, piece.size(), id});
+          at = hit + piece.size();
+        }
+        if (at < end) cut.push_back(Fragment{at, end - at, -1});
+      }
+      out = std::move(cut);
+    }
+    return out;
+  }
+
   // Steps 3 to 5 of encoding on the escaped text. Symbols are byte ranges of
   // the text in a doubly linked list over their initial positions; merging a
   // pair keeps the left symbol (grown) and empties the right one. A queued
@@ -308,6 +358,7 @@ class SentencePieceTokenizer {
   SentencePieceVocab vocab_;
   std::unordered_map<std::string, int> ids_;
   std::array<int, 256> byte_ids_{};
+  std::vector<int> user_defined_;  // ids of user-defined pieces, longest first
 };
 
 }  // namespace kvcache
