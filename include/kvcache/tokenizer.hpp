@@ -47,6 +47,7 @@
 #include <fstream>
 #include <istream>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <queue>
 #include <stdexcept>
@@ -58,6 +59,7 @@
 
 #include "detail/io.hpp"
 #include "limits.hpp"
+#include "sentencepiece.hpp"
 
 namespace kvcache {
 namespace detail {
@@ -357,11 +359,36 @@ class Tokenizer {
     return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits), name);
   }
 
+  // Instead of llama2.c's rules, llama.cpp's SentencePiece tokenizer over a
+  // GGUF "llama" vocabulary (sentencepiece.hpp): encode(text, bos, eos) is
+  // llama_tokenize(text, add_special = bos) then EOS when asked; decode()
+  // gives llama.cpp's piece text, without its leading space after BOS;
+  // find() gives the highest id of a duplicated piece. Throws
+  // std::invalid_argument for an invalid vocabulary (SentencePieceTokenizer)
+  // or one whose BOS or EOS id is not kBosId or kEosId.
+  explicit Tokenizer(SentencePieceVocab vocab) {
+    if (vocab.bos_id != kBosId || vocab.eos_id != kEosId)
+      throw std::invalid_argument("kvcache::Tokenizer: a SentencePiece vocabulary with bos_id " +
+                                  std::to_string(vocab.bos_id) + " and eos_id " + std::to_string(vocab.eos_id) +
+                                  "; this class needs " + std::to_string(kBosId) + " and " + std::to_string(kEosId));
+    spm_ = std::make_shared<const SentencePieceTokenizer>(std::move(vocab));
+    pieces_ = spm_->vocab().pieces;
+    scores_ = spm_->vocab().scores;
+    for (const std::string& p : pieces_)
+      max_token_length_ = static_cast<int>(std::min<std::size_t>(std::max<std::size_t>(max_token_length_, p.size()),
+                                                                 std::numeric_limits<int>::max()));
+  }
+
   // Token ids for `text`, exactly as llama2.c's encode (see the top of
   // this file). Any byte string is accepted; bytes that are not valid UTF-8 go
   // to byte fallback. Throws std::runtime_error when a byte needs a fallback
   // token the vocabulary does not have (fewer than 259 tokens).
   std::vector<int> encode(std::string_view text, bool bos = true, bool eos = false) const {
+    if (spm_) {
+      std::vector<int> ids = spm_->encode(text, bos);
+      if (eos) ids.push_back(kEosId);
+      return ids;
+    }
     std::vector<int> tokens;
     tokens.reserve(text.size() + 3);
     if (bos) tokens.push_back(kBosId);
@@ -385,6 +412,7 @@ class Tokenizer {
   // The text llama2.c prints for `token` when it follows `prev_token`.
   // Throws std::out_of_range when `token` is not in [0, vocab_size()).
   std::string decode(int prev_token, int token) const {
+    if (spm_) return spm_->decode(prev_token, token);
     std::string_view text = piece(token);
     if (prev_token == kBosId && !text.empty() && text.front() == ' ') text.remove_prefix(1);
     const int byte = detail::parse_byte_piece(text);
@@ -429,6 +457,7 @@ class Tokenizer {
 
   // The id of the vocabulary entry equal to `text` (the lowest such id), or -1.
   int find(std::string_view text) const {
+    if (spm_) return spm_->find(text);
     const auto it = ids_.find(std::string(text));
     return it == ids_.end() ? -1 : it->second;
   }
@@ -487,6 +516,7 @@ class Tokenizer {
   std::unordered_map<std::string, int> ids_;
   int max_token_length_ = 0;
   int dummy_prefix_id_ = -1;
+  std::shared_ptr<const SentencePieceTokenizer> spm_;  // set: llama.cpp's rules instead of llama2.c's
 };
 
 }  // namespace kvcache

@@ -1,0 +1,102 @@
+// tests/test_gguf_reference.cpp — kvcache against llama.cpp's recorded greedy
+// ids on the shared models as GGUF (tests/gguf_reference_ids.hpp). Until
+// kvcache reads GGUF files, the f32 entries are checked on the llama2.c
+// checkpoints they were converted from (the same float32 weights): the ids
+// must be llama.cpp's up to the first step where llama.cpp's own top-2 margin
+// was a near tie, and the text prompts must tokenize to llama.cpp's prompt
+// ids with the SentencePiece tokenizer.
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <kvcache/generate.hpp>
+#include <kvcache/llama2c.hpp>
+#include <kvcache/tokenizer.hpp>
+
+#include "gguf_reference_ids.hpp"
+#include "models.hpp"
+
+namespace {
+
+std::vector<int> parse_ids(const std::string& text) {
+  std::istringstream in(text);
+  std::vector<int> ids;
+  for (int id; in >> id;) ids.push_back(id);
+  return ids;
+}
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// The fixture is self-consistent: one near-tie flag per generated id, and
+// `ids` is the prompt after BOS followed by steps - prompt + 1 generated ids.
+TEST(GgufReference, FixtureIsConsistent) {
+  for (const kvcache_test::GgufReference& r : kvcache_test::kGgufReferences) {
+    SCOPED_TRACE(std::string(r.model) + (r.prompt ? ", prompt text" : ", BOS"));
+    const std::vector<int> prompt = parse_ids(r.prompt_ids);
+    const std::vector<int> ids = parse_ids(r.ids);
+    ASSERT_FALSE(prompt.empty());
+    EXPECT_EQ(prompt[0], 1);
+    const std::size_t generated = static_cast<std::size_t>(r.steps) - prompt.size() + 1;
+    EXPECT_EQ(std::string(r.near_tie).size(), generated);
+    ASSERT_EQ(ids.size(), prompt.size() - 1 + generated);
+    EXPECT_EQ(std::vector<int>(ids.begin(), ids.begin() + static_cast<long>(prompt.size()) - 1),
+              std::vector<int>(prompt.begin() + 1, prompt.end()));
+  }
+}
+
+// The llama2.c checkpoint behind a fixture entry: "stories260K.f32.gguf" -> "stories260K.bin".
+std::string checkpoint_of(const std::string& gguf) { return gguf.substr(0, gguf.find('.')) + ".bin"; }
+
+TEST(GgufReference, F32MatchesLlamaCppUpToANearTie) {
+  for (const kvcache_test::GgufReference& r : kvcache_test::kGgufReferences) {
+    if (!ends_with(r.model, ".f32.gguf")) continue;
+    SCOPED_TRACE(std::string(r.model) + (r.prompt ? ", prompt text" : ", BOS"));
+    KVCACHE_MODEL_FILE_OR_SKIP(path, checkpoint_of(r.model));
+    const kvcache::Decoder<float> decoder = kvcache::load_llama2c(path);
+    const std::vector<int> prompt = parse_ids(r.prompt_ids);
+    const std::vector<int> expected = parse_ids(r.ids);
+    kvcache::GenerateOptions o;
+    o.max_new_tokens = static_cast<std::size_t>(r.steps) - prompt.size() + 1;
+    const std::vector<int> got = kvcache::generate(decoder, prompt, o);
+    ASSERT_EQ(got.size(), o.max_new_tokens);
+    const std::string near_tie = r.near_tie;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      const int want = expected[prompt.size() - 1 + i];
+      if (got[i] == want) continue;
+      EXPECT_EQ(near_tie[i], '1') << "generated step " << i << ": kvcache " << got[i] << ", llama.cpp " << want
+                                  << " with a margin of at least 0.05";
+      break;  // after a legitimate divergence the sequences part ways
+    }
+  }
+}
+
+TEST(GgufReference, TextPromptsTokenizeAsLlamaCpp) {
+  KVCACHE_MODEL_FILE_OR_SKIP(path, "tok512.bin");
+  // tok512.bin as llama2c_to_gguf.py writes it into the GGUF files.
+  const kvcache::Tokenizer bin = kvcache::Tokenizer::load(path);
+  kvcache::SentencePieceVocab v;
+  for (int id = 0; id < static_cast<int>(bin.vocab_size()); ++id) {
+    std::string piece = bin.piece(id);
+    std::int32_t type = id == 0 ? 2 : id <= 2 ? 3 : (piece.size() == 6 && piece.rfind("<0x", 0) == 0) ? 6 : 1;
+    if (type == 3) piece = id == 1 ? "<s>" : "</s>";
+    if (type == 1) {
+      for (std::size_t at; (at = piece.find(' ')) != std::string::npos;) piece.replace(at, 1, "\xE2\x96\x81");
+    }
+    v.pieces.push_back(piece);
+    v.scores.push_back(bin.score(id));
+    v.types.push_back(type);
+  }
+  const kvcache::Tokenizer tok(v);
+  for (const kvcache_test::GgufReference& r : kvcache_test::kGgufReferences) {
+    if (r.prompt != nullptr) {
+      EXPECT_EQ(tok.encode(r.prompt), parse_ids(r.prompt_ids)) << r.model;
+    }
+  }
+}
+
+}  // namespace
