@@ -844,4 +844,60 @@ inline bool is_gguf_file(const std::string& path) {
   return in.read(magic, 4) && std::memcmp(magic, "GGUF", 4) == 0;
 }
 
+// ============================================================================
+// The tokenizer's vocabulary
+// ============================================================================
+
+// TEMPORARY (issue 14): SentencePieceVocab belongs to tokenizer.hpp (the
+// "tok" work); it is defined here, exactly as agreed, until that lands.
+// When merging, delete this struct and include tokenizer.hpp instead.
+struct SentencePieceVocab {
+  std::vector<std::string> pieces;  // as stored in GGUF (U+2581 for space, <0xAB> byte pieces)
+  std::vector<float> scores;
+  std::vector<std::int32_t> types;  // llama.cpp: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+  std::int32_t bos_id = 1, eos_id = 2, unknown_id = 0;
+  bool add_bos = true;              // tokenizer.ggml.add_bos_token
+  bool add_space_prefix = true;     // tokenizer.ggml.add_space_prefix
+};
+
+// The SentencePiece vocabulary of a GGUF file (tokenizer.ggml.model =
+// "llama"): tokens, scores (0 when absent), token types (1, normal, when
+// absent), the BOS, EOS and unknown ids, add_bos_token, add_space_prefix.
+// Throws std::runtime_error naming the key: another tokenizer model, lists
+// of different lengths, an id outside the vocabulary, more tokens than
+// limits.max_vocab_size.
+inline SentencePieceVocab read_gguf_vocab(const GgufFile& f, const LoadLimits& limits = {}) {
+  const std::string& file = f.name();
+  const std::optional<std::string> model = f.get_string("tokenizer.ggml.model");
+  if (model != "llama")
+    detail::io::fail(file, "metadata key 'tokenizer.ggml.model' = " + (model ? "'" + *model + "'" : "(missing)") +
+                               ": only the SentencePiece tokenizer 'llama' is supported");
+  const GgufValue* tokens = f.find("tokenizer.ggml.tokens");
+  if (tokens != nullptr && tokens->type == GgufType::array && tokens->count > limits.max_vocab_size)
+    detail::io::fail(file, "metadata key 'tokenizer.ggml.tokens' lists " + std::to_string(tokens->count) +
+                               " tokens, more than LoadLimits::max_vocab_size = " + std::to_string(limits.max_vocab_size));
+  SentencePieceVocab v;
+  v.pieces = f.get_strings("tokenizer.ggml.tokens");
+  const std::size_t n = v.pieces.size();
+  v.scores = f.find("tokenizer.ggml.scores") ? f.get_f32s("tokenizer.ggml.scores") : std::vector<float>(n, 0.0f);
+  v.types = f.find("tokenizer.ggml.token_type") ? f.get_i32s("tokenizer.ggml.token_type") : std::vector<std::int32_t>(n, 1);
+  if (v.scores.size() != n || v.types.size() != n)
+    detail::io::fail(file, "tokenizer.ggml.scores (" + std::to_string(v.scores.size()) + ") and token_type (" +
+                               std::to_string(v.types.size()) + ") must list as many entries as tokens (" +
+                               std::to_string(n) + ")");
+  const auto id = [&](const char* key, std::int32_t fallback) {
+    const std::uint64_t x = f.get_uint(key).value_or(static_cast<std::uint64_t>(fallback));
+    if (x >= n)
+      detail::io::fail(file, std::string("metadata key '") + key + "' = " + std::to_string(x) +
+                                 ", outside the vocabulary of " + std::to_string(n) + " tokens");
+    return static_cast<std::int32_t>(x);
+  };
+  v.bos_id = id("tokenizer.ggml.bos_token_id", 1);
+  v.eos_id = id("tokenizer.ggml.eos_token_id", 2);
+  v.unknown_id = id("tokenizer.ggml.unknown_token_id", 0);
+  v.add_bos = f.get_bool("tokenizer.ggml.add_bos_token").value_or(true);
+  v.add_space_prefix = f.get_bool("tokenizer.ggml.add_space_prefix").value_or(true);
+  return v;
+}
+
 }  // namespace kvcache
