@@ -326,4 +326,193 @@ TEST_F(GgufFiles, Vocabulary) {
       [&] { (void)kvcache::read_gguf_vocab(GgufFile::open(write("s.gguf", y.bytes()))); }, "as many entries as tokens");
 }
 
+// ---------------------------------------------------------------------------
+// Malformed files: one clear error each, no large allocation
+
+std::string small_model(std::uint32_t ggml = kvcache_test::kGgmlF32) {
+  const ModelConfig c = llama_config(4, 2, true);
+  return kvcache_test::llama_gguf(Decoder<float>(c, kvcache::random_weights<float>(c, 3)), ggml);
+}
+
+// The offset where the data section starts in `bytes`.
+std::size_t data_offset_of(const std::string& bytes) {
+  return static_cast<std::size_t>(
+      GgufFile(std::shared_ptr<const unsigned char>(reinterpret_cast<const unsigned char*>(bytes.data()), [](auto*) {}),
+               bytes.size(), "m")
+          .data_offset());
+}
+
+TEST_F(GgufFiles, TruncatedAtEveryByte) {
+  const std::string good = small_model();
+  const std::size_t data = data_offset_of(good);
+  for (std::size_t n = 0; n < good.size(); n += n < data ? 1 : 97) {
+    const std::string file = write("t.gguf", good.substr(0, n));
+    try {
+      (void)kvcache::load_gguf(file);
+      ADD_FAILURE() << "a file cut at " << n << " of " << good.size() << " bytes loaded";
+    } catch (const std::runtime_error& e) {
+      const std::string m = e.what();
+      ASSERT_NE(m.find(file), std::string::npos) << m;
+      ASSERT_TRUE(m.find("truncated") != std::string::npos || m.find("too short") != std::string::npos ||
+                  m.find("past the end") != std::string::npos ||
+                  m.find("left in the file") != std::string::npos)
+          << "cut at " << n << ": " << m;
+    }
+  }
+}
+
+// A file of the header and `rest`, declaring n_tensors and n_kv.
+std::string raw_file(std::uint64_t n_tensors, std::uint64_t n_kv, const std::string& rest, std::uint32_t version = 3) {
+  std::string out = "GGUF";
+  const auto put = [&](auto v) { out.append(reinterpret_cast<const char*>(&v), sizeof v); };
+  put(version);
+  put(n_tensors);
+  put(n_kv);
+  return out + rest;
+}
+std::string str(const std::string& s) {
+  const std::uint64_t n = s.size();
+  return std::string(reinterpret_cast<const char*>(&n), 8) + s;
+}
+std::string u32(std::uint32_t v) { return std::string(reinterpret_cast<const char*>(&v), 4); }
+std::string u64(std::uint64_t v) { return std::string(reinterpret_cast<const char*>(&v), 8); }
+
+TEST_F(GgufFiles, BadHeadersAndMetadata) {
+  const std::uint64_t huge = std::uint64_t{1} << 62;
+  expect_error("GGUG" + raw_file(0, 0, "").substr(4), {"not a GGUF file"});
+  expect_error(raw_file(0, 0, "", 1), {"GGUF version 1 is not supported"});
+  expect_error(raw_file(0, 0, "", 0x03000000), {"big-endian"});
+  expect_error(raw_file(huge, 0, std::string(64, '\0')), {"the tensor count = " + std::to_string(huge)});
+  expect_error(raw_file(0, huge, std::string(64, '\0')), {"the metadata key count = " + std::to_string(huge)});
+  expect_error(raw_file(0, 1, u64(huge) + std::string(20, 'x')), {"metadata key 0", "truncated"});
+  expect_error(raw_file(0, 1, str("k") + u32(13) + "xxxx"), {"metadata key 'k'", "unknown value type 13"});
+  expect_error(raw_file(0, 1, str("k") + u32(9) + u32(9) + u64(1) + "xxxxxxxxxx"), {"'k'", "array of arrays"});
+  expect_error(raw_file(0, 1, str("k") + u32(9) + u32(6) + u64(huge) + "xxxxxxxxxx"),
+               {"'k'", std::to_string(huge) + " elements of type f32 do not fit"});
+  expect_error(raw_file(0, 1, str("k") + u32(9) + u32(8) + u64(3) + str("a") + str("") + u64(huge) + std::string(9, 'x')),
+               {"'k'[2]", "truncated"});
+  expect_error(raw_file(0, 1, str("k") + u32(7) + "\x02" + "xxxxxxxxxx"), {"'k'", "bool value 2"});
+  expect_error(raw_file(0, 2, str("k") + u32(4) + u32(1) + str("k") + u32(4) + u32(1)), {"'k' appears twice"});
+  expect_error(raw_file(0, 1, str("") + u32(4) + u32(1) + "xxxxxxxxxx"), {"metadata key 0", "must be 1 to 65535"});
+  for (const std::uint32_t a : {0u, 3u, 48u})
+    expect_error(raw_file(0, 1, str("general.alignment") + u32(4) + u32(a)),
+                 {"'general.alignment' = " + std::to_string(a), "power of 2"});
+  expect_error(raw_file(0, 1, str("general.alignment") + u32(10) + u64(32)), {"'general.alignment' is a u64"});
+}
+
+// One tensor "t" of `dims` and `type` at `offset`, after a 32-byte header
+// pad, with `data` bytes of data.
+std::string tensor_file(const std::vector<std::uint64_t>& ne, std::uint32_t type, std::uint64_t offset,
+                        std::size_t data, const std::string& name = "t") {
+  std::string infos = str(name) + u32(static_cast<std::uint32_t>(ne.size()));
+  for (const std::uint64_t n : ne) infos += u64(n);
+  infos += u32(type) + u64(offset);
+  std::string f = raw_file(1, 0, infos);
+  f.resize((f.size() + 31) / 32 * 32 + data, '\0');
+  return f;
+}
+
+TEST_F(GgufFiles, BadTensorInfos) {
+  expect_error(tensor_file({}, 0, 0, 64), {"tensor 't'", "0 dimensions"});
+  expect_error(tensor_file({1, 1, 1, 1, 1}, 0, 0, 64), {"tensor 't'", "5 dimensions"});
+  expect_error(tensor_file({4, 0}, 0, 0, 64), {"tensor 't'", "dimension 1 = 0"});
+  expect_error(tensor_file({4}, 99, 0, 64), {"tensor 't'", "unknown ggml type 99"});
+  expect_error(tensor_file({48}, 8, 0, 64), {"tensor 't'", "rows of 48 values", "q8_0's block of 32"});
+  expect_error(tensor_file({4}, 0, 8, 64), {"tensor 't'", "offset 8 is not a multiple of the alignment 32"});
+  expect_error(tensor_file({32}, 0, 0, 64), {"tensor 't'", "128 bytes at offset 0 go past the end"});
+  expect_error(tensor_file({4}, 0, std::uint64_t{1} << 63, 64), {"tensor 't'", "go past the end"});
+  const std::uint64_t big = std::uint64_t{1} << 40;
+  expect_error(tensor_file({big, big, big}, 0, 0, 64), {"tensor 't'", "more than 2^64 bytes"});
+  expect_error(tensor_file({4}, 0, 0, 64, std::string(70000, 'n')), {"must be 1 to 65535"});
+  GgufWriter w;
+  w.add_tensor("a", {16}, 0, std::string(64, '\1'), 0);
+  w.add_tensor("b", {16}, 0, std::string(64, '\2'), 32);
+  expect_error(w.bytes(), {"tensors 'a' and 'b' overlap"});
+  GgufWriter twice;
+  twice.add_tensor("a", {16}, 0, std::string(64, '\1'));
+  twice.add_tensor("a", {16}, 0, std::string(64, '\1'));
+  expect_error(twice.bytes(), {"tensor 'a' appears twice"});
+}
+
+// Well-formed files whose model kvcache cannot run, or whose shapes are wrong.
+TEST_F(GgufFiles, BadModels) {
+  const ModelConfig c = llama_config(4, 2, false);
+  const Decoder<float> d(c, kvcache::random_weights<float>(c, 3));
+  const auto file_with = [&](auto&& change_metadata, auto&& change_tensors) {
+    GgufWriter w;
+    change_metadata(w);
+    kvcache_test::add_llama_metadata(w, c);
+    change_tensors(w);
+    kvcache_test::add_llama_tensors(w, d, kvcache_test::kGgmlF32);
+    return w.bytes();
+  };
+  const auto none = [](GgufWriter&) {};
+  expect_error(file_with([](GgufWriter& w) { w.add_u32("llama.expert_count", 8); }, none), {"'llama.expert_count'"});
+  expect_error(file_with([](GgufWriter& w) { w.add_u32("llama.rope.dimension_count", 4); }, none),
+               {"'llama.rope.dimension_count' appears twice"});
+  expect_error(file_with([](GgufWriter& w) { w.add_string("llama.rope.scaling.type", "yarn"); }, none),
+               {"'llama.rope.scaling.type' = 'yarn'"});
+  expect_error(file_with(none, [](GgufWriter& w) { w.add_tensor("rope_freqs.weight", {4}, 0, std::string(16, '\0')); }),
+               {"tensor 'rope_freqs.weight' is not part of a llama model"});
+  // A k-quant tensor: named with its type. A transposed one: its shape.
+  GgufWriter k;
+  ModelConfig wide = c;
+  wide.d_model = 256;
+  kvcache_test::add_llama_metadata(k, wide);
+  k.add_tensor("token_embd.weight", {256, c.vocab_size}, 12, std::string(144 * c.vocab_size, '\0'));
+  expect_error(k.bytes(), {"tensor 'token_embd.weight'", "ggml type q4_K", "not supported"});
+  GgufWriter t;
+  kvcache_test::add_llama_metadata(t, c);
+  t.add_tensor("token_embd.weight", {c.vocab_size, c.d_model}, 0, std::string(4 * c.vocab_size * c.d_model, '\0'));
+  expect_error(t.bytes(), {"'tokenizer.ggml.tokens' lists 37 tokens, token_embd.weight has 32"});
+  GgufWriter a;
+  a.add_string("general.architecture", "gpt2");
+  expect_error(a.bytes(), {"'general.architecture' = 'gpt2'", "'llama' models only"});
+  GgufWriter m;
+  m.add_string("general.architecture", "llama");
+  expect_error(m.bytes(), {"'llama.embedding_length' is missing"});
+  // Shapes: a block's matrix stored transposed.
+  std::string bytes = small_model();
+  GgufWriter s;
+  const ModelConfig sc = llama_config(4, 2, true);
+  kvcache_test::add_llama_metadata(s, sc);
+  Decoder<float> sd(sc, kvcache::random_weights<float>(sc, 3));
+  s.add_tensor("blk.0.ffn_down.weight", {sc.d_model, sc.d_ff}, 0, std::string(4 * sc.d_model * sc.d_ff, '\0'));
+  kvcache_test::add_llama_tensors(s, sd, kvcache_test::kGgmlF32);
+  expect_error(s.bytes(), {"tensor 'blk.0.ffn_down.weight' appears twice"});
+  // Limits: the context's cache, the parameters.
+  kvcache::LoadLimits tight;
+  tight.max_parameters = 1000;
+  expect_error(bytes, {"LoadLimits::max_parameters"}, tight);
+  kvcache::LoadLimits small_kv;
+  small_kv.max_kv_cache_bytes = 1000;
+  expect_error(bytes, {"LoadLimits::max_kv_cache_bytes"}, small_kv);
+  // A NaN weight.
+  const std::size_t at = data_offset_of(bytes) + 8;
+  bytes.replace(at, 4, u32(0x7FC00000u));
+  expect_error(bytes, {"tensor 'token_embd.weight' holds a non-finite value at element 2"});
+}
+
+TEST_F(GgufFiles, ShapeMismatch) {
+  const ModelConfig c = llama_config(4, 2, true);
+  const Decoder<float> d(c, kvcache::random_weights<float>(c, 3));
+  GgufWriter w;
+  kvcache_test::add_llama_metadata(w, c);
+  w.add_u32("llama.feed_forward_length", 40);  // appears twice: refused first
+  expect_error(w.bytes(), {"'llama.feed_forward_length' appears twice"});
+  ModelConfig other = c;
+  other.d_ff = 40;
+  GgufWriter x;
+  kvcache_test::add_llama_metadata(x, other);
+  kvcache_test::add_llama_tensors(x, d, kvcache_test::kGgmlF32);
+  expect_error(x.bytes(), {"tensor 'blk.0.ffn_gate.weight' has shape [32, 48], expected [32, 40]"});
+}
+
+TEST_F(GgufFiles, NotAFile) {
+  fixtures::expect_throw_naming<std::runtime_error>([&] { (void)kvcache::load_gguf(path("absent.gguf")); }, "no such file");
+  fixtures::expect_throw_naming<std::runtime_error>([&] { (void)kvcache::load_gguf(dir_.string()); }, "is a directory");
+  EXPECT_FALSE(kvcache::is_gguf_file(path("absent.gguf")));
+  EXPECT_TRUE(kvcache::is_gguf_file(write("m.gguf", small_model())));
+}
+
 }  // namespace
