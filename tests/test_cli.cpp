@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cli_args.hpp"
+#include "gguf_writer.hpp"
 #include "models.hpp"
 
 #if !defined(_WIN32)
@@ -1267,3 +1268,25 @@ TEST(CliModel, DefaultThreadsOnALargerModel) {
 }
 
 }  // namespace
+
+// A GGUF file (told by its magic, whatever its name): the same ids as the
+// checkpoint, stopping at the file's EOS (2) instead of llama2.c's BOS; a
+// text prompt needs the GGUF tokenizer, which is not wired yet.
+TEST(CliGguf, AidreamsTheCatIds) {
+  KVCACHE_MODEL_FILE_OR_SKIP(model, "aidreams260K.bin");
+  const fs::path file = test_dir() / "aidreams.model";
+  {
+    const std::string bytes = kvcache_test::llama_gguf(kvcache::load_llama2c(model));
+    std::ofstream(file, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const Result r = run({file.string(), "--prompt-ids", "1,368,430,273,268", "-n", "128", "-t", "0", "--ids", "--stats"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatIds.substr(0, kTheCatIds.size() - 3) + "\n");
+  EXPECT_NE(r.err.find("weights=f32 weight_bytes=923904"), std::string::npos) << r.err;
+  const Result bf16 = run({file.string(), "--prompt-ids", "1", "-n", "8", "--ids", "--weights", "bf16", "--stats"});
+  EXPECT_EQ(bf16.exit_code, 0) << bf16.err;
+  EXPECT_NE(bf16.err.find("weights=bf16 weight_bytes=463104"), std::string::npos) << bf16.err;
+  const Result text = run({file.string(), "-i", "The cat"});
+  EXPECT_EQ(text.exit_code, 1);
+  EXPECT_NE(text.err.find("tokenizer from GGUF not yet wired"), std::string::npos) << text.err;
+}
