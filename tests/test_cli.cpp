@@ -493,7 +493,7 @@ TEST_F(Cli, Stats) {
   EXPECT_EQ(r.exit_code, 0);
   EXPECT_EQ(r.out, kTheCatText);
   const std::regex line(
-      R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ threads=\d+\n$)");
+      R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ threads=\d+ weights=f32 weight_bytes=\d+\n$)");
   EXPECT_TRUE(std::regex_match(r.err, line)) << r.err;
   EXPECT_NE(r.err.find("prompt_tokens=5 generated_tokens=121 "), std::string::npos) << r.err;
   EXPECT_NE(r.err.find(" threads=2"), std::string::npos) << r.err;
@@ -585,7 +585,7 @@ TEST_F(PromptCache, MissSavesThePromptAndLaterRunsReuseIt) {
   EXPECT_EQ(stats_field(hit.err, "reused_tokens"), "5");
   const std::regex line(
       R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ )"
-      R"(threads=\d+ prompt_cache=(hit|miss|rejected) reused_tokens=\d+\n$)");
+      R"(threads=\d+ weights=f32 weight_bytes=\d+ prompt_cache=(hit|miss|rejected) reused_tokens=\d+\n$)");
   EXPECT_TRUE(std::regex_match(hit.err, line)) << hit.err;
   EXPECT_EQ(run(cached({"-i", "The cat", "--ids"})).out, kTheCatIds);
 

@@ -501,7 +501,8 @@ inline void GgufFile::parse_tensors(detail::GgufCursor& c, std::uint64_t n_tenso
   // The data section starts at the next multiple of the alignment.
   const std::uint64_t end = c.position(), pad = (alignment_ - end % alignment_) % alignment_;
   data_offset_ = detail::io::sat_add(end, pad);
-  if (data_offset_ > size_ || (data_offset_ == size_ && !tensors_.empty()))
+  if (tensors_.empty()) data_offset_ = std::min(data_offset_, size_);  // no data: padding optional
+  if (data_offset_ > size_)
     detail::io::fail(name_, "file is truncated: the data section would start at offset " +
                                 detail::io::count_string(data_offset_) + ", the file has " + std::to_string(size_) +
                                 " bytes");
