@@ -116,6 +116,22 @@ class WeightMatrix {
   WeightMatrix() = default;
   // rows × cols values of `type`, uninitialised (as Eigen's constructor).
   WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) { resize(rows, cols, type); }
+  // A matrix over `values` that someone else owns (an mmap'd file): rows ×
+  // cols of `type`, rows × row_bytes(type, cols) bytes (q8_0: cols a multiple
+  // of 32, else std::invalid_argument), kept alive by the shared_ptr. No
+  // copy. external() tells: a Decoder uses it where it is.
+  WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type, std::shared_ptr<void> values) {
+    if (rows < 0 || cols < 0 || (values == nullptr && rows * cols != 0))
+      throw std::invalid_argument("kvcache: WeightMatrix(" + std::to_string(rows) + ", " + std::to_string(cols) +
+                                  ", values): negative size or no values");
+    check_type(type);
+    row_bytes<T>(type, static_cast<std::size_t>(cols));  // throws for a q8_0 row of a partial block
+    values_ = std::move(values);
+    rows_ = rows;
+    cols_ = cols;
+    type_ = type;
+    external_ = true;
+  }
   // A copy of any Eigen matrix or expression, as T.
   template <typename Derived>
   WeightMatrix(const Eigen::EigenBase<Derived>& m) {  // NOLINT: implicit, like Eigen's own
@@ -142,6 +158,8 @@ class WeightMatrix {
   Eigen::Index cols() const { return cols_; }
   Eigen::Index size() const { return rows_ * cols_; }
   WeightType type() const { return type_; }
+  // Over memory someone else owns (the constructor above): not to be moved.
+  bool external() const { return external_; }
   // Bytes the values take: rows() × row_bytes(type(), cols()).
   std::size_t bytes() const { return static_cast<std::size_t>(rows_) * row_bytes<T>(type_, static_cast<std::size_t>(cols_)); }
 
@@ -159,6 +177,7 @@ class WeightMatrix {
     rows_ = rows;
     cols_ = cols;
     type_ = type;
+    external_ = false;
   }
 
   // The values as stored; each throws std::logic_error when they are stored
@@ -227,6 +246,7 @@ class WeightMatrix {
     std::shared_ptr<void> slice = arena.take(bytes());
     if (bytes() != 0) std::memcpy(slice.get(), values_.get(), bytes());
     values_ = std::move(slice);
+    external_ = false;
   }
 
   void swap(WeightMatrix& other) noexcept {
@@ -234,6 +254,7 @@ class WeightMatrix {
     std::swap(rows_, other.rows_);
     std::swap(cols_, other.cols_);
     std::swap(type_, other.type_);
+    std::swap(external_, other.external_);
   }
 
   // Same shape, type and stored values (T compared as numbers, the compact
@@ -289,6 +310,7 @@ class WeightMatrix {
   std::shared_ptr<void> values_;
   Eigen::Index rows_ = 0, cols_ = 0;
   WeightType type_ = WeightType::f32;
+  bool external_ = false;
 };
 
 namespace detail {
