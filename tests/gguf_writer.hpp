@@ -72,7 +72,10 @@ inline std::string q8_0_bytes(const std::vector<float>& x) {
     for (std::size_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b + j]));
     const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
     put_u16(out, f32_to_f16(d));
-    for (std::size_t j = 0; j < 32; ++j) out.push_back(static_cast<char>(static_cast<std::int8_t>(std::roundf(x[b + j] * id))));
+    for (std::size_t j = 0; j < 32; ++j) {
+      const float x0 = x[b + j] * id;  // ±inf or NaN when 1/d overflows: 0, as ggml on x86 and the peer's converter
+      out.push_back(static_cast<char>(std::isfinite(x0) ? static_cast<std::int8_t>(std::roundf(x0)) : 0));
+    }
   }
   return out;
 }
@@ -233,12 +236,15 @@ inline void add_llama_metadata(GgufWriter& w, const kvcache::ModelConfig& c, std
 }
 
 // The tensors of `d` in llama.cpp's names, in the converter's order: 2-D
-// matrices as `matrix_type`, norms as f32.
+// matrices as `matrix_type`, norms as f32. A q8_0 matrix whose rows are not
+// whole blocks of 32 is written as f16, as llama2c_to_gguf.py and llama.cpp's
+// convert_hf_to_gguf.py fall back.
 inline void add_llama_tensors(GgufWriter& w, const kvcache::Decoder<float>& d, std::uint32_t matrix_type) {
   const kvcache::ModelConfig& c = d.config();
   const auto matrix = [&](const std::string& name, const kvcache::WeightMatrix<float>& W) {
-    w.add_tensor(name, {static_cast<std::uint64_t>(W.cols()), static_cast<std::uint64_t>(W.rows())}, matrix_type,
-                 encode(matrix_type, values_of(W)));
+    const std::uint32_t type = matrix_type == kGgmlQ8_0 && W.cols() % 32 != 0 ? kGgmlF16 : matrix_type;
+    w.add_tensor(name, {static_cast<std::uint64_t>(W.cols()), static_cast<std::uint64_t>(W.rows())}, type,
+                 encode(type, values_of(W)));
   };
   const auto norm = [&](const std::string& name, const kvcache::Vector<float>& v) {
     w.add_tensor(name, {static_cast<std::uint64_t>(v.size())}, kGgmlF32, f32_bytes(values_of(v)));

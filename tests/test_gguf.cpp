@@ -189,23 +189,73 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GgufRoundTrip,
                                            Shape{"MQA_tied", 4, 1, true}, Shape{"MQA_separate", 4, 1, false}),
                          [](const ::testing::TestParamInfo<Shape>& i) { return std::string(i.param.name); });
 
-// f16 and q8_0: loaded as such once kvcache computes with them (the table
-// in gguf_weight_type), refused naming the tensor and the type until then.
-TEST_F(GgufFiles, F16AndQ8_0) {
+// f16 and q8_0 files (written by the test writer, whose encoders give the
+// bytes of llama.cpp's converter): used in place, and byte for byte the
+// matrices kvcache's own codecs make (WeightMatrix::convert_to), so a
+// Decoder over either computes the same logits, bit for bit.
+TEST_F(GgufFiles, F16AndQ8_0InPlaceBitIdentical) {
   const ModelConfig c = llama_config(4, 2, false, 64);  // rows of 32 and 64: q8_0 blocks fit
   for (const std::uint32_t ggml : {kvcache_test::kGgmlF16, kvcache_test::kGgmlQ8_0}) {
     const std::string name = kvcache::ggml_type_name(ggml);
     SCOPED_TRACE(name);
+    const std::optional<WeightType> type = kvcache::gguf_weight_type(ggml);
+    ASSERT_TRUE(type.has_value());
     const Decoder<float> f32(c, kvcache::random_weights<float>(c, 13));
     const std::string file = write(name + ".gguf", kvcache_test::llama_gguf(f32, ggml));
-    if (const std::optional<WeightType> type = kvcache::gguf_weight_type(ggml)) {
-      const Decoder<float> direct(c, kvcache::random_weights<float>(c, 13), *type);
-      const Decoder<float> loaded = kvcache::load_gguf(file);
-      EXPECT_EQ(loaded.weight_type(), *type);
-      expect_same_outputs(direct, loaded, 5);
-    } else {
-      expect_error(kvcache_test::llama_gguf(f32, ggml), {"tensor 'token_embd.weight'", "ggml type " + name, "not supported"});
-    }
+    const Decoder<float> direct(c, kvcache::random_weights<float>(c, 13), *type);
+    const Decoder<float> loaded = kvcache::load_gguf(file);
+    EXPECT_EQ(loaded.weight_type(), *type);
+    EXPECT_EQ(loaded.weight_bytes(), direct.weight_bytes());
+    EXPECT_TRUE(loaded.block(0).attention.W_Q.external());
+    EXPECT_EQ(loaded.block(0).attention.W_Q.type(), *type);
+    EXPECT_EQ(loaded.block(1).mlp.W_2, direct.block(1).mlp.W_2);
+    EXPECT_EQ(loaded.token_embedding(), direct.token_embedding());
+    EXPECT_EQ(loaded.lm_head(), direct.lm_head());
+    expect_same_outputs(direct, loaded, 5);   // decode kernels
+    expect_same_outputs(direct, loaded, 20);  // prefill
+  }
+}
+
+// A matrix of `type` over memory of its own, marked external as a file's
+// would be (a Decoder keeps it as it is: how a mixed-type model is built).
+kvcache::WeightMatrix<float> external_copy(const kvcache::WeightMatrix<float>& W, WeightType type) {
+  kvcache::WeightMatrix<float> converted = W;
+  converted.convert_to(type);
+  std::shared_ptr<void> bytes = kvcache::detail::allocate_weights(converted.bytes());
+  const void* from = type == WeightType::q8_0 ? static_cast<const void*>(converted.q8_0())
+                                              : static_cast<const void*>(converted.f16().data());
+  std::memcpy(bytes.get(), from, converted.bytes());
+  return kvcache::WeightMatrix<float>(W.rows(), W.cols(), type, std::move(bytes));
+}
+
+// A q8_0 file whose ffn_down rows (48 values) are not whole blocks: written
+// as f16, as llama.cpp's converters do; loaded with each matrix in its own
+// type, computing as a Decoder built with the same types.
+TEST_F(GgufFiles, MixedQ8_0AndF16) {
+  const ModelConfig c = llama_config(4, 1, true, 48);
+  const Decoder<float> f32(c, kvcache::random_weights<float>(c, 14));
+  const Decoder<float> loaded = kvcache::load_gguf(write("mixed.gguf", kvcache_test::llama_gguf(f32, kvcache_test::kGgmlQ8_0)));
+  EXPECT_EQ(loaded.weight_type(), WeightType::q8_0);
+  EXPECT_EQ(loaded.block(0).mlp.W_2.type(), WeightType::f16);
+  EXPECT_EQ(loaded.block(0).mlp.W_1.type(), WeightType::q8_0);
+  kvcache::DecoderWeights<float> w = kvcache::random_weights<float>(c, 14);
+  w.token_embedding = external_copy(w.token_embedding, WeightType::q8_0);
+  for (auto& b : w.blocks) {
+    for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_3})
+      *W = external_copy(*W, WeightType::q8_0);
+    b.mlp.W_2 = external_copy(b.mlp.W_2, WeightType::f16);
+  }
+  const Decoder<float> direct(c, std::move(w), WeightType::q8_0);
+  EXPECT_EQ(loaded.block(1).mlp.W_2, direct.block(1).mlp.W_2);
+  EXPECT_EQ(loaded.weight_bytes(), direct.weight_bytes());
+  expect_same_outputs(direct, loaded, 5);
+  expect_same_outputs(direct, loaded, 20);
+  // Converting on load to q8_0 cannot hold those rows: an error naming the tensor.
+  try {
+    (void)kvcache::load_gguf(path("mixed.gguf"), {}, WeightType::q8_0);
+    ADD_FAILURE() << "loaded";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'blk.0.ffn_down.weight'"), std::string::npos) << e.what();
   }
 }
 

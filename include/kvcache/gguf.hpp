@@ -99,8 +99,8 @@ inline std::optional<WeightType> gguf_weight_type(std::uint32_t ggml_type) {
   switch (ggml_type) {
     case 0: return WeightType::f32;
     case 30: return WeightType::bf16;
-    // case 1: return WeightType::f16;    // enabled with the f16 kernels
-    // case 8: return WeightType::q8_0;   // enabled with the q8_0 kernels
+    case 1: return WeightType::f16;
+    case 8: return WeightType::q8_0;
     default: return std::nullopt;
   }
 }
@@ -704,7 +704,7 @@ WeightMatrix<T> gguf_matrix(const GgufFile& f, const std::string& name, std::siz
   const std::optional<WeightType> type = gguf_weight_type(t.ggml_type);
   if (!type)
     io::fail(f.name(), "tensor '" + name + "' has ggml type " + ggml_type_name(t.ggml_type) +
-                           ", which kvcache does not compute with (not supported; f32 and bf16 are)");
+                           ", which kvcache does not compute with (not supported; f32, f16, bf16 and q8_0 are)");
   if (check_finite)
     if (const auto at = gguf_first_non_finite(f.tensor_data(t), t))
       io::fail(f.name(), "tensor '" + name + "' holds a non-finite value at element " + std::to_string(*at));
@@ -778,8 +778,10 @@ struct GgufModel {
 // so nothing is permuted.
 //
 // With `convert` unset, every matrix of a type kvcache computes with (f32,
-// bf16) is used where it is in the file (for T = float); with it set, each
-// is converted to that type in memory of its own. Norms (f32) are copied.
+// f16, bf16, q8_0) is used where it is in the file (for T = float), each in
+// its own type (a file may mix them: llama.cpp's q8_0 files keep matrices
+// whose rows are not whole blocks as f16); with it set, each is converted to
+// that type in memory of its own. Norms (f32) are copied.
 // A tensor of another type (q4_K, …), a missing, misshapen, non-finite (when
 // limits.check_finite) or unused tensor is a std::runtime_error naming it.
 template <typename T = float>
@@ -791,7 +793,11 @@ GgufModel<T> read_gguf_model(const GgufFile& f, const LoadLimits& limits = {},
   std::map<WeightType, std::size_t> types;
   const auto matrix = [&](const std::string& name, std::size_t rows, std::size_t cols) {
     WeightMatrix<T> W = detail::gguf_matrix<T>(f, name, rows, cols, limits.check_finite);
-    if (convert) W.convert_to(*convert);
+    try {
+      if (convert) W.convert_to(*convert);
+    } catch (const std::invalid_argument& e) {  // q8_0 of rows that are not whole blocks
+      detail::io::fail(f.name(), "tensor '" + name + "': " + e.what());
+    }
     used.push_back(name);
     ++types[W.type()];
     return W;
