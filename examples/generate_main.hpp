@@ -19,8 +19,8 @@
 // lone unprintable byte skipped, then a newline. STEPS counts positions
 // prompt included, so a prompt of P tokens (BOS included) leaves
 // STEPS - P + 1 tokens to generate (the last one is printed, never fed).
-// Generation stops early when the model produces BOS, which is not printed as
-// text (--ids prints it, as the reference id lists do). With --prompts-file,
+// Generation stops early when the model produces BOS (a GGUF model: its
+// EOS), which is not printed as text (--ids prints it, as the reference id lists do). With --prompts-file,
 // each line's output is printed as one line once its batch is done. See
 // cli_args.hpp for the options.
 #pragma once
@@ -302,8 +302,11 @@ constexpr std::size_t kMaxPromptsFileBytes = std::size_t{1} << 28;
 // check their length, and only their text is kept (at most the file's size).
 // Each batch then encodes its own lines again: the token lists of more than
 // one batch are never held.
+// `bos` starts every prompt (decides the first piece's leading space),
+// `end_id` ends generation (llama2.c: BOS; GGUF: the file's EOS).
 int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
-                     const kvcache::Tokenizer& tokenizer, std::size_t steps, std::ostream& out, std::ostream& err) {
+                     const kvcache::Tokenizer& tokenizer, int bos, int end_id, std::size_t steps, std::ostream& out,
+                     std::ostream& err) {
   const std::string& path = *o.prompts_file;
   const kvcache::ModelConfig& config = decoder.config();
   std::error_code ignored;
@@ -357,7 +360,7 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
       sessions.back().set_threads(o.threads);
       batch.push_back(&sessions.back());
       options[b].max_new_tokens = steps - prompt.size() + 1;
-      if (!o.ignore_eos) options[b].end_token = kBos;
+      if (!o.ignore_eos) options[b].end_token = end_id;
       options[b].temperature = o.temperature;
       options[b].top_p = o.top_p;
       options[b].seed = kvcache::sequence_seed(seed, first + b);
@@ -368,9 +371,10 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
       std::ostringstream line;
       Printer printer(o.print_ids, &tokenizer, line);
       const std::vector<int>& prompt = batch_prompts[b];
-      printer.set_previous(kBos);
-      for (std::size_t i = 1; i < prompt.size(); ++i) printer.print(prompt[i]);
-      for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == kBos);
+      const std::size_t first_echoed = !prompt.empty() && prompt.front() == bos ? 1 : 0;
+      printer.set_previous(bos);
+      for (std::size_t i = first_echoed; i < prompt.size(); ++i) printer.print(prompt[i]);
+      for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == end_id);
       out << (o.print_ids ? line.str() : kvcache_cli::escape_line(line.str())) << '\n';
       generated += ids[b].size();
     }
@@ -398,22 +402,21 @@ constexpr std::size_t kWeightBytesPerThread = std::size_t{4} << 20;
 // The model at o.model_path: a GGUF file (told by its first bytes, "GGUF")
 // or a llama2.c checkpoint; with the ids that start a prompt and end the
 // generation (llama2.c: BOS and BOS, as its `run`; GGUF: the file's BOS and
-// EOS).
+// EOS), and, for a GGUF file when text is needed, its tokenizer.
 struct LoadedModel {
   kvcache::Decoder<float> decoder;
   int bos = kBos, end_token = kBos;
+  std::optional<kvcache::Tokenizer> tokenizer;
 };
 
 LoadedModel load_model(const kvcache_cli::Options& o) {
   const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;
-  if (!kvcache::is_gguf_file(o.model_path)) return {kvcache::load_llama2c(o.model_path, {}, weight_type)};
+  if (!kvcache::is_gguf_file(o.model_path)) return {kvcache::load_llama2c(o.model_path, {}, weight_type), kBos, kBos, std::nullopt};
   const kvcache::GgufFile file = kvcache::GgufFile::open(o.model_path);
-  if (o.needs_tokenizer())
-    throw kvcache_cli::UsageError("tokenizer from GGUF not yet wired: give a GGUF model --prompt-ids and --ids");
   // GGUF weights stay as the file stores them unless --weights bf16 asks.
   std::optional<kvcache::WeightType> convert;
   if (weight_type != kvcache::WeightType::f32) convert = weight_type;
-  LoadedModel m{kvcache::load_gguf(file, {}, convert)};
+  LoadedModel m{kvcache::load_gguf(file, {}, convert), kBos, kBos, std::nullopt};
   const std::size_t vocab = m.decoder.config().vocab_size;
   const auto id = [&](const char* key, std::uint64_t fallback) {
     const std::uint64_t v = file.get_uint(key).value_or(fallback);
@@ -424,6 +427,14 @@ LoadedModel load_model(const kvcache_cli::Options& o) {
   };
   m.bos = id("tokenizer.ggml.bos_token_id", 1);
   m.end_token = id("tokenizer.ggml.eos_token_id", 2);
+  // The file's own vocabulary (-z is not read): llama.cpp's SentencePiece rules.
+  if (o.needs_tokenizer()) {
+    try {
+      m.tokenizer.emplace(kvcache::read_gguf_vocab(file));
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error("kvcache: " + o.model_path + ": the vocabulary: " + e.what());
+    }
+  }
   return m;
 }
 
@@ -464,7 +475,7 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
     }
   }
 
-  const LoadedModel model = load_model(o);
+  LoadedModel model = load_model(o);
   const kvcache::Decoder<float>& decoder = model.decoder;
   const kvcache::ModelConfig& config = decoder.config();
   if (!o.threads_given)
@@ -479,8 +490,9 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
                                   std::to_string(config.max_seq_len));
 
   std::optional<kvcache::Tokenizer> tokenizer;
-  if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
-  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps, out, err);
+  if (o.needs_tokenizer())
+    tokenizer = model.tokenizer ? std::move(model.tokenizer) : kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
+  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, model.bos, model.end_token, steps, out, err);
 
   std::vector<int> prompt;
   if (o.prompt_ids) {
@@ -507,7 +519,7 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
   Printer printer(o.print_ids, tokenizer ? &*tokenizer : nullptr, out);
   std::size_t first_echoed = 0;
   if (prompt.front() == model.bos) {
-    printer.set_previous(kBos);
+    printer.set_previous(model.bos);
     first_echoed = 1;
   }
   for (std::size_t i = first_echoed; i < prompt.size(); ++i) printer.print(prompt[i]);

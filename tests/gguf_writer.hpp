@@ -16,6 +16,7 @@
 #include <kvcache/decoder.hpp>
 #include <kvcache/detail/io.hpp>
 #include <kvcache/gguf.hpp>
+#include <kvcache/tokenizer.hpp>
 
 namespace kvcache_test {
 
@@ -210,9 +211,34 @@ inline std::vector<float> values_of(const kvcache::WeightMatrix<float>& W) {
 }
 inline std::vector<float> values_of(const kvcache::Vector<float>& v) { return std::vector<float>(v.data(), v.data() + v.size()); }
 
-// The metadata of a llama model with config c, and a vocabulary of `pieces`
-// (placeholders "<tN>" when empty) with BOS 1, EOS 2.
-inline void add_llama_metadata(GgufWriter& w, const kvcache::ModelConfig& c, std::vector<std::string> pieces = {}) {
+// The vocabulary llama2c_to_gguf.py writes for a llama2.c tokenizer: id 0
+// unknown, 1 and 2 control (their pieces without llama2.c's newlines),
+// "<0xAB>" pieces bytes, the others normal with each space as U+2581.
+inline kvcache::SentencePieceVocab llama2c_vocab(const kvcache::Tokenizer& t) {
+  kvcache::SentencePieceVocab v;
+  for (int id = 0; id < static_cast<int>(t.vocab_size()); ++id) {
+    std::string piece = t.piece(id);
+    std::int32_t type = 1;
+    if (id == 0) {
+      type = 2;
+    } else if (id <= 2) {
+      type = 3;
+      piece.erase(0, piece.find_first_not_of(" \t\n\r"));
+      piece.erase(piece.find_last_not_of(" \t\n\r") + 1);
+    } else if (piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && piece.back() == '>') {
+      type = 6;
+    } else {
+      for (std::size_t at; (at = piece.find(' ')) != std::string::npos;) piece.replace(at, 1, "\xE2\x96\x81");
+    }
+    v.pieces.push_back(piece);
+    v.scores.push_back(t.score(id));
+    v.types.push_back(type);
+  }
+  return v;
+}
+
+// The metadata of a llama model with config c and vocabulary v.
+inline void add_llama_metadata(GgufWriter& w, const kvcache::ModelConfig& c, const kvcache::SentencePieceVocab& v) {
   w.add_string("general.architecture", "llama");
   w.add_string("general.name", "test");
   w.add_u32("llama.context_length", static_cast<std::uint32_t>(c.max_seq_len));
@@ -224,15 +250,25 @@ inline void add_llama_metadata(GgufWriter& w, const kvcache::ModelConfig& c, std
   w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.norm_eps));
   w.add_u32("llama.rope.dimension_count", static_cast<std::uint32_t>(c.d_k()));
   w.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_base));
+  w.add_string("tokenizer.ggml.model", "llama");
+  w.add_strings("tokenizer.ggml.tokens", v.pieces);
+  w.add_array("tokenizer.ggml.scores", GgufType::f32, v.scores);
+  w.add_array("tokenizer.ggml.token_type", GgufType::i32, v.types);
+  w.add_u32("tokenizer.ggml.bos_token_id", static_cast<std::uint32_t>(v.bos_id));
+  w.add_u32("tokenizer.ggml.eos_token_id", static_cast<std::uint32_t>(v.eos_id));
+  w.add_bool("tokenizer.ggml.add_bos_token", v.add_bos);
+}
+
+// The same with a vocabulary of `pieces` (placeholders "<tN>" when empty),
+// scores 0, all normal, BOS 1, EOS 2.
+inline void add_llama_metadata(GgufWriter& w, const kvcache::ModelConfig& c, std::vector<std::string> pieces = {}) {
   if (pieces.empty())
     for (std::size_t i = 0; i < c.vocab_size; ++i) pieces.push_back("<t" + std::to_string(i) + ">");
-  w.add_string("tokenizer.ggml.model", "llama");
-  w.add_strings("tokenizer.ggml.tokens", pieces);
-  w.add_array("tokenizer.ggml.scores", GgufType::f32, std::vector<float>(pieces.size(), 0.0f));
-  w.add_array("tokenizer.ggml.token_type", GgufType::i32, std::vector<std::int32_t>(pieces.size(), 1));
-  w.add_u32("tokenizer.ggml.bos_token_id", 1);
-  w.add_u32("tokenizer.ggml.eos_token_id", 2);
-  w.add_bool("tokenizer.ggml.add_bos_token", true);
+  kvcache::SentencePieceVocab v;
+  v.scores.assign(pieces.size(), 0.0f);
+  v.types.assign(pieces.size(), 1);
+  v.pieces = std::move(pieces);
+  add_llama_metadata(w, c, v);
 }
 
 // The tensors of `d` in llama.cpp's names, in the converter's order: 2-D
@@ -267,7 +303,17 @@ inline void add_llama_tensors(GgufWriter& w, const kvcache::Decoder<float>& d, s
   if (!c.tied_lm_head) matrix("output.weight", d.lm_head());
 }
 
-// A whole GGUF file of decoder `d` (a llama model: RoPE, RMSNorm, SwiGLU).
+// A whole GGUF file of decoder `d` (a llama model: RoPE, RMSNorm, SwiGLU)
+// with vocabulary v.
+inline std::string llama_gguf(const kvcache::Decoder<float>& d, std::uint32_t matrix_type,
+                              const kvcache::SentencePieceVocab& v) {
+  GgufWriter w;
+  add_llama_metadata(w, d.config(), v);
+  add_llama_tensors(w, d, matrix_type);
+  return w.bytes();
+}
+
+// The same with the vocabulary of `pieces` (see add_llama_metadata).
 inline std::string llama_gguf(const kvcache::Decoder<float>& d, std::uint32_t matrix_type = kGgmlF32,
                               const std::vector<std::string>& pieces = {}) {
   GgufWriter w;

@@ -1271,12 +1271,15 @@ TEST(CliModel, DefaultThreadsOnALargerModel) {
 
 // A GGUF file (told by its magic, whatever its name): the same ids as the
 // checkpoint, stopping at the file's EOS (2) instead of llama2.c's BOS; a
-// text prompt needs the GGUF tokenizer, which is not wired yet.
-TEST(CliGguf, AidreamsTheCatIds) {
+// text prompt is encoded and the output decoded with the file's vocabulary
+// (llama.cpp's SentencePiece rules; -z is not read), here tok512's.
+TEST(CliGguf, AidreamsTheCat) {
   KVCACHE_MODEL_FILE_OR_SKIP(model, "aidreams260K.bin");
+  KVCACHE_MODEL_FILE_OR_SKIP(tok512, "tok512.bin");
   const fs::path file = test_dir() / "aidreams.model";
   {
-    const std::string bytes = kvcache_test::llama_gguf(kvcache::load_llama2c(model));
+    const std::string bytes = kvcache_test::llama_gguf(kvcache::load_llama2c(model), kvcache_test::kGgmlF32,
+                                                       kvcache_test::llama2c_vocab(kvcache::Tokenizer::load(tok512)));
     std::ofstream(file, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   }
   const Result r = run({file.string(), "--prompt-ids", "1,368,430,273,268", "-n", "128", "-t", "0", "--ids", "--stats"});
@@ -1286,7 +1289,14 @@ TEST(CliGguf, AidreamsTheCatIds) {
   const Result bf16 = run({file.string(), "--prompt-ids", "1", "-n", "8", "--ids", "--weights", "bf16", "--stats"});
   EXPECT_EQ(bf16.exit_code, 0) << bf16.err;
   EXPECT_NE(bf16.err.find("weights=bf16 weight_bytes=463104"), std::string::npos) << bf16.err;
-  const Result text = run({file.string(), "-i", "The cat"});
-  EXPECT_EQ(text.exit_code, 1);
-  EXPECT_NE(text.err.find("tokenizer from GGUF not yet wired"), std::string::npos) << text.err;
+  // Text in, text out: the checkpoint's text up to its EOS, which is not printed.
+  const std::string until_eos = kTheCatText.substr(0, kTheCatText.find("\n</s>")) + "\n";
+  const Result text = run({file.string(), "-i", "The cat", "-n", "128", "-t", "0", "-z", "/nonexistent"});
+  EXPECT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_EQ(text.out, until_eos);
+  const fs::path prompts = test_dir() / "prompts.txt";
+  std::ofstream(prompts) << "The cat\nThe cat\n";
+  const Result batch = run({file.string(), "--prompts-file", prompts.string(), "--parallel", "2", "-n", "128", "-t", "0"});
+  EXPECT_EQ(batch.exit_code, 0) << batch.err;
+  EXPECT_EQ(batch.out, until_eos + until_eos);
 }

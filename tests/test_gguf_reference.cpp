@@ -1,22 +1,30 @@
 // tests/test_gguf_reference.cpp — kvcache against llama.cpp's recorded greedy
-// ids on the shared models as GGUF (tests/gguf_reference_ids.hpp). Until
-// kvcache reads GGUF files, the f32 entries are checked on the llama2.c
-// checkpoints they were converted from (the same float32 weights): the ids
-// must be llama.cpp's up to the first step where llama.cpp's own top-2 margin
-// was a near tie, and the text prompts must tokenize to llama.cpp's prompt
-// ids with the SentencePiece tokenizer.
+// ids on the shared models as GGUF (tests/gguf_reference_ids.hpp). Each
+// model × type is written as GGUF here (tests/gguf_writer.hpp, whose bytes are
+// those of the peer's llama2c_to_gguf.py) from the shared llama2.c model, and
+// loaded with load_gguf; its text prompts, tokenized with the file's
+// vocabulary, must give llama.cpp's prompt ids, and the greedy ids must be
+// llama.cpp's: all of them for f32, and for f16, bf16 and q8_0 up to the
+// first step where llama.cpp's own top-2 margin was a near tie (< 0.05),
+// after which the two runs may part. The f32 entries are also checked on the
+// llama2.c checkpoints themselves.
 #include <cstddef>
 #include <cstdint>
+#include <iostream>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 #include <kvcache/generate.hpp>
+#include <kvcache/gguf.hpp>
 #include <kvcache/llama2c.hpp>
+#include <map>
+#include <memory>
 #include <kvcache/tokenizer.hpp>
 
 #include "gguf_reference_ids.hpp"
+#include "gguf_writer.hpp"
 #include "models.hpp"
 
 namespace {
@@ -96,6 +104,59 @@ TEST(GgufReference, TextPromptsTokenizeAsLlamaCpp) {
     if (r.prompt != nullptr) {
       EXPECT_EQ(tok.encode(r.prompt), parse_ids(r.prompt_ids)) << r.model;
     }
+  }
+}
+
+// "stories260K.q8_0.gguf" -> the ggml type of its matrices.
+std::uint32_t ggml_type_of(const std::string& gguf) {
+  const std::string type = gguf.substr(gguf.find('.') + 1, gguf.rfind('.') - gguf.find('.') - 1);
+  const std::map<std::string, std::uint32_t> types{{"f32", kvcache_test::kGgmlF32}, {"f16", kvcache_test::kGgmlF16},
+                                                   {"bf16", kvcache_test::kGgmlBf16}, {"q8_0", kvcache_test::kGgmlQ8_0}};
+  return types.at(type);
+}
+
+// The GGUF file of a fixture entry, written in memory as the peer's
+// converter writes it: the checkpoint's weights, tok512's vocabulary.
+kvcache::GgufFile gguf_of(const std::string& gguf, const std::string& checkpoint, const std::string& tokenizer) {
+  const std::string bytes =
+      kvcache_test::llama_gguf(kvcache::load_llama2c(checkpoint), ggml_type_of(gguf),
+                               kvcache_test::llama2c_vocab(kvcache::Tokenizer::load(tokenizer)));
+  std::shared_ptr<unsigned char> memory(new unsigned char[bytes.size()], std::default_delete<unsigned char[]>());
+  std::copy(bytes.begin(), bytes.end(), memory.get());
+  return kvcache::GgufFile(memory, bytes.size(), gguf);
+}
+
+TEST(GgufReference, EveryModelAndTypeMatchesLlamaCppUpToANearTie) {
+  KVCACHE_MODEL_FILE_OR_SKIP(tok512, "tok512.bin");
+  for (const kvcache_test::GgufReference& r : kvcache_test::kGgufReferences) {
+    const std::string what = std::string(r.model) + (r.prompt ? ", prompt text" : ", BOS");
+    SCOPED_TRACE(what);
+    KVCACHE_MODEL_FILE_OR_SKIP(checkpoint, checkpoint_of(r.model));
+    const kvcache::GgufFile file = gguf_of(r.model, checkpoint, tok512);
+    const kvcache::Decoder<float> decoder = kvcache::load_gguf(file);
+    const std::vector<int> prompt = parse_ids(r.prompt_ids);
+    if (r.prompt != nullptr) {
+      const kvcache::Tokenizer tok(kvcache::read_gguf_vocab(file));
+      ASSERT_EQ(tok.encode(r.prompt), prompt);
+    }
+    const std::vector<int> expected = parse_ids(r.ids);
+    kvcache::GenerateOptions o;
+    o.max_new_tokens = static_cast<std::size_t>(r.steps) - prompt.size() + 1;
+    const std::vector<int> got = kvcache::generate(decoder, prompt, o);
+    ASSERT_EQ(got.size(), o.max_new_tokens);
+    const std::string near_tie = r.near_tie;
+    std::size_t same = 0;
+    while (same < got.size() && got[same] == expected[prompt.size() - 1 + same]) ++same;
+    std::cout << "[ llama.cpp ] " << what << ": " << same << " of " << got.size() << " generated ids identical";
+    if (same < got.size()) std::cout << " (then a " << (near_tie[same] == '1' ? "near tie" : "MARGIN >= 0.05") << ")";
+    std::cout << "\n";
+    if (same == got.size()) continue;
+    if (ggml_type_of(r.model) == kvcache_test::kGgmlF32)
+      ADD_FAILURE() << "f32: generated step " << same << ": kvcache " << got[same] << ", llama.cpp "
+                    << expected[prompt.size() - 1 + same];
+    else
+      EXPECT_EQ(near_tie[same], '1') << "generated step " << same << ": kvcache " << got[same] << ", llama.cpp "
+                                     << expected[prompt.size() - 1 + same] << " with a margin of at least 0.05";
   }
 }
 

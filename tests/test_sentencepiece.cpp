@@ -367,15 +367,17 @@ TEST(SentencePieceVocabCheck, RefusesInconsistentVocabularies) {
   }
 }
 
-TEST(SentencePieceVocabCheck, TokenizerNeedsItsSpecialIds) {
-  SentencePieceVocab v = small_vocab({{"a", 0}, {"b", 0}});
+// Any BOS and EOS ids: a Tokenizer encodes and decodes with the vocabulary's.
+TEST(SentencePieceVocabCheck, TokenizerUsesTheVocabularysSpecialIds) {
+  SentencePieceVocab v = small_vocab({{"a", 0}, {"b", 0}, {kSp + "a", 1}});
   v.bos_id = 3;
-  EXPECT_NO_THROW(SentencePieceTokenizer{v});
-  EXPECT_THROW(Tokenizer{v}, std::invalid_argument);
-  v.bos_id = 1;
   v.eos_id = 4;
-  EXPECT_THROW(Tokenizer{v}, std::invalid_argument);
-  v.eos_id = 2;
+  const Tokenizer tok{v};
+  ASSERT_NE(tok.sentencepiece(), nullptr);
+  EXPECT_EQ(tok.sentencepiece()->vocab().bos_id, 3);
+  EXPECT_EQ(tok.encode("a", /*bos=*/true, /*eos=*/true), (std::vector<int>{3, 5, 4}));
+  EXPECT_EQ(tok.decode(3, 5), "a");    // after BOS: no leading space
+  EXPECT_EQ(tok.decode(1, 5), " a");   // 1 is no BOS here
   v.pieces[3].clear();
   EXPECT_THROW(Tokenizer{v}, std::invalid_argument);
 }

@@ -363,14 +363,12 @@ class Tokenizer {
   // GGUF "llama" vocabulary (sentencepiece.hpp): encode(text, bos, eos) is
   // llama_tokenize(text, add_special = bos) then EOS when asked; decode()
   // gives llama.cpp's piece text, without its leading space after BOS;
-  // find() gives the highest id of a duplicated piece. Throws
-  // std::invalid_argument for an invalid vocabulary (SentencePieceTokenizer)
-  // or one whose BOS or EOS id is not kBosId or kEosId.
+  // find() gives the highest id of a duplicated piece. BOS and EOS are the
+  // vocabulary's bos_id and eos_id (sentencepiece()->vocab()), which need
+  // not be kBosId and kEosId: bos_id() and eos_id() stay llama2.c's, and
+  // decode()'s default prev_token too. Throws std::invalid_argument for an
+  // invalid vocabulary (SentencePieceTokenizer).
   explicit Tokenizer(SentencePieceVocab vocab) {
-    if (vocab.bos_id != kBosId || vocab.eos_id != kEosId)
-      throw std::invalid_argument("kvcache::Tokenizer: a SentencePiece vocabulary with bos_id " +
-                                  std::to_string(vocab.bos_id) + " and eos_id " + std::to_string(vocab.eos_id) +
-                                  "; this class needs " + std::to_string(kBosId) + " and " + std::to_string(kEosId));
     spm_ = std::make_shared<const SentencePieceTokenizer>(std::move(vocab));
     pieces_ = spm_->vocab().pieces;
     scores_ = spm_->vocab().scores;
@@ -386,7 +384,7 @@ class Tokenizer {
   std::vector<int> encode(std::string_view text, bool bos = true, bool eos = false) const {
     if (spm_) {
       std::vector<int> ids = spm_->encode(text, bos);
-      if (eos) ids.push_back(kEosId);
+      if (eos) ids.push_back(spm_->vocab().eos_id);
       return ids;
     }
     std::vector<int> tokens;
@@ -449,6 +447,8 @@ class Tokenizer {
   int max_token_length() const noexcept { return max_token_length_; }
   static constexpr int bos_id() noexcept { return kBosId; }
   static constexpr int eos_id() noexcept { return kEosId; }
+  // The SentencePiece tokenizer this one delegates to, or nullptr (llama2.c's rules).
+  const SentencePieceTokenizer* sentencepiece() const noexcept { return spm_.get(); }
 
   // The raw vocabulary string of `id`. Throws std::out_of_range.
   const std::string& piece(int id) const { return pieces_[checked_index(id)]; }
