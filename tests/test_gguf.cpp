@@ -123,6 +123,35 @@ void expect_same_outputs(const Decoder<float>& a, const Decoder<float>& b, std::
   EXPECT_EQ(kvcache::generate(a, prompt, o), kvcache::generate(b, prompt, o));
 }
 
+// A matrix of `type` over memory of its own, marked external as a file's
+// would be (a Decoder keeps it as it is: how a mixed-type model is built).
+kvcache::WeightMatrix<float> external_copy(const kvcache::WeightMatrix<float>& W, WeightType type) {
+  kvcache::WeightMatrix<float> converted = W;
+  converted.convert_to(type);
+  std::shared_ptr<void> bytes = kvcache::detail::allocate_weights(converted.bytes());
+  const void* from = type == WeightType::q8_0  ? static_cast<const void*>(converted.q8_0())
+                     : type == WeightType::bf16 ? static_cast<const void*>(converted.bf16().data())
+                     : type == WeightType::f16  ? static_cast<const void*>(converted.f16().data())
+                                                : static_cast<const void*>(converted.f32().data());
+  std::memcpy(bytes.get(), from, converted.bytes());
+  return kvcache::WeightMatrix<float>(W.rows(), W.cols(), type, std::move(bytes));
+}
+
+// random_weights(c, seed) with every matrix external_copy'd as `type`
+// (W_2 as `w2_type`): the decoder a GGUF file of them loads.
+kvcache::DecoderWeights<float> external_weights(const ModelConfig& c, std::uint64_t seed, WeightType type,
+                                                WeightType w2_type) {
+  kvcache::DecoderWeights<float> w = kvcache::random_weights<float>(c, seed);
+  w.token_embedding = external_copy(w.token_embedding, type);
+  if (w.lm_head.size() != 0) w.lm_head = external_copy(w.lm_head, type);
+  for (auto& b : w.blocks) {
+    for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_3})
+      *W = external_copy(*W, type);
+    b.mlp.W_2 = external_copy(b.mlp.W_2, w2_type);
+  }
+  return w;
+}
+
 // ---------------------------------------------------------------------------
 // Round trips
 
@@ -140,7 +169,9 @@ TEST_P(GgufRoundTrip, F32AndBf16InPlaceBitIdentical) {
   for (const auto& [type, ggml] : {std::pair{WeightType::f32, kvcache_test::kGgmlF32},
                                    std::pair{WeightType::bf16, kvcache_test::kGgmlBf16}}) {
     SCOPED_TRACE(kvcache::to_string(type));
-    const Decoder<float> direct(c, kvcache::random_weights<float>(c, 11), type);
+    // bf16 in a file computes as llama.cpp does (x rounded to bf16): as
+    // external bf16 matrices do, not as those converted by a Decoder.
+    const Decoder<float> direct(c, external_weights(c, 11, type, type), type);
     const std::string file = write("m.gguf", kvcache_test::llama_gguf(direct, ggml));
     const Decoder<float> loaded = kvcache::load_gguf(file);
     const ModelConfig& g = loaded.config();
@@ -216,18 +247,6 @@ TEST_F(GgufFiles, F16AndQ8_0InPlaceBitIdentical) {
   }
 }
 
-// A matrix of `type` over memory of its own, marked external as a file's
-// would be (a Decoder keeps it as it is: how a mixed-type model is built).
-kvcache::WeightMatrix<float> external_copy(const kvcache::WeightMatrix<float>& W, WeightType type) {
-  kvcache::WeightMatrix<float> converted = W;
-  converted.convert_to(type);
-  std::shared_ptr<void> bytes = kvcache::detail::allocate_weights(converted.bytes());
-  const void* from = type == WeightType::q8_0 ? static_cast<const void*>(converted.q8_0())
-                                              : static_cast<const void*>(converted.f16().data());
-  std::memcpy(bytes.get(), from, converted.bytes());
-  return kvcache::WeightMatrix<float>(W.rows(), W.cols(), type, std::move(bytes));
-}
-
 // A q8_0 file whose ffn_down rows (48 values) are not whole blocks: written
 // as f16, as llama.cpp's converters do; loaded with each matrix in its own
 // type, computing as a Decoder built with the same types.
@@ -238,14 +257,7 @@ TEST_F(GgufFiles, MixedQ8_0AndF16) {
   EXPECT_EQ(loaded.weight_type(), WeightType::q8_0);
   EXPECT_EQ(loaded.block(0).mlp.W_2.type(), WeightType::f16);
   EXPECT_EQ(loaded.block(0).mlp.W_1.type(), WeightType::q8_0);
-  kvcache::DecoderWeights<float> w = kvcache::random_weights<float>(c, 14);
-  w.token_embedding = external_copy(w.token_embedding, WeightType::q8_0);
-  for (auto& b : w.blocks) {
-    for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_3})
-      *W = external_copy(*W, WeightType::q8_0);
-    b.mlp.W_2 = external_copy(b.mlp.W_2, WeightType::f16);
-  }
-  const Decoder<float> direct(c, std::move(w), WeightType::q8_0);
+  const Decoder<float> direct(c, external_weights(c, 14, WeightType::q8_0, WeightType::f16), WeightType::q8_0);
   EXPECT_EQ(loaded.block(1).mlp.W_2, direct.block(1).mlp.W_2);
   EXPECT_EQ(loaded.weight_bytes(), direct.weight_bytes());
   expect_same_outputs(direct, loaded, 5);

@@ -159,6 +159,8 @@ class WeightMatrix {
   Eigen::Index size() const { return rows_ * cols_; }
   WeightType type() const { return type_; }
   // Over memory someone else owns (the constructor above): not to be moved.
+  // A bf16 one computes as llama.cpp does (detail/quant.hpp): its values
+  // are a GGUF file's.
   bool external() const { return external_; }
   // Bytes the values take: rows() × row_bytes(type(), cols()).
   std::size_t bytes() const { return static_cast<std::size_t>(rows_) * row_bytes<T>(type_, static_cast<std::size_t>(cols_)); }

@@ -23,7 +23,11 @@
 // bfloat16 weights stay on gemv.hpp's kernel, which differs from llama.cpp
 // on purpose: ggml rounds x to bfloat16 (8 bits), kvcache keeps x as float
 // (x = x_hi + x_lo, two bfloat16 products per weight), so its bf16 results
-// are closer to the float32 model's.
+// are closer to the float32 model's. Except bf16 weights in a GGUF file's
+// memory (WeightMatrix::external()): those compute here as llama.cpp does,
+// x rounded to bfloat16, the products (exact in float) summed as f16's are
+// (ggml sums them with AVX512-BF16's dot instruction or 16-lane fused
+// multiply-adds: the same products in another order).
 #pragma once
 
 #include <algorithm>
@@ -66,14 +70,15 @@ namespace detail {
 // The 64 lanes of ggml_vec_dot_f16's four AVX-512 accumulators, reduced:
 // lanes (l) + (l + 32), (l + 16) + (l + 48), then those two; 16 → 8 → 4 → 2
 // → 1 by halves (as _mm512_reduce_add_ps); then the tail, in double.
-inline float f16_reduce(const float* lanes, const std::uint16_t* w, const float* x, Eigen::Index j, Eigen::Index n) {
+template <bool Bf16 = false>
+float f16_reduce(const float* lanes, const std::uint16_t* w, const float* x, Eigen::Index j, Eigen::Index n) {
   float a[16];
   for (int l = 0; l < 16; ++l) a[l] = (lanes[l] + lanes[l + 32]) + (lanes[l + 16] + lanes[l + 48]);
   for (int half = 8; half >= 1; half /= 2)
     for (int l = 0; l < half; ++l) a[l] = a[l + half] + a[l];
   double sum = a[0];
   for (; j < n; ++j) {
-    const float p = from_f16(w[j]) * x[j];  // exact: two 11-bit significands
+    const float p = (Bf16 ? from_bf16(w[j]) : from_f16(w[j])) * x[j];  // exact: two 11- (8-) bit significands
     sum += static_cast<double>(p);
   }
   return static_cast<float>(sum);
@@ -126,6 +131,36 @@ void f16_row(const std::uint16_t* w, Eigen::Index n, const float* const* x, floa
   }
 #else
   f16_row_portable<K>(w, n, x, y);
+#endif
+}
+
+// bf16 weights, x rounded to bf16 (as float): f16_row's lanes and order.
+template <int K>
+void bf16_row(const std::uint16_t* w, Eigen::Index n, const float* const* x, float* y) {
+#if defined(KVCACHE_QUANT_F16_AVX512)
+  __m512 acc[K][4];
+  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_ps();
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * u));
+      const __m512 w_u = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      for (int k = 0; k < K; ++k) acc[k][u] = _mm512_fmadd_ps(w_u, _mm512_loadu_ps(x[k] + j + 16 * u), acc[k][u]);
+    }
+  for (int k = 0; k < K; ++k) {
+    alignas(64) float lanes[64];
+    for (int u = 0; u < 4; ++u) _mm512_store_ps(lanes + 16 * u, acc[k][u]);
+    y[k] = f16_reduce<true>(lanes, w, x[k], j, n);
+  }
+#else
+  float lanes[K][64] = {};
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int l = 0; l < 64; ++l) {
+      const float w_l = from_bf16(w[j + l]);
+      for (int k = 0; k < K; ++k) lanes[k][l] = std::fma(w_l, x[k][j + l], lanes[k][l]);
+    }
+  for (int k = 0; k < K; ++k) y[k] = f16_reduce<true>(lanes[k], w, x[k], j, n);
 #endif
 }
 
@@ -217,7 +252,7 @@ void q8_0_row(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y
 // Grown, never shrunk: after the first calls, a decode step allocates
 // nothing. One per thread, so that threads never share them.
 struct QuantScratch {
-  std::vector<float> x;     // f16: x rounded to f16, as float
+  std::vector<float> x;     // f16 (bf16): x rounded to f16 (bf16), as float
   std::vector<std::int8_t> q;  // q8_0: the quantized x
   std::vector<float> d;     // q8_0: its scales, widened
   static QuantScratch& mine() {
@@ -235,9 +270,10 @@ V* grown(std::vector<V>& v, std::size_t n) {
 // Token t's input, prepared for W's type, into s.
 template <typename T>
 void prepare_input(const T* x, Eigen::Index n, WeightType type, QuantScratch& s, Eigen::Index t) {
-  if (type == WeightType::f16) {
+  if (type == WeightType::f16 || type == WeightType::bf16) {
     float* out = s.x.data() + t * n;
-    for (Eigen::Index j = 0; j < n; ++j) out[j] = from_f16(to_f16(x[j]));
+    for (Eigen::Index j = 0; j < n; ++j)
+      out[j] = type == WeightType::f16 ? from_f16(to_f16(x[j])) : from_bf16(to_bf16(x[j]));
     return;
   }
   float block[kQ8Block];
@@ -251,7 +287,7 @@ template <typename T>
 void prepare_inputs(const Eigen::Ref<const Matrix<T>>& X, WeightType type, QuantScratch& s) {
   const Eigen::Index m = X.rows(), n = X.cols();
   const auto values = static_cast<std::size_t>(m * n);
-  if (type == WeightType::f16) {
+  if (type != WeightType::q8_0) {
     grown(s.x, values);
   } else {
     grown(s.q, values);
@@ -270,11 +306,14 @@ void quant_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y,
                   Eigen::Index end) {
   const Eigen::Index n = W.cols();
   float y[K];
-  if (W.type() == WeightType::f16) {
+  if (W.type() != WeightType::q8_0) {
     const float* x[K];
     for (int k = 0; k < K; ++k) x[k] = s.x.data() + (t0 + k) * n;
     for (Eigen::Index i = begin; i < end; ++i) {
-      f16_row<K>(W.f16().data() + i * n, n, x, y);
+      if (W.type() == WeightType::f16)
+        f16_row<K>(W.f16().data() + i * n, n, x, y);
+      else
+        bf16_row<K>(W.bf16().data() + i * n, n, x, y);
       for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
     }
   } else {
@@ -312,7 +351,7 @@ void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& 
   Matrix<T> X_as_w(m, in);
   for (Eigen::Index t = 0; t < m; ++t)
     for (Eigen::Index j = 0; j < in; ++j)
-      X_as_w(t, j) = static_cast<T>(W.type() == WeightType::f16 ? s.x[static_cast<std::size_t>(t * in + j)]
+      X_as_w(t, j) = static_cast<T>(W.type() != WeightType::q8_0 ? s.x[static_cast<std::size_t>(t * in + j)]
                                                                  : s.d[static_cast<std::size_t>((t * in + j) / 32)] *
                                                                        static_cast<float>(s.q[static_cast<std::size_t>(t * in + j)]));
   const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, (128 << 10) / std::max<Eigen::Index>(1, in * Eigen::Index{sizeof(T)})));
@@ -324,7 +363,8 @@ void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& 
   }
 }
 
-// Y[:, begin:end] = X · W[begin:end, :]ᵀ for W stored as f16 or q8_0 (see
+// Y[:, begin:end] = X · W[begin:end, :]ᵀ for W stored as f16, q8_0 or, over
+// a GGUF file, bf16 (see
 // linear_rows in parallel.hpp; the bias is its business).
 template <int Tokens, typename T>
 void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, Matrix<T>& Y,
