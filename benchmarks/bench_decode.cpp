@@ -12,6 +12,9 @@
 //   BM_DecodeBf16/MODEL/threads:t  BM_Decode with the weight matrices stored
 //                             as bfloat16 (load_llama2c(path, {},
 //                             WeightType::bf16)): half the bytes per token
+//   BM_DecodeF16, BM_DecodeQ8_0/MODEL/threads:t  the same with f16 and q8_0
+//                             weights (converted from the loaded float32
+//                             model), computed as llama.cpp computes them
 //   BM_Prefill/MODEL/threads:t one forward of a 256-token prompt over an empty
 //                             cache, logits of the last position only
 //   BM_MemoryReadAfter/threads:t the read bandwidth again, at the end
@@ -57,6 +60,15 @@ const kvcache::Decoder<float>& loaded_model(const std::string& name,
                                             kvcache::WeightType weights = kvcache::WeightType::f32) {
   static std::map<std::pair<std::string, kvcache::WeightType>, std::unique_ptr<kvcache::Decoder<float>>> models;
   auto& slot = models[{name, weights}];
+  if (!slot && (weights == kvcache::WeightType::f16 || weights == kvcache::WeightType::q8_0)) {
+    const kvcache::Decoder<float>& d = loaded_model(name);
+    kvcache::DecoderWeights<float> w;
+    w.token_embedding = d.token_embedding();
+    for (std::size_t l = 0; l < d.config().n_layers; ++l) w.blocks.push_back(d.block(l));
+    w.final_norm = d.final_norm();
+    if (!d.config().tied_lm_head) w.lm_head = d.lm_head();
+    slot = std::make_unique<kvcache::Decoder<float>>(d.config(), std::move(w), weights);
+  }
   if (!slot) {
     const kvcache_bench::ModelShape shape = kvcache_bench::stories_shape(name);
     const std::string path = kvcache_bench::write_checkpoint(shape);
@@ -152,6 +164,10 @@ BENCHMARK(BM_MemoryRead)->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kM
                                                  kvcache::WeightType::f32),
                     benchmark::RegisterBenchmark(("BM_DecodeBf16/" + shape.name).c_str(), BM_Decode, shape.name,
                                                  kvcache::WeightType::bf16),
+                    benchmark::RegisterBenchmark(("BM_DecodeF16/" + shape.name).c_str(), BM_Decode, shape.name,
+                                                 kvcache::WeightType::f16),
+                    benchmark::RegisterBenchmark(("BM_DecodeQ8_0/" + shape.name).c_str(), BM_Decode, shape.name,
+                                                 kvcache::WeightType::q8_0),
                     benchmark::RegisterBenchmark(("BM_Prefill/" + shape.name).c_str(), BM_Prefill, shape.name)})
       b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
   }

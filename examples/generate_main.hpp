@@ -19,8 +19,8 @@
 // lone unprintable byte skipped, then a newline. STEPS counts positions
 // prompt included, so a prompt of P tokens (BOS included) leaves
 // STEPS - P + 1 tokens to generate (the last one is printed, never fed).
-// Generation stops early when the model produces BOS, which is not printed as
-// text (--ids prints it, as the reference id lists do). With --prompts-file,
+// Generation stops early when the model produces BOS (a GGUF model: its
+// EOS), which is not printed as text (--ids prints it, as the reference id lists do). With --prompts-file,
 // each line's output is printed as one line once its batch is done. See
 // cli_args.hpp for the options.
 #pragma once
@@ -41,6 +41,7 @@
 #include <kvcache/generate.hpp>
 #include <kvcache/llama2c.hpp>
 #include <kvcache/session_file.hpp>
+#include <kvcache/gguf.hpp>
 #include <kvcache/tokenizer.hpp>
 #include <optional>
 #include <ostream>
@@ -301,8 +302,11 @@ constexpr std::size_t kMaxPromptsFileBytes = std::size_t{1} << 28;
 // check their length, and only their text is kept (at most the file's size).
 // Each batch then encodes its own lines again: the token lists of more than
 // one batch are never held.
+// `bos` starts every prompt (decides the first piece's leading space),
+// `end_id` ends generation (llama2.c: BOS; GGUF: the file's EOS).
 int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float>& decoder,
-                     const kvcache::Tokenizer& tokenizer, std::size_t steps, std::ostream& out, std::ostream& err) {
+                     const kvcache::Tokenizer& tokenizer, int bos, int end_id, std::size_t steps, std::ostream& out,
+                     std::ostream& err) {
   const std::string& path = *o.prompts_file;
   const kvcache::ModelConfig& config = decoder.config();
   std::error_code ignored;
@@ -356,7 +360,7 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
       sessions.back().set_threads(o.threads);
       batch.push_back(&sessions.back());
       options[b].max_new_tokens = steps - prompt.size() + 1;
-      if (!o.ignore_eos) options[b].end_token = kBos;
+      if (!o.ignore_eos) options[b].end_token = end_id;
       options[b].temperature = o.temperature;
       options[b].top_p = o.top_p;
       options[b].seed = kvcache::sequence_seed(seed, first + b);
@@ -367,9 +371,10 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
       std::ostringstream line;
       Printer printer(o.print_ids, &tokenizer, line);
       const std::vector<int>& prompt = batch_prompts[b];
-      printer.set_previous(kBos);
-      for (std::size_t i = 1; i < prompt.size(); ++i) printer.print(prompt[i]);
-      for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == kBos);
+      const std::size_t first_echoed = !prompt.empty() && prompt.front() == bos ? 1 : 0;
+      printer.set_previous(bos);
+      for (std::size_t i = first_echoed; i < prompt.size(); ++i) printer.print(prompt[i]);
+      for (const int id : ids[b]) printer.print(id, /*stop=*/!o.ignore_eos && id == end_id);
       out << (o.print_ids ? line.str() : kvcache_cli::escape_line(line.str())) << '\n';
       generated += ids[b].size();
     }
@@ -394,6 +399,64 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
 // while reading 4 MiB of weights takes a core about 200 us.
 constexpr std::size_t kWeightBytesPerThread = std::size_t{4} << 20;
 
+// The model at o.model_path: a GGUF file (told by its first bytes, "GGUF")
+// or a llama2.c checkpoint; with the ids that start a prompt and end the
+// generation (llama2.c: BOS and BOS, as its `run`; GGUF: the file's BOS and
+// EOS), and, for a GGUF file when text is needed, its tokenizer.
+struct LoadedModel {
+  kvcache::Decoder<float> decoder;
+  int bos = kBos, end_token = kBos;
+  std::optional<kvcache::Tokenizer> tokenizer;
+};
+
+LoadedModel load_model(const kvcache_cli::Options& o) {
+  const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;
+  if (!kvcache::is_gguf_file(o.model_path)) return {kvcache::load_llama2c(o.model_path, {}, weight_type), kBos, kBos, std::nullopt};
+  const kvcache::GgufFile file = kvcache::GgufFile::open(o.model_path);
+  // GGUF weights stay as the file stores them unless --weights bf16 asks.
+  std::optional<kvcache::WeightType> convert;
+  if (weight_type != kvcache::WeightType::f32) convert = weight_type;
+  LoadedModel m{kvcache::load_gguf(file, {}, convert), kBos, kBos, std::nullopt};
+  const std::size_t vocab = m.decoder.config().vocab_size;
+  const auto id = [&](const char* key, std::uint64_t fallback) {
+    const std::uint64_t v = file.get_uint(key).value_or(fallback);
+    if (v >= vocab)
+      throw std::runtime_error("kvcache: " + o.model_path + ": metadata key '" + key + "' = " + std::to_string(v) +
+                               ", outside the vocabulary of " + std::to_string(vocab) + " tokens");
+    return static_cast<int>(v);
+  };
+  m.bos = id("tokenizer.ggml.bos_token_id", 1);
+  m.end_token = id("tokenizer.ggml.eos_token_id", 2);
+  // The file's own vocabulary (-z is not read): llama.cpp's SentencePiece rules.
+  if (o.needs_tokenizer()) {
+    try {
+      m.tokenizer.emplace(kvcache::read_gguf_vocab(file));
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error("kvcache: " + o.model_path + ": the vocabulary: " + e.what());
+    }
+  }
+  return m;
+}
+
+// "f32 1040128" or, for a file of several types, "q8_0+f16+f32 …": the
+// types of the weight matrices and the bytes of all parameters.
+std::string weights_text(const kvcache::Decoder<float>& d) {
+  std::vector<std::string> types;
+  const auto add = [&](const kvcache::WeightMatrix<float>& W) {
+    const std::string t = kvcache::to_string(W.type());
+    if (W.size() != 0 && std::find(types.begin(), types.end(), t) == types.end()) types.push_back(t);
+  };
+  add(d.token_embedding());
+  for (std::size_t l = 0; l < d.config().n_layers; ++l)
+    for (const auto* W : {&d.block(l).attention.W_Q, &d.block(l).attention.W_K, &d.block(l).attention.W_V,
+                          &d.block(l).attention.W_O, &d.block(l).mlp.W_1, &d.block(l).mlp.W_2, &d.block(l).mlp.W_3})
+      add(*W);
+  add(d.lm_head());
+  std::string text;
+  for (const std::string& t : types) text += (text.empty() ? "" : "+") + t;
+  return text + " weight_bytes=" + std::to_string(d.weight_bytes());
+}
+
 int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
   kvcache_cli::Options o = kvcache_cli::parse_args(argc, argv);
   if (o.help) {
@@ -412,8 +475,8 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
     }
   }
 
-  const kvcache::WeightType weight_type = o.weights == "bf16" ? kvcache::WeightType::bf16 : kvcache::WeightType::f32;
-  const kvcache::Decoder<float> decoder = kvcache::load_llama2c(o.model_path, {}, weight_type);
+  LoadedModel model = load_model(o);
+  const kvcache::Decoder<float>& decoder = model.decoder;
   const kvcache::ModelConfig& config = decoder.config();
   if (!o.threads_given)
     o.threads = std::min(o.threads, std::max<std::size_t>(1, decoder.weight_bytes() / kWeightBytesPerThread));
@@ -427,8 +490,9 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
                                   std::to_string(config.max_seq_len));
 
   std::optional<kvcache::Tokenizer> tokenizer;
-  if (o.needs_tokenizer()) tokenizer = kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
-  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, steps, out, err);
+  if (o.needs_tokenizer())
+    tokenizer = model.tokenizer ? std::move(model.tokenizer) : kvcache::Tokenizer::load(o.tokenizer_path, config.vocab_size);
+  if (o.prompts_file) return run_prompts_file(o, decoder, *tokenizer, model.bos, model.end_token, steps, out, err);
 
   std::vector<int> prompt;
   if (o.prompt_ids) {
@@ -444,7 +508,7 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
                                     " bytes: " + too_many_bytes(*tokenizer, o.prompt->size(), o, steps, config));
     prompt = tokenizer->encode(*o.prompt, /*bos=*/true, /*eos=*/false);
   } else {
-    prompt = {kBos};
+    prompt = {model.bos};
   }
   if (prompt.size() > steps)
     throw kvcache_cli::UsageError("the prompt has " + std::to_string(prompt.size()) + " tokens but " +
@@ -454,15 +518,15 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
   // Echo the prompt as run does: every token after a leading BOS.
   Printer printer(o.print_ids, tokenizer ? &*tokenizer : nullptr, out);
   std::size_t first_echoed = 0;
-  if (prompt.front() == kBos) {
-    printer.set_previous(kBos);
+  if (prompt.front() == model.bos) {
+    printer.set_previous(model.bos);
     first_echoed = 1;
   }
   for (std::size_t i = first_echoed; i < prompt.size(); ++i) printer.print(prompt[i]);
 
   kvcache::GenerateOptions options;
   options.max_new_tokens = steps - prompt.size() + 1;
-  if (!o.ignore_eos) options.end_token = kBos;
+  if (!o.ignore_eos) options.end_token = model.end_token;
   options.temperature = o.temperature;
   options.top_p = o.top_p;
   options.seed = o.seed != 0 ? o.seed : static_cast<std::uint64_t>(std::time(nullptr));
@@ -512,7 +576,7 @@ int run(int argc, char** argv, std::ostream& out, std::ostream& err) {
     err << "stats: prompt_tokens=" << prompt.size() << " generated_tokens=" << generated
         << " prefill_tok_s=" << format_rate(static_cast<double>(prompt.size()), prefill_s)
         << " decode_tok_s=" << (generated > 1 ? format_rate(static_cast<double>(generated - 1), decode_s) : "n/a")
-        << " kv_bytes=" << kv_bytes << " threads=" << o.threads;
+        << " kv_bytes=" << kv_bytes << " threads=" << o.threads << " weights=" << weights_text(decoder);
     if (o.prompt_cache)
       err << " prompt_cache=" << prompt_cache.status << " reused_tokens=" << prompt_cache.reused;
     err << std::endl;

@@ -22,6 +22,7 @@
 
 #include "fuzz_support.hpp"
 #include "generate_main.hpp"
+#include "gguf_writer.hpp"
 
 namespace fs = std::filesystem;
 
@@ -175,6 +176,38 @@ void generate_runs(const fs::path& dir) {
 
 }  // namespace
 
+// Tiny GGUF files (tests/gguf_writer.hpp): llama models of several shapes in
+// f32, f16, bf16 and q8_0 (with f16 matrices whose rows are not whole q8_0
+// blocks, as llama.cpp's converters write them), with a small SentencePiece
+// vocabulary (control, byte and normal pieces), and one without tensors.
+void gguf_files(const fs::path& dir) {
+  struct Shape {
+    std::size_t dim, hidden, layers, heads, kv_heads, seq_len;
+    bool tied;
+    std::uint32_t type;
+  };
+  const std::vector<Shape> shapes = {
+      {8, 12, 1, 2, 2, 4, true, kvcache_test::kGgmlF32},   {32, 48, 1, 4, 1, 4, false, kvcache_test::kGgmlQ8_0},
+      {8, 12, 2, 2, 1, 4, false, kvcache_test::kGgmlF16},  {16, 24, 1, 4, 2, 8, true, kvcache_test::kGgmlBf16},
+      {32, 64, 1, 2, 2, 4, true, kvcache_test::kGgmlQ8_0},
+  };
+  kvcache::SentencePieceVocab v;
+  v.pieces = {"<unk>", "<s>", "</s>", "<0x41>", "<0x0A>", "\xE2\x96\x81", "a", "b", "\xE2\x96\x81" "a", "ab", "ba", "c"};
+  v.scores = {0, 0, 0, 0, 0, -1, -2, -2, -0.5f, -1, -1.5f, -3};
+  v.types = {2, 3, 3, 6, 6, 1, 1, 1, 1, 1, 4, 1};
+  int i = 0;
+  for (const Shape& s : shapes) {
+    kvcache::ModelConfig c = kvcache::llama2c_config(s.dim, s.hidden, s.layers, s.heads, s.kv_heads, v.pieces.size(),
+                                                     s.seq_len, s.tied);
+    const kvcache::Decoder<float> d(c, kvcache::random_weights<float>(c, static_cast<std::uint64_t>(i + 1)));
+    write(dir, "tiny" + std::to_string(i++) + ".gguf", kvcache_test::llama_gguf(d, s.type, v));
+  }
+  kvcache_test::GgufWriter empty;
+  empty.add_string("general.architecture", "llama");
+  empty.add_u32("general.alignment", 64);
+  write(dir, "empty.gguf", empty.bytes());
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s OUT_DIR\n", argv[0]);
@@ -188,6 +221,7 @@ int main(int argc, char** argv) {
     command_lines(out / "fuzz_cli_args");
     session_files(out / "fuzz_session_file");
     generate_runs(out / "fuzz_generate");
+    gguf_files(out / "fuzz_gguf");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "kvcache_fuzz_seeds: %s\n", e.what());
     return 1;

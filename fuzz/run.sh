@@ -47,6 +47,10 @@ rm -rf "$work/seeds"
 "$build/fuzz/kvcache_fuzz_seeds" "$work/seeds"
 if [[ -d "$models" ]]; then
   mkdir -p "$work/seeds/fuzz_llama2c" "$work/seeds/fuzz_tokenizer_load" "$work/seeds/fuzz_tokenizer_encode"
+  mkdir -p "$work/seeds/fuzz_gguf"
+  for f in "$models"/*.gguf; do  # real GGUF files, if the folder has some
+    [[ -e "$f" ]] && cp "$f" "$work/seeds/fuzz_gguf/"
+  done
   for f in "$models"/*.bin; do
     [[ -e "$f" ]] || continue
     case "$(basename "$f")" in

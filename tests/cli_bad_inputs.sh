@@ -145,6 +145,17 @@ for cut in 3 27 28 1000 $((model_size / 2)) $((model_size - 1)); do
   head -c "$cut" "$model" >"$work/truncated.bin"
   expect_error "checkpoint truncated to $cut bytes" "$work/truncated.bin" "${run[@]}"
 done
+# ---- GGUF files (told by their first bytes, "GGUF") ----------------------
+gguf=(--prompt-ids 1 --ids -t 0 -n 8)
+printf 'GGUF' >"$work/magic.gguf"
+expect_error "GGUF magic only" "$work/magic.gguf" "${gguf[@]}"
+{ printf "GGUF$(int32 1)"; head -c 16 /dev/zero; } >"$work/v1.gguf"
+expect_error "GGUF version 1" "$work/v1.gguf" "${gguf[@]}"
+{ printf "GGUF$(int32 3)"; printf '\xff\xff\xff\xff\xff\xff\xff\x7f'; head -c 72 /dev/zero; } >"$work/huge.gguf"
+expect_error "GGUF claiming 2^63 tensors" "$work/huge.gguf" "${gguf[@]}"
+{ printf "GGUF$(int32 3)"; head -c 16 /dev/zero; } >"$work/empty.gguf"
+expect_error "GGUF without a model" "$work/empty.gguf" "${gguf[@]}"
+expect_error "GGUF without a model, text prompt" "$work/empty.gguf" -i "hello"
 { cat "$model"; printf 'x'; } >"$work/padded.bin"
 expect_error "checkpoint with a trailing byte" "$work/padded.bin" "${run[@]}"
 { cat "$model"; cat "$model"; } >"$work/doubled.bin"

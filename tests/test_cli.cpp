@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cli_args.hpp"
+#include "gguf_writer.hpp"
 #include "models.hpp"
 
 #if !defined(_WIN32)
@@ -492,7 +493,7 @@ TEST_F(Cli, Stats) {
   EXPECT_EQ(r.exit_code, 0);
   EXPECT_EQ(r.out, kTheCatText);
   const std::regex line(
-      R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ threads=\d+\n$)");
+      R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ threads=\d+ weights=f32 weight_bytes=\d+\n$)");
   EXPECT_TRUE(std::regex_match(r.err, line)) << r.err;
   EXPECT_NE(r.err.find("prompt_tokens=5 generated_tokens=121 "), std::string::npos) << r.err;
   EXPECT_NE(r.err.find(" threads=2"), std::string::npos) << r.err;
@@ -584,7 +585,7 @@ TEST_F(PromptCache, MissSavesThePromptAndLaterRunsReuseIt) {
   EXPECT_EQ(stats_field(hit.err, "reused_tokens"), "5");
   const std::regex line(
       R"(^stats: prompt_tokens=\d+ generated_tokens=\d+ prefill_tok_s=[0-9.]+ decode_tok_s=[0-9.]+ kv_bytes=\d+ )"
-      R"(threads=\d+ prompt_cache=(hit|miss|rejected) reused_tokens=\d+\n$)");
+      R"(threads=\d+ weights=f32 weight_bytes=\d+ prompt_cache=(hit|miss|rejected) reused_tokens=\d+\n$)");
   EXPECT_TRUE(std::regex_match(hit.err, line)) << hit.err;
   EXPECT_EQ(run(cached({"-i", "The cat", "--ids"})).out, kTheCatIds);
 
@@ -1267,3 +1268,35 @@ TEST(CliModel, DefaultThreadsOnALargerModel) {
 }
 
 }  // namespace
+
+// A GGUF file (told by its magic, whatever its name): the same ids as the
+// checkpoint, stopping at the file's EOS (2) instead of llama2.c's BOS; a
+// text prompt is encoded and the output decoded with the file's vocabulary
+// (llama.cpp's SentencePiece rules; -z is not read), here tok512's.
+TEST(CliGguf, AidreamsTheCat) {
+  KVCACHE_MODEL_FILE_OR_SKIP(model, "aidreams260K.bin");
+  KVCACHE_MODEL_FILE_OR_SKIP(tok512, "tok512.bin");
+  const fs::path file = test_dir() / "aidreams.model";
+  {
+    const std::string bytes = kvcache_test::llama_gguf(kvcache::load_llama2c(model), kvcache_test::kGgmlF32,
+                                                       kvcache_test::llama2c_vocab(kvcache::Tokenizer::load(tok512)));
+    std::ofstream(file, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const Result r = run({file.string(), "--prompt-ids", "1,368,430,273,268", "-n", "128", "-t", "0", "--ids", "--stats"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatIds.substr(0, kTheCatIds.size() - 3) + "\n");
+  EXPECT_NE(r.err.find("weights=f32 weight_bytes=923904"), std::string::npos) << r.err;
+  const Result bf16 = run({file.string(), "--prompt-ids", "1", "-n", "8", "--ids", "--weights", "bf16", "--stats"});
+  EXPECT_EQ(bf16.exit_code, 0) << bf16.err;
+  EXPECT_NE(bf16.err.find("weights=bf16 weight_bytes=463104"), std::string::npos) << bf16.err;
+  // Text in, text out: the checkpoint's text up to its EOS, which is not printed.
+  const std::string until_eos = kTheCatText.substr(0, kTheCatText.find("\n</s>")) + "\n";
+  const Result text = run({file.string(), "-i", "The cat", "-n", "128", "-t", "0", "-z", "/nonexistent"});
+  EXPECT_EQ(text.exit_code, 0) << text.err;
+  EXPECT_EQ(text.out, until_eos);
+  const fs::path prompts = test_dir() / "prompts.txt";
+  std::ofstream(prompts) << "The cat\nThe cat\n";
+  const Result batch = run({file.string(), "--prompts-file", prompts.string(), "--parallel", "2", "-n", "128", "-t", "0"});
+  EXPECT_EQ(batch.exit_code, 0) << batch.err;
+  EXPECT_EQ(batch.out, until_eos + until_eos);
+}

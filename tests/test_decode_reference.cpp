@@ -176,6 +176,7 @@ double tolerance_of(KVType type) {
     case KVType::full: return kFloat;
     case KVType::bf16: return kBf16;
     case KVType::int8: return kInt8;
+    default: break;
   }
   return 0.0;
 }

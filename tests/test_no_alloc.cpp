@@ -52,13 +52,17 @@ KVCACHE_TEST_NOINLINE void operator delete(void* p, std::size_t) noexcept { std:
 #pragma GCC diagnostic pop
 #endif
 
-// With weights as float32 and as bfloat16, on 1 and 2 threads.
+// With weights as float32, bfloat16, f16 and q8_0 (whose inputs are
+// converted into per-thread buffers, grown by the first steps), on 1 and 2
+// threads.
 TEST(NoAllocation, DecodeStepsAllocateNothing) {
-  for (const auto weights : {kvcache::WeightType::f32, kvcache::WeightType::bf16}) {
+  using kvcache::WeightType;
+  for (const auto weights : {WeightType::f32, WeightType::bf16, WeightType::f16, WeightType::q8_0}) {
     for (const std::size_t threads : {1u, 2u}) {
       for (const auto& v : fixtures::variants()) {
         const std::string what = v.name + " " + kvcache::to_string(weights) + " " + std::to_string(threads) + " threads";
-        const kvcache::ModelConfig c = fixtures::model(v, 64);
+        kvcache::ModelConfig c = fixtures::model(v, 64);
+        c.d_ff = 64;  // q8_0 rows are whole blocks of 32
         const kvcache::Decoder<float> d(c, kvcache::random_weights<float>(c, 1), weights);
         kvcache::Session<float> s = d.new_session(0, 64);
         s.set_threads(threads);

@@ -31,7 +31,9 @@ class Decoder {
   // the field and the values on the first that is wrong. Every weight matrix
   // (embeddings, W_Q, W_K, W_V, W_O, W_1, W_2, W_3, LM head) is then stored as
   // `weight_type`, converted one at a time (f32 → bf16: round to nearest even,
-  // the T values freed); norms, biases and learned positions stay T.
+  // the T values freed); norms, biases and learned positions stay T. A matrix
+  // over external memory (WeightMatrix::external(): a mapped GGUF file) is
+  // kept where and as it is stored, whatever `weight_type` says.
   Decoder(ModelConfig config, DecoderWeights<T> weights, WeightType weight_type = WeightType::f32) {
     check_weights(config, weights);
     store(weights, weight_type);
@@ -157,17 +159,22 @@ class Decoder {
   // Converts every weight matrix to `type` in turn; those then under 2 MB
   // move side by side into one arena, so that together they fill huge pages
   // (bigger ones have huge pages of their own: see WeightArena).
+  // A matrix over external memory (a mapped GGUF file) stays where and as it is.
   static void store(DecoderWeights<T>& weights, WeightType type) {
-    const std::size_t value_bytes = row_bytes<T>(type, 1);
+    const std::size_t block_bytes = row_bytes<T>(type, 32);  // 32 values: one q8_0 block
+    const auto stored_bytes = [&](const WeightMatrix<T>& W) {
+      return static_cast<std::size_t>(W.size()) * block_bytes / 32;
+    };
     const auto in_arena = [&](const WeightMatrix<T>& W) {
-      const std::size_t bytes = static_cast<std::size_t>(W.size()) * value_bytes;
+      const std::size_t bytes = W.external() ? 0 : stored_bytes(W);
       return bytes != 0 && bytes < detail::kHugePage;
     };
     std::size_t arena_bytes = 0;
     for (WeightMatrix<T>* W : matrices(weights))
-      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(static_cast<std::size_t>(W->size()) * value_bytes);
+      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(stored_bytes(*W));
     detail::WeightArena arena(arena_bytes);
     for (WeightMatrix<T>* W : matrices(weights)) {
+      if (W->external()) continue;
       W->convert_to(type);
       if (in_arena(*W)) W->move_into(arena);
     }

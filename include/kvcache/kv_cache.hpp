@@ -46,6 +46,9 @@ class KVRows {
       throw std::invalid_argument("kvcache: KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = " +
                                   std::to_string(n_kv_heads) + ", d_k = " + std::to_string(d_k));
     storage_info(type, "KVType");
+    if (type == StorageType::f16 || type == StorageType::q8_0)
+      throw std::invalid_argument(std::string("kvcache: KVType ") + to_string(type) +
+                                  " is a weight type; a cache stores f32, bf16 or int8");
   }
   // A moved-from KVRows keeps its shape and holds nothing. (No copy
   // constructor: copy() makes the cost explicit.)

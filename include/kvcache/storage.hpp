@@ -6,6 +6,10 @@
 //   f32    n × sizeof(T): T itself             weights, caches (the default)
 //   bf16   n × 2: float32's top 16 bits        weights, caches
 //   int8   n + 1: int8 values, a 1-byte scale  caches (one scale per row)
+//   f16    n × 2: IEEE binary16                weights
+//   q8_0   n / 32 × 34: per block of 32 values weights (ggml's block_q8_0;
+//          an f16 scale d, then 32 int8 q;      n a multiple of 32)
+//          value = d · q
 //
 // Computation always runs in T; a compact type is decoded a row or a tile at
 // a time where it is read. Adding a type is one enumerator, one row in
@@ -30,6 +34,8 @@ enum class StorageType {
   full = f32,  // the name caches used for it first; the same type
   bf16,
   int8,
+  f16,   // weights only
+  q8_0,  // weights only
 };
 
 // The names each use of the vocabulary had before it was one.
@@ -38,12 +44,14 @@ using WeightType = StorageType;
 
 struct StorageInfo {
   const char* name;
-  std::size_t value_bytes;  // 0 for f32: sizeof(T)
+  std::size_t value_bytes;  // bytes per block of values; 0 for f32: sizeof(T)
   std::size_t row_extra;    // bytes per row beyond the values (int8's scale)
+  std::size_t block;        // values per block (q8_0: 32; others 1)
 };
 
 inline const StorageInfo* find_storage_info(StorageType type) {
-  static constexpr std::array<StorageInfo, 3> table{{{"f32", 0, 0}, {"bf16", 2, 0}, {"int8", 1, 1}}};
+  static constexpr std::array<StorageInfo, 5> table{
+      {{"f32", 0, 0, 1}, {"bf16", 2, 0, 1}, {"int8", 1, 1, 1}, {"f16", 2, 0, 1}, {"q8_0", 34, 0, 32}}};
   const auto i = static_cast<std::size_t>(type);
   return i < table.size() ? &table[i] : nullptr;
 }
@@ -53,20 +61,25 @@ inline const StorageInfo* find_storage_info(StorageType type) {
 inline const StorageInfo& storage_info(StorageType type, const char* what = "storage type") {
   if (const StorageInfo* info = find_storage_info(type)) return *info;
   throw std::invalid_argument(std::string("kvcache: unknown ") + what + " " +
-                              std::to_string(static_cast<int>(type)) + " (0 f32, 1 bf16, 2 int8)");
+                              std::to_string(static_cast<int>(type)) + " (0 f32, 1 bf16, 2 int8, 3 f16, 4 q8_0)");
 }
 
-// "f32" (also for KVType::full), "bf16", "int8"; "unknown" for a bad value.
+// "f32" (also for KVType::full), "bf16", "int8", "f16", "q8_0"; "unknown" for
+// a bad value.
 inline const char* to_string(StorageType type) {
   const StorageInfo* info = find_storage_info(type);
   return info != nullptr ? info->name : "unknown";
 }
 
-// Bytes a row of n values of T takes when stored as `type`.
+// Bytes a row of n values of T takes when stored as `type`. Throws
+// std::invalid_argument when n is not a whole number of blocks (q8_0: 32).
 template <typename T>
 std::size_t row_bytes(StorageType type, std::size_t n) {
   const StorageInfo& info = storage_info(type);
-  return n * (info.value_bytes == 0 ? sizeof(T) : info.value_bytes) + info.row_extra;
+  if (n % info.block != 0)
+    throw std::invalid_argument(std::string("kvcache: a ") + info.name + " row holds whole blocks of " +
+                                std::to_string(info.block) + " values; " + std::to_string(n) + " values are not");
+  return n / info.block * (info.value_bytes == 0 ? sizeof(T) : info.value_bytes) + info.row_extra;
 }
 
 namespace detail {
@@ -98,23 +111,72 @@ inline std::uint16_t float_to_bf16(float f) {
   return static_cast<std::uint16_t>((u + round) >> 16);
 }
 
-// Any T. A wider T goes through float rounded to odd (truncate, and set the
-// last bit when anything was cut): float keeps 16 more bits than bfloat16, so
-// the second rounding then lands where rounding v directly would have.
+// v as float, rounded to odd (truncate, and set the last bit when anything
+// was cut) when T is wider: float keeps at least 13 more bits than bfloat16
+// and f16, so a second rounding from it lands where rounding v directly
+// would have.
 template <typename T>
-std::uint16_t to_bf16(T v) {
+float to_float_rounded_to_odd(T v) {
   if constexpr (std::is_same_v<T, float>) {
-    return float_to_bf16(v);
+    return v;
   } else {
-    if (std::isnan(v)) return float_to_bf16(std::numeric_limits<float>::quiet_NaN());
+    if (std::isnan(v)) return std::numeric_limits<float>::quiet_NaN();
     float f = static_cast<float>(v);
     if (std::isinf(f) && !std::isinf(v)) f = std::copysign(std::numeric_limits<float>::max(), f);
     if (static_cast<T>(f) != v) {
       if (std::fabs(static_cast<T>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
       f = bits_float(float_bits(f) | 1u);
     }
-    return float_to_bf16(f);
+    return f;
   }
+}
+
+// Any T (through to_float_rounded_to_odd).
+template <typename T>
+std::uint16_t to_bf16(T v) {
+  return float_to_bf16(to_float_rounded_to_odd(v));
+}
+
+// ---- f16: IEEE binary16 (1 sign, 5 exponent, 10 fraction bits) ------------
+
+// Exact: every binary16 value is a float.
+inline float from_f16(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t exponent = (h >> 10) & 0x1Fu, fraction = h & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: fraction · 2^-24
+    const float v = static_cast<float>(fraction) * 0x1p-24f;
+    return sign != 0 ? -v : v;
+  }
+  if (exponent == 31) return bits_float(sign | 0x7F800000u | fraction << 13);  // inf, NaN (payload kept)
+  return bits_float(sign | (exponent + 112) << 23 | fraction << 13);
+}
+
+// Round to nearest, ties to even, as F16C's vcvtps2ph: values from 65520
+// (half-way past the largest, 65504) become ±inf; below 2^-14 the result is
+// subnormal; a NaN stays a NaN, made quiet, its payload's top bits kept.
+inline std::uint16_t float_to_f16(float f) {
+  const std::uint32_t u = float_bits(f);
+  const auto sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
+  const std::uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<std::uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+  if (a >= 0x477FF000u) return static_cast<std::uint16_t>(sign | 0x7C00u);
+  if (a < 0x38800000u) {  // |f| < 2^-14: a multiple of 2^-24
+    const std::uint32_t exponent = a >> 23;
+    if (exponent < 102) return sign;  // below 2^-25: rounds to 0
+    const std::uint32_t mantissa = (a & 0x7FFFFFu) | 0x800000u, shift = 126 - exponent;  // 14 … 24
+    std::uint32_t r = mantissa >> shift;
+    const std::uint32_t rest = mantissa & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (r & 1u) != 0)) ++r;
+    return static_cast<std::uint16_t>(sign | r);
+  }
+  const std::uint32_t rebased = a - (112u << 23);
+  return static_cast<std::uint16_t>(sign | ((rebased + 0xFFFu + ((rebased >> 13) & 1u)) >> 13));
+}
+
+// Any T (through to_float_rounded_to_odd).
+template <typename T>
+std::uint16_t to_f16(T v) {
+  return float_to_f16(to_float_rounded_to_odd(v));
 }
 
 // ---- int8 with one scale per row ------------------------------------------
@@ -164,6 +226,81 @@ std::uint8_t quantize_int8(const T* x, std::size_t n, std::int8_t* q) {
     q[i] = v == v ? static_cast<std::int8_t>(std::clamp(std::nearbyint(v), -127.0f, 127.0f)) : std::int8_t{0};
   }
   return code;
+}
+
+
+// ---- q8_0: ggml's block of 32 int8 values with one f16 scale --------------
+//
+// A block is 34 bytes: the scale d as f16 (little-endian), then q[0 … 31];
+// value j is d · q[j]. Two quantizers, as in ggml:
+//   weights (quantize_q8_0, as ggml's quantize_row_q8_0_ref and the GGUF
+//     files): d = max|x| / 127 in float; q = round(x · (1/d)) with 1/d of
+//     the float d (not of its f16 rounding), ties away from zero;
+//   activations (quantize_q8_0_block_act, as ggml's AVX quantize_row_q8_0,
+//     which llama.cpp runs on the inputs of a q8_0 product): the same d, but
+//     q = x · (127 / max|x|) rounded to nearest even.
+// All q are 0 when max|x| = 0. NaN inputs count as 0 (ggml leaves them
+// undefined); a scale past f16's range is stored as inf, as ggml stores it.
+constexpr std::size_t kQ8Block = 32, kQ8BlockBytes = 34;
+
+inline float q8_0_max_abs(const float* x) {
+  float max_abs = 0.0f;
+  for (std::size_t j = 0; j < kQ8Block; ++j) {
+    const float a = std::fabs(x[j]);
+    if (a > max_abs) max_abs = a;  // skips NaN
+  }
+  return max_abs;
+}
+
+inline std::int8_t q8_0_clamped(float v) {  // v already an integer, or NaN
+  return v == v ? static_cast<std::int8_t>(std::clamp(v, -127.0f, 127.0f)) : std::int8_t{0};
+}
+
+// One block of weights: returns d as f16 and writes q.
+inline std::uint16_t quantize_q8_0_block(const float* x, std::int8_t* q) {
+  const float d = q8_0_max_abs(x) / 127.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  for (std::size_t j = 0; j < kQ8Block; ++j) q[j] = q8_0_clamped(std::round(x[j] * inv_d));
+  return float_to_f16(d);
+}
+
+// One block of activations (requires the default rounding mode, to nearest
+// even, as the SIMD instruction ggml uses).
+inline std::uint16_t quantize_q8_0_block_act(const float* x, std::int8_t* q) {
+  const float max_abs = q8_0_max_abs(x);
+  const float scale = max_abs != 0.0f ? 127.0f / max_abs : 0.0f;
+  for (std::size_t j = 0; j < kQ8Block; ++j) q[j] = q8_0_clamped(std::nearbyint(x[j] * scale));
+  return float_to_f16(max_abs / 127.0f);
+}
+
+// A row of n values of T (n a multiple of 32) into n / 32 blocks at `out`;
+// a wider T is rounded to float first (to odd: see to_float_rounded_to_odd).
+template <typename T>
+void quantize_q8_0(const T* x, std::size_t n, unsigned char* out) {
+  float block[kQ8Block];
+  for (std::size_t b = 0; b < n / kQ8Block; ++b, out += kQ8BlockBytes) {
+    for (std::size_t j = 0; j < kQ8Block; ++j) block[j] = to_float_rounded_to_odd(x[b * kQ8Block + j]);
+    const std::uint16_t d = quantize_q8_0_block(block, reinterpret_cast<std::int8_t*>(out + 2));
+    out[0] = static_cast<unsigned char>(d & 0xFFu);
+    out[1] = static_cast<unsigned char>(d >> 8);
+  }
+}
+
+inline float q8_0_scale(const unsigned char* block) {
+  return from_f16(static_cast<std::uint16_t>(block[0] | block[1] << 8));
+}
+
+// Values [first, first + count) of a q8_0 row as T: d · q in float (exact
+// to float's rounding, as ggml's dequantize_row_q8_0).
+template <typename T>
+void dequantize_q8_0(const unsigned char* row, std::size_t first, std::size_t count, T* out) {
+  for (std::size_t i = first; i < first + count;) {
+    const unsigned char* block = row + i / kQ8Block * kQ8BlockBytes;
+    const float d = q8_0_scale(block);
+    const std::size_t end = std::min(first + count, (i / kQ8Block + 1) * kQ8Block);
+    for (; i < end; ++i)
+      *out++ = static_cast<T>(d * static_cast<float>(static_cast<std::int8_t>(block[2 + i % kQ8Block])));
+  }
 }
 
 }  // namespace detail

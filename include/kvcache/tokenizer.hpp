@@ -48,6 +48,7 @@
 #include <fstream>
 #include <istream>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <queue>
 #include <stdexcept>
@@ -59,6 +60,7 @@
 
 #include "detail/io.hpp"
 #include "limits.hpp"
+#include "sentencepiece.hpp"
 
 namespace kvcache {
 namespace detail {
@@ -84,8 +86,8 @@ inline float read_token(io::BoundedReader& reader, const std::string& label, std
   const std::string token = "token " + std::to_string(index);
   unsigned char field[8];
   reader.read(field, 8, token + "'s score and length");
-  const float score = io::get_f32_le(field);
-  const std::int32_t length = io::get_i32_le(field + 4);
+  const float score = io::get_le<float>(field);
+  const std::int32_t length = io::get_le<std::int32_t>(field + 4);
   if (std::isnan(score)) io::fail(label, token + " has a NaN score");
   if (length < 0 || length > max_token_length)
     io::fail(label, token + " has length " + std::to_string(length) + ", outside [0, max_token_length " +
@@ -124,7 +126,7 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
   unsigned char header[4];
   reader.read(header, 4, "4-byte header (max_token_length)");
   TokenizerFile out;
-  out.max_token_length = io::get_i32_le(header);
+  out.max_token_length = io::get_le<std::int32_t>(header);
   if (out.max_token_length < 0)
     io::fail(label, "max_token_length is " + std::to_string(out.max_token_length) + ", must be >= 0");
   // Every token up to the end. Past the model's vocab_size tokens, the
@@ -267,11 +269,34 @@ class Tokenizer {
     return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits), name);
   }
 
+  // Instead of llama2.c's rules, llama.cpp's SentencePiece tokenizer over a
+  // GGUF "llama" vocabulary (sentencepiece.hpp): encode(text, bos, eos) is
+  // llama_tokenize(text, add_special = bos) then EOS when asked; decode()
+  // gives llama.cpp's piece text, without its leading space after BOS;
+  // find() gives the highest id of a duplicated piece. BOS and EOS are the
+  // vocabulary's bos_id and eos_id (sentencepiece()->vocab()), which need
+  // not be kBosId and kEosId: bos_id() and eos_id() stay llama2.c's, and
+  // decode()'s default prev_token too. Throws std::invalid_argument for an
+  // invalid vocabulary (SentencePieceTokenizer).
+  explicit Tokenizer(SentencePieceVocab vocab) {
+    spm_ = std::make_shared<const SentencePieceTokenizer>(std::move(vocab));
+    pieces_ = spm_->vocab().pieces;
+    scores_ = spm_->vocab().scores;
+    for (const std::string& p : pieces_)
+      max_token_length_ = static_cast<int>(std::min<std::size_t>(std::max<std::size_t>(max_token_length_, p.size()),
+                                                                 std::numeric_limits<int>::max()));
+  }
+
   // Token ids for `text`, exactly as llama2.c's encode (see the top of
   // this file). Any byte string is accepted; bytes that are not valid UTF-8 go
   // to byte fallback. Throws std::runtime_error when a byte needs a fallback
   // token the vocabulary does not have (fewer than 259 tokens).
   std::vector<int> encode(std::string_view text, bool bos = true, bool eos = false) const {
+    if (spm_) {
+      std::vector<int> ids = spm_->encode(text, bos);
+      if (eos) ids.push_back(spm_->vocab().eos_id);
+      return ids;
+    }
     std::vector<int> tokens;
     tokens.reserve(text.size() + 3);
     if (bos) tokens.push_back(kBosId);
@@ -315,6 +340,7 @@ class Tokenizer {
   // The text llama2.c prints for `token` when it follows `prev_token`.
   // Throws std::out_of_range when `token` is not in [0, vocab_size()).
   std::string decode(int prev_token, int token) const {
+    if (spm_) return spm_->decode(prev_token, token);
     std::string_view text = piece(token);
     if (prev_token == kBosId && !text.empty() && text.front() == ' ') text.remove_prefix(1);
     const int byte = detail::parse_byte_piece(text);
@@ -348,6 +374,8 @@ class Tokenizer {
   int max_token_length() const noexcept { return max_token_length_; }
   static constexpr int bos_id() noexcept { return kBosId; }
   static constexpr int eos_id() noexcept { return kEosId; }
+  // The SentencePiece tokenizer this one delegates to, or nullptr (llama2.c's rules).
+  const SentencePieceTokenizer* sentencepiece() const noexcept { return spm_.get(); }
 
   // The raw vocabulary string of `id`. Throws std::out_of_range.
   const std::string& piece(int id) const { return pieces_[checked_index(id)]; }
@@ -356,6 +384,7 @@ class Tokenizer {
 
   // The id of the vocabulary entry equal to `text` (the lowest such id), or -1.
   int find(std::string_view text) const {
+    if (spm_) return spm_->find(text);
     const auto it = ids_.find(std::string(text));
     return it == ids_.end() ? -1 : it->second;
   }
@@ -385,6 +414,7 @@ class Tokenizer {
   std::unordered_map<std::string, int> ids_;
   int max_token_length_ = 0;
   int dummy_prefix_id_ = -1;
+  std::shared_ptr<const SentencePieceTokenizer> spm_;  // set: llama.cpp's rules instead of llama2.c's
 };
 
 }  // namespace kvcache

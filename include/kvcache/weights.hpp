@@ -1,8 +1,8 @@
 // kvcache/weights.hpp — the parameters of a model: immutable once a Decoder
 // holds them, shared by every session and thread.
 //
-//   WeightMatrix<T>     a linear layer's [out, in] matrix, row by row, as T or
-//                       bfloat16, in memory aligned for huge pages
+//   WeightMatrix<T>     a linear layer's [out, in] matrix, row by row, as T,
+//                       bfloat16, f16 or q8_0, in memory aligned for huge pages
 //   NormWeights, AttentionWeights, MlpWeights, BlockWeights, DecoderWeights
 //                       the structs a model's parameters come in, and their
 //                       shape checks against a ModelConfig
@@ -102,10 +102,11 @@ class WeightArena {
 // matrix-vector product (a decode step) streams through W once with one dot
 // product per row, and so that llama2.c's files read straight into it.
 //
-// Built as T (WeightType::f32) from any Eigen matrix; convert_to(bf16)
-// converts it in place, rounding to nearest even, and frees the T values.
-// f32() and bf16() view the values as stored (Eigen maps); reading a value
-// (operator(), row_to, to_dense) works in either type and gives T.
+// Built as T (WeightType::f32) from any Eigen matrix; convert_to(bf16, f16,
+// q8_0) converts it in place (see storage.hpp for each codec) and frees the
+// T values. f32(), bf16(), f16() and q8_0() view the values as stored;
+// reading a value (operator(), row_to, to_dense) works in every type and
+// gives T.
 template <typename T>
 class WeightMatrix {
  public:
@@ -116,6 +117,22 @@ class WeightMatrix {
   WeightMatrix() = default;
   // rows × cols values of `type`, uninitialised (as Eigen's constructor).
   WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) { resize(rows, cols, type); }
+  // A matrix over `values` that someone else owns (an mmap'd file): rows ×
+  // cols of `type`, rows × row_bytes(type, cols) bytes (q8_0: cols a multiple
+  // of 32, else std::invalid_argument), kept alive by the shared_ptr. No
+  // copy. external() tells: a Decoder uses it where it is.
+  WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type, std::shared_ptr<void> values) {
+    if (rows < 0 || cols < 0 || (values == nullptr && rows * cols != 0))
+      throw std::invalid_argument("kvcache: WeightMatrix(" + std::to_string(rows) + ", " + std::to_string(cols) +
+                                  ", values): negative size or no values");
+    check_type(type);
+    row_bytes<T>(type, static_cast<std::size_t>(cols));  // throws for a q8_0 row of a partial block
+    values_ = std::move(values);
+    rows_ = rows;
+    cols_ = cols;
+    type_ = type;
+    external_ = true;
+  }
   // A copy of any Eigen matrix or expression, as T.
   template <typename Derived>
   WeightMatrix(const Eigen::EigenBase<Derived>& m) {  // NOLINT: implicit, like Eigen's own
@@ -142,8 +159,12 @@ class WeightMatrix {
   Eigen::Index cols() const { return cols_; }
   Eigen::Index size() const { return rows_ * cols_; }
   WeightType type() const { return type_; }
-  // Bytes the values take: size() × (sizeof(T) or 2).
-  std::size_t bytes() const { return row_bytes<T>(type_, static_cast<std::size_t>(size())); }
+  // Over memory someone else owns (the constructor above): not to be moved.
+  // A bf16 one computes as llama.cpp does (detail/quant.hpp): its values
+  // are a GGUF file's.
+  bool external() const { return external_; }
+  // Bytes the values take: rows() × row_bytes(type(), cols()).
+  std::size_t bytes() const { return static_cast<std::size_t>(rows_) * row_bytes<T>(type_, static_cast<std::size_t>(cols_)); }
 
   // rows × cols values of `type`, uninitialised; the old values are freed.
   void resize(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) {
@@ -154,10 +175,12 @@ class WeightMatrix {
     if (c != 0 && r > std::numeric_limits<std::size_t>::max() / sizeof(T) / c) throw std::bad_alloc();
     check_type(type);
     values_.reset();  // free first: the peak is the new size only
-    if (r * c != 0) values_ = detail::allocate_weights(row_bytes<T>(type, r * c));
+    const std::size_t row = row_bytes<T>(type, c);  // throws for a q8_0 row of a partial block
+    if (r * c != 0) values_ = detail::allocate_weights(r * row);
     rows_ = rows;
     cols_ = cols;
     type_ = type;
+    external_ = false;
   }
 
   // The values as stored; each throws std::logic_error when they are stored
@@ -166,10 +189,15 @@ class WeightMatrix {
   Eigen::Map<Dense> f32() { return {stored<T>(WeightType::f32), rows_, cols_}; }
   Eigen::Map<const Bf16> bf16() const { return {stored<std::uint16_t>(WeightType::bf16), rows_, cols_}; }
   Eigen::Map<Bf16> bf16() { return {stored<std::uint16_t>(WeightType::bf16), rows_, cols_}; }
+  Eigen::Map<const Bf16> f16() const { return {stored<std::uint16_t>(WeightType::f16), rows_, cols_}; }
+  Eigen::Map<Bf16> f16() { return {stored<std::uint16_t>(WeightType::f16), rows_, cols_}; }
+  // q8_0: row i's cols() / 32 blocks of 34 bytes start at i · row_bytes.
+  const unsigned char* q8_0() const { return stored<unsigned char>(WeightType::q8_0); }
+  unsigned char* q8_0() { return stored<unsigned char>(WeightType::q8_0); }
 
-  // W(i, j) as T (exact: a bfloat16 converts to any wider type without loss).
+  // W(i, j) as T (exact for bfloat16 and f16; q8_0: d · q rounded to float).
   T operator()(Eigen::Index i, Eigen::Index j) const {
-    T v;
+    T v{};
     read(i * cols_ + j, 1, &v);
     return v;
   }
@@ -182,18 +210,35 @@ class WeightMatrix {
     return m;
   }
 
-  // Converts to `type` in place and frees the old values. To bfloat16: round
-  // to nearest even. To T: exact. The peak memory is both copies of this one
-  // matrix.
+  // Converts to `type` in place and frees the old values. To bfloat16 and
+  // f16: round to nearest even. To q8_0: ggml's quantizer, a block of 32
+  // values at a time (throws std::invalid_argument, changing nothing, when
+  // cols() is not a multiple of 32). To T: as read. From one compact type to
+  // another: through T. The peak memory is two copies of this one matrix.
   void convert_to(WeightType type) {
     check_type(type);
     if (type == type_) return;
+    if (type == WeightType::q8_0 && cols_ % 32 != 0)
+      throw std::invalid_argument("kvcache: WeightMatrix::convert_to(q8_0): rows of " + std::to_string(cols_) +
+                                  " values; q8_0 needs a multiple of 32");
+    if (type_ != WeightType::f32 && type != WeightType::f32) {
+      WeightMatrix t(rows_, cols_);
+      read(0, size(), t.f32().data());
+      t.convert_to(type);
+      return swap(t);
+    }
     WeightMatrix w(rows_, cols_, type);
+    const T* v = static_cast<const T*>(values_.get());
     if (type == WeightType::f32) {
       read(0, size(), static_cast<T*>(w.values_.get()));
-    } else {
-      const T* v = static_cast<const T*>(values_.get());
+    } else if (type == WeightType::bf16) {
       std::transform(v, v + size(), static_cast<std::uint16_t*>(w.values_.get()), detail::to_bf16<T>);
+    } else if (type == WeightType::f16) {
+      std::transform(v, v + size(), static_cast<std::uint16_t*>(w.values_.get()), detail::to_f16<T>);
+    } else {
+      const std::size_t row = row_bytes<T>(type, static_cast<std::size_t>(cols_));
+      for (Eigen::Index i = 0; i < rows_; ++i)
+        detail::quantize_q8_0(v + i * cols_, static_cast<std::size_t>(cols_), w.q8_0() + static_cast<std::size_t>(i) * row);
     }
     swap(w);
   }
@@ -204,6 +249,7 @@ class WeightMatrix {
     std::shared_ptr<void> slice = arena.take(bytes());
     if (bytes() != 0) std::memcpy(slice.get(), values_.get(), bytes());
     values_ = std::move(slice);
+    external_ = false;
   }
 
   void swap(WeightMatrix& other) noexcept {
@@ -211,20 +257,24 @@ class WeightMatrix {
     std::swap(rows_, other.rows_);
     std::swap(cols_, other.cols_);
     std::swap(type_, other.type_);
+    std::swap(external_, other.external_);
   }
 
-  // Same shape, type and stored values.
+  // Same shape, type and stored values (T compared as numbers, the compact
+  // types byte for byte).
   friend bool operator==(const WeightMatrix& a, const WeightMatrix& b) {
     if (a.type_ != b.type_ || a.rows_ != b.rows_ || a.cols_ != b.cols_) return false;
-    return a.type_ == WeightType::f32 ? a.f32() == b.f32() : a.bf16() == b.bf16();
+    if (a.type_ == WeightType::f32) return a.f32() == b.f32();
+    return a.bytes() == 0 || std::memcmp(a.values_.get(), b.values_.get(), a.bytes()) == 0;
   }
   friend bool operator!=(const WeightMatrix& a, const WeightMatrix& b) { return !(a == b); }
 
  private:
-  // The types a WeightMatrix stores (every branch here is f32 or bf16).
+  // The types a WeightMatrix stores: every one but int8 (a cache's type).
   static void check_type(WeightType type) {
-    if (type != WeightType::f32 && type != WeightType::bf16)
-      throw std::invalid_argument(std::string("kvcache: WeightMatrix stores f32 or bf16 values, not ") +
+    storage_info(type, "WeightType");
+    if (type == WeightType::int8)
+      throw std::invalid_argument(std::string("kvcache: WeightMatrix stores f32, bf16, f16 or q8_0 values, not ") +
                                   to_string(type));
   }
 
@@ -239,11 +289,22 @@ class WeightMatrix {
 
   // Values [first, first + n) in row-major order, as T, into out.
   void read(Eigen::Index first, Eigen::Index n, T* out) const {
+    const auto halves = [&] { return static_cast<const std::uint16_t*>(values_.get()) + first; };
     if (type_ == WeightType::f32) {
       std::copy_n(static_cast<const T*>(values_.get()) + first, n, out);
-    } else {
-      const std::uint16_t* h = static_cast<const std::uint16_t*>(values_.get()) + first;
-      std::transform(h, h + n, out, detail::from_bf16);
+    } else if (type_ == WeightType::bf16) {
+      std::transform(halves(), halves() + n, out, detail::from_bf16);
+    } else if (type_ == WeightType::f16) {
+      std::transform(halves(), halves() + n, out, detail::from_f16);
+    } else {  // q8_0, a row at a time
+      const std::size_t row = row_bytes<T>(type_, static_cast<std::size_t>(cols_));
+      for (Eigen::Index e = first; e < first + n;) {
+        const Eigen::Index i = e / cols_, j = e % cols_, count = std::min(first + n - e, cols_ - j);
+        detail::dequantize_q8_0(q8_0() + static_cast<std::size_t>(i) * row, static_cast<std::size_t>(j),
+                                static_cast<std::size_t>(count), out);
+        e += count;
+        out += count;
+      }
     }
   }
 
@@ -252,6 +313,7 @@ class WeightMatrix {
   std::shared_ptr<void> values_;
   Eigen::Index rows_ = 0, cols_ = 0;
   WeightType type_ = WeightType::f32;
+  bool external_ = false;
 };
 
 namespace detail {

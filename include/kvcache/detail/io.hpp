@@ -126,10 +126,12 @@ To bit_cast(const From& from) {
   return to;
 }
 
-// get_le<T> and put_le<T> for any T of 4 or 8 bytes (uint32, int32, float,
-// uint64, double): its bits as an unsigned integer, lowest byte first.
+// get_le<T> and put_le<T> for any T of 2, 4 or 8 bytes (uint16, int32,
+// float, uint64, double, ...): its bits as an unsigned integer, lowest byte
+// first.
 template <typename T>
-using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t, std::uint32_t>;
+using Bits = std::conditional_t<sizeof(T) == 8, std::uint64_t,
+                                std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint16_t>>;
 
 template <typename T>
 T get_le(const unsigned char* p) {
@@ -143,8 +145,6 @@ void put_le(T value, unsigned char* p) {
   for (std::size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
 }
 // The two tokenizer.hpp reads.
-inline std::int32_t get_i32_le(const unsigned char* p) { return get_le<std::int32_t>(p); }
-inline float get_f32_le(const unsigned char* p) { return get_le<float>(p); }
 
 // ============================================================================
 // Checksum

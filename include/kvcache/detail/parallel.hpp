@@ -35,6 +35,7 @@
 #include "../config.hpp"
 #include "../weights.hpp"
 #include "gemv.hpp"
+#include "quant.hpp"
 
 namespace kvcache {
 namespace detail {
@@ -221,6 +222,8 @@ void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body
 //     rows, which packs W once per call and then runs at the multiply rate.
 //   more tokens, W as bfloat16: tiles of rows widened to T (128 KB, in the
 //     core's L2 cache), each multiplied by Eigen. W is read from memory once.
+//   W as f16 or q8_0, or bf16 over a GGUF file (external()), any number of
+//     tokens: quant.hpp, as llama.cpp computes.
 // (kFewTokens, and the tiles' sizes: measured with bench_batch and
 // bench_decode on a 2-core AMD EPYC.)
 constexpr Eigen::Index kFewTokens = 16;
@@ -231,7 +234,10 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
   if (begin >= end) return;
   const Eigen::Index m = X.rows(), in = X.cols(), n = end - begin;
   const bool f32 = W.type() == WeightType::f32;
-  if (m < kFewTokens) {
+  if (W.type() == WeightType::f16 || W.type() == WeightType::q8_0 ||
+      (W.type() == WeightType::bf16 && W.external())) {
+    quant_linear_rows<kGemvTokens, T>(X, W, Y, begin, end, kFewTokens);
+  } else if (m < kFewTokens) {
     // 16 KB of weights per tile: they stay in a core's L1 data cache.
     const auto row_size = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(in)));
     const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_size));

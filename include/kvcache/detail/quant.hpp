@@ -1,0 +1,381 @@
+// kvcache/detail/quant.hpp — linear layers over f16 and q8_0 weights,
+// computed from their stored bytes as llama.cpp's CPU backend (ggml)
+// computes them. Not API.
+//
+// ggml first converts a product's input x to the weight type's "vec_dot"
+// type, then multiplies in that type:
+//   f16 weights:  x rounded to f16; the f16 · f16 products (exact in float)
+//                 summed in float by 4 × 16 lanes with fused multiply-adds,
+//                 then reduced as ggml_vec_dot_f16 does on AVX-512 (the
+//                 zen4 build llama.cpp picks on this machine); a tail of
+//                 n % 64 values is added in double.
+//   q8_0 weights: x quantized to q8_0 blocks (quantize_q8_0_block_act), then
+//                 per block an exact int8 · int8 sum in 8 lanes of 4
+//                 products, each lane converted to float and accumulated as
+//                 acc = fma(d_w · d_x, lane, acc) block after block, and the
+//                 8 lanes reduced as ggml_vec_dot_q8_0_q8_0 (AVX2) does.
+// Decode (m < kFewTokens) reproduces those sums bit for bit, with AVX-512 /
+// F16C / AVX-VNNI / AVX2 where the build has them and a portable loop
+// otherwise (same bits: the same lanes, the same fused multiply-adds).
+// Prefill rounds or quantizes x the same way, dequantizes tiles of W to T
+// and multiplies with Eigen: the same products, summed in Eigen's order.
+//
+// bfloat16 weights stay on gemv.hpp's kernel, which differs from llama.cpp
+// on purpose: ggml rounds x to bfloat16 (8 bits), kvcache keeps x as float
+// (x = x_hi + x_lo, two bfloat16 products per weight), so its bf16 results
+// are closer to the float32 model's. Except bf16 weights in a GGUF file's
+// memory (WeightMatrix::external()): those compute here as llama.cpp does,
+// x rounded to bfloat16, the products (exact in float) summed as f16's are
+// (ggml sums them with AVX512-BF16's dot instruction or 16-lane fused
+// multiply-adds: the same products in another order).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "../config.hpp"
+#include "../storage.hpp"
+#include "../weights.hpp"
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
+#define KVCACHE_QUANT_F16_AVX512 1
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define KVCACHE_QUANT_F16_AVX2 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define KVCACHE_QUANT_Q8_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KVCACHE_QUANT_DPBUSD(a, u, w) _mm256_dpbusd_epi32(a, u, w)
+#elif defined(__AVXVNNI__)
+#define KVCACHE_QUANT_DPBUSD(a, u, w) _mm256_dpbusd_avx_epi32(a, u, w)
+#endif
+#endif
+
+namespace kvcache {
+namespace detail {
+
+// ============================================================================
+// f16: one row · K tokens
+// ============================================================================
+
+// The 64 lanes of ggml_vec_dot_f16's four AVX-512 accumulators, reduced:
+// lanes (l) + (l + 32), (l + 16) + (l + 48), then those two; 16 → 8 → 4 → 2
+// → 1 by halves (as _mm512_reduce_add_ps); then the tail, in double.
+template <bool Bf16 = false>
+float f16_reduce(const float* lanes, const std::uint16_t* w, const float* x, Eigen::Index j, Eigen::Index n) {
+  float a[16];
+  for (int l = 0; l < 16; ++l) a[l] = (lanes[l] + lanes[l + 32]) + (lanes[l + 16] + lanes[l + 48]);
+  for (int half = 8; half >= 1; half /= 2)
+    for (int l = 0; l < half; ++l) a[l] = a[l + half] + a[l];
+  double sum = a[0];
+  for (; j < n; ++j) {
+    const float p = (Bf16 ? from_bf16(w[j]) : from_f16(w[j])) * x[j];  // exact: two 11- (8-) bit significands
+    sum += static_cast<double>(p);
+  }
+  return static_cast<float>(sum);
+}
+
+// y_k = w · x_k for K tokens: w one row of n f16 values, x_k already f16
+// values (as float). Portable: the same lanes and fused multiply-adds.
+template <int K>
+void f16_row_portable(const std::uint16_t* w, Eigen::Index n, const float* const* x, float* y) {
+  float lanes[K][64] = {};
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int l = 0; l < 64; ++l) {
+      const float w_l = from_f16(w[j + l]);
+      for (int k = 0; k < K; ++k) lanes[k][l] = std::fma(w_l, x[k][j + l], lanes[k][l]);
+    }
+  for (int k = 0; k < K; ++k) y[k] = f16_reduce(lanes[k], w, x[k], j, n);
+}
+
+template <int K>
+void f16_row(const std::uint16_t* w, Eigen::Index n, const float* const* x, float* y) {
+#if defined(KVCACHE_QUANT_F16_AVX512)
+  __m512 acc[K][4];
+  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_ps();
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u) {
+      const __m512 w_u = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * u)));
+      for (int k = 0; k < K; ++k) acc[k][u] = _mm512_fmadd_ps(w_u, _mm512_loadu_ps(x[k] + j + 16 * u), acc[k][u]);
+    }
+  for (int k = 0; k < K; ++k) {
+    alignas(64) float lanes[64];
+    for (int u = 0; u < 4; ++u) _mm512_store_ps(lanes + 16 * u, acc[k][u]);
+    y[k] = f16_reduce(lanes, w, x[k], j, n);
+  }
+#elif defined(KVCACHE_QUANT_F16_AVX2)
+  __m256 acc[K][8];
+  for (int k = 0; k < K; ++k)
+    for (int u = 0; u < 8; ++u) acc[k][u] = _mm256_setzero_ps();
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 8; ++u) {
+      const __m256 w_u = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j + 8 * u)));
+      for (int k = 0; k < K; ++k) acc[k][u] = _mm256_fmadd_ps(w_u, _mm256_loadu_ps(x[k] + j + 8 * u), acc[k][u]);
+    }
+  for (int k = 0; k < K; ++k) {
+    alignas(32) float lanes[64];
+    for (int u = 0; u < 8; ++u) _mm256_store_ps(lanes + 8 * u, acc[k][u]);
+    y[k] = f16_reduce(lanes, w, x[k], j, n);
+  }
+#else
+  f16_row_portable<K>(w, n, x, y);
+#endif
+}
+
+// bf16 weights, x rounded to bf16 (as float): f16_row's lanes and order.
+template <int K>
+void bf16_row(const std::uint16_t* w, Eigen::Index n, const float* const* x, float* y) {
+#if defined(KVCACHE_QUANT_F16_AVX512)
+  __m512 acc[K][4];
+  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_ps();
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * u));
+      const __m512 w_u = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      for (int k = 0; k < K; ++k) acc[k][u] = _mm512_fmadd_ps(w_u, _mm512_loadu_ps(x[k] + j + 16 * u), acc[k][u]);
+    }
+  for (int k = 0; k < K; ++k) {
+    alignas(64) float lanes[64];
+    for (int u = 0; u < 4; ++u) _mm512_store_ps(lanes + 16 * u, acc[k][u]);
+    y[k] = f16_reduce<true>(lanes, w, x[k], j, n);
+  }
+#else
+  float lanes[K][64] = {};
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int l = 0; l < 64; ++l) {
+      const float w_l = from_bf16(w[j + l]);
+      for (int k = 0; k < K; ++k) lanes[k][l] = std::fma(w_l, x[k][j + l], lanes[k][l]);
+    }
+  for (int k = 0; k < K; ++k) y[k] = f16_reduce<true>(lanes[k], w, x[k], j, n);
+#endif
+}
+
+// ============================================================================
+// q8_0: one row · K tokens
+// ============================================================================
+
+// x quantized: n int8 values and a scale (the f16 scale, widened) per block.
+struct Q8Input {
+  const std::int8_t* q;
+  const float* d;
+};
+
+// ggml's hsum_float_8: (l) + (l + 4), then (0 + 2) + (1 + 3).
+inline float q8_reduce(const float* a) {
+  const float s0 = a[0] + a[4], s1 = a[1] + a[5], s2 = a[2] + a[6], s3 = a[3] + a[7];
+  return (s0 + s2) + (s1 + s3);
+}
+
+inline float q8_weight_scale(const unsigned char* block) {
+#if defined(__F16C__)
+  return _cvtsh_ss(static_cast<unsigned short>(block[0] | block[1] << 8));
+#else
+  return q8_0_scale(block);
+#endif
+}
+
+template <int K>
+void q8_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
+  float lanes[K][8] = {};
+  for (Eigen::Index b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 34;
+    const auto* q = reinterpret_cast<const std::int8_t*>(block + 2);
+    const float d_w = q8_0_scale(block);
+    for (int k = 0; k < K; ++k) {
+      const std::int8_t* q_x = x[k].q + b * 32;
+      const float d = d_w * x[k].d[b];
+      for (int l = 0; l < 8; ++l) {
+        std::int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; ++i) s += std::int32_t{q[i]} * std::int32_t{q_x[i]};
+        lanes[k][l] = std::fma(d, static_cast<float>(s), lanes[k][l]);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
+}
+
+template <int K>
+void q8_0_row(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
+#if defined(KVCACHE_QUANT_Q8_AVX2)
+  __m256 acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+  for (Eigen::Index b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 34;
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+    const float d_w = q8_weight_scale(block);
+#if defined(KVCACHE_QUANT_DPBUSD)
+    // (x + 128) · q − 128 · Σq: x + 128 is unsigned, as the instruction needs.
+    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i q_sum = KVCACHE_QUANT_DPBUSD(_mm256_setzero_si256(), bias, q);
+#else
+    const __m256i q_abs = _mm256_sign_epi8(q, q), ones = _mm256_set1_epi16(1);
+#endif
+    for (int k = 0; k < K; ++k) {
+      const __m256i q_x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32));
+#if defined(KVCACHE_QUANT_DPBUSD)
+      const __m256i s = _mm256_sub_epi32(
+          KVCACHE_QUANT_DPBUSD(_mm256_setzero_si256(), _mm256_xor_si256(q_x, bias), q), q_sum);
+#else
+      const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(q_x, q)), ones);
+#endif
+      acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d_w * x[k].d[b]), _mm256_cvtepi32_ps(s), acc[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[k]);
+    y[k] = q8_reduce(lanes);
+  }
+#else
+  q8_0_row_portable<K>(w, n, x, y);
+#endif
+}
+
+// ============================================================================
+// Inputs converted once per call, into per-thread buffers
+// ============================================================================
+
+// Grown, never shrunk: after the first calls, a decode step allocates
+// nothing. One per thread, so that threads never share them.
+struct QuantScratch {
+  std::vector<float> x;     // f16 (bf16): x rounded to f16 (bf16), as float
+  std::vector<std::int8_t> q;  // q8_0: the quantized x
+  std::vector<float> d;     // q8_0: its scales, widened
+  static QuantScratch& mine() {
+    thread_local QuantScratch scratch;
+    return scratch;
+  }
+};
+
+template <typename V>
+V* grown(std::vector<V>& v, std::size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// Token t's input, prepared for W's type, into s.
+template <typename T>
+void prepare_input(const T* x, Eigen::Index n, WeightType type, QuantScratch& s, Eigen::Index t) {
+  if (type == WeightType::f16 || type == WeightType::bf16) {
+    float* out = s.x.data() + t * n;
+    for (Eigen::Index j = 0; j < n; ++j)
+      out[j] = type == WeightType::f16 ? from_f16(to_f16(x[j])) : from_bf16(to_bf16(x[j]));
+    return;
+  }
+  float block[kQ8Block];
+  for (Eigen::Index b = 0; b < n / 32; ++b) {
+    for (int j = 0; j < 32; ++j) block[j] = static_cast<float>(x[b * 32 + j]);
+    s.d[static_cast<std::size_t>(t * (n / 32) + b)] = from_f16(quantize_q8_0_block_act(block, s.q.data() + t * n + b * 32));
+  }
+}
+
+template <typename T>
+void prepare_inputs(const Eigen::Ref<const Matrix<T>>& X, WeightType type, QuantScratch& s) {
+  const Eigen::Index m = X.rows(), n = X.cols();
+  const auto values = static_cast<std::size_t>(m * n);
+  if (type != WeightType::q8_0) {
+    grown(s.x, values);
+  } else {
+    grown(s.q, values);
+    grown(s.d, values / 32);
+  }
+  for (Eigen::Index t = 0; t < m; ++t) prepare_input(X.row(t).data(), n, type, s, t);
+}
+
+// ============================================================================
+// The linear layer
+// ============================================================================
+
+// y_k[i] = W[i, :] · x_k for rows [begin, end) and K tokens t0 … t0+K−1.
+template <int K, typename T>
+void quant_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
+                  Eigen::Index end) {
+  const Eigen::Index n = W.cols();
+  float y[K];
+  if (W.type() != WeightType::q8_0) {
+    const float* x[K];
+    for (int k = 0; k < K; ++k) x[k] = s.x.data() + (t0 + k) * n;
+    for (Eigen::Index i = begin; i < end; ++i) {
+      if (W.type() == WeightType::f16)
+        f16_row<K>(W.f16().data() + i * n, n, x, y);
+      else
+        bf16_row<K>(W.bf16().data() + i * n, n, x, y);
+      for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
+    }
+  } else {
+    Q8Input x[K];
+    for (int k = 0; k < K; ++k) x[k] = {s.q.data() + (t0 + k) * n, s.d.data() + (t0 + k) * (n / 32)};
+    const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(n)));
+    for (Eigen::Index i = begin; i < end; ++i) {
+      q8_0_row<K>(W.q8_0() + i * row, n, x, y);
+      for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
+    }
+  }
+}
+
+// Few tokens: tiles of rows that stay in L1 while every token passes over
+// them (as linear_rows does for T), kGemvTokens tokens per pass over a tile.
+template <int Tokens, typename T>
+void quant_decode(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m, Eigen::Index begin,
+                  Eigen::Index end) {
+  const auto row_size = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(W.cols())));
+  const Eigen::Index tile = m == 1 ? end - begin : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_size));
+  for (Eigen::Index r = begin; r < end; r += tile) {
+    const Eigen::Index r_end = std::min(end, r + tile);
+    Eigen::Index t = 0;
+    for (; t + Tokens <= m; t += Tokens) quant_rows_k<Tokens>(W, s, Y, t, r, r_end);
+    for (; t < m; ++t) quant_rows_k<1>(W, s, Y, t, r, r_end);
+  }
+}
+
+// Many tokens: X rounded or quantized as above, back in T, times tiles of W
+// dequantized to T (128 KB each, in L2), by Eigen.
+template <typename T>
+void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const QuantScratch& s,
+                   Matrix<T>& Y, Eigen::Index begin, Eigen::Index end) {
+  const Eigen::Index m = X.rows(), in = X.cols(), n = end - begin;
+  Matrix<T> X_as_w(m, in);
+  for (Eigen::Index t = 0; t < m; ++t)
+    for (Eigen::Index j = 0; j < in; ++j)
+      X_as_w(t, j) = static_cast<T>(W.type() != WeightType::q8_0 ? s.x[static_cast<std::size_t>(t * in + j)]
+                                                                 : s.d[static_cast<std::size_t>((t * in + j) / 32)] *
+                                                                       static_cast<float>(s.q[static_cast<std::size_t>(t * in + j)]));
+  const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, (128 << 10) / std::max<Eigen::Index>(1, in * Eigen::Index{sizeof(T)})));
+  Matrix<T> widened(tile, in);
+  for (Eigen::Index r = begin; r < end; r += tile) {
+    const Eigen::Index rows = std::min(tile, end - r);
+    for (Eigen::Index i = 0; i < rows; ++i) W.row_to(r + i, widened.row(i).data());
+    Y.middleCols(r, rows).noalias() = X_as_w * widened.topRows(rows).transpose();
+  }
+}
+
+// Y[:, begin:end] = X · W[begin:end, :]ᵀ for W stored as f16, q8_0 or, over
+// a GGUF file, bf16 (see
+// linear_rows in parallel.hpp; the bias is its business).
+template <int Tokens, typename T>
+void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, Matrix<T>& Y,
+                       Eigen::Index begin, Eigen::Index end, Eigen::Index few_tokens) {
+  QuantScratch& s = QuantScratch::mine();
+  prepare_inputs<T>(X, W.type(), s);
+  if (X.rows() < few_tokens)
+    quant_decode<Tokens>(W, s, Y, X.rows(), begin, end);
+  else
+    quant_prefill<T>(X, W, s, Y, begin, end);
+}
+
+}  // namespace detail
+}  // namespace kvcache

@@ -1,0 +1,440 @@
+// The weight types f16 and q8_0: their codecs against independent
+// computations (and the CPU's own F16C conversions where it has them), the
+// WeightMatrix support, and the kernels against the same quantized
+// arithmetic written out plainly: in double (every m, row ranges, threads),
+// and in ggml's lane order (bit for bit).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <kvcache/kvcache.hpp>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "fixtures.hpp"
+#include "reference.hpp"
+
+namespace {
+
+using kvcache::Matrix;
+using kvcache::Vector;
+using kvcache::WeightMatrix;
+using kvcache::WeightType;
+namespace kd = kvcache::detail;
+
+std::uint32_t bits(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+float from_bits(std::uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// binary16 by its definition, in double.
+double f16_value(std::uint16_t h) {
+  const int sign = h >> 15, e = (h >> 10) & 31, f = h & 1023;
+  const double s = sign ? -1.0 : 1.0;
+  if (e == 0) return s * std::ldexp(f, -24);
+  if (e == 31) return f == 0 ? s * INFINITY : NAN;
+  return s * std::ldexp(1024 + f, e - 25);
+}
+
+// ---- f16 codec ---------------------------------------------------------------
+
+TEST(F16, DecodesEveryHalfAsItsDefinition) {
+  for (std::uint32_t h = 0; h < 65536; ++h) {
+    const float f = kd::from_f16(static_cast<std::uint16_t>(h));
+    const double want = f16_value(static_cast<std::uint16_t>(h));
+    if (std::isnan(want)) {
+      ASSERT_TRUE(std::isnan(f)) << h;
+    } else {
+      ASSERT_EQ(static_cast<double>(f), want) << h;
+      ASSERT_EQ(std::signbit(f), (h & 0x8000) != 0) << h;
+    }
+#if defined(__F16C__)
+    ASSERT_EQ(bits(f) | (std::isnan(f) ? 0x00400000u : 0u), bits(_cvtsh_ss(static_cast<unsigned short>(h)))) << h;
+#endif
+  }
+}
+
+TEST(F16, RoundsToNearestEvenAtTheEdges) {
+  const auto h = [](float f) { return kd::float_to_f16(f); };
+  EXPECT_EQ(h(1.0f), 0x3C00);
+  EXPECT_EQ(h(1.0f + 0x1p-11f), 0x3C00);        // tie: to even
+  EXPECT_EQ(h(1.0f + 3 * 0x1p-11f), 0x3C02);    // tie: to even, upwards
+  EXPECT_EQ(h(65504.0f), 0x7BFF);               // the largest
+  EXPECT_EQ(h(65519.99f), 0x7BFF);
+  EXPECT_EQ(h(65520.0f), 0x7C00);               // tie past the largest: inf
+  EXPECT_EQ(h(-1e30f), 0xFC00);
+  EXPECT_EQ(h(INFINITY), 0x7C00);
+  EXPECT_EQ(h(0x1p-24f), 0x0001);               // the smallest subnormal
+  EXPECT_EQ(h(0x1p-25f), 0x0000);               // tie: to even (0)
+  EXPECT_EQ(h(0x1.8p-25f), 0x0001);
+  EXPECT_EQ(h(3 * 0x1p-25f), 0x0002);           // tie between 1 and 2: 2
+  EXPECT_EQ(h(0x1p-14f - 0x1p-30f), 0x0400);    // rounds up to the smallest normal
+  EXPECT_EQ(h(-0.0f), 0x8000);
+  EXPECT_EQ(h(1e-30f), 0x0000);
+  const std::uint16_t nan = h(std::numeric_limits<float>::quiet_NaN());
+  EXPECT_EQ(nan & 0x7C00, 0x7C00);
+  EXPECT_NE(nan & 0x03FF, 0);
+  EXPECT_NE(h(from_bits(0x7F800001u)) & 0x03FF, 0);  // a signalling NaN stays a NaN
+  // A double just past a tie rounds up, though its float rounding is the tie.
+  EXPECT_EQ(kd::to_f16(1.0 + 0x1p-11 + 0x1p-40), 0x3C01);
+  EXPECT_EQ(kd::to_f16(1.0 + 0x1p-11), 0x3C00);
+}
+
+// Every half's value, the midpoints between neighbours and one float either
+// side of them, and random floats: nearest, ties to even, checked in double
+// (and against the CPU's conversion where it has one).
+TEST(F16, RoundsEveryNeighbourhoodToNearestEven) {
+  std::vector<float> cases;
+  for (std::uint32_t h = 0; h < 0x7C00; ++h) {
+    const double lo = f16_value(static_cast<std::uint16_t>(h)), hi = f16_value(static_cast<std::uint16_t>(h + 1));
+    const auto mid = static_cast<float>((lo + hi) / 2);  // exact in float
+    for (float f : {static_cast<float>(lo), mid, std::nextafter(mid, 0.0f), std::nextafter(mid, INFINITY)})
+      cases.insert(cases.end(), {f, -f});
+  }
+  std::mt19937 rng(7);
+  for (int i = 0; i < 1000000; ++i) cases.push_back(from_bits(static_cast<std::uint32_t>(rng())));
+  for (const float f : cases) {
+    const std::uint16_t got = kd::float_to_f16(f);
+#if defined(__F16C__)
+    ASSERT_EQ(got, _cvtss_sh(f, 0)) << f;
+#endif
+    if (std::isnan(f) || std::fabs(f) >= 65520.0f) continue;
+    const double err = std::fabs(f16_value(got) - f);
+    const double step = std::ldexp(1.0, std::max(-24, std::ilogb(std::max(std::fabs(f), 0x1p-14f)) - 10));
+    ASSERT_LE(err, step / 2) << f;
+    if (err == step / 2) {
+      ASSERT_EQ(got & 1, 0) << f;  // a tie: even
+    }
+  }
+}
+
+// ---- q8_0 codec ---------------------------------------------------------------
+
+struct Block {
+  std::uint16_t d;
+  std::int8_t q[32];
+};
+
+Block weights_block(const float* x) {
+  Block b;
+  b.d = kd::quantize_q8_0_block(x, b.q);
+  return b;
+}
+Block activation_block(const float* x) {
+  Block b;
+  b.d = kd::quantize_q8_0_block_act(x, b.q);
+  return b;
+}
+
+TEST(Q8_0, TiesRoundAwayFromZeroForWeightsAndToEvenForActivations) {
+  float x[32] = {127.0f, 0.5f, -0.5f, 1.5f, 2.5f, -2.5f, -63.5f, 126.5f};  // d = 1 exactly
+  const Block w = weights_block(x), a = activation_block(x);
+  EXPECT_EQ(w.d, 0x3C00);
+  EXPECT_EQ(a.d, 0x3C00);
+  const int want_w[] = {127, 1, -1, 2, 3, -3, -64, 127}, want_a[] = {127, 0, 0, 2, 2, -2, -64, 126};
+  for (int j = 0; j < 8; ++j) {
+    EXPECT_EQ(w.q[j], want_w[j]) << j;
+    EXPECT_EQ(a.q[j], want_a[j]) << j;
+  }
+  for (int j = 8; j < 32; ++j) EXPECT_EQ(w.q[j], 0);
+}
+
+TEST(Q8_0, ZeroBlocksHugeScalesAndNaN) {
+  float zeros[32] = {};
+  zeros[3] = -0.0f;
+  const Block z = weights_block(zeros);
+  EXPECT_EQ(z.d, 0);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(z.q[j], 0);
+  float huge[32] = {};
+  huge[0] = 1e7f * 127;  // d = 1e7: past f16's largest, stored as inf
+  huge[1] = -5e6f * 127;
+  const Block h = weights_block(huge);
+  EXPECT_EQ(h.d, 0x7C00);
+  EXPECT_EQ(h.q[0], 127);
+  EXPECT_EQ(h.q[1], -64);  // -63.5 away from zero
+  float tiny[32] = {};
+  tiny[0] = 1e-9f;  // d below f16's smallest subnormal: stored as 0
+  EXPECT_EQ(weights_block(tiny).d, 0);
+  EXPECT_EQ(weights_block(tiny).q[0], 127);
+  float nan[32] = {2.0f, std::numeric_limits<float>::quiet_NaN()};
+  const Block n = weights_block(nan);
+  EXPECT_EQ(n.q[0], 127);
+  EXPECT_EQ(n.q[1], 0);
+}
+
+// Random rows: q = round(x / d) (with d the float scale) in double, and the
+// round trip within half a step (plus the scale's f16 rounding).
+TEST(Q8_0, RowsRoundTripWithinHalfAStep) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(32 * 50);
+  for (float& v : x) v = normal(rng) * std::exp2(static_cast<float>(static_cast<int>(rng() % 20) - 10));
+  std::vector<unsigned char> q(50 * 34);
+  kd::quantize_q8_0(x.data(), x.size(), q.data());
+  std::vector<float> back(x.size());
+  kd::dequantize_q8_0(q.data(), 0, x.size(), back.data());
+  for (std::size_t b = 0; b < 50; ++b) {
+    double max_abs = 0;
+    for (std::size_t j = 0; j < 32; ++j) max_abs = std::max(max_abs, std::fabs(double{x[b * 32 + j]}));
+    const float d = static_cast<float>(max_abs) / 127.0f;
+    const double stored_d = f16_value(static_cast<std::uint16_t>(q[b * 34] | q[b * 34 + 1] << 8));
+    EXPECT_NEAR(stored_d, d, d * 0x1p-11) << b;
+    for (std::size_t j = 0; j < 32; ++j) {
+      const double exact = x[b * 32 + j] / static_cast<double>(d);
+      const auto qj = static_cast<std::int8_t>(q[b * 34 + 2 + j]);
+      EXPECT_LE(std::fabs(qj - exact), 0.5 + 1e-5) << b << " " << j;
+      EXPECT_EQ(back[b * 32 + j], static_cast<float>(stored_d) * qj);
+    }
+  }
+  std::vector<float> part(5);
+  kd::dequantize_q8_0(q.data(), 30, 5, part.data());  // across a block boundary
+  for (int j = 0; j < 5; ++j) EXPECT_EQ(part[static_cast<std::size_t>(j)], back[30 + static_cast<std::size_t>(j)]);
+}
+
+TEST(Q8_0, RowBytesAreWholeBlocks) {
+  EXPECT_EQ(kvcache::row_bytes<float>(WeightType::q8_0, 64), 68u);
+  EXPECT_EQ(kvcache::row_bytes<float>(WeightType::f16, 5), 10u);
+  fixtures::expect_throw_naming<std::invalid_argument>([] { (void)kvcache::row_bytes<float>(WeightType::q8_0, 48); },
+                                                       "48");
+  EXPECT_STREQ(kvcache::to_string(WeightType::q8_0), "q8_0");
+  EXPECT_STREQ(kvcache::to_string(WeightType::f16), "f16");
+}
+
+// ---- WeightMatrix -----------------------------------------------------------
+
+Matrix<float> random_matrix(Eigen::Index rows, Eigen::Index cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  Matrix<float> M(rows, cols);
+  for (Eigen::Index i = 0; i < M.size(); ++i) M.data()[i] = u(rng);
+  return M;
+}
+
+TEST(WeightMatrix, ConvertsToF16AndQ8_0) {
+  const Matrix<float> M = random_matrix(3, 64, 1);
+  WeightMatrix<float> h = M, q = M;
+  h.convert_to(WeightType::f16);
+  q.convert_to(WeightType::q8_0);
+  EXPECT_EQ(h.bytes(), 3u * 64 * 2);
+  EXPECT_EQ(q.bytes(), 3u * 2 * 34);
+  std::vector<unsigned char> row(68);
+  std::vector<float> dense(64), values(64);
+  for (Eigen::Index i = 0; i < 3; ++i) {
+    kd::quantize_q8_0(M.row(i).data(), 64, row.data());
+    EXPECT_EQ(std::memcmp(row.data(), q.q8_0() + i * 68, 68), 0);
+    kd::dequantize_q8_0(row.data(), 0, 64, dense.data());
+    q.row_to(i, values.data());
+    for (Eigen::Index j = 0; j < 64; ++j) {
+      EXPECT_EQ(values[static_cast<std::size_t>(j)], dense[static_cast<std::size_t>(j)]);
+      EXPECT_EQ(q(i, j), dense[static_cast<std::size_t>(j)]);
+      EXPECT_EQ(q.to_dense()(i, j), dense[static_cast<std::size_t>(j)]);
+      EXPECT_EQ(h(i, j), kd::from_f16(kd::float_to_f16(M(i, j))));
+      EXPECT_EQ(h.f16()(i, j), kd::float_to_f16(M(i, j)));
+    }
+  }
+  WeightMatrix<float> q2 = M;
+  q2.convert_to(WeightType::q8_0);
+  EXPECT_EQ(q2, q);
+  EXPECT_NE(q, h);
+  WeightMatrix<float> via_bf16 = M;  // a compact type to another: through T
+  via_bf16.convert_to(WeightType::bf16);
+  via_bf16.convert_to(WeightType::f16);
+  EXPECT_EQ(via_bf16(1, 2), kd::from_f16(kd::float_to_f16(kd::from_bf16(kd::float_to_bf16(M(1, 2))))));
+  q.convert_to(WeightType::f32);
+  EXPECT_EQ(q.f32(), q2.to_dense());
+}
+
+TEST(WeightMatrix, RefusesQ8_0RowsOfPartialBlocksAndInt8) {
+  WeightMatrix<float> W = random_matrix(2, 48, 2);
+  const WeightMatrix<float> before = W;
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { W.convert_to(WeightType::q8_0); },
+                                                       "rows of 48 values; q8_0 needs a multiple of 32");
+  EXPECT_EQ(W, before);
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { W.convert_to(WeightType::int8); }, "not int8");
+  EXPECT_THROW(W.resize(2, 48, WeightType::q8_0), std::invalid_argument);
+  EXPECT_THROW((void)W.q8_0(), std::logic_error);
+}
+
+TEST(KVType, WeightTypesAreNotCacheTypes) {
+  for (const auto type : {kvcache::KVType::f16, kvcache::KVType::q8_0})
+    fixtures::expect_throw_naming<std::invalid_argument>([&] { kvcache::KVCache<float>(1, 8, 0, type); },
+                                                         std::string("KVType ") + kvcache::to_string(type));
+}
+
+// ---- Kernels ------------------------------------------------------------------
+
+// X converted as llama.cpp converts it, times the weights, in double.
+Matrix<double> reference_product(const Matrix<float>& X, const WeightMatrix<float>& W) {
+  const Eigen::Index m = X.rows(), n = X.cols();
+  Matrix<double> Y(m, W.rows());
+  for (Eigen::Index t = 0; t < m; ++t) {
+    std::vector<double> x(static_cast<std::size_t>(n));
+    if (W.type() == WeightType::f16) {
+      for (Eigen::Index j = 0; j < n; ++j) x[static_cast<std::size_t>(j)] = f16_value(kd::float_to_f16(X(t, j)));
+    } else {  // ggml's activation quantizer, written out: 127 / max, nearest even
+      for (Eigen::Index b = 0; b < n / 32; ++b) {
+        float max_abs = 0;
+        for (int j = 0; j < 32; ++j) max_abs = std::max(max_abs, std::fabs(X(t, b * 32 + j)));
+        const float scale = max_abs == 0 ? 0.0f : 127.0f / max_abs;
+        const double d = f16_value(kd::float_to_f16(max_abs / 127.0f));
+        for (int j = 0; j < 32; ++j)
+          x[static_cast<std::size_t>(b * 32 + j)] = d * std::nearbyint(X(t, b * 32 + j) * scale);
+      }
+    }
+    for (Eigen::Index i = 0; i < W.rows(); ++i) {
+      double s = 0;
+      for (Eigen::Index j = 0; j < n; ++j) s += static_cast<double>(W(i, j)) * x[static_cast<std::size_t>(j)];
+      Y(t, i) = s;
+    }
+  }
+  return Y;
+}
+
+WeightMatrix<float> weights_of(WeightType type, Eigen::Index rows, Eigen::Index cols, unsigned seed) {
+  WeightMatrix<float> W = random_matrix(rows, cols, seed);
+  W.convert_to(type);
+  return W;
+}
+
+// Every m from 1 to 40 (decode kernel below kFewTokens, prefill above), 1 and
+// 2 threads (the same bits when decoding), and a bias.
+TEST(QuantKernels, MatchTheQuantizedArithmeticInDouble) {
+  for (const auto type : {WeightType::f16, WeightType::q8_0}) {
+    const WeightMatrix<float> W = weights_of(type, 67, 96, 5);
+    Vector<float> b = random_matrix(67, 1, 6).col(0);
+    for (Eigen::Index m = 1; m <= 40; ++m) {
+      const Matrix<float> X = random_matrix(m, 96, static_cast<unsigned>(m)) * 3.0f;
+      Matrix<float> Y1(m, 67), Y2(m, 67);
+      kd::linear<float>(X, W, b, Y1, 1);
+      kd::linear<float>(X, W, b, Y2, 2);
+      Matrix<double> want = reference_product(X, W);
+      want.rowwise() += b.cast<double>().transpose();
+      EXPECT_LT(reference::max_abs_diff(Y1, want), 2e-5) << kvcache::to_string(type) << " m = " << m;
+      EXPECT_LT(reference::max_abs_diff(Y2, want), 2e-5) << kvcache::to_string(type) << " m = " << m;
+      if (m >= kd::kFewTokens) continue;  // Eigen's sums depend on the tile a row falls in
+      EXPECT_EQ(Y1, Y2) << kvcache::to_string(type) << " m = " << m;
+      // Rows [10, 40) alone: the same bits as in the whole product.
+      Matrix<float> Y3 = Matrix<float>::Zero(m, 67);
+      kd::linear_rows<float>(X, W, b, Y3, 10, 40);
+      EXPECT_EQ(Y3.middleCols(10, 30), Y1.middleCols(10, 30)) << kvcache::to_string(type) << " m = " << m;
+    }
+  }
+}
+
+// ggml's order of summation, written out with scalars: q8_0 in 8 lanes of
+// 4 products, fma per block; f16 in 64 lanes, reduced by halves, tail in double.
+float ggml_q8_0_dot(const unsigned char* w, const std::int8_t* q_x, const float* d_x, int n) {
+  float lane[8] = {};
+  for (int b = 0; b < n / 32; ++b) {
+    const float d = kd::from_f16(static_cast<std::uint16_t>(w[b * 34] | w[b * 34 + 1] << 8)) * d_x[b];
+    for (int l = 0; l < 8; ++l) {
+      int s = 0;
+      for (int j = 4 * l; j < 4 * l + 4; ++j) s += static_cast<std::int8_t>(w[b * 34 + 2 + j]) * q_x[b * 32 + j];
+      lane[l] = std::fma(d, static_cast<float>(s), lane[l]);
+    }
+  }
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+float ggml_f16_dot(const std::uint16_t* w, const float* x, int n) {
+  float s[4][16] = {};
+  int j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u)
+      for (int l = 0; l < 16; ++l) s[u][l] = std::fma(kd::from_f16(w[j + 16 * u + l]), x[j + 16 * u + l], s[u][l]);
+  float v[16];
+  for (int l = 0; l < 16; ++l) v[l] = (s[0][l] + s[2][l]) + (s[1][l] + s[3][l]);
+  float h8[8], h4[4];
+  for (int l = 0; l < 8; ++l) h8[l] = v[l] + v[l + 8];
+  for (int l = 0; l < 4; ++l) h4[l] = h8[l] + h8[l + 4];
+  double sum = (h4[0] + h4[2]) + (h4[1] + h4[3]);
+  for (; j < n; ++j) sum += static_cast<double>(kd::from_f16(w[j]) * x[j]);
+  return static_cast<float>(sum);
+}
+
+TEST(QuantKernels, DecodeSumsInGgmlsOrderBitForBit) {
+  for (const int n : {32, 96, 160, 768}) {
+    const WeightMatrix<float> Wq = weights_of(WeightType::q8_0, 9, n, 8), Wh = weights_of(WeightType::f16, 9, n, 8);
+    const Matrix<float> X = random_matrix(kvcache::detail::kFewTokens - 1, n, 9) * 5.0f;
+    Matrix<float> Yq(X.rows(), 9), Yh(X.rows(), 9);
+    kd::linear<float>(X, Wq, Vector<float>(), Yq, 1);
+    kd::linear<float>(X, Wh, Vector<float>(), Yh, 1);
+    std::vector<std::int8_t> q(static_cast<std::size_t>(n));
+    std::vector<float> d(static_cast<std::size_t>(n / 32)), xh(static_cast<std::size_t>(n));
+    for (Eigen::Index t = 0; t < X.rows(); ++t) {
+      for (int b = 0; b < n / 32; ++b)
+        d[static_cast<std::size_t>(b)] = kd::from_f16(kd::quantize_q8_0_block_act(X.row(t).data() + b * 32, q.data() + b * 32));
+      for (int j = 0; j < n; ++j) xh[static_cast<std::size_t>(j)] = kd::from_f16(kd::float_to_f16(X(t, j)));
+      for (Eigen::Index i = 0; i < 9; ++i) {
+        ASSERT_EQ(Yq(t, i), ggml_q8_0_dot(Wq.q8_0() + i * (n / 32 * 34), q.data(), d.data(), n)) << n << " " << t;
+        ASSERT_EQ(Yh(t, i), ggml_f16_dot(Wh.f16().data() + i * n, xh.data(), n)) << n << " " << t;
+      }
+    }
+  }
+}
+
+// The portable loops give the SIMD kernels' bits (tails included for f16).
+TEST(QuantKernels, PortableLoopsMatchTheVectorKernels) {
+  for (const int n : {32, 100, 800}) {
+    const Matrix<float> X = random_matrix(2, n, 11) * 4.0f;
+    const WeightMatrix<float> Wh = weights_of(WeightType::f16, 1, n, 12);
+    std::vector<float> xh(static_cast<std::size_t>(2 * n));
+    for (int j = 0; j < 2 * n; ++j) xh[static_cast<std::size_t>(j)] = kd::from_f16(kd::float_to_f16(X.data()[j]));
+    const float* x[2] = {xh.data(), xh.data() + n};
+    float a[2], b[2];
+    kd::f16_row<2>(Wh.f16().data(), n, x, a);
+    kd::f16_row_portable<2>(Wh.f16().data(), n, x, b);
+    EXPECT_EQ(a[0], b[0]);
+    EXPECT_EQ(a[1], b[1]);
+    if (n % 32 != 0) continue;
+    const WeightMatrix<float> Wq = weights_of(WeightType::q8_0, 1, n, 13);
+    std::vector<std::int8_t> q(static_cast<std::size_t>(2 * n));
+    std::vector<float> d(static_cast<std::size_t>(2 * n / 32));
+    for (int blk = 0; blk < 2 * n / 32; ++blk)
+      d[static_cast<std::size_t>(blk)] = kd::from_f16(kd::quantize_q8_0_block_act(X.data() + blk * 32, q.data() + blk * 32));
+    const kd::Q8Input in[2] = {{q.data(), d.data()}, {q.data() + n, d.data() + n / 32}};
+    kd::q8_0_row<2>(Wq.q8_0(), n, in, a);
+    kd::q8_0_row_portable<2>(Wq.q8_0(), n, in, b);
+    EXPECT_EQ(a[0], b[0]);
+    EXPECT_EQ(a[1], b[1]);
+  }
+}
+
+// ---- A decoder with f16 and q8_0 weights ------------------------------------
+
+// Decoding token by token with the cache gives the logits of running each
+// prefix afresh (all below kFewTokens tokens: the decode kernel throughout).
+TEST(QuantDecoder, CachedStepsEqualUncachedForwards) {
+  for (const auto type : {WeightType::f16, WeightType::q8_0})
+    for (const auto& v : fixtures::variants()) {
+      kvcache::ModelConfig c = fixtures::model(v);
+      c.d_ff = 64;
+      const kvcache::Decoder<float> d(c, kvcache::random_weights<float>(c, 4), type);
+      EXPECT_EQ(d.weight_type(), type);
+      const std::vector<int> tokens = fixtures::random_tokens(12, c.vocab_size, 5);
+      kvcache::Session<float> cached = d.new_session(0, 16);
+      for (std::size_t n = 1; n <= tokens.size(); ++n) {
+        const Matrix<float> step = d.forward({tokens[n - 1]}, cached, kvcache::Logits::last);
+        kvcache::Session<float> fresh = d.new_session(0, 16);
+        const Matrix<float> all =
+            d.forward(std::vector<int>(tokens.begin(), tokens.begin() + static_cast<std::ptrdiff_t>(n)), fresh, kvcache::Logits::last);
+        ASSERT_TRUE(reference::all_finite(step));
+        EXPECT_LT(reference::max_abs_diff(step, all), 1e-5) << v.name << " " << kvcache::to_string(type) << " " << n;
+      }
+    }
+}
+
+}  // namespace
