@@ -7,8 +7,6 @@
 
 #include <Eigen/Core>
 
-#include "../config.hpp"
-
 namespace kvcache {
 namespace detail {
 
