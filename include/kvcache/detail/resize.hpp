@@ -17,12 +17,10 @@ namespace detail {
 // Eigen's do: a decode step that needs no growth still allocates nothing.
 template <typename Derived>
 void resize_buffer(Eigen::PlainObjectBase<Derived>& m, Eigen::Index rows, Eigen::Index cols) {
-  if (m.size() == rows * cols) {
+  if (m.size() == rows * cols)
     m.resize(rows, cols);  // the same number of elements: no allocation
-    return;
-  }
-  Derived fresh(rows, cols);
-  m.derived().swap(fresh);
+  else
+    Derived(rows, cols).swap(m.derived());
 }
 
 }  // namespace detail
