@@ -152,7 +152,7 @@ inline void check_generation(const std::string& where, const std::vector<int>* p
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   out.push_back(id);
   if (o.on_token) o.on_token(id);
-  return (o.end_token && id == *o.end_token) || out.size() >= o.max_new_tokens;
+  return o.end_token == id || out.size() >= o.max_new_tokens;
 }
 
 // The loop of generate, decode and generate_batch, whose checks have passed.
@@ -170,11 +170,10 @@ std::vector<std::vector<int>> generate_sequences(const Decoder<T>& decoder, cons
                                                  const std::vector<GenerateOptions>& options, const First& first) {
   const std::size_t B = sessions.size();
   std::vector<Sampler> samplers;
-  samplers.reserve(B);
-  for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(decoder.config().vocab_size, options[i]);
+  for (const GenerateOptions& o : options) samplers.emplace_back(decoder.config().vocab_size, o);
+  std::vector<typename Session<T>::Checkpoint> start;
+  for (const Session<T>* s : sessions) start.push_back(s->checkpoint());
   std::vector<std::vector<int>> out(B);
-  std::vector<typename Session<T>::Checkpoint> start(B);
-  for (std::size_t i = 0; i < B; ++i) start[i] = sessions[i]->checkpoint();
   Workspace<T> workspace;
   try {
     std::vector<std::size_t> active;  // the sequences still generating, in order
