@@ -34,8 +34,7 @@
 #include "../weights.hpp"
 #include "gemv.hpp"
 
-namespace kvcache {
-namespace detail {
+namespace kvcache::detail {
 
 // ============================================================================
 // Threads
@@ -301,5 +300,4 @@ void linear(const Eigen::Ref<const Matrix<T>>& X, const LinearTerm<T> (&terms)[N
   });
 }
 
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail

@@ -4,8 +4,7 @@
 
 #include <Eigen/Core>
 
-namespace kvcache {
-namespace detail {
+namespace kvcache::detail {
 
 // m.resize(rows, cols), except when the allocation fails. Eigen 3.4's resize
 // frees the old storage first and keeps the freed pointer when the new
@@ -23,5 +22,4 @@ void resize_buffer(Eigen::PlainObjectBase<Derived>& m, Eigen::Index rows, Eigen:
     Derived(rows, cols).swap(m.derived());
 }
 
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail

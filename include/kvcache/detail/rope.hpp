@@ -7,8 +7,7 @@
 
 #include <Eigen/Core>
 
-namespace kvcache {
-namespace detail {
+namespace kvcache::detail {
 
 // Rotates consecutive pairs (2j, 2j+1) of every d_k-wide head by the angle
 // pos · base^(-2j / d_k), as llama2.c does.
@@ -48,5 +47,4 @@ class Rope {
   std::vector<T> inv_freq_;
 };
 
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail
