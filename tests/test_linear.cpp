@@ -1,7 +1,6 @@
 // WeightMatrix and the bfloat16 conversions, and the kernels of a linear
 // layer (the decode GEMV as T and as bfloat16, the prefill path, the split
 // across threads), each against a reference computed in double.
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -298,7 +297,7 @@ TEST(Linear, DecodeAndPrefillInBothWeightTypesMatchDouble) {
                                        std::ldexp(1.0, -23);
         for (const std::size_t threads : {1u, 2u, 3u}) {
           Matrix<float> Y(m, 200);
-          kvcache::detail::linear<float>(X, W, b, Y, threads);
+          kvcache::detail::linear<float>(X, {{W, b, Y}}, threads);
           const Matrix<double> error = (Y.cast<double>() - expected).cwiseAbs();
           EXPECT_TRUE((error.array() <= allowed.array()).all())
               << kvcache::to_string(type) << " m = " << m << " bias = " << bias << " threads = " << threads
@@ -315,9 +314,9 @@ TEST(Linear, DecodeGivesTheSameBitsOnAnyNumberOfThreads) {
     W.convert_to(type);
     const Matrix<float> x = random<float>(1, 288, 9);
     Matrix<float> one(1, 1000), two(1, 1000), three(1, 1000);
-    kvcache::detail::linear<float>(x, W, Vector<float>(), one, 1);
-    kvcache::detail::linear<float>(x, W, Vector<float>(), two, 2);
-    kvcache::detail::linear<float>(x, W, Vector<float>(), three, 3);
+    kvcache::detail::linear<float>(x, {{W, Vector<float>(), one}}, 1);
+    kvcache::detail::linear<float>(x, {{W, Vector<float>(), two}}, 2);
+    kvcache::detail::linear<float>(x, {{W, Vector<float>(), three}}, 3);
     EXPECT_EQ(one, two) << kvcache::to_string(type);
     EXPECT_EQ(one, three) << kvcache::to_string(type);
   }
@@ -335,12 +334,11 @@ TEST(Linear, FusedTermsEqualSeparateProducts) {
       const Vector<float> b_Q = random<float>(48, 1, 24), none;
       const Matrix<float> X = random<float>(m, 40, 25);
       Matrix<float> Q(m, 48), K(m, 16), V(m, 16);
-      const std::array<kvcache::detail::LinearTerm<float>, 3> qkv{{{W_Q, b_Q, Q}, {W_K, none, K}, {W_V, none, V}}};
-      kvcache::detail::linear<float>(X, qkv, threads);
+      kvcache::detail::linear<float>(X, {{W_Q, b_Q, Q}, {W_K, none, K}, {W_V, none, V}}, threads);
       Matrix<float> Q1(m, 48), K1(m, 16), V1(m, 16);
-      kvcache::detail::linear<float>(X, W_Q, b_Q, Q1, 1);
-      kvcache::detail::linear<float>(X, W_K, none, K1, 1);
-      kvcache::detail::linear<float>(X, W_V, none, V1, 1);
+      kvcache::detail::linear<float>(X, {{W_Q, b_Q, Q1}}, 1);
+      kvcache::detail::linear<float>(X, {{W_K, none, K1}}, 1);
+      kvcache::detail::linear<float>(X, {{W_V, none, V1}}, 1);
       if (m == 1) {
         EXPECT_EQ(Q, Q1) << threads;
         EXPECT_EQ(K, K1) << threads;

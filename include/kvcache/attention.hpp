@@ -18,7 +18,6 @@
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstddef>
 #include <optional>
@@ -164,8 +163,7 @@ class Attention {
     std::vector<AttentionSequence<T>>& seqs = s_.seqs;
     // Q, K and V read the same x: one parallel region computes all three, its
     // threads splitting the d_model + 2·kv_dim output features between them.
-    const std::array<LinearTerm<T>, 3> qkv{{{w_.W_Q, w_.b_Q, s_.Q}, {w_.W_K, w_.b_K, s_.K}, {w_.W_V, w_.b_V, s_.V}}};
-    linear<T>(x, qkv, threads);
+    linear<T>(x, {{w_.W_Q, w_.b_Q, s_.Q}, {w_.W_K, w_.b_K, s_.K}, {w_.W_V, w_.b_V, s_.V}}, threads);
     if (s_.rebased) s_.Q_unrotated = s_.Q;
     if (rope_ != nullptr)
       for (const auto& q : seqs) {
@@ -187,7 +185,7 @@ class Attention {
       if (s_.active.empty()) break;
       attend_round(k, threads);
     }
-    linear<T>(s_.O, w_.W_O, w_.b_O, out, threads);
+    linear<T>(s_.O, {{w_.W_O, w_.b_O, out}}, threads);
   }
 
  private:

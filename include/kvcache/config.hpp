@@ -12,6 +12,8 @@
 
 #include <Eigen/Core>
 
+#include "detail/io.hpp"
+
 namespace kvcache {
 
 // Activations are row-major, a row per token, so that one token's vector is
@@ -38,24 +40,24 @@ enum class MlpKind {
 };
 
 inline const char* to_string(PositionEncoding p) {
-  switch (p) {
-    case PositionEncoding::none: return "none";
-    case PositionEncoding::learned: return "learned";
-    case PositionEncoding::rope: return "rope";
-  }
-  return "?";
+  const char* const names[] = {"none", "learned", "rope"};  // in the enum's order
+  const auto i = static_cast<std::size_t>(p);
+  return i < std::size(names) ? names[i] : "?";
 }
 
 namespace detail {
 
-[[noreturn]] inline void fail_config(const std::string& what) {
-  throw std::invalid_argument("kvcache: invalid config: " + what);
+// std::invalid_argument "kvcache: invalid config: <what>", put together as
+// io::text does.
+template <typename... Parts>
+[[noreturn]] void fail_config(const Parts&... what) {
+  io::invalid("invalid config: ", what...);
 }
 
 // Fails on the first field that is 0.
 inline void require_positive(std::initializer_list<std::pair<const char*, std::size_t>> fields) {
   for (const auto& [field, value] : fields)
-    if (value == 0) fail_config(std::string(field) + " = 0, must be > 0");
+    if (value == 0) fail_config(field, " = 0, must be > 0");
 }
 
 // Throws std::invalid_argument ("<where>: <name>[i] is null", "<where>:
@@ -64,11 +66,10 @@ inline void require_positive(std::initializer_list<std::pair<const char*, std::s
 template <typename P>
 void check_distinct(const std::vector<P*>& items, std::size_t b, const char* where, const char* name,
                     const char* what) {
-  const auto at = [&](std::size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; };
-  if (items[b] == nullptr) throw std::invalid_argument(std::string(where) + ": " + at(b) + " is null");
+  if (items[b] == nullptr) throw std::invalid_argument(io::text(where, ": ", name, "[", b, "] is null"));
   for (std::size_t c = 0; c < b; ++c)
     if (items[c] == items[b])
-      throw std::invalid_argument(std::string(where) + ": " + at(c) + " and " + at(b) + " are the same " + what);
+      throw std::invalid_argument(io::text(where, ": ", name, "[", c, "] and ", name, "[", b, "] are the same ", what));
 }
 
 }  // namespace detail
@@ -92,17 +93,12 @@ struct AttentionConfig {
     detail::require_positive(
         {{"d_model", d_model}, {"n_heads", n_heads}, {"n_kv_heads", n_kv_heads}, {"max_seq_len", max_seq_len}});
     if (d_model % n_heads != 0)
-      detail::fail_config("d_model % n_heads != 0 (d_model = " + std::to_string(d_model) +
-                          ", n_heads = " + std::to_string(n_heads) + ")");
+      detail::fail_config("d_model % n_heads != 0 (d_model = ", d_model, ", n_heads = ", n_heads, ")");
     if (n_heads % n_kv_heads != 0)
-      detail::fail_config("n_heads % n_kv_heads != 0 (n_heads = " + std::to_string(n_heads) +
-                          ", n_kv_heads = " + std::to_string(n_kv_heads) + ")");
-    if (positions == PositionEncoding::rope) {
-      if (d_k() % 2 != 0)
-        detail::fail_config("rope needs an even d_k, got d_k = " + std::to_string(d_k()));
-      if (!(rope_base > 1.0))
-        detail::fail_config("rope_base = " + std::to_string(rope_base) + ", must be > 1");
-    }
+      detail::fail_config("n_heads % n_kv_heads != 0 (n_heads = ", n_heads, ", n_kv_heads = ", n_kv_heads, ")");
+    const bool rope = positions == PositionEncoding::rope;
+    if (rope && d_k() % 2 != 0) detail::fail_config("rope needs an even d_k, got d_k = ", d_k());
+    if (rope && !(rope_base > 1.0)) detail::fail_config("rope_base = ", rope_base, ", must be > 1");
   }
 };
 
@@ -135,8 +131,7 @@ struct ModelConfig {
     // d_model, n_heads and max_seq_len: by attention().validate().
     detail::require_positive({{"vocab_size", vocab_size}, {"n_layers", n_layers}, {"d_ff", d_ff}});
     attention().validate();
-    if (!(norm_eps > 0.0))
-      detail::fail_config("norm_eps = " + std::to_string(norm_eps) + ", must be > 0");
+    if (!(norm_eps > 0.0)) detail::fail_config("norm_eps = ", norm_eps, ", must be > 0");
   }
 
   // Bytes of K and V that one token adds across all layers:

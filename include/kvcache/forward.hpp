@@ -251,7 +251,7 @@ class Forward {
         w_.delta.row(b) = w_.x.row(static_cast<Eigen::Index>(seqs()[b].first_row + seqs()[b].m - 1));
       normalize(w_.delta.topRows(rows), m_.w.final_norm, w_.normed);
     }
-    linear<T>(w_.normed.topRows(rows), m_.head(), Vector<T>(), w_.logits, threads);
+    linear<T>(w_.normed.topRows(rows), {{m_.head(), Vector<T>(), w_.logits}}, threads);
   }
 
   std::vector<AttentionSequence<T>>& seqs() { return w_.attention.seqs; }

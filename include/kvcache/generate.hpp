@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <numeric>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -41,12 +42,11 @@ class Sampler {
  public:
   Sampler(std::size_t vocab_size, float temperature, float top_p, std::uint64_t seed)
       : temperature_(temperature), top_p_(top_p), state_(seed), probs_(vocab_size) {
-    if (vocab_size == 0) throw std::invalid_argument("kvcache: Sampler needs vocab_size > 0, got 0");
+    if (vocab_size == 0) detail::io::invalid("Sampler needs vocab_size > 0, got 0");
     if (!(temperature >= 0.0f) || !std::isfinite(temperature))
-      throw std::invalid_argument("kvcache: temperature = " + std::to_string(temperature) + ", must be >= 0");
-    if (!(top_p >= 0.0f && top_p <= 1.0f))
-      throw std::invalid_argument("kvcache: top_p = " + std::to_string(top_p) + ", must be in [0, 1]");
-    if (seed == 0) throw std::invalid_argument("kvcache: seed = 0; xorshift needs a non-zero seed");
+      detail::io::invalid("temperature = ", temperature, ", must be >= 0");
+    if (!(top_p >= 0.0f && top_p <= 1.0f)) detail::io::invalid("top_p = ", top_p, ", must be in [0, 1]");
+    if (seed == 0) detail::io::invalid("seed = 0; xorshift needs a non-zero seed");
     if (temperature > 0.0f && top_p > 0.0f && top_p < 1.0f) candidates_.resize(vocab_size);
   }
 
@@ -56,9 +56,7 @@ class Sampler {
   template <typename Derived>
   int sample(const Eigen::MatrixBase<Derived>& logits) {
     const auto n = static_cast<std::size_t>(logits.size());
-    if (n != probs_.size())
-      throw std::invalid_argument("kvcache: Sampler got " + std::to_string(n) + " logits, expected " +
-                                  std::to_string(probs_.size()));
+    if (n != probs_.size()) detail::io::invalid("Sampler got ", n, " logits, expected ", probs_.size());
     if (!logits.allFinite())
       throw std::domain_error("kvcache: Sampler: the logits contain NaN or infinity (the model's weights or "
                               "activations overflowed)");
@@ -68,15 +66,12 @@ class Sampler {
     // decoding in all but name: the limit of softmax(l / t) as t → 0.
     if (!std::all_of(probs_.begin(), probs_.end(), [](float p) { return std::isfinite(p); })) return argmax(logits);
     const float max = *std::max_element(probs_.begin(), probs_.end());
-    float sum = 0.0f;
-    for (float& p : probs_) {
-      p = std::exp(p - max);
-      sum += p;
-    }
+    for (float& p : probs_) p = std::exp(p - max);
+    const float sum = std::accumulate(probs_.begin(), probs_.end(), 0.0f);  // in order, as llama2.c adds
     for (float& p : probs_) p /= sum;  // softmax
-    const float coin = random_f32();
-    if (top_p_ > 0.0f && top_p_ < 1.0f) return sample_top_p(coin);
-    return static_cast<int>(pick(n, coin, [&](std::size_t k) { return probs_[k]; }));
+    // One draw of the generator either way.
+    if (top_p_ > 0.0f && top_p_ < 1.0f) return sample_top_p(random_f32());
+    return static_cast<int>(pick(n, random_f32(), [&](std::size_t k) { return probs_[k]; }));
   }
 
   // The first index of the largest value.
@@ -122,23 +117,18 @@ class Sampler {
     // None only by rounding, with top_p < 1/n: the most probable id.
     if (kept == 0) return argmax(Eigen::Map<const Eigen::VectorXf>(probs_.data(), static_cast<Eigen::Index>(n)));
     std::sort(candidates_.begin(), candidates_.begin() + static_cast<std::ptrdiff_t>(kept),
-              [](const Candidate& a, const Candidate& b) { return a.prob > b.prob; });
+              [](const auto& a, const auto& b) { return a.first > b.first; });
     std::size_t last = 0;
-    float cumulative = candidates_[0].prob;
-    while (cumulative <= top_p_ && last + 1 < kept) cumulative += candidates_[++last].prob;
-    return candidates_[pick(last + 1, coin * cumulative, [&](std::size_t k) { return candidates_[k].prob; })].id;
+    float cumulative = candidates_[0].first;
+    while (cumulative <= top_p_ && last + 1 < kept) cumulative += candidates_[++last].first;
+    return candidates_[pick(last + 1, coin * cumulative, [&](std::size_t k) { return candidates_[k].first; })].second;
   }
-
-  struct Candidate {
-    float prob;
-    int id;
-  };
 
   float temperature_;
   float top_p_;
   std::uint64_t state_;
   std::vector<float> probs_;
-  std::vector<Candidate> candidates_;
+  std::vector<std::pair<float, int>> candidates_;  // (probability, id) of the top_p nucleus
 };
 
 namespace detail {
@@ -155,15 +145,14 @@ inline void check_generation(const std::string& where, const std::vector<int>* p
   const std::size_t later = max_new_tokens == 0 ? 0 : max_new_tokens - 1;
   // Compared by subtraction, so that a huge max_new_tokens cannot wrap around.
   if (cached > limit || m > limit - cached || later > limit - cached - m)
-    throw std::length_error(where + std::to_string(cached) + " cached + " + std::to_string(m) + " prompt tokens + " +
-                            std::to_string(max_new_tokens) + " new tokens need more positions than the limit of " +
-                            std::to_string(limit));
+    throw std::length_error(io::text(where, cached, " cached + ", m, " prompt tokens + ", max_new_tokens,
+                                     " new tokens need more positions than the limit of ", limit));
 }
 
 inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   out.push_back(id);
   if (o.on_token) o.on_token(id);
-  return (o.end_token && id == *o.end_token) || out.size() >= o.max_new_tokens;
+  return o.end_token == id || out.size() >= o.max_new_tokens;
 }
 
 // The loop of generate, decode and generate_batch, whose checks have passed.
@@ -181,11 +170,10 @@ std::vector<std::vector<int>> generate_sequences(const Decoder<T>& decoder, cons
                                                  const std::vector<GenerateOptions>& options, const First& first) {
   const std::size_t B = sessions.size();
   std::vector<Sampler> samplers;
-  samplers.reserve(B);
-  for (std::size_t i = 0; i < B; ++i) samplers.emplace_back(decoder.config().vocab_size, options[i]);
+  for (const GenerateOptions& o : options) samplers.emplace_back(decoder.config().vocab_size, o);
+  std::vector<typename Session<T>::Checkpoint> start;
+  for (const Session<T>* s : sessions) start.push_back(s->checkpoint());
   std::vector<std::vector<int>> out(B);
-  std::vector<typename Session<T>::Checkpoint> start(B);
-  for (std::size_t i = 0; i < B; ++i) start[i] = sessions[i]->checkpoint();
   Workspace<T> workspace;
   try {
     std::vector<std::size_t> active;  // the sequences still generating, in order
@@ -196,7 +184,6 @@ std::vector<std::vector<int>> generate_sequences(const Decoder<T>& decoder, cons
     }
     std::vector<std::vector<int>> step;
     std::vector<Session<T>*> batch;
-    const std::size_t threads = B == 0 ? 1 : sessions.front()->threads();
     while (!active.empty()) {
       step.resize(active.size());
       batch.resize(active.size());
@@ -204,7 +191,8 @@ std::vector<std::vector<int>> generate_sequences(const Decoder<T>& decoder, cons
         step[k].assign(1, out[active[k]].back());
         batch[k] = sessions[active[k]];
       }
-      const Matrix<T>& logits = decoder.forward_batch(step, batch, workspace, Logits::last, threads);  // decode
+      // Decode, with the threads of the first session.
+      const Matrix<T>& logits = decoder.forward_batch(step, batch, workspace, Logits::last, sessions[0]->threads());
       std::size_t kept = 0;
       for (std::size_t k = 0; k < active.size(); ++k) {
         const std::size_t i = active[k];
@@ -298,9 +286,8 @@ std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const st
                                              const std::vector<GenerateOptions>& options) {
   const std::size_t B = prompts.size();
   if (sessions.size() != B || options.size() != B)
-    throw std::invalid_argument("kvcache: generate_batch: " + std::to_string(B) + " prompts, " +
-                                std::to_string(sessions.size()) + " sessions and " + std::to_string(options.size()) +
-                                " options; need one of each per sequence");
+    detail::io::invalid("generate_batch: ", B, " prompts, ", sessions.size(), " sessions and ", options.size(),
+                        " options; need one of each per sequence");
   for (std::size_t i = 0; i < B; ++i) {  // all before any prefill
     detail::check_distinct(sessions, i, "kvcache: generate_batch", "sessions", "session");
     detail::check_generation("kvcache: generate_batch: sequence " + std::to_string(i) + ": ", &prompts[i],

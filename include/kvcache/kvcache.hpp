@@ -14,14 +14,7 @@
 //   session_file.hpp  save a Session to a file and load it back (prompt cache)
 #pragma once
 
-#include "config.hpp"
-#include "storage.hpp"
-#include "weights.hpp"
-#include "slots.hpp"
-#include "kv_cache.hpp"
-#include "session.hpp"
-#include "attention.hpp"
-#include "forward.hpp"
-#include "decoder.hpp"
+// generate.hpp reaches every header above it through its includes, and
+// session_file.hpp adds itself.
 #include "generate.hpp"
 #include "session_file.hpp"

@@ -325,22 +325,47 @@ inline std::string shape(Eigen::Index rows, Eigen::Index cols) {
 // Throws std::invalid_argument (fail_config) unless w is rows × cols, or,
 // when `why_none` is given, unless w is empty ("<name> given but <why_none>").
 template <typename W>
-void check_weight(const std::string& name, const W& w, std::size_t rows, std::size_t cols,
+void check_weight(const std::string& name, const W& w, Eigen::Index rows, Eigen::Index cols,
                   const std::string& why_none = "") {
-  if (!why_none.empty()) {
-    if (w.size() != 0) fail_config(name + " given but " + why_none);
-  } else if (static_cast<std::size_t>(w.rows()) != rows || static_cast<std::size_t>(w.cols()) != cols) {
-    fail_config(name + " is " + shape(w.rows(), w.cols()) + ", expected " +
-                shape(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols)));
-  }
+  if (!why_none.empty() && w.size() != 0) fail_config(name, " given but ", why_none);
+  if (why_none.empty() && (w.rows() != rows || w.cols() != cols))
+    fail_config(name, " is ", shape(w.rows(), w.cols()), ", expected ", shape(rows, cols));
 }
 
 // ... unless v has `size` entries, or none when it is `optional` (a bias).
 template <typename T>
 void check_vector(const std::string& name, const Vector<T>& v, std::size_t size, bool optional = true) {
   if (static_cast<std::size_t>(v.size()) != size && !(optional && v.size() == 0))
-    fail_config(name + " has " + std::to_string(v.size()) + " entries, expected " + std::to_string(size) +
-                (optional ? " (or none)" : ""));
+    fail_config(name, " has ", v.size(), " entries, expected ", size, optional ? " (or none)" : "");
+}
+
+// ---- For random_weights (at the end of this file) ----
+
+// SplitMix64: a tiny, portable generator, so that "seed 42" means the same
+// weights on every platform and standard library.
+class SplitMix64 {
+ public:
+  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [-1, 1).
+  double symmetric() { return static_cast<double>(next() >> 11) * 0x1.0p-52 - 1.0; }
+
+ private:
+  std::uint64_t state_;
+};
+
+template <typename T>
+Matrix<T> random_matrix(SplitMix64& rng, std::size_t rows, std::size_t cols, double stddev) {
+  // A uniform in [-a, a] has standard deviation a / √3.
+  const double a = stddev * std::sqrt(3.0);
+  Matrix<T> M(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols));
+  for (Eigen::Index i = 0; i < M.size(); ++i) M.data()[i] = static_cast<T>(a * rng.symmetric());
+  return M;
 }
 
 }  // namespace detail
@@ -421,8 +446,7 @@ void check_weights(const ModelConfig& c, const DecoderWeights<T>& w) {
   detail::check_weight("position_embedding", w.position_embedding, c.max_seq_len, d,
                        learned ? "" : std::string("positions = ") + to_string(c.positions));
   if (w.blocks.size() != c.n_layers)
-    detail::fail_config("weights have " + std::to_string(w.blocks.size()) + " blocks but n_layers = " +
-                        std::to_string(c.n_layers));
+    detail::fail_config("weights have ", w.blocks.size(), " blocks but n_layers = ", c.n_layers);
   check_norm("final_norm", w.final_norm);
   detail::check_weight("lm_head", w.lm_head, V, d, c.tied_lm_head ? "tied_lm_head = true" : "");
   for (std::size_t l = 0; l < c.n_layers; ++l) {
@@ -442,37 +466,6 @@ void check_weights(const ModelConfig& c, const DecoderWeights<T>& w) {
 // ============================================================================
 // Random weights
 // ============================================================================
-
-namespace detail {
-
-// SplitMix64: a tiny, portable generator, so that "seed 42" means the same
-// weights on every platform and standard library.
-class SplitMix64 {
- public:
-  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [-1, 1).
-  double symmetric() { return static_cast<double>(next() >> 11) * 0x1.0p-52 - 1.0; }
-
- private:
-  std::uint64_t state_;
-};
-
-template <typename T>
-Matrix<T> random_matrix(SplitMix64& rng, std::size_t rows, std::size_t cols, double stddev) {
-  // A uniform in [-a, a] has standard deviation a / √3.
-  const double a = stddev * std::sqrt(3.0);
-  Matrix<T> M(static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols));
-  for (Eigen::Index i = 0; i < M.size(); ++i) M.data()[i] = static_cast<T>(a * rng.symmetric());
-  return M;
-}
-
-}  // namespace detail
 
 // Seeded random weights of the configured shape: linear layers with standard
 // deviation 1/√fan_in (activations keep their scale through the depth),

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <condition_variable>
 #include <cstddef>
 #include <memory>
@@ -32,13 +31,11 @@
 #include <omp.h>
 #endif
 
-#include "../config.hpp"
 #include "../weights.hpp"
 #include "gemv.hpp"
 #include "quant.hpp"
 
-namespace kvcache {
-namespace detail {
+namespace kvcache::detail {
 
 // ============================================================================
 // Threads
@@ -285,13 +282,16 @@ struct LinearTerm {
   Matrix<T>& Y;
 };
 
-// Y_k = X · W_kᵀ + b_k for every term k, in one parallel region: the output
-// features of all the terms, side by side, are split across the threads
-// together (as if the W_k were stacked into one matrix), so a decode step
-// starts and joins the threads once, not once per matrix. Shapes as the
-// one-matrix linear() below.
+// Y_k = X · W_kᵀ + b_k for every term k (b_k empty: none), in one parallel
+// region; one term is a plain linear layer: linear<T>(X, {{W, b, Y}}, threads).
+//   X: m × in (a row per token), W_k: out_k × in, Y_k: m × out_k, already
+//   sized by the caller so that this never allocates.
+// The output features of all the terms, side by side, are split across the
+// threads together (as if the W_k were stacked into one matrix), so a decode
+// step starts and joins the threads once, not once per matrix; each W_k is
+// read once in total and the threads never write the same memory.
 template <typename T, std::size_t N>
-void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>, N>& terms, std::size_t threads) {
+void linear(const Eigen::Ref<const Matrix<T>>& X, const LinearTerm<T> (&terms)[N], std::size_t threads) {
   Eigen::Index total = 0;
   for (const auto& term : terms) total += term.W.rows();
   parallel_slices(static_cast<std::size_t>(total), threads, 16, [&](std::size_t begin, std::size_t end, std::size_t) {
@@ -306,16 +306,4 @@ void linear(const Eigen::Ref<const Matrix<T>>& X, const std::array<LinearTerm<T>
   });
 }
 
-// Y = X · Wᵀ (+ b broadcast over rows).
-//   X: m × in (a row per token), W: out × in, Y: m × out, already sized by
-//   the caller so that this never allocates.
-// Each thread computes a slice of output features, so W is read once in total
-// and the threads never write the same memory.
-template <typename T>
-void linear(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const Vector<T>& b, Matrix<T>& Y,
-            std::size_t threads) {
-  linear<T, 1>(X, {{{W, b, Y}}}, threads);
-}
-
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail

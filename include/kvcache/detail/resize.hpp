@@ -4,8 +4,7 @@
 
 #include <Eigen/Core>
 
-namespace kvcache {
-namespace detail {
+namespace kvcache::detail {
 
 // m.resize(rows, cols), except when the allocation fails. Eigen 3.4's resize
 // frees the old storage first and keeps the freed pointer when the new
@@ -17,13 +16,10 @@ namespace detail {
 // Eigen's do: a decode step that needs no growth still allocates nothing.
 template <typename Derived>
 void resize_buffer(Eigen::PlainObjectBase<Derived>& m, Eigen::Index rows, Eigen::Index cols) {
-  if (m.size() == rows * cols) {
+  if (m.size() == rows * cols)
     m.resize(rows, cols);  // the same number of elements: no allocation
-    return;
-  }
-  Derived fresh(rows, cols);
-  m.derived().swap(fresh);
+  else
+    Derived(rows, cols).swap(m.derived());
 }
 
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail

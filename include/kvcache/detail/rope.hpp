@@ -7,10 +7,7 @@
 
 #include <Eigen/Core>
 
-#include "../config.hpp"
-
-namespace kvcache {
-namespace detail {
+namespace kvcache::detail {
 
 // Rotates consecutive pairs (2j, 2j+1) of every d_k-wide head by the angle
 // pos · base^(-2j / d_k), as llama2.c does.
@@ -50,5 +47,4 @@ class Rope {
   std::vector<T> inv_freq_;
 };
 
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail
