@@ -261,8 +261,7 @@ inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& na
 
 // The same for the checkpoint at `path`.
 inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
-  std::ifstream in;
-  detail::io::open_for_reading(path, path, in);
+  std::ifstream in = detail::io::open_for_reading(path, path);
   return read_llama2c_header(in, path, limits);
 }
 
@@ -298,8 +297,7 @@ inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, co
 // Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
 inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {},
                                    WeightType weights = WeightType::f32) {
-  std::ifstream in;
-  detail::io::open_for_reading(path, path, in);
+  std::ifstream in = detail::io::open_for_reading(path, path);
   return load_llama2c(in, path, limits, weights);
 }
 

@@ -501,8 +501,7 @@ template <typename T>
 SavedSession<T> load_session(const std::string& path, const Decoder<T>& decoder,
                              const SessionLoadOptions& options = {}) {
   namespace sf = detail::session_file;
-  std::ifstream in;
-  detail::io::open_for_reading(path, sf::label(path), in);
+  std::ifstream in = detail::io::open_for_reading(path, sf::label(path));
   return sf::read_all(in, path, detail::io::file_length(in, sf::label(path)), decoder, options);
 }
 

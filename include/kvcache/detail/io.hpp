@@ -142,9 +142,6 @@ void put_le(T value, unsigned char* p) {
   const auto v = bit_cast<Bits<T>>(value);
   for (std::size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
 }
-// The two tokenizer.hpp reads.
-inline std::int32_t get_i32_le(const unsigned char* p) { return get_le<std::int32_t>(p); }
-inline float get_f32_le(const unsigned char* p) { return get_le<float>(p); }
 
 // ============================================================================
 // Checksum
@@ -182,22 +179,17 @@ inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "mor
 // Reading
 // ============================================================================
 
-// Opens `path` for binary reading and returns "", or returns why it cannot:
+// `path` opened for binary reading, or throws "kvcache: <label>: <why>":
 // "is a directory", "no such file", or the system's reason.
-inline std::string open_problem(const std::string& path, std::ifstream& in) {
+inline std::ifstream open_for_reading(const std::string& path, const std::string& label) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) return "is a directory";
+  if (std::filesystem::is_directory(path, ec)) fail(label, "is a directory");
   errno = 0;
-  in.open(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary);
   const int error = errno;
-  if (in) return "";
-  return std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file";
-}
-
-// The same, throwing "kvcache: <label>: <why>".
-inline void open_for_reading(const std::string& path, const std::string& label, std::ifstream& in) {
-  const std::string problem = open_problem(path, in);
-  if (!problem.empty()) fail(label, problem);
+  if (!in)
+    fail(label, std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file");
+  return in;
 }
 
 // Bytes left in `in` from where it is, when it can seek (a file, a string
