@@ -354,24 +354,6 @@ inline void put_tensor(io::FileSink& out, const Vector<float>& v) {
   out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
 }
 
-// Throws std::runtime_error unless `path` is absent or a llama2.c checkpoint
-// (a sane header and exactly the length it implies, whatever its size), so
-// that save_llama2c never writes over a file it could not have written: not
-// a text file, not a symbolic link, a directory or a device.
-inline void require_replaceable_checkpoint(const std::string& path) {
-  io::require_replaceable(path, path, "llama2.c checkpoint", Llama2cHeader::kBytes, [&](const io::FilePrefix& p) {
-    if (p.bytes.size() < Llama2cHeader::kBytes) return false;
-    LoadLimits any;
-    any.max_parameters = any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
-    try {
-      parse_llama2c_header(path, reinterpret_cast<const unsigned char*>(p.bytes.data()), p.size, any);
-      return true;
-    } catch (const std::exception&) {
-      return false;
-    }
-  });
-}
-
 }  // namespace detail
 
 // Writes `decoder` as a legacy (version 0) llama2.c checkpoint: vocab_size is
@@ -418,7 +400,23 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     out.put(rope.data(), rope.size() * sizeof(float));
     if (!c.tied_lm_head) detail::put_tensor(out, decoder.lm_head());
   };
-  detail::io::write_atomically(path, path, write, [&] { detail::require_replaceable_checkpoint(path); });
+  // `path` may be replaced only when absent or a llama2.c checkpoint (a sane
+  // header and exactly the length it implies, whatever its size), so that
+  // save_llama2c never writes over a file it could not have written.
+  const auto is_checkpoint = [&](const detail::io::FilePrefix& p) {
+    if (p.bytes.size() < Llama2cHeader::kBytes) return false;
+    LoadLimits any;
+    any.max_parameters = any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
+    try {
+      detail::parse_llama2c_header(path, reinterpret_cast<const unsigned char*>(p.bytes.data()), p.size, any);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  };
+  detail::io::write_atomically(path, path, write, [&] {
+    detail::io::require_replaceable(path, path, "llama2.c checkpoint", Llama2cHeader::kBytes, is_checkpoint);
+  });
 }
 
 }  // namespace kvcache

@@ -119,10 +119,9 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
     io::fail(label, "is larger than LoadLimits::max_tokenizer_bytes (", *length, " vs ", max_bytes, " bytes)");
   io::BoundedReader reader(in, label, max_bytes, "LoadLimits::max_tokenizer_bytes");
 
-  unsigned char header[4];
-  reader.read(header, 4, "4-byte header (max_token_length)");
   TokenizerFile out;
-  out.max_token_length = io::get_le<std::int32_t>(header);
+  reader.read_values<std::int32_t>(1, "4-byte header (max_token_length)",
+                                   [&](std::int32_t v) { out.max_token_length = v; });
   if (out.max_token_length < 0) io::fail(label, "max_token_length is ", out.max_token_length, ", must be >= 0");
   // Every token up to the end. Past the model's vocab_size tokens, the
   // message tells more tokens (another vocabulary) from plain trailing bytes.

@@ -112,9 +112,8 @@ static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kv
 // IEEE-754 hosts only, so the others are refused.
 inline void require_little_endian(const std::string& label, const std::string& format) {
   const std::uint32_t one = 1;
-  unsigned char first = 0;
-  std::memcpy(&first, &one, 1);
-  if (first != 1) fail(label, format, " are little-endian and this host is not (unsupported)");
+  if (*reinterpret_cast<const unsigned char*>(&one) != 1)
+    fail(label, format, " are little-endian and this host is not (unsupported)");
 }
 
 // Bit casts, so that signed and floating values go through the codecs below.
@@ -196,17 +195,12 @@ inline std::ifstream open_for_reading(const std::string& path, const std::string
 // stream); nothing otherwise (a pipe). The position is left where it was.
 inline std::optional<std::uint64_t> remaining_bytes(std::istream& in) {
   const std::istream::pos_type here = in.tellg(), none(-1);
-  std::optional<std::uint64_t> left;
-  if (here != none && in.seekg(0, std::ios::end)) {
-    const std::istream::pos_type end = in.tellg();
-    if (end != none && end >= here) left = static_cast<std::uint64_t>(end - here);
-  }
+  const std::istream::pos_type end = here != none && in.seekg(0, std::ios::end) ? in.tellg() : none;
   in.clear(in.rdstate() & ~std::ios::failbit);
-  if (here != none && !in.seekg(here)) {
-    in.clear(in.rdstate() & ~std::ios::failbit);
-    return std::nullopt;
-  }
-  return left;
+  const bool back = here != none && in.seekg(here);
+  in.clear(in.rdstate() & ~std::ios::failbit);
+  if (!back || end == none || end < here) return std::nullopt;
+  return static_cast<std::uint64_t>(end - here);
 }
 
 // The bytes left in a stream that must be measurable, or throws naming it.
@@ -444,7 +438,7 @@ enum class Temporary { unnamed_if_possible, named };
 template <typename Write, typename MayReplace>
 void write_atomically(const std::string& path, const std::string& label, Write&& write, MayReplace&& may_replace,
                       Temporary temporary = Temporary::unnamed_if_possible) {
-  if (path.empty()) throw std::invalid_argument("kvcache: empty file name");
+  if (path.empty()) invalid("empty file name");
   may_replace();
   const std::filesystem::path parent = std::filesystem::path(path).parent_path();
   const std::string dir = parent.empty() ? std::string(".") : parent.string();
