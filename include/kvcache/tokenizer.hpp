@@ -224,7 +224,6 @@ inline int parse_byte_piece(std::string_view text) noexcept {
 // format, encoding and decoding are described at the top of this file.
 class Tokenizer {
  public:
-  static constexpr int kUnknownId = 0;
   static constexpr int kBosId = 1;
   static constexpr int kEosId = 2;
   static constexpr int kByteFallbackOffset = 3;  // byte b is token b + 3
@@ -338,8 +337,6 @@ class Tokenizer {
 
   std::size_t vocab_size() const noexcept { return pieces_.size(); }
   int max_token_length() const noexcept { return max_token_length_; }
-  static constexpr int bos_id() noexcept { return kBosId; }
-  static constexpr int eos_id() noexcept { return kEosId; }
 
   // The raw vocabulary string of `id`. Throws std::out_of_range.
   const std::string& piece(int id) const { return pieces_[checked_index(id)]; }
