@@ -133,11 +133,10 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
                                           std::uint64_t actual_bytes, const LoadLimits& limits) {
   using io::sat_add;
   using io::sat_mul;
-  static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
-                                       "n_kv_heads", "vocab_size", "seq_len"};
   Llama2cHeader h;
-  std::size_t* const fields[7] = {&h.dim, &h.hidden_dim, &h.n_layers, &h.n_heads, &h.n_kv_heads, &h.vocab_size,
-                                  &h.seq_len};
+  const std::pair<const char*, std::size_t*> fields[7] = {
+      {"dim", &h.dim}, {"hidden_dim", &h.hidden_dim}, {"n_layers", &h.n_layers}, {"n_heads", &h.n_heads},
+      {"n_kv_heads", &h.n_kv_heads}, {"vocab_size", &h.vocab_size}, {"seq_len", &h.seq_len}};
   // Every size must be positive: a zero or negative one is a corrupt or
   // foreign file (vocab_size's sign carries the tied/untied flag, so its
   // magnitude must be positive; int64 keeps -INT32_MIN representable).
@@ -145,8 +144,8 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
     const std::int64_t v = io::get_le<std::int32_t>(bytes + 4 * i);
     const std::int64_t magnitude = i == 5 && v < 0 ? -v : v;
     if (magnitude <= 0)
-      io::fail(path, "header field ", names[i], " = ", v, i == 5 ? ", its magnitude must be > 0" : ", must be > 0");
-    *fields[i] = static_cast<std::size_t>(magnitude);
+      io::fail(path, "header field ", fields[i].first, " = ", v, i == 5 ? ", its magnitude" : ",", " must be > 0");
+    *fields[i].second = static_cast<std::size_t>(magnitude);
     if (i == 5) h.shared_classifier = v > 0;
   }
 

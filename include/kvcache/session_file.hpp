@@ -434,7 +434,7 @@ void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T
   detail::session_file::check_saveable("<stream>", decoder, session, tokens, last_logits);
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
-    if (!out) throw std::runtime_error("kvcache: write_session: write error");
+    if (!out) detail::io::fail("write_session", "write error");
   };
   detail::session_file::write_all(decoder, session, tokens, last_logits, put);
 }

@@ -206,18 +206,6 @@ void merge_pairs(std::vector<int>& tokens, const FindMerge& find_merge) {
   tokens.erase(std::remove(tokens.begin(), tokens.end(), -1), tokens.end());
 }
 
-// The byte a piece of the exact form "<0xXX>" (either hex case) stands for,
-// or -1. (llama2.c uses sscanf("<0x%02hhX>"), which also accepts a prefix
-// such as "<0x4" or "<0x41>junk"; no real vocabulary has such pieces.)
-inline int parse_byte_piece(std::string_view text) noexcept {
-  const char* digits = text.data() + 3;
-  unsigned byte = 0;
-  if (text.size() != 6 || text.substr(0, 3) != "<0x" || text[5] != '>' ||
-      std::from_chars(digits, digits + 2, byte, 16).ptr != digits + 2)
-    return -1;
-  return static_cast<int>(byte);
-}
-
 }  // namespace detail
 
 // A byte-pair-merge tokenizer in llama2.c's `tokenizer.bin` format: the file
@@ -308,8 +296,14 @@ class Tokenizer {
   std::string decode(int prev_token, int token) const {
     std::string_view text = piece(token);
     if (prev_token == kBosId && !text.empty() && text.front() == ' ') text.remove_prefix(1);
-    const int byte = detail::parse_byte_piece(text);
-    return byte >= 0 ? std::string(1, static_cast<char>(byte)) : std::string(text);
+    // A piece of the exact form "<0xXX>" (either hex case) is that byte.
+    // (llama2.c uses sscanf("<0x%02hhX>"), which also accepts a prefix such
+    // as "<0x4" or "<0x41>junk"; no real vocabulary has such pieces.)
+    unsigned byte = 0;
+    if (text.size() == 6 && text.substr(0, 3) == "<0x" && text[5] == '>' &&
+        std::from_chars(&text[3], &text[5], byte, 16).ptr == &text[5])
+      return std::string(1, static_cast<char>(byte));
+    return std::string(text);
   }
 
   // The concatenated text of `ids`, each decoded after the one before it, the

@@ -273,16 +273,6 @@ struct FilePrefix {
   std::uint64_t size = 0;
 };
 
-// What a file of this mode is when it is not a regular file, or nullptr.
-inline const char* irregular_kind(mode_t mode) {
-  return S_ISREG(mode)                     ? nullptr
-         : S_ISLNK(mode)                   ? "a symbolic link"
-         : S_ISDIR(mode)                   ? "a directory"
-         : S_ISFIFO(mode)                  ? "a FIFO"
-         : S_ISCHR(mode) || S_ISBLK(mode) ? "a device"
-                                           : "not a regular file";
-}
-
 // Throws std::runtime_error unless `path` may be written over: it does not
 // exist, or it is a regular file (a symbolic link is not followed: it is
 // refused) that `accept(prefix)` recognises as a file of `kind` (for
@@ -293,7 +283,14 @@ void require_replaceable(const std::string& path, const std::string& label, cons
                          std::size_t prefix_bytes, Accept&& accept) {
   const std::string refuse = "; refusing to replace it";
   const auto require_regular = [&](mode_t mode) {
-    if (const char* type = irregular_kind(mode)) fail(label, "is ", type, ", not a ", kind, refuse);
+    if (S_ISREG(mode)) return;
+    fail(label, "is ",
+         S_ISLNK(mode)                    ? "a symbolic link"
+         : S_ISDIR(mode)                  ? "a directory"
+         : S_ISFIFO(mode)                 ? "a FIFO"
+         : S_ISCHR(mode) || S_ISBLK(mode) ? "a device"
+                                          : "not a regular file",
+         ", not a ", kind, refuse);
   };
   struct stat st;
   if (::lstat(path.c_str(), &st) != 0) {
