@@ -240,6 +240,53 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
   return Decoder<float>(h.config(), std::move(w), weights);
 }
 
+// Saving: the header of `decoder`'s checkpoint. Throws std::invalid_argument, naming
+// the field, for what the format cannot say.
+inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* header) {
+  const ModelConfig& c = decoder.config();
+  const char* const at = "save_llama2c: ";
+  if (c.positions != PositionEncoding::rope)
+    io::invalid(at, "positions = ", to_string(c.positions), ", the format needs rope");
+  if (c.rope_base != 10000.0) io::invalid(at, "rope_base = ", c.rope_base, ", the format needs 10000");
+  if (c.norm != NormKind::rms_norm) io::invalid(at, "norm = layer_norm, the format needs rms_norm");
+  if (c.norm_eps != 1e-5) io::invalid(at, "norm_eps = ", c.norm_eps, ", the format needs 1e-5");
+  if (c.mlp != MlpKind::swiglu) io::invalid(at, "mlp = gelu, the format needs swiglu");
+  // The seven header fields, in file order.
+  const std::pair<const char*, std::size_t> fields[7] = {
+      {"d_model", c.d_model},       {"d_ff", c.d_ff},             {"n_layers", c.n_layers},
+      {"n_heads", c.n_heads},       {"n_kv_heads", c.kv_heads()}, {"vocab_size", c.vocab_size},
+      {"max_seq_len", c.max_seq_len}};
+  for (int i = 0; i < 7; ++i) {
+    if (fields[i].second > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
+      io::invalid(at, fields[i].first, " = ", fields[i].second, " does not fit the format's int32 header");
+    const auto value = static_cast<std::int32_t>(fields[i].second);
+    io::put_le<std::int32_t>(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
+  }
+  for (std::size_t l = 0; l < c.n_layers; ++l) {
+    const auto& b = decoder.block(l);
+    const std::pair<const char*, Eigen::Index> biases[] = {
+        {"attention.b_Q", b.attention.b_Q.size()}, {"attention.b_K", b.attention.b_K.size()},
+        {"attention.b_V", b.attention.b_V.size()}, {"attention.b_O", b.attention.b_O.size()},
+        {"mlp.b_1", b.mlp.b_1.size()},             {"mlp.b_2", b.mlp.b_2.size()}};
+    for (const auto& bias : biases)
+      if (bias.second != 0) io::invalid(at, "blocks[", l, "].", bias.first, " is a bias; the llama2.c format has none");
+  }
+}
+
+// Row by row, as both the format and WeightMatrix store matrices; a bfloat16
+// matrix is written as the floats it holds (exact), a row at a time.
+inline void put_tensor(io::FileSink& out, const WeightMatrix<float>& W) {
+  if (W.type() == WeightType::f32) return out.put(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
+  std::vector<float> row(static_cast<std::size_t>(W.cols()));
+  for (Eigen::Index i = 0; i < W.rows(); ++i) {
+    W.row_to(i, row.data());
+    out.put(row.data(), row.size() * sizeof(float));
+  }
+}
+inline void put_tensor(io::FileSink& out, const Vector<float>& v) {
+  out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
+}
+
 }  // namespace detail
 
 // Reads and validates the header of a checkpoint held by a seekable stream
@@ -303,57 +350,6 @@ inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& li
 // ============================================================================
 // Saving
 // ============================================================================
-
-namespace detail {
-
-// The header of `decoder`'s checkpoint. Throws std::invalid_argument, naming
-// the field, for what the format cannot say.
-inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* header) {
-  const ModelConfig& c = decoder.config();
-  const char* const at = "save_llama2c: ";
-  if (c.positions != PositionEncoding::rope)
-    io::invalid(at, "positions = ", to_string(c.positions), ", the format needs rope");
-  if (c.rope_base != 10000.0) io::invalid(at, "rope_base = ", c.rope_base, ", the format needs 10000");
-  if (c.norm != NormKind::rms_norm) io::invalid(at, "norm = layer_norm, the format needs rms_norm");
-  if (c.norm_eps != 1e-5) io::invalid(at, "norm_eps = ", c.norm_eps, ", the format needs 1e-5");
-  if (c.mlp != MlpKind::swiglu) io::invalid(at, "mlp = gelu, the format needs swiglu");
-  // The seven header fields, in file order.
-  const std::pair<const char*, std::size_t> fields[7] = {
-      {"d_model", c.d_model},       {"d_ff", c.d_ff},             {"n_layers", c.n_layers},
-      {"n_heads", c.n_heads},       {"n_kv_heads", c.kv_heads()}, {"vocab_size", c.vocab_size},
-      {"max_seq_len", c.max_seq_len}};
-  for (int i = 0; i < 7; ++i) {
-    if (fields[i].second > static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()))
-      io::invalid(at, fields[i].first, " = ", fields[i].second, " does not fit the format's int32 header");
-    const auto value = static_cast<std::int32_t>(fields[i].second);
-    io::put_le<std::int32_t>(i == 5 && !c.tied_lm_head ? -value : value, header + 4 * i);
-  }
-  for (std::size_t l = 0; l < c.n_layers; ++l) {
-    const auto& b = decoder.block(l);
-    const std::pair<const char*, Eigen::Index> biases[] = {
-        {"attention.b_Q", b.attention.b_Q.size()}, {"attention.b_K", b.attention.b_K.size()},
-        {"attention.b_V", b.attention.b_V.size()}, {"attention.b_O", b.attention.b_O.size()},
-        {"mlp.b_1", b.mlp.b_1.size()},             {"mlp.b_2", b.mlp.b_2.size()}};
-    for (const auto& bias : biases)
-      if (bias.second != 0) io::invalid(at, "blocks[", l, "].", bias.first, " is a bias; the llama2.c format has none");
-  }
-}
-
-// Row by row, as both the format and WeightMatrix store matrices; a bfloat16
-// matrix is written as the floats it holds (exact), a row at a time.
-inline void put_tensor(io::FileSink& out, const WeightMatrix<float>& W) {
-  if (W.type() == WeightType::f32) return out.put(W.f32().data(), static_cast<std::size_t>(W.size()) * sizeof(float));
-  std::vector<float> row(static_cast<std::size_t>(W.cols()));
-  for (Eigen::Index i = 0; i < W.rows(); ++i) {
-    W.row_to(i, row.data());
-    out.put(row.data(), row.size() * sizeof(float));
-  }
-}
-inline void put_tensor(io::FileSink& out, const Vector<float>& v) {
-  out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
-}
-
-}  // namespace detail
 
 // Writes `decoder` as a legacy (version 0) llama2.c checkpoint: vocab_size is
 // written negative when the LM head is not tied, and the two RoPE tables are

@@ -144,8 +144,7 @@ std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
   return h;
 }
 
-namespace detail {
-namespace session_file {
+namespace detail::session_file {
 
 constexpr char kMagic[8] = {'K', 'V', 'C', 'S', 'E', 'S', 'S', '\0'};
 constexpr std::uint64_t kVersion = 1;
@@ -408,8 +407,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
 // is still one of ours).
 inline bool is_session_file(const io::FilePrefix& p) { return p.bytes.compare(0, 8, kMagic, 8) == 0; }
 
-}  // namespace session_file
-}  // namespace detail
+}  // namespace detail::session_file
 
 // ============================================================================
 // Saving

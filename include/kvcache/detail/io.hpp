@@ -65,9 +65,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-namespace kvcache {
-namespace detail {
-namespace io {
+namespace kvcache::detail::io {
 
 // ============================================================================
 // Errors
@@ -478,6 +476,4 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
   sync_directory(dir);
 }
 
-}  // namespace io
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail::io
