@@ -90,11 +90,9 @@ inline float read_token(io::BoundedReader& reader, const std::string& label, std
   if (length < 0 || length > max_token_length)
     io::fail(label, token, " has length ", length, ", outside [0, max_token_length ", max_token_length, "]");
   piece.clear();
-  for (auto left = static_cast<std::size_t>(length); left > 0;) {
-    const std::size_t n = std::min<std::size_t>(left, std::size_t{1} << 16);
-    piece.resize(piece.size() + n);
-    reader.read(reinterpret_cast<unsigned char*>(&piece[piece.size() - n]), n, token);
-    left -= n;
+  for (std::size_t have = 0; have < static_cast<std::size_t>(length); have = piece.size()) {
+    piece.resize(std::min<std::size_t>(length, have + (std::size_t{1} << 16)));
+    reader.read(reinterpret_cast<unsigned char*>(&piece[have]), piece.size() - have, token);
   }
   return score;
 }
@@ -171,12 +169,10 @@ void merge_pairs(std::vector<int>& tokens, const FindMerge& find_merge) {
     float score;
     std::size_t left, right;  // node positions
     int left_id, right_id, merged_id;
+    // "comes out after b": a lower score, or the same score further right.
+    bool operator<(const Candidate& b) const { return score != b.score ? score < b.score : left > b.left; }
   };
-  // "a comes out after b": lower score, or the same score further right.
-  const auto after = [](const Candidate& a, const Candidate& b) {
-    return a.score != b.score ? a.score < b.score : a.left > b.left;
-  };
-  std::priority_queue<Candidate, std::vector<Candidate>, decltype(after)> heap(after);
+  std::priority_queue<Candidate> heap;
 
   std::vector<std::size_t> prev(n), next(n);
   for (std::size_t i = 0; i < n; ++i) {
@@ -263,8 +259,7 @@ class Tokenizer {
     for (std::size_t begin = 0, length = 1; begin < text.size(); begin += length, length = 1) {
       while (length < 4 && begin + length < text.size() && is_continuation_byte(text[begin + length])) ++length;
       const std::string_view chunk = text.substr(begin, length);
-      const int id = find(chunk);
-      if (id >= 0) {
+      if (const int id = find(chunk); id >= 0) {
         tokens.push_back(id);
         continue;
       }
