@@ -138,6 +138,8 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
   }
   if (vocab_size && out.pieces.size() != *vocab_size)
     io::fail(label, "holds ", out.pieces.size(), " tokens but the model's vocab_size is ", *vocab_size);
+  if (out.pieces.size() < 3)
+    io::fail(label, "holds ", out.pieces.size(), " tokens, fewer than the 3 special ones (<unk>, BOS, EOS)");
   return out;
 }
 
@@ -235,11 +237,11 @@ class Tokenizer {
   // most 64 KB more are read).
   static Tokenizer load(std::istream& in, const std::string& name, std::size_t vocab_size,
                         const LoadLimits& limits = {}) {
-    return Tokenizer(detail::read_tokenizer(in, name, vocab_size, limits), name);
+    return Tokenizer(detail::read_tokenizer(in, name, vocab_size, limits));
   }
 
   static Tokenizer load(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
-    return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits), name);
+    return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits));
   }
 
   // Token ids for `text`, exactly as llama2.c's encode (see the top of
@@ -339,12 +341,9 @@ class Tokenizer {
   }
 
  private:
-  // Checks the vocabulary has the special ids and builds the lookup table.
-  Tokenizer(detail::TokenizerFile file, const std::string& name)
+  // Builds the lookup table.
+  explicit Tokenizer(detail::TokenizerFile file)
       : pieces_(std::move(file.pieces)), scores_(std::move(file.scores)), max_token_length_(file.max_token_length) {
-    if (pieces_.size() <= static_cast<std::size_t>(kEosId))
-      detail::io::fail(detail::tokenizer_label(name), "holds ", pieces_.size(),
-                       " tokens, fewer than the 3 special ones (<unk>, BOS, EOS)");
     ids_.reserve(pieces_.size());
     // emplace keeps the existing entry, so a duplicated string maps to its lowest id.
     for (std::size_t id = 0; id < pieces_.size(); ++id) ids_.emplace(pieces_[id], static_cast<int>(id));
