@@ -74,7 +74,7 @@ class MemoryStream : private std::streambuf, public std::istream {
 // encoder (a heap over a linked list) must give the same ids.
 inline std::vector<int> naive_encode(const kvcache::Tokenizer& tok, const std::string& text, bool bos, bool eos) {
   std::vector<int> tokens;
-  if (bos) tokens.push_back(kvcache::Tokenizer::bos_id());
+  if (bos) tokens.push_back(kvcache::Tokenizer::kBosId);
   if (!text.empty() && tok.find(" ") >= 0) tokens.push_back(tok.find(" "));
   const auto continues = [&](std::size_t i) {
     return i < text.size() && (static_cast<unsigned char>(text[i]) & 0xC0) == 0x80;
@@ -112,7 +112,7 @@ inline std::vector<int> naive_encode(const kvcache::Tokenizer& tok, const std::s
     tokens[best_index] = best_id;
     tokens.erase(tokens.begin() + static_cast<std::ptrdiff_t>(best_index) + 1);
   }
-  if (eos) tokens.push_back(kvcache::Tokenizer::eos_id());
+  if (eos) tokens.push_back(kvcache::Tokenizer::kEosId);
   return tokens;
 }
 

@@ -116,7 +116,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   for (const Subject& s : subjects()) {
     const Tokenizer& tok = s.tokenizer;
     const std::vector<int> ids = tok.encode(text, true, true);
-    check(ids.size() >= 2 && ids.front() == Tokenizer::bos_id() && ids.back() == Tokenizer::eos_id(),
+    check(ids.size() >= 2 && ids.front() == Tokenizer::kBosId && ids.back() == Tokenizer::kEosId,
           s.name + ": BOS/EOS missing");
     for (const int id : ids)
       check(id >= 0 && static_cast<std::size_t>(id) < tok.vocab_size(), s.name + ": id outside the vocabulary");

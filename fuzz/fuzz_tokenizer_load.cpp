@@ -81,7 +81,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (!fast) return 0;
   check(*fast == *naive, "encode differs from the naive llama2.c encoder");
   std::string decoded;
-  int prev = Tokenizer::bos_id();
+  int prev = Tokenizer::kBosId;
   for (const int id : *fast) {
     check(id >= 0 && static_cast<std::size_t>(id) < n, "encode produced an id outside the vocabulary");
     decoded += tok->decode(prev, id);

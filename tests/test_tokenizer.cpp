@@ -120,8 +120,8 @@ std::vector<int> ids_of(const Tokenizer& tok, const std::vector<std::string>& pi
 // The text of `ids` after their leading BOS, as llama2.c's run prints a
 // prompt: decode(ids) would print the BOS piece too.
 std::string decode_after_bos(const Tokenizer& tok, const std::vector<int>& ids) {
-  if (ids.empty() || ids.front() != Tokenizer::bos_id()) throw std::logic_error("ids do not start with BOS");
-  return tok.decode(std::vector<int>(ids.begin() + 1, ids.end()), Tokenizer::bos_id());
+  if (ids.empty() || ids.front() != Tokenizer::kBosId) throw std::logic_error("ids do not start with BOS");
+  return tok.decode(std::vector<int>(ids.begin() + 1, ids.end()), Tokenizer::kBosId);
 }
 
 std::vector<int> parse_ids(const std::string& text) {
@@ -287,8 +287,8 @@ INSTANTIATE_TEST_SUITE_P(Files, RealTokenizerTest,
 
 TEST_P(RealTokenizerTest, LoadsWithTheSpecialTokens) {
   EXPECT_EQ(tok().vocab_size(), GetParam().vocab_size);
-  EXPECT_EQ(tok().piece(tok().bos_id()), "\n<s>\n");
-  EXPECT_EQ(tok().piece(tok().eos_id()), "\n</s>\n");
+  EXPECT_EQ(tok().piece(Tokenizer::kBosId), "\n<s>\n");
+  EXPECT_EQ(tok().piece(Tokenizer::kEosId), "\n</s>\n");
   for (int b = 0; b < 256; ++b) {
     EXPECT_EQ(tok().piece(b + 3), byte_piece(b));
     EXPECT_EQ(tok().decode(0, b + 3), std::string(1, static_cast<char>(b)));
@@ -490,13 +490,13 @@ TEST(Tok512Reference, DecodesReference1) {
   const Tokenizer tok = Tokenizer::load(path, 512);
   const std::vector<int> all = parse_ids(kReference1Ids);
   ASSERT_EQ(all.size(), 125u);  // as listed in the README
-  const auto eos = std::find(all.begin(), all.end(), tok.eos_id());
+  const auto eos = std::find(all.begin(), all.end(), Tokenizer::kEosId);
   ASSERT_NE(eos, all.end());
   const std::vector<int> text_ids(all.begin(), eos);
   EXPECT_EQ(tok.decode(text_ids), kReference1Text);
   EXPECT_EQ(printed_text(tok, text_ids), kReference1Text);
   // Then run prints the EOS piece, "\n</s>\n", i.e. a line "</s>".
-  EXPECT_EQ(tok.decode(text_ids.back(), tok.eos_id()), "\n</s>\n");
+  EXPECT_EQ(tok.decode(text_ids.back(), Tokenizer::kEosId), "\n</s>\n");
   // The prompt's own tokens are the encoding of "The cat".
   const std::vector<int> prompt = tok.encode("The cat", false);
   EXPECT_EQ(std::vector<int>(all.begin(), all.begin() + 4), prompt);
@@ -663,8 +663,8 @@ TEST(TokenizerAccessors, ReportTheVocabulary) {
   const Tokenizer tok = make_tokenizer({{" ", -1.5f}, {"hello", -2.0f}});
   EXPECT_EQ(tok.vocab_size(), 261u);
   EXPECT_EQ(tok.max_token_length(), 6);  // "<0x00>" and the special pieces
-  EXPECT_EQ(Tokenizer::bos_id(), 1);
-  EXPECT_EQ(Tokenizer::eos_id(), 2);
+  EXPECT_EQ(Tokenizer::kBosId, 1);
+  EXPECT_EQ(Tokenizer::kEosId, 2);
   EXPECT_EQ(tok.piece(260), "hello");
   EXPECT_EQ(tok.score(260), -2.0f);
   EXPECT_EQ(tok.score(259), -1.5f);

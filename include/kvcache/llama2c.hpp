@@ -133,11 +133,10 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
                                           std::uint64_t actual_bytes, const LoadLimits& limits) {
   using io::sat_add;
   using io::sat_mul;
-  static const char* const names[7] = {"dim",        "hidden_dim", "n_layers", "n_heads",
-                                       "n_kv_heads", "vocab_size", "seq_len"};
   Llama2cHeader h;
-  std::size_t* const fields[7] = {&h.dim, &h.hidden_dim, &h.n_layers, &h.n_heads, &h.n_kv_heads, &h.vocab_size,
-                                  &h.seq_len};
+  const std::pair<const char*, std::size_t*> fields[7] = {
+      {"dim", &h.dim}, {"hidden_dim", &h.hidden_dim}, {"n_layers", &h.n_layers}, {"n_heads", &h.n_heads},
+      {"n_kv_heads", &h.n_kv_heads}, {"vocab_size", &h.vocab_size}, {"seq_len", &h.seq_len}};
   // Every size must be positive: a zero or negative one is a corrupt or
   // foreign file (vocab_size's sign carries the tied/untied flag, so its
   // magnitude must be positive; int64 keeps -INT32_MIN representable).
@@ -145,8 +144,8 @@ inline Llama2cHeader parse_llama2c_header(const std::string& path, const unsigne
     const std::int64_t v = io::get_le<std::int32_t>(bytes + 4 * i);
     const std::int64_t magnitude = i == 5 && v < 0 ? -v : v;
     if (magnitude <= 0)
-      io::fail(path, "header field ", names[i], " = ", v, i == 5 ? ", its magnitude must be > 0" : ", must be > 0");
-    *fields[i] = static_cast<std::size_t>(magnitude);
+      io::fail(path, "header field ", fields[i].first, " = ", v, i == 5 ? ", its magnitude" : ",", " must be > 0");
+    *fields[i].second = static_cast<std::size_t>(magnitude);
     if (i == 5) h.shared_classifier = v > 0;
   }
 
@@ -241,75 +240,7 @@ inline Decoder<float> read_llama2c_weights(std::istream& in, const std::string& 
   return Decoder<float>(h.config(), std::move(w), weights);
 }
 
-}  // namespace detail
-
-// Reads and validates the header of a checkpoint held by a seekable stream
-// (a file, a std::istringstream over bytes in memory), and checks the length
-// from its current position to its end against it, without reading or
-// allocating the weights; `name` stands for the path in messages. The
-// stream is left after the header. Throws std::runtime_error
-// "kvcache: <name>: <problem>".
-inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
-  // A stream that cannot seek (a pipe) has no length to check the header against.
-  const std::uint64_t size = detail::io::file_length(in, name);
-  if (size < Llama2cHeader::kBytes)
-    detail::io::fail(name, "file is too short for the 28-byte header (", size, " vs 28 bytes)");
-  unsigned char bytes[Llama2cHeader::kBytes];
-  if (!in.read(reinterpret_cast<char*>(bytes), sizeof bytes)) detail::io::fail(name, "cannot read the header");
-  return detail::parse_llama2c_header(name, bytes, size, limits);
-}
-
-// The same for the checkpoint at `path`.
-inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
-  std::ifstream in;
-  detail::io::open_for_reading(path, path, in);
-  return read_llama2c_header(in, path, limits);
-}
-
-// ============================================================================
-// Loading
-// ============================================================================
-
-// Reads a llama2.c checkpoint from a seekable stream, from its current
-// position to its end, which must be exactly the checkpoint (see
-// load_llama2c(path) below for the checks); `name` stands for the path in
-// messages. Throws std::runtime_error "kvcache: <name>: <problem>".
-inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {},
-                                   WeightType weights = WeightType::f32) {
-  detail::io::require_little_endian(name, "llama2.c checkpoints");
-  const Llama2cHeader h = read_llama2c_header(in, name, limits);
-  // Every allocation is bounded by the file's length; one can still fail.
-  try {
-    return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
-  } catch (const std::bad_alloc&) {
-    detail::io::fail(name, "out of memory loading ", h.n_parameters, " parameters (",
-                     detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)), " bytes)");
-  }
-}
-
-// Reads a llama2.c checkpoint into a Decoder<float> (see the top of this file
-// for the format). Everything about the file is checked before the weights
-// are allocated: it exists and is readable, the header is sane, the sizes fit
-// in LoadLimits (the weights, and the KV cache at seq_len positions), and
-// the file is exactly as long as the header implies.
-// With weights = WeightType::bf16 the weight matrices are rounded to
-// bfloat16 as they are read (to nearest even), so memory holds half their
-// float32 bytes and never all of them as float32.
-// Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
-inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {},
-                                   WeightType weights = WeightType::f32) {
-  std::ifstream in;
-  detail::io::open_for_reading(path, path, in);
-  return load_llama2c(in, path, limits, weights);
-}
-
-// ============================================================================
-// Saving
-// ============================================================================
-
-namespace detail {
-
-// The header of `decoder`'s checkpoint. Throws std::invalid_argument, naming
+// Saving: the header of `decoder`'s checkpoint. Throws std::invalid_argument, naming
 // the field, for what the format cannot say.
 inline void llama2c_header_of(const Decoder<float>& decoder, unsigned char* header) {
   const ModelConfig& c = decoder.config();
@@ -356,25 +287,69 @@ inline void put_tensor(io::FileSink& out, const Vector<float>& v) {
   out.put(v.data(), static_cast<std::size_t>(v.size()) * sizeof(float));
 }
 
-// Throws std::runtime_error unless `path` is absent or a llama2.c checkpoint
-// (a sane header and exactly the length it implies, whatever its size), so
-// that save_llama2c never writes over a file it could not have written: not
-// a text file, not a symbolic link, a directory or a device.
-inline void require_replaceable_checkpoint(const std::string& path) {
-  io::require_replaceable(path, path, "llama2.c checkpoint", Llama2cHeader::kBytes, [&](const io::FilePrefix& p) {
-    if (p.bytes.size() < Llama2cHeader::kBytes) return false;
-    LoadLimits any;
-    any.max_parameters = any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
-    try {
-      parse_llama2c_header(path, reinterpret_cast<const unsigned char*>(p.bytes.data()), p.size, any);
-      return true;
-    } catch (const std::exception&) {
-      return false;
-    }
-  });
+}  // namespace detail
+
+// Reads and validates the header of a checkpoint held by a seekable stream
+// (a file, a std::istringstream over bytes in memory), and checks the length
+// from its current position to its end against it, without reading or
+// allocating the weights; `name` stands for the path in messages. The
+// stream is left after the header. Throws std::runtime_error
+// "kvcache: <name>: <problem>".
+inline Llama2cHeader read_llama2c_header(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
+  // A stream that cannot seek (a pipe) has no length to check the header against.
+  const std::uint64_t size = detail::io::file_length(in, name);
+  if (size < Llama2cHeader::kBytes)
+    detail::io::fail(name, "file is too short for the 28-byte header (", size, " vs 28 bytes)");
+  unsigned char bytes[Llama2cHeader::kBytes];
+  if (!in.read(reinterpret_cast<char*>(bytes), sizeof bytes)) detail::io::fail(name, "cannot read the header");
+  return detail::parse_llama2c_header(name, bytes, size, limits);
 }
 
-}  // namespace detail
+// The same for the checkpoint at `path`.
+inline Llama2cHeader read_llama2c_header(const std::string& path, const LoadLimits& limits = {}) {
+  std::ifstream in = detail::io::open_for_reading(path, path);
+  return read_llama2c_header(in, path, limits);
+}
+
+// ============================================================================
+// Loading
+// ============================================================================
+
+// Reads a llama2.c checkpoint from a seekable stream, from its current
+// position to its end, which must be exactly the checkpoint (see
+// load_llama2c(path) below for the checks); `name` stands for the path in
+// messages. Throws std::runtime_error "kvcache: <name>: <problem>".
+inline Decoder<float> load_llama2c(std::istream& in, const std::string& name, const LoadLimits& limits = {},
+                                   WeightType weights = WeightType::f32) {
+  detail::io::require_little_endian(name, "llama2.c checkpoints");
+  const Llama2cHeader h = read_llama2c_header(in, name, limits);
+  // Every allocation is bounded by the file's length; one can still fail.
+  try {
+    return detail::read_llama2c_weights(in, name, h, limits.check_finite, weights);
+  } catch (const std::bad_alloc&) {
+    detail::io::fail(name, "out of memory loading ", h.n_parameters, " parameters (",
+                     detail::io::count_string(detail::io::sat_mul(4, h.n_parameters)), " bytes)");
+  }
+}
+
+// Reads a llama2.c checkpoint into a Decoder<float> (see the top of this file
+// for the format). Everything about the file is checked before the weights
+// are allocated: it exists and is readable, the header is sane, the sizes fit
+// in LoadLimits (the weights, and the KV cache at seq_len positions), and
+// the file is exactly as long as the header implies.
+// With weights = WeightType::bf16 the weight matrices are rounded to
+// bfloat16 as they are read (to nearest even), so memory holds half their
+// float32 bytes and never all of them as float32.
+// Throws std::runtime_error "kvcache: <path>: <problem>" on any failure.
+inline Decoder<float> load_llama2c(const std::string& path, const LoadLimits& limits = {},
+                                   WeightType weights = WeightType::f32) {
+  std::ifstream in = detail::io::open_for_reading(path, path);
+  return load_llama2c(in, path, limits, weights);
+}
+
+// ============================================================================
+// Saving
+// ============================================================================
 
 // Writes `decoder` as a legacy (version 0) llama2.c checkpoint: vocab_size is
 // written negative when the LM head is not tied, and the two RoPE tables are
@@ -420,7 +395,23 @@ inline void save_llama2c(const Decoder<float>& decoder, const std::string& path)
     out.put(rope.data(), rope.size() * sizeof(float));
     if (!c.tied_lm_head) detail::put_tensor(out, decoder.lm_head());
   };
-  detail::io::write_atomically(path, path, write, [&] { detail::require_replaceable_checkpoint(path); });
+  // `path` may be replaced only when absent or a llama2.c checkpoint (a sane
+  // header and exactly the length it implies, whatever its size), so that
+  // save_llama2c never writes over a file it could not have written.
+  const auto is_checkpoint = [&](const detail::io::FilePrefix& p) {
+    if (p.bytes.size() < Llama2cHeader::kBytes) return false;
+    LoadLimits any;
+    any.max_parameters = any.max_kv_cache_bytes = std::numeric_limits<std::uint64_t>::max();
+    try {
+      detail::parse_llama2c_header(path, reinterpret_cast<const unsigned char*>(p.bytes.data()), p.size, any);
+      return true;
+    } catch (const std::exception&) {
+      return false;
+    }
+  };
+  detail::io::write_atomically(path, path, write, [&] {
+    detail::io::require_replaceable(path, path, "llama2.c checkpoint", Llama2cHeader::kBytes, is_checkpoint);
+  });
 }
 
 }  // namespace kvcache

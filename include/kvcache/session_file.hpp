@@ -119,7 +119,7 @@ std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
   // Values are taken row by row through m(i, j), so that a matrix stored as
   // bfloat16 gives the rounded values it computes with (and a fingerprint of
   // its own).
-  const auto add = [&h](const auto& m) {
+  const auto add_one = [&h](const auto& m) {
     const auto n = static_cast<std::uint64_t>(m.size());
     const auto cols = static_cast<std::uint64_t>(m.cols());
     h = detail::io::fnv1a(h, static_cast<std::uint64_t>(m.rows()));
@@ -131,24 +131,20 @@ std::uint64_t weights_fingerprint(const Decoder<T>& decoder) {
       h = detail::io::fnv1a(h, reinterpret_cast<const unsigned char*>(&value), sizeof value);
     }
   };
-  add(decoder.token_embedding());
-  add(decoder.position_embedding());
+  const auto add = [&](const auto&... arrays) { (add_one(arrays), ...); };
+  add(decoder.token_embedding(), decoder.position_embedding());
   for (std::size_t l = 0; l < decoder.config().n_layers; ++l) {  // in the order of the block's structs
     const auto& b = decoder.block(l);
     const AttentionWeights<T>& a = b.attention;
-    for (const auto* v : {&b.attention_norm.gamma, &b.attention_norm.beta}) add(*v);
-    for (const auto* W : {&a.W_Q, &a.W_K, &a.W_V, &a.W_O}) add(*W);
-    for (const auto* v : {&a.b_Q, &a.b_K, &a.b_V, &a.b_O, &b.mlp_norm.gamma, &b.mlp_norm.beta}) add(*v);
-    for (const auto* W : {&b.mlp.W_1, &b.mlp.W_2, &b.mlp.W_3}) add(*W);
-    for (const auto* v : {&b.mlp.b_1, &b.mlp.b_2}) add(*v);
+    add(b.attention_norm.gamma, b.attention_norm.beta, a.W_Q, a.W_K, a.W_V, a.W_O, a.b_Q, a.b_K, a.b_V, a.b_O,
+        b.mlp_norm.gamma, b.mlp_norm.beta, b.mlp.W_1, b.mlp.W_2, b.mlp.W_3, b.mlp.b_1, b.mlp.b_2);
   }
-  for (const auto* v : {&decoder.final_norm().gamma, &decoder.final_norm().beta}) add(*v);
+  add(decoder.final_norm().gamma, decoder.final_norm().beta);
   if (!decoder.config().tied_lm_head) add(decoder.lm_head());
   return h;
 }
 
-namespace detail {
-namespace session_file {
+namespace detail::session_file {
 
 constexpr char kMagic[8] = {'K', 'V', 'C', 'S', 'E', 'S', 'S', '\0'};
 constexpr std::uint64_t kVersion = 1;
@@ -411,8 +407,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
 // is still one of ours).
 inline bool is_session_file(const io::FilePrefix& p) { return p.bytes.compare(0, 8, kMagic, 8) == 0; }
 
-}  // namespace session_file
-}  // namespace detail
+}  // namespace detail::session_file
 
 // ============================================================================
 // Saving
@@ -434,7 +429,7 @@ void write_session(std::ostream& out, const Decoder<T>& decoder, const Session<T
   detail::session_file::check_saveable("<stream>", decoder, session, tokens, last_logits);
   const auto put = [&out](const unsigned char* p, std::size_t n) {
     out.write(reinterpret_cast<const char*>(p), static_cast<std::streamsize>(n));
-    if (!out) throw std::runtime_error("kvcache: write_session: write error");
+    if (!out) detail::io::fail("write_session", "write error");
   };
   detail::session_file::write_all(decoder, session, tokens, last_logits, put);
 }
@@ -501,8 +496,7 @@ template <typename T>
 SavedSession<T> load_session(const std::string& path, const Decoder<T>& decoder,
                              const SessionLoadOptions& options = {}) {
   namespace sf = detail::session_file;
-  std::ifstream in;
-  detail::io::open_for_reading(path, sf::label(path), in);
+  std::ifstream in = detail::io::open_for_reading(path, sf::label(path));
   return sf::read_all(in, path, detail::io::file_length(in, sf::label(path)), decoder, options);
 }
 

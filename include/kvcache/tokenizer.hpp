@@ -83,21 +83,18 @@ struct TokenizerFile {
 // never with the length a token claims.
 inline float read_token(io::BoundedReader& reader, const std::string& label, std::size_t index, int max_token_length,
                         std::string& piece) {
-  const std::string token = "token " + std::to_string(index);
+  const std::string token = io::text("token ", index);
   unsigned char field[8];
   reader.read(field, 8, token + "'s score and length");
   const float score = io::get_le<float>(field);
   const std::int32_t length = io::get_le<std::int32_t>(field + 4);
-  if (std::isnan(score)) io::fail(label, token + " has a NaN score");
+  if (std::isnan(score)) io::fail(label, token, " has a NaN score");
   if (length < 0 || length > max_token_length)
-    io::fail(label, token + " has length " + std::to_string(length) + ", outside [0, max_token_length " +
-                        std::to_string(max_token_length) + "]");
+    io::fail(label, token, " has length ", length, ", outside [0, max_token_length ", max_token_length, "]");
   piece.clear();
-  for (auto left = static_cast<std::size_t>(length); left > 0;) {
-    const std::size_t n = std::min<std::size_t>(left, std::size_t{1} << 16);
-    piece.resize(piece.size() + n);
-    reader.read(reinterpret_cast<unsigned char*>(&piece[piece.size() - n]), n, token);
-    left -= n;
+  for (std::size_t have = 0; have < static_cast<std::size_t>(length); have = piece.size()) {
+    piece.resize(std::min<std::size_t>(length, have + (std::size_t{1} << 16)));
+    reader.read(reinterpret_cast<unsigned char*>(&piece[have]), piece.size() - have, token);
   }
   return score;
 }
@@ -113,41 +110,38 @@ inline TokenizerFile read_tokenizer(std::istream& in, const std::string& name, s
   // Ids are ints: whatever the limit says, no more tokens than that.
   constexpr std::uint64_t kMaxId = std::numeric_limits<int>::max();
   const auto max_tokens = static_cast<std::size_t>(std::min(limits.max_vocab_size, kMaxId));
-  const std::string vocab_limit =
-      "LoadLimits::max_vocab_size " + std::to_string(limits.max_vocab_size) + ", ids up to " + std::to_string(kMaxId);
+  const std::string vocab_limit = io::text("LoadLimits::max_vocab_size ", limits.max_vocab_size, ", ids up to ", kMaxId);
   if (vocab_size && *vocab_size > max_tokens)
-    io::fail(label, "the model's vocab_size " + std::to_string(*vocab_size) + " is above the limit (" + vocab_limit + ")");
+    io::fail(label, "the model's vocab_size ", *vocab_size, " is above the limit (", vocab_limit, ")");
   const std::uint64_t max_bytes = limits.max_tokenizer_bytes;
   const std::optional<std::uint64_t> length = io::remaining_bytes(in);
   if (length && *length > max_bytes)
     io::fail(label, "is larger than LoadLimits::max_tokenizer_bytes (", *length, " vs ", max_bytes, " bytes)");
   io::BoundedReader reader(in, label, max_bytes, "LoadLimits::max_tokenizer_bytes");
 
-  unsigned char header[4];
-  reader.read(header, 4, "4-byte header (max_token_length)");
   TokenizerFile out;
-  out.max_token_length = io::get_le<std::int32_t>(header);
-  if (out.max_token_length < 0)
-    io::fail(label, "max_token_length is " + std::to_string(out.max_token_length) + ", must be >= 0");
+  reader.read_values<std::int32_t>(1, "4-byte header (max_token_length)",
+                                   [&](std::int32_t v) { out.max_token_length = v; });
+  if (out.max_token_length < 0) io::fail(label, "max_token_length is ", out.max_token_length, ", must be >= 0");
   // Every token up to the end. Past the model's vocab_size tokens, the
   // message tells more tokens (another vocabulary) from plain trailing bytes.
   std::uint64_t after = 0;  // bytes up to the model's vocab_size tokens
   while (in.peek() != std::char_traits<char>::eof()) {
-    if (out.pieces.size() == max_tokens) io::fail(label, "holds more tokens than the limit (" + vocab_limit + ")");
+    if (out.pieces.size() == max_tokens) io::fail(label, "holds more tokens than the limit (", vocab_limit, ")");
     if (vocab_size && out.pieces.size() == *vocab_size) after = reader.consumed();
     out.pieces.emplace_back();
     try {
       out.scores.push_back(read_token(reader, label, out.pieces.size() - 1, out.max_token_length, out.pieces.back()));
     } catch (const std::runtime_error&) {
       if (!vocab_size || out.pieces.size() <= *vocab_size || reader.consumed() > max_bytes) throw;
-      io::fail(label, (length && *length > after ? std::to_string(*length - after) : std::string("some")) +
-                          " unexpected bytes after the " + std::to_string(*vocab_size) +
-                          " tokens of the model's vocab_size");
+      io::fail(label, length && *length > after ? std::to_string(*length - after) : "some",
+               " unexpected bytes after the ", *vocab_size, " tokens of the model's vocab_size");
     }
   }
   if (vocab_size && out.pieces.size() != *vocab_size)
-    io::fail(label, "holds " + std::to_string(out.pieces.size()) + " tokens but the model's vocab_size is " +
-                        std::to_string(*vocab_size));
+    io::fail(label, "holds ", out.pieces.size(), " tokens but the model's vocab_size is ", *vocab_size);
+  if (out.pieces.size() < 3)
+    io::fail(label, "holds ", out.pieces.size(), " tokens, fewer than the 3 special ones (<unk>, BOS, EOS)");
   return out;
 }
 
@@ -179,12 +173,10 @@ void merge_pairs(std::vector<int>& tokens, const FindMerge& find_merge) {
     float score;
     std::size_t left, right;  // node positions
     int left_id, right_id, merged_id;
+    // "comes out after b": a lower score, or the same score further right.
+    bool operator<(const Candidate& b) const { return score != b.score ? score < b.score : left > b.left; }
   };
-  // "a comes out after b": lower score, or the same score further right.
-  const auto after = [](const Candidate& a, const Candidate& b) {
-    return a.score != b.score ? a.score < b.score : a.left > b.left;
-  };
-  std::priority_queue<Candidate, std::vector<Candidate>, decltype(after)> heap(after);
+  std::priority_queue<Candidate> heap;
 
   std::vector<std::size_t> prev(n), next(n);
   for (std::size_t i = 0; i < n; ++i) {
@@ -214,18 +206,6 @@ void merge_pairs(std::vector<int>& tokens, const FindMerge& find_merge) {
   tokens.erase(std::remove(tokens.begin(), tokens.end(), -1), tokens.end());
 }
 
-// The byte a piece of the exact form "<0xXX>" (either hex case) stands for,
-// or -1. (llama2.c uses sscanf("<0x%02hhX>"), which also accepts a prefix
-// such as "<0x4" or "<0x41>junk"; no real vocabulary has such pieces.)
-inline int parse_byte_piece(std::string_view text) noexcept {
-  const char* digits = text.data() + 3;
-  unsigned byte = 0;
-  if (text.size() != 6 || text.substr(0, 3) != "<0x" || text[5] != '>' ||
-      std::from_chars(digits, digits + 2, byte, 16).ptr != digits + 2)
-    return -1;
-  return static_cast<int>(byte);
-}
-
 }  // namespace detail
 
 // A byte-pair-merge tokenizer in llama2.c's `tokenizer.bin` format: the file
@@ -243,15 +223,13 @@ class Tokenizer {
   // other than vocab_size, or a file or vocabulary past `limits`
   // (max_tokenizer_bytes, max_vocab_size).
   static Tokenizer load(const std::string& path, std::size_t vocab_size, const LoadLimits& limits = {}) {
-    std::ifstream in;
-    detail::io::open_for_reading(path, detail::tokenizer_label(path), in);
+    std::ifstream in = detail::io::open_for_reading(path, detail::tokenizer_label(path));
     return load(in, path, vocab_size, limits);
   }
 
   // Reads every token in the file; vocab_size() is how many there are.
   static Tokenizer load(const std::string& path, const LoadLimits& limits = {}) {
-    std::ifstream in;
-    detail::io::open_for_reading(path, detail::tokenizer_label(path), in);
+    std::ifstream in = detail::io::open_for_reading(path, detail::tokenizer_label(path));
     return load(in, path, limits);
   }
 
@@ -262,11 +240,11 @@ class Tokenizer {
   // most 64 KB more are read).
   static Tokenizer load(std::istream& in, const std::string& name, std::size_t vocab_size,
                         const LoadLimits& limits = {}) {
-    return Tokenizer(detail::read_tokenizer(in, name, vocab_size, limits), name);
+    return Tokenizer(detail::read_tokenizer(in, name, vocab_size, limits));
   }
 
   static Tokenizer load(std::istream& in, const std::string& name, const LoadLimits& limits = {}) {
-    return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits), name);
+    return Tokenizer(detail::read_tokenizer(in, name, std::nullopt, limits));
   }
 
   // Instead of llama2.c's rules, llama.cpp's SentencePiece tokenizer over a
@@ -309,17 +287,16 @@ class Tokenizer {
     for (std::size_t begin = 0, length = 1; begin < text.size(); begin += length, length = 1) {
       while (length < 4 && begin + length < text.size() && is_continuation_byte(text[begin + length])) ++length;
       const std::string_view chunk = text.substr(begin, length);
-      const int id = find(chunk);
-      if (id >= 0) {
+      if (const int id = find(chunk); id >= 0) {
         tokens.push_back(id);
         continue;
       }
       for (const char byte : chunk) {
         const int fallback = kByteFallbackOffset + static_cast<unsigned char>(byte);
         if (static_cast<std::size_t>(fallback) >= pieces_.size())
-          throw std::runtime_error("kvcache::Tokenizer: byte " + std::to_string(fallback - kByteFallbackOffset) +
-                                   " needs byte-fallback token " + std::to_string(fallback) +
-                                   " but the vocabulary has only " + std::to_string(pieces_.size()) + " tokens");
+          throw std::runtime_error(detail::io::text("kvcache::Tokenizer: byte ", fallback - kByteFallbackOffset,
+                                                    " needs byte-fallback token ", fallback,
+                                                    " but the vocabulary has only ", pieces_.size(), " tokens"));
         tokens.push_back(fallback);
       }
     }
@@ -343,8 +320,14 @@ class Tokenizer {
     if (spm_) return spm_->decode(prev_token, token);
     std::string_view text = piece(token);
     if (prev_token == kBosId && !text.empty() && text.front() == ' ') text.remove_prefix(1);
-    const int byte = detail::parse_byte_piece(text);
-    return byte >= 0 ? std::string(1, static_cast<char>(byte)) : std::string(text);
+    // A piece of the exact form "<0xXX>" (either hex case) is that byte.
+    // (llama2.c uses sscanf("<0x%02hhX>"), which also accepts a prefix such
+    // as "<0x4" or "<0x41>junk"; no real vocabulary has such pieces.)
+    unsigned byte = 0;
+    if (text.size() == 6 && text.substr(0, 3) == "<0x" && text[5] == '>' &&
+        std::from_chars(&text[3], &text[5], byte, 16).ptr == &text[5])
+      return std::string(1, static_cast<char>(byte));
+    return std::string(text);
   }
 
   // The concatenated text of `ids`, each decoded after the one before it, the
@@ -390,12 +373,9 @@ class Tokenizer {
   }
 
  private:
-  // Checks the vocabulary has the special ids and builds the lookup table.
-  Tokenizer(detail::TokenizerFile file, const std::string& name)
+  // Builds the lookup table.
+  explicit Tokenizer(detail::TokenizerFile file)
       : pieces_(std::move(file.pieces)), scores_(std::move(file.scores)), max_token_length_(file.max_token_length) {
-    if (pieces_.size() <= static_cast<std::size_t>(kEosId))
-      detail::io::fail(detail::tokenizer_label(name), "holds " + std::to_string(pieces_.size()) +
-                                                          " tokens, fewer than the 3 special ones (<unk>, BOS, EOS)");
     ids_.reserve(pieces_.size());
     // emplace keeps the existing entry, so a duplicated string maps to its lowest id.
     for (std::size_t id = 0; id < pieces_.size(); ++id) ids_.emplace(pieces_[id], static_cast<int>(id));
@@ -404,8 +384,8 @@ class Tokenizer {
 
   std::size_t checked_index(int id) const {
     if (id < 0 || static_cast<std::size_t>(id) >= pieces_.size())
-      throw std::out_of_range("kvcache::Tokenizer: token id " + std::to_string(id) +
-                              " is outside the vocabulary [0, " + std::to_string(pieces_.size()) + ")");
+      throw std::out_of_range(detail::io::text("kvcache::Tokenizer: token id ", id, " is outside the vocabulary [0, ",
+                                               pieces_.size(), ")"));
     return static_cast<std::size_t>(id);
   }
 

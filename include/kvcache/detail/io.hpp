@@ -65,9 +65,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-namespace kvcache {
-namespace detail {
-namespace io {
+namespace kvcache::detail::io {
 
 // ============================================================================
 // Errors
@@ -112,9 +110,8 @@ static_assert(sizeof(double) == 8 && std::numeric_limits<double>::is_iec559, "kv
 // IEEE-754 hosts only, so the others are refused.
 inline void require_little_endian(const std::string& label, const std::string& format) {
   const std::uint32_t one = 1;
-  unsigned char first = 0;
-  std::memcpy(&first, &one, 1);
-  if (first != 1) fail(label, format, " are little-endian and this host is not (unsupported)");
+  if (*reinterpret_cast<const unsigned char*>(&one) != 1)
+    fail(label, format, " are little-endian and this host is not (unsupported)");
 }
 
 // Bit casts, so that signed and floating values go through the codecs below.
@@ -144,7 +141,6 @@ void put_le(T value, unsigned char* p) {
   const auto v = bit_cast<Bits<T>>(value);
   for (std::size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<unsigned char>((v >> (8 * i)) & 0xFFu);
 }
-// The two tokenizer.hpp reads.
 
 // ============================================================================
 // Checksum
@@ -182,39 +178,29 @@ inline std::string count_string(std::uint64_t n) { return n == kSaturated ? "mor
 // Reading
 // ============================================================================
 
-// Opens `path` for binary reading and returns "", or returns why it cannot:
+// `path` opened for binary reading, or throws "kvcache: <label>: <why>":
 // "is a directory", "no such file", or the system's reason.
-inline std::string open_problem(const std::string& path, std::ifstream& in) {
+inline std::ifstream open_for_reading(const std::string& path, const std::string& label) {
   std::error_code ec;
-  if (std::filesystem::is_directory(path, ec)) return "is a directory";
+  if (std::filesystem::is_directory(path, ec)) fail(label, "is a directory");
   errno = 0;
-  in.open(path, std::ios::binary);
+  std::ifstream in(path, std::ios::binary);
   const int error = errno;
-  if (in) return "";
-  return std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file";
-}
-
-// The same, throwing "kvcache: <label>: <why>".
-inline void open_for_reading(const std::string& path, const std::string& label, std::ifstream& in) {
-  const std::string problem = open_problem(path, in);
-  if (!problem.empty()) fail(label, problem);
+  if (!in)
+    fail(label, std::filesystem::exists(path, ec) ? "cannot open for reading" + errno_text(error) : "no such file");
+  return in;
 }
 
 // Bytes left in `in` from where it is, when it can seek (a file, a string
 // stream); nothing otherwise (a pipe). The position is left where it was.
 inline std::optional<std::uint64_t> remaining_bytes(std::istream& in) {
   const std::istream::pos_type here = in.tellg(), none(-1);
-  std::optional<std::uint64_t> left;
-  if (here != none && in.seekg(0, std::ios::end)) {
-    const std::istream::pos_type end = in.tellg();
-    if (end != none && end >= here) left = static_cast<std::uint64_t>(end - here);
-  }
+  const std::istream::pos_type end = here != none && in.seekg(0, std::ios::end) ? in.tellg() : none;
   in.clear(in.rdstate() & ~std::ios::failbit);
-  if (here != none && !in.seekg(here)) {
-    in.clear(in.rdstate() & ~std::ios::failbit);
-    return std::nullopt;
-  }
-  return left;
+  const bool back = here != none && in.seekg(here);
+  in.clear(in.rdstate() & ~std::ios::failbit);
+  if (!back || end == none || end < here) return std::nullopt;
+  return static_cast<std::uint64_t>(end - here);
 }
 
 // The bytes left in a stream that must be measurable, or throws naming it.
@@ -287,16 +273,6 @@ struct FilePrefix {
   std::uint64_t size = 0;
 };
 
-// What a file of this mode is when it is not a regular file, or nullptr.
-inline const char* irregular_kind(mode_t mode) {
-  return S_ISREG(mode)                     ? nullptr
-         : S_ISLNK(mode)                   ? "a symbolic link"
-         : S_ISDIR(mode)                   ? "a directory"
-         : S_ISFIFO(mode)                  ? "a FIFO"
-         : S_ISCHR(mode) || S_ISBLK(mode) ? "a device"
-                                           : "not a regular file";
-}
-
 // Throws std::runtime_error unless `path` may be written over: it does not
 // exist, or it is a regular file (a symbolic link is not followed: it is
 // refused) that `accept(prefix)` recognises as a file of `kind` (for
@@ -307,7 +283,14 @@ void require_replaceable(const std::string& path, const std::string& label, cons
                          std::size_t prefix_bytes, Accept&& accept) {
   const std::string refuse = "; refusing to replace it";
   const auto require_regular = [&](mode_t mode) {
-    if (const char* type = irregular_kind(mode)) fail(label, "is ", type, ", not a ", kind, refuse);
+    if (S_ISREG(mode)) return;
+    fail(label, "is ",
+         S_ISLNK(mode)                    ? "a symbolic link"
+         : S_ISDIR(mode)                  ? "a directory"
+         : S_ISFIFO(mode)                 ? "a FIFO"
+         : S_ISCHR(mode) || S_ISBLK(mode) ? "a device"
+                                          : "not a regular file",
+         ", not a ", kind, refuse);
   };
   struct stat st;
   if (::lstat(path.c_str(), &st) != 0) {
@@ -452,7 +435,7 @@ enum class Temporary { unnamed_if_possible, named };
 template <typename Write, typename MayReplace>
 void write_atomically(const std::string& path, const std::string& label, Write&& write, MayReplace&& may_replace,
                       Temporary temporary = Temporary::unnamed_if_possible) {
-  if (path.empty()) throw std::invalid_argument("kvcache: empty file name");
+  if (path.empty()) invalid("empty file name");
   may_replace();
   const std::filesystem::path parent = std::filesystem::path(path).parent_path();
   const std::string dir = parent.empty() ? std::string(".") : parent.string();
@@ -495,6 +478,4 @@ void write_atomically(const std::string& path, const std::string& label, Write&&
   sync_directory(dir);
 }
 
-}  // namespace io
-}  // namespace detail
-}  // namespace kvcache
+}  // namespace kvcache::detail::io
