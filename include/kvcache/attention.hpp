@@ -131,9 +131,8 @@ class Attention {
       });
     }
     const auto R = static_cast<Eigen::Index>(rows), d = static_cast<Eigen::Index>(c.d_model);
-    const auto kv = static_cast<Eigen::Index>(c.kv_dim());
     for (Matrix<T>* M : {&s.Q, &s.O}) resize_buffer(*M, R, d);
-    for (Matrix<T>* M : {&s.K, &s.V}) resize_buffer(*M, R, kv);
+    for (Matrix<T>* M : {&s.K, &s.V}) resize_buffer(*M, R, static_cast<Eigen::Index>(c.kv_dim()));
     if (s.rebased) resize_buffer(s.Q_unrotated, R, d);
     // Grown, never shrunk, so that a decode step, whose n grows by one,
     // reallocates only when the size doubles.

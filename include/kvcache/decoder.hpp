@@ -154,13 +154,11 @@ class Decoder {
   // (bigger ones have huge pages of their own: see WeightArena).
   static void store(DecoderWeights<T>& weights, WeightType type) {
     const std::size_t value_bytes = row_bytes<T>(type, 1);
-    const auto in_arena = [&](const WeightMatrix<T>& W) {
-      const std::size_t bytes = static_cast<std::size_t>(W.size()) * value_bytes;
-      return bytes != 0 && bytes < detail::kHugePage;
-    };
+    const auto stored = [&](const WeightMatrix<T>& W) { return static_cast<std::size_t>(W.size()) * value_bytes; };
+    const auto in_arena = [&](const WeightMatrix<T>& W) { return stored(W) != 0 && stored(W) < detail::kHugePage; };
     std::size_t arena_bytes = 0;
     for (WeightMatrix<T>* W : matrices(weights))
-      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(static_cast<std::size_t>(W->size()) * value_bytes);
+      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(stored(*W));
     detail::WeightArena arena(arena_bytes);
     for (WeightMatrix<T>* W : matrices(weights)) {
       W->convert_to(type);
