@@ -318,8 +318,8 @@ TEST(QuantKernels, MatchTheQuantizedArithmeticInDouble) {
     for (Eigen::Index m = 1; m <= 40; ++m) {
       const Matrix<float> X = random_matrix(m, 96, static_cast<unsigned>(m)) * 3.0f;
       Matrix<float> Y1(m, 67), Y2(m, 67);
-      kd::linear<float>(X, W, b, Y1, 1);
-      kd::linear<float>(X, W, b, Y2, 2);
+      kd::linear<float>(X, {{W, b, Y1}}, 1);
+      kd::linear<float>(X, {{W, b, Y2}}, 2);
       Matrix<double> want = reference_product(X, W);
       want.rowwise() += b.cast<double>().transpose();
       EXPECT_LT(reference::max_abs_diff(Y1, want), 2e-5) << kvcache::to_string(type) << " m = " << m;
@@ -370,8 +370,9 @@ TEST(QuantKernels, DecodeSumsInGgmlsOrderBitForBit) {
     const WeightMatrix<float> Wq = weights_of(WeightType::q8_0, 9, n, 8), Wh = weights_of(WeightType::f16, 9, n, 8);
     const Matrix<float> X = random_matrix(kvcache::detail::kFewTokens - 1, n, 9) * 5.0f;
     Matrix<float> Yq(X.rows(), 9), Yh(X.rows(), 9);
-    kd::linear<float>(X, Wq, Vector<float>(), Yq, 1);
-    kd::linear<float>(X, Wh, Vector<float>(), Yh, 1);
+    const Vector<float> none;
+    kd::linear<float>(X, {{Wq, none, Yq}}, 1);
+    kd::linear<float>(X, {{Wh, none, Yh}}, 1);
     std::vector<std::int8_t> q(static_cast<std::size_t>(n));
     std::vector<float> d(static_cast<std::size_t>(n / 32)), xh(static_cast<std::size_t>(n));
     for (Eigen::Index t = 0; t < X.rows(); ++t) {

@@ -16,8 +16,14 @@ namespace {
 // account of a window (sinks fixed, the ring overwritten oldest first).
 std::vector<std::size_t> slots_one_by_one(SlotTable t, std::size_t m) {
   std::vector<std::size_t> slots;
-  t.for_each_slot(m, [&](std::size_t, std::size_t slot) { slots.push_back(slot); });
+  for (std::size_t i = 0; i < m; ++i) t.commit(t.plan(1, false, [&](const SlotRun& r) { slots.push_back(r.slot); }));
   return slots;
+}
+
+// The runs t plans for m tokens (in runs, overwritten) and the state after.
+SlotTable::State plan(const SlotTable& t, std::size_t m, bool rope, std::vector<SlotRun>& runs) {
+  runs.clear();
+  return t.plan(m, rope, [&](const SlotRun& r) { runs.push_back(r); });
 }
 
 }  // namespace
@@ -25,7 +31,7 @@ std::vector<std::size_t> slots_one_by_one(SlotTable t, std::size_t m) {
 TEST(SlotTable, WithoutAWindowOneRunTakesTheNextSlots) {
   SlotTable t(10);
   std::vector<SlotRun> runs;
-  SlotTable::State end = t.plan(4, true, runs);
+  SlotTable::State end = plan(t, 4, true, runs);
   ASSERT_EQ(runs.size(), 1u);
   EXPECT_EQ(runs[0].slot, 0u);
   EXPECT_EQ(runs[0].rows, 4u);
@@ -33,7 +39,7 @@ TEST(SlotTable, WithoutAWindowOneRunTakesTheNextSlots) {
   EXPECT_FALSE(runs[0].rebased);
   EXPECT_EQ(t.size(), 0u) << "plan changes nothing";
   t.commit(end);
-  end = t.plan(3, true, runs);
+  end = plan(t, 3, true, runs);
   ASSERT_EQ(runs.size(), 1u);
   EXPECT_EQ(runs[0].slot, 4u);
   EXPECT_EQ(runs[0].n, 7u);
@@ -50,9 +56,9 @@ TEST(SlotTable, AWindowIsFilledTogetherThenOneTokenAtATime) {
     for (const bool rope : {false, true}) {
       SlotTable t(0, SlidingWindow{6, sinks});
       std::vector<SlotRun> runs;
-      t.commit(t.plan(2, rope, runs));
+      t.commit(plan(t, 2, rope, runs));
       const std::vector<std::size_t> expected = slots_one_by_one(t, 9);
-      const SlotTable::State end = t.plan(9, rope, runs);
+      const SlotTable::State end = plan(t, 9, rope, runs);
       std::vector<std::size_t> planned;
       std::size_t first = 0;
       for (const SlotRun& r : runs) {
@@ -79,21 +85,21 @@ TEST(SlotTable, RollBackDropsAppendsAndClearsAnOverwrittenWindow) {
   SlotTable t(0, SlidingWindow{4, 1});
   std::vector<SlotRun> runs;
   const SlotTable::State start = t.state();
-  t.commit(t.plan(3, false, runs));
+  t.commit(plan(t, 3, false, runs));
   t.roll_back(start);
   EXPECT_EQ(t.size(), 0u);
-  t.commit(t.plan(3, false, runs));
+  t.commit(plan(t, 3, false, runs));
   const SlotTable::State held = t.state();
-  t.commit(t.plan(1, false, runs));  // fills the window: nothing dropped yet
+  t.commit(plan(t, 1, false, runs));  // fills the window: nothing dropped yet
   t.roll_back(held);
   EXPECT_EQ(t.size(), 3u);
-  t.commit(t.plan(3, false, runs));  // overwrites two tokens
+  t.commit(plan(t, 3, false, runs));  // overwrites two tokens
   t.roll_back(held);
   EXPECT_EQ(t.size(), 0u) << "overwritten tokens cannot come back: cleared";
   EXPECT_EQ(t.position(), 0u);
-  t.commit(t.plan(6, false, runs));
+  t.commit(plan(t, 6, false, runs));
   const SlotTable::State wrapped = t.state();
-  t.commit(t.plan(1, false, runs));
+  t.commit(plan(t, 1, false, runs));
   t.roll_back(wrapped, /*slots_intact=*/true);  // nothing was written: exactly back
   EXPECT_EQ(t.ring_start(), wrapped.ring_start);
   EXPECT_EQ(t.position(), 6u);

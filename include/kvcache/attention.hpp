@@ -28,6 +28,7 @@
 
 #include <Eigen/Core>
 
+#include "detail/io.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
 #include "detail/rope.hpp"
@@ -69,9 +70,9 @@ struct AttentionScratch {
   Vector<T> S;
   // Per thread, kTile × d_k keys or values of a compact cache converted to T.
   Vector<T> tile;
-  // Re-based sinks only: Q before RoPE, and each sequence's query rotated to
-  // its place in the window (a row per sequence).
-  Matrix<T> Q_unrotated, Q_in_window;
+  // Re-based sinks only: Q before RoPE (rows × d_model), a re-based run's row
+  // then rotated to its place in the window.
+  Matrix<T> Q_unrotated;
   // What the plan needs: one thread's scores (enough rows and columns for
   // the largest run), and whether any run re-bases its sinks.
   std::size_t region = 0;
@@ -120,21 +121,18 @@ class Attention {
       q.first_row = rows;
       rows += q.m;
       q.checkpoint = q.table->state();
-      q.end = q.table->plan(q.m, rope, q.runs);
       q.written = false;
-      for (const SlotRun& run : q.runs) {
+      q.runs.clear();
+      q.end = q.table->plan(q.m, rope, [&](const SlotRun& run) {
+        q.runs.push_back(run);
         s.region = std::max(s.region, std::max(q.m, c.group_size()) * scores_stride(run.n));
         s.rebased = s.rebased || run.rebased;
-      }
+      });
     }
     const auto R = static_cast<Eigen::Index>(rows), d = static_cast<Eigen::Index>(c.d_model);
-    const auto kv = static_cast<Eigen::Index>(c.kv_dim());
     for (Matrix<T>* M : {&s.Q, &s.O}) resize_buffer(*M, R, d);
-    for (Matrix<T>* M : {&s.K, &s.V}) resize_buffer(*M, R, kv);
-    if (s.rebased) {
-      resize_buffer(s.Q_unrotated, R, d);
-      resize_buffer(s.Q_in_window, static_cast<Eigen::Index>(s.seqs.size()), d);
-    }
+    for (Matrix<T>* M : {&s.K, &s.V}) resize_buffer(*M, R, static_cast<Eigen::Index>(c.kv_dim()));
+    if (s.rebased) resize_buffer(s.Q_unrotated, R, d);
     // Grown, never shrunk, so that a decode step, whose n grows by one,
     // reallocates only when the size doubles.
     const auto needed = static_cast<Eigen::Index>(threads * s.region);
@@ -166,12 +164,11 @@ class Attention {
     linear<T>(x, {{w_.W_Q, w_.b_Q, s_.Q}, {w_.W_K, w_.b_K, s_.K}, {w_.W_V, w_.b_V, s_.V}}, threads);
     if (s_.rebased) s_.Q_unrotated = s_.Q;
     if (rope_ != nullptr)
-      for (const auto& q : seqs) {
-        auto Q_b = s_.Q.middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
-        auto K_b = s_.K.middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
-        rope_->apply(Q_b, q.checkpoint.position);
-        rope_->apply(K_b, q.checkpoint.position);
-      }
+      for (const auto& q : seqs)
+        for (Matrix<T>* M : {&s_.Q, &s_.K}) {
+          auto M_b = M->middleRows(static_cast<Eigen::Index>(q.first_row), static_cast<Eigen::Index>(q.m));
+          rope_->apply(M_b, q.checkpoint.position);
+        }
     // Round k takes the k-th run of every sequence: runs of one sequence
     // must follow each other (a later one may overwrite slots an earlier one
     // reads); runs of different sequences are independent.
@@ -180,7 +177,7 @@ class Attention {
       for (std::size_t b = 0; b < seqs.size(); ++b)
         if (k < seqs[b].runs.size()) {
           s_.active.push_back(b);
-          place(seqs[b], b, seqs[b].runs[k]);
+          place(seqs[b], seqs[b].runs[k]);
         }
       if (s_.active.empty()) break;
       attend_round(k, threads);
@@ -190,16 +187,15 @@ class Attention {
 
  private:
   // Writes the run's keys and values into its slots; a re-based run's query
-  // is rotated to its place in the window (row b of Q_in_window).
-  void place(AttentionSequence<T>& q, std::size_t b, const SlotRun& run) {
+  // is rotated to its place in the window (its row of Q_unrotated).
+  void place(AttentionSequence<T>& q, const SlotRun& run) {
     q.written = true;
     for (std::size_t i = 0; i < run.rows; ++i) {
       const auto r = static_cast<Eigen::Index>(q.first_row + run.first + i);
       q.rows->write(run.slot + i, s_.K.row(r).data(), s_.V.row(r).data());
     }
     if (run.rebased) {
-      auto Q_w = s_.Q_in_window.row(static_cast<Eigen::Index>(b));
-      Q_w = s_.Q_unrotated.row(static_cast<Eigen::Index>(q.first_row + run.first));
+      auto Q_w = s_.Q_unrotated.row(static_cast<Eigen::Index>(q.first_row + run.first));
       rope_->apply(Q_w, run.n - 1);
     }
   }
@@ -213,7 +209,7 @@ class Attention {
       T* tile = s_.tile.data() + slot * kTile * c_.d_k();
       for (std::size_t u = begin; u < end;) {
         const std::size_t b = s_.active[u / H], h_begin = u % H, h_end = std::min(H, h_begin + (end - u));
-        attend_heads(s_.seqs[b], b, s_.seqs[b].runs[k], h_begin, h_end, scores, tile);
+        attend_heads(s_.seqs[b], s_.seqs[b].runs[k], h_begin, h_end, scores, tile);
         u += h_end - h_begin;
       }
     });
@@ -229,13 +225,12 @@ class Attention {
   // A decode step (one row) takes the heads that share a kv head together,
   // as a (heads × d_k) matrix, so each cached key and value is read once per
   // kv head, not once per query head.
-  void attend_heads(const AttentionSequence<T>& q, std::size_t b, const SlotRun& run, std::size_t h_begin,
-                    std::size_t h_end, T* scores, T* tile) const {
+  void attend_heads(const AttentionSequence<T>& q, const SlotRun& run, std::size_t h_begin, std::size_t h_end,
+                    T* scores, T* tile) const {
     const std::size_t d_k = c_.d_k(), G = c_.group_size(), n = run.n, rows = run.rows;
     const auto ld_Q = static_cast<Eigen::Index>(c_.d_model);
     const T sqrt_d_k = std::sqrt(static_cast<T>(d_k));
     const auto ld = static_cast<Eigen::Index>(scores_stride(n));
-    const T* Q_window = run.rebased ? s_.Q_in_window.data() + b * c_.d_model : nullptr;
     for (std::size_t h = h_begin; h < h_end;) {
       const std::size_t g = h / G;
       // Decode: the heads [h, h_end_g) of kv head g, one row each. Prefill: head h, `rows` rows.
@@ -250,11 +245,11 @@ class Attention {
       // Divided after the product, as the formula reads: a scaled Q_h
       // would make Eigen copy it into a temporary on every decode step.
       key_products(Q_h, *q.rows, g, 0, n, S, tile);
-      if (Q_window != nullptr) {
+      if (run.rebased) {
         // The sinks sit at the start of the window: their scores use the
         // query rotated to its place in the window, not in the sequence.
-        const ConstStridedMap Q_w(Q_window + h * d_k, q_rows, static_cast<Eigen::Index>(d_k),
-                                  Eigen::OuterStride<>(static_cast<Eigen::Index>(d_k)));
+        const ConstStridedMap Q_w(s_.Q_unrotated.data() + at, q_rows, static_cast<Eigen::Index>(d_k),
+                                  Eigen::OuterStride<>(q_stride));
         key_products(Q_w, *q.rows, g, 0, q.table->window().sinks, S, tile);
       }
       S /= sqrt_d_k;
@@ -271,12 +266,12 @@ class Attention {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
     if (kv.type() == StorageType::f32) {
       const auto b = static_cast<Eigen::Index>(begin), count = static_cast<Eigen::Index>(end - begin);
-      S.middleCols(b, count).noalias() = Q_h * kv.keys(g, end).middleRows(b, count).transpose();
+      S.middleCols(b, count).noalias() = Q_h * kv.view(KVRows<T>::kKeys, g, end).middleRows(b, count).transpose();
       return;
     }
     for (std::size_t j = begin; j < end; j += kTile) {
       const std::size_t count = std::min(kTile, end - j);
-      kv.load_keys(g, j, count, tile);
+      kv.load(KVRows<T>::kKeys, g, j, count, tile);
       const Eigen::Map<const Matrix<T>> K_tile(tile, static_cast<Eigen::Index>(count), d_k);
       S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)).noalias() = Q_h * K_tile.transpose();
     }
@@ -287,13 +282,13 @@ class Attention {
                   T* tile) const {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
     if (kv.type() == StorageType::f32) {
-      O_h.noalias() = P * kv.values(g, n);
+      O_h.noalias() = P * kv.view(KVRows<T>::kValues, g, n);
       return;
     }
     O_h.setZero();
     for (std::size_t j = 0; j < n; j += kTile) {
       const std::size_t count = std::min(kTile, n - j);
-      kv.load_values(g, j, count, tile);
+      kv.load(KVRows<T>::kValues, g, j, count, tile);
       const Eigen::Map<const Matrix<T>> V_tile(tile, static_cast<Eigen::Index>(count), d_k);
       O_h.noalias() += P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)) * V_tile;
     }
@@ -365,21 +360,17 @@ class MultiHeadAttentionWithCache {
                      const std::vector<KVCache<T>*>& caches, Matrix<T>& out, AttentionScratch<T>& scratch,
                      std::size_t threads = 1) const {
     const std::size_t B = caches.size();
-    if (B == 0) throw std::invalid_argument("kvcache: forward_batch: no sequences (no caches)");
+    if (B == 0) detail::io::invalid("forward_batch: no sequences (no caches)");
     if (first_row.size() != B + 1)
-      throw std::invalid_argument("kvcache: forward_batch: first_row has " + std::to_string(first_row.size()) +
-                                  " entries, expected caches + 1 = " + std::to_string(B + 1));
+      detail::io::invalid("forward_batch: first_row has ", first_row.size(), " entries, expected caches + 1 = ", B + 1);
     if (first_row.front() != 0 || first_row.back() != static_cast<std::size_t>(x.rows()))
-      throw std::invalid_argument("kvcache: forward_batch: first_row runs from " + std::to_string(first_row.front()) +
-                                  " to " + std::to_string(first_row.back()) + ", expected 0 to the rows of x = " +
-                                  std::to_string(x.rows()));
+      detail::io::invalid("forward_batch: first_row runs from ", first_row.front(), " to ", first_row.back(),
+                          ", expected 0 to the rows of x = ", x.rows());
     for (std::size_t b = 0; b < B; ++b) {
       const auto at = [&] { return " (sequence " + std::to_string(b) + ")"; };
       if (first_row[b + 1] <= first_row[b])
-        throw std::invalid_argument("kvcache: forward_batch: sequence " + std::to_string(b) +
-                                    " has no rows (first_row[" + std::to_string(b) + "] = " +
-                                    std::to_string(first_row[b]) + ", first_row[" + std::to_string(b + 1) +
-                                    "] = " + std::to_string(first_row[b + 1]) + ")");
+        detail::io::invalid("forward_batch: sequence ", b, " has no rows (first_row[", b, "] = ", first_row[b],
+                            ", first_row[", b + 1, "] = ", first_row[b + 1], ")");
       detail::check_distinct(caches, b, "kvcache: forward_batch", "caches", "cache");
       check_input(static_cast<Eigen::Index>(first_row[b + 1] - first_row[b]), x.cols(), *caches[b], at);
     }
@@ -437,22 +428,21 @@ class MultiHeadAttentionWithCache {
   // appended to the message.
   template <typename At>
   void check_input(Eigen::Index rows, Eigen::Index cols, const KVCache<T>& cache, const At& at) const {
-    if (rows == 0) throw std::invalid_argument("kvcache: attention input has no rows (no tokens)" + at());
+    if (rows == 0) detail::io::invalid("attention input has no rows (no tokens)", at());
     if (static_cast<std::size_t>(cols) != config_.d_model)
-      throw std::invalid_argument("kvcache: attention input is " + detail::shape(rows, cols) +
-                                  ", expected m x d_model = m x " + std::to_string(config_.d_model) + at());
+      detail::io::invalid("attention input is ", detail::shape(rows, cols), ", expected m x d_model = m x ",
+                          config_.d_model, at());
     if (cache.n_kv_heads() != config_.n_kv_heads || cache.d_k() != config_.d_k())
-      throw std::invalid_argument("kvcache: cache holds " + std::to_string(cache.n_kv_heads()) + " kv heads of " +
-                                  std::to_string(cache.d_k()) + ", the layer needs " +
-                                  std::to_string(config_.n_kv_heads) + " of " + std::to_string(config_.d_k()) + at());
+      detail::io::invalid("cache holds ", cache.n_kv_heads(), " kv heads of ", cache.d_k(), ", the layer needs ",
+                          config_.n_kv_heads, " of ", config_.d_k(), at());
     const std::size_t window = cache.window().window;
     if (window > config_.max_seq_len)
-      throw std::invalid_argument("kvcache: sliding window of " + std::to_string(window) +
-                                  " tokens is longer than max_seq_len = " + std::to_string(config_.max_seq_len) + at());
+      detail::io::invalid("sliding window of ", window, " tokens is longer than max_seq_len = ", config_.max_seq_len,
+                          at());
     const std::size_t end = cache.position() + static_cast<std::size_t>(rows);
     if (window == 0 && end > config_.max_seq_len)
-      throw std::length_error("kvcache: positions up to " + std::to_string(end) + " pass max_seq_len = " +
-                              std::to_string(config_.max_seq_len) + at());
+      throw std::length_error(
+          detail::io::text("kvcache: positions up to ", end, " pass max_seq_len = ", config_.max_seq_len, at()));
   }
 
   AttentionConfig config_;

@@ -5,13 +5,13 @@
 
 #include <cstddef>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "detail/io.hpp"
 #include "forward.hpp"
 
 namespace kvcache {
@@ -66,10 +66,7 @@ class Decoder {
   // A new, empty session. max_tokens = 0 means the model's max_seq_len;
   // reserve_tokens preallocates the caches (0: they grow as needed).
   Session<T> new_session(std::size_t max_tokens = 0, std::size_t reserve_tokens = 0) const {
-    SessionOptions options;
-    options.max_tokens = max_tokens;
-    options.reserve_tokens = reserve_tokens;
-    return new_session(options);
+    return new_session(SessionOptions{max_tokens, reserve_tokens, KVType::f32, {}});
   }
 
   // A new, empty session storing keys and values as options.kv_type, with an
@@ -81,15 +78,13 @@ class Decoder {
     const ModelConfig& c = m_.config;
     const std::size_t W = options.window.window;
     if (W > c.max_seq_len)
-      throw std::invalid_argument("kvcache: new_session: sliding window of " + std::to_string(W) +
-                                  " tokens is longer than max_seq_len = " + std::to_string(c.max_seq_len));
+      detail::io::invalid("new_session: sliding window of ", W, " tokens is longer than max_seq_len = ", c.max_seq_len);
     if (W != 0 && c.positions == PositionEncoding::learned)
-      throw std::invalid_argument("kvcache: new_session: a sliding window needs RoPE or no position encoding; "
-                                  "learned positions stop at max_seq_len");
+      detail::io::invalid("new_session: a sliding window needs RoPE or no position encoding; learned positions stop "
+                          "at max_seq_len");
     const std::size_t max_tokens = options.max_tokens == 0 ? c.max_seq_len : options.max_tokens;
     if (max_tokens > c.max_seq_len)
-      throw std::invalid_argument("kvcache: new_session: max_tokens = " + std::to_string(max_tokens) +
-                                  " exceeds max_seq_len = " + std::to_string(c.max_seq_len));
+      detail::io::invalid("new_session: max_tokens = ", max_tokens, " exceeds max_seq_len = ", c.max_seq_len);
     const SlotTable table(W != 0 ? 0 : max_tokens, options.window);  // the window is the limit
     std::vector<KVRows<T>> layers;
     layers.reserve(c.n_layers);
@@ -161,17 +156,16 @@ class Decoder {
   // (bigger ones have huge pages of their own: see WeightArena).
   // A matrix over external memory (a mapped GGUF file) stays where and as it is.
   static void store(DecoderWeights<T>& weights, WeightType type) {
-    const std::size_t block_bytes = row_bytes<T>(type, 32);  // 32 values: one q8_0 block
-    const auto stored_bytes = [&](const WeightMatrix<T>& W) {
-      return static_cast<std::size_t>(W.size()) * block_bytes / 32;
+    // Bytes W takes once converted, counted by 32-value blocks (q8_0's); 0
+    // for a matrix over external memory, which stays where it is.
+    const std::size_t block_bytes = row_bytes<T>(type, 32);
+    const auto stored = [&](const WeightMatrix<T>& W) {
+      return W.external() ? 0 : static_cast<std::size_t>(W.size()) * block_bytes / 32;
     };
-    const auto in_arena = [&](const WeightMatrix<T>& W) {
-      const std::size_t bytes = W.external() ? 0 : stored_bytes(W);
-      return bytes != 0 && bytes < detail::kHugePage;
-    };
+    const auto in_arena = [&](const WeightMatrix<T>& W) { return stored(W) != 0 && stored(W) < detail::kHugePage; };
     std::size_t arena_bytes = 0;
     for (WeightMatrix<T>* W : matrices(weights))
-      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(stored_bytes(*W));
+      if (in_arena(*W)) arena_bytes += detail::WeightArena::slice_bytes(stored(*W));
     detail::WeightArena arena(arena_bytes);
     for (WeightMatrix<T>* W : matrices(weights)) {
       if (W->external()) continue;

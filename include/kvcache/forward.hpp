@@ -28,6 +28,7 @@
 #include <Eigen/Core>
 
 #include "attention.hpp"
+#include "detail/io.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
 #include "session.hpp"
@@ -44,8 +45,7 @@ enum class Logits { all, last };
 // session; one per thread that runs forward passes. Only detail::Forward
 // writes them; `logits` holds what the last forward returned.
 template <typename T = float>
-class Workspace {  // a class: session.hpp declares it so
- public:
+struct Workspace {
   Matrix<T> x;       // residual stream, R × d_model
   Matrix<T> normed;  // norm(x), R × d_model; at the head, of the rows that get logits
   Matrix<T> delta;   // a sublayer's output, R × d_model; at the head, each sequence's last row of x
@@ -84,11 +84,10 @@ class Forward {
   // Throws as Decoder::forward_batch.
   const Matrix<T>& run(const std::vector<std::vector<int>>& tokens, const std::vector<Session<T>*>& sessions,
                        Logits which, std::size_t threads) {
-    if (sessions.empty()) throw std::invalid_argument("kvcache: Decoder::forward_batch: no sessions");
+    if (sessions.empty()) io::invalid("Decoder::forward_batch: no sessions");
     if (tokens.size() != sessions.size())
-      throw std::invalid_argument("kvcache: Decoder::forward_batch: " + std::to_string(tokens.size()) +
-                                  " token lists for " + std::to_string(sessions.size()) + " sessions");
-    if (threads == 0) throw std::invalid_argument("kvcache: Decoder::forward_batch: threads = 0, need at least 1");
+      io::invalid("Decoder::forward_batch: ", tokens.size(), " token lists for ", sessions.size(), " sessions");
+    if (threads == 0) io::invalid("Decoder::forward_batch: threads = 0, need at least 1");
     for (std::size_t b = 0; b < sessions.size(); ++b) {
       check_distinct(sessions, b, "kvcache: Decoder::forward_batch", "sessions", "session");
       check_input(m_, tokens[b], *sessions[b], [&] { return " (sequence " + std::to_string(b) + ")"; });
@@ -109,20 +108,19 @@ class Forward {
                                   (s.model_ == nullptr ? "was moved from; it holds no caches"
                                                        : "was made by another decoder; a session is used only with "
                                                          "the decoder that made it (or a copy of it)") + at());
-    if (tokens.empty()) throw std::invalid_argument("kvcache: Decoder::forward: no tokens" + at());
+    if (tokens.empty()) io::invalid("Decoder::forward: no tokens", at());
     for (std::size_t i = 0; i < tokens.size(); ++i)
       if (tokens[i] < 0 || static_cast<std::size_t>(tokens[i]) >= c.vocab_size)
-        throw std::out_of_range("kvcache: token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
-                                " is outside [0, vocab_size = " + std::to_string(c.vocab_size) + ")" + at());
+        throw std::out_of_range(io::text("kvcache: token id ", tokens[i], " at index ", i,
+                                         " is outside [0, vocab_size = ", c.vocab_size, ")", at()));
     // Against the session's limit, and, whatever the session says, against
     // the model's positions: learned positions have max_seq_len rows.
     std::size_t limit = s.position_limit();
     if (c.positions == PositionEncoding::learned) limit = std::min(limit, c.max_seq_len);
     if (s.position() > limit || tokens.size() > limit - s.position())
-      throw std::length_error("kvcache: sequence of " + std::to_string(s.position() + tokens.size()) + " tokens (" +
-                              std::to_string(s.position()) + " cached + " + std::to_string(tokens.size()) +
-                              " new) exceeds the limit of " + std::to_string(std::min(s.max_tokens(), limit)) +
-                              " (max_seq_len = " + std::to_string(c.max_seq_len) + ")" + at());
+      throw std::length_error(io::text("kvcache: sequence of ", s.position() + tokens.size(), " tokens (",
+                                       s.position(), " cached + ", tokens.size(), " new) exceeds the limit of ",
+                                       std::min(s.max_tokens(), limit), " (max_seq_len = ", c.max_seq_len, ")", at()));
   }
 
  private:

@@ -279,10 +279,7 @@ namespace detail {
 // std::runtime_error naming it: missing, a directory, not a regular file,
 // shorter than a GGUF header, or not mappable.
 inline std::shared_ptr<const unsigned char> map_gguf(const std::string& path, std::uint64_t& size) {
-  {
-    std::ifstream probe;  // the usual messages: no such file, is a directory, …
-    io::open_for_reading(path, path, probe);
-  }
+  (void)io::open_for_reading(path, path);  // the usual messages: no such file, is a directory, …
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) io::fail(path, "cannot open for reading" + io::errno_text(errno));
   struct stat st;

@@ -23,6 +23,7 @@
 #include <Eigen/Core>
 
 #include "config.hpp"
+#include "detail/io.hpp"
 #include "slots.hpp"
 #include "storage.hpp"
 
@@ -40,11 +41,13 @@ template <typename T = float>
 class KVRows {
  public:
   using HeadView = Eigen::Map<const Matrix<T>>;  // rows × d_k
+  // The arrays, in visit_raw's order: the rows of keys and of values, then
+  // (types with a scale per row) the keys' and the values' scale codes.
+  enum Array : std::size_t { kKeys, kValues, kScales };
 
   KVRows(std::size_t n_kv_heads, std::size_t d_k, StorageType type) : n_kv_heads_(n_kv_heads), d_k_(d_k), type_(type) {
     if (n_kv_heads == 0 || d_k == 0)
-      throw std::invalid_argument("kvcache: KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = " +
-                                  std::to_string(n_kv_heads) + ", d_k = " + std::to_string(d_k));
+      detail::io::invalid("KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = ", n_kv_heads, ", d_k = ", d_k);
     storage_info(type, "KVType");
     if (type == StorageType::f16 || type == StorageType::q8_0)
       throw std::invalid_argument(std::string("kvcache: KVType ") + to_string(type) +
@@ -97,20 +100,36 @@ class KVRows {
     }
   }
 
-  // Slots [first, first + count) of head h's keys or values, as T, into out
-  // (count × d_k, row-major): how attention reads compact types, a tile at a
-  // time. Unchecked: the caller knows what is held.
-  void load_keys(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    load(kKeys, h, first, count, out);
-  }
-  void load_values(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    load(kValues, h, first, count, out);
+  // A zero-copy view of head h's first n slots of array a (kKeys or
+  // kValues): f32 storage only (throws std::logic_error for compact types,
+  // which have no T to point at).
+  HeadView view(std::size_t a, std::size_t h, std::size_t n) const {
+    if (type_ != StorageType::f32)
+      throw std::logic_error(std::string("kvcache: KVCache::keys/values: the cache stores ") + to_string(type_) +
+                             "; read it with load_keys/load_values");
+    const auto* first = reinterpret_cast<const T*>(a_[a].data() + offset(a, h, 0));
+    return {first, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
   }
 
-  // Zero-copy views of head h's first n slots: f32 storage only (throws
-  // std::logic_error for compact types, which have no T to point at).
-  HeadView keys(std::size_t h, std::size_t n) const { return view(kKeys, h, n); }
-  HeadView values(std::size_t h, std::size_t n) const { return view(kValues, h, n); }
+  // Slots [first, first + count) of head h's array a (kKeys or kValues), as
+  // T, into out (count × d_k, row-major): how attention reads compact types,
+  // a tile at a time. Unchecked: the caller knows what is held.
+  void load(std::size_t a, std::size_t h, std::size_t first, std::size_t count, T* out) const {
+    const unsigned char* from = a_[a].data() + offset(a, h, first);
+    const unsigned char* codes = a_[a + kScales].data() + offset(a + kScales, h, first);  // int8 only
+    const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
+    const auto* i8 = reinterpret_cast<const std::int8_t*>(from);
+    const auto& scales = detail::int8_scales();
+    if (type_ == StorageType::f32)
+      std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
+    else if (type_ == StorageType::bf16)
+      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t v) { return T(detail::from_bf16(v)); });
+    else
+      for (std::size_t r = 0; r < count; ++r) {
+        const T s = static_cast<T>(scales[codes[r]]);
+        for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(i8[r * d_k_ + c]);
+      }
+  }
 
   // Rotates slots [first, first + length) of every head left by `by`: puts a
   // wrapped ring back in token order (noexcept: moves bytes in place).
@@ -138,9 +157,6 @@ class KVRows {
 
  private:
   using Bytes = Eigen::Matrix<unsigned char, Eigen::Dynamic, 1>;  // uninitialised on allocation, aligned
-  // The arrays, in visit_raw's order: the rows of keys and of values, then
-  // (types with a scale per row) the keys' and the values' scale codes.
-  enum Array : std::size_t { kKeys, kValues, kScales };
 
   std::size_t arrays() const { return storage_info(type_).row_extra != 0 ? 4 : 2; }
   // Bytes of one slot of array a.
@@ -151,16 +167,8 @@ class KVRows {
   // Where array a holds slot `slot` of head h.
   std::size_t offset(std::size_t a, std::size_t h, std::size_t slot) const { return (h * capacity_ + slot) * width(a); }
 
-  HeadView view(std::size_t a, std::size_t h, std::size_t n) const {
-    if (type_ != StorageType::f32)
-      throw std::logic_error(std::string("kvcache: KVCache::keys/values: the cache stores ") + to_string(type_) +
-                             "; read it with load_keys/load_values");
-    const auto* first = reinterpret_cast<const T*>(a_[a].data() + offset(a, h, 0));
-    return {first, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
-  }
-
   // The codec of each type, writing one row of d_k values to array a
-  // (kKeys or kValues) ...
+  // (kKeys or kValues); load() reads rows back.
   void store(std::size_t a, std::size_t h, std::size_t slot, const T* x) {
     unsigned char* to = a_[a].data() + offset(a, h, slot);
     unsigned char* code = a_[a + kScales].data() + offset(a + kScales, h, slot);  // int8 only
@@ -170,24 +178,6 @@ class KVRows {
       std::transform(x, x + d_k_, reinterpret_cast<std::uint16_t*>(to), detail::to_bf16<T>);
     else
       *code = detail::quantize_int8(x, d_k_, reinterpret_cast<std::int8_t*>(to));
-  }
-
-  // ... and reading `count` rows back as T.
-  void load(std::size_t a, std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    const unsigned char* from = a_[a].data() + offset(a, h, first);
-    const unsigned char* codes = a_[a + kScales].data() + offset(a + kScales, h, first);  // int8 only
-    const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
-    const auto* i8 = reinterpret_cast<const std::int8_t*>(from);
-    const auto& scales = detail::int8_scales();
-    if (type_ == StorageType::f32)
-      std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
-    else if (type_ == StorageType::bf16)
-      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t v) { return T(detail::from_bf16(v)); });
-    else
-      for (std::size_t r = 0; r < count; ++r) {
-        const T s = static_cast<T>(scales[codes[r]]);
-        for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(i8[r * d_k_ + c]);
-      }
   }
 
   // Allocates every array for `capacity` slots and copies source's first
@@ -248,8 +238,7 @@ class Caches {
   // tokens. (A wrapped ring is first put back in token order, O(size).)
   void truncate(std::size_t n) {
     if (n > table_.size())
-      throw std::out_of_range("kvcache: truncate(" + std::to_string(n) + ") past size() = " +
-                              std::to_string(table_.size()));
+      throw std::out_of_range(io::text("kvcache: truncate(", n, ") past size() = ", table_.size()));
     table_.truncate(n, [&](std::size_t first, std::size_t length, std::size_t by) {
       for (auto& l : layers_) l.rotate(first, length, by);
     });
@@ -332,17 +321,17 @@ class CacheReader {
   // slot order (token order until a sliding window wraps). f32 storage only
   // (std::logic_error otherwise: read compact types with load_keys /
   // load_values); std::out_of_range for a head past n_kv_heads().
-  HeadView keys(std::size_t h) const { return rows().keys(checked(h), size()); }
-  HeadView values(std::size_t h) const { return rows().values(checked(h), size()); }
+  HeadView keys(std::size_t h) const { return rows().view(KVRows<T>::kKeys, checked(h), size()); }
+  HeadView values(std::size_t h) const { return rows().view(KVRows<T>::kValues, checked(h), size()); }
 
   // Writes slots [first, first + count) of head h, converted to T, to out
   // (count × d_k, row-major). Throws std::out_of_range past size() or
   // n_kv_heads().
   void load_keys(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    rows().load_keys(checked(h, first, count), first, count, out);
+    rows().load(KVRows<T>::kKeys, checked(h, first, count), first, count, out);
   }
   void load_values(std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    rows().load_values(checked(h, first, count), first, count, out);
+    rows().load(KVRows<T>::kValues, checked(h, first, count), first, count, out);
   }
 
  protected:
@@ -353,11 +342,10 @@ class CacheReader {
   // h, once head h and slots [first, first + count) are known to be held.
   std::size_t checked(std::size_t h, std::size_t first = 0, std::size_t count = 0) const {
     if (h >= n_kv_heads())
-      throw std::out_of_range("kvcache: KVCache: kv head " + std::to_string(h) + " past n_kv_heads = " +
-                              std::to_string(n_kv_heads()));
+      throw std::out_of_range(io::text("kvcache: KVCache: kv head ", h, " past n_kv_heads = ", n_kv_heads()));
     if (first > size() || count > size() - first)
-      throw std::out_of_range("kvcache: KVCache::load: slots [" + std::to_string(first) + ", " +
-                              std::to_string(first + count) + ") past size() = " + std::to_string(size()));
+      throw std::out_of_range(
+          io::text("kvcache: KVCache::load: slots [", first, ", ", first + count, ") past size() = ", size()));
     return h;
   }
 };
@@ -414,8 +402,7 @@ class KVCache : public detail::Caches<T, std::array<KVRows<T>, 1>>, public detai
   // anything else) keeps append's O(m) amortized cost.
   void reserve_more(std::size_t m) {
     const std::size_t room = std::numeric_limits<std::size_t>::max() - this->size();
-    const std::size_t needed = this->table_.slots_for(this->size() + std::min(m, room));
-    kv_rows().grow(needed, this->size(), this->max_tokens());
+    kv_rows().grow(this->table_.slots_for(this->size() + std::min(m, room)), this->size(), this->max_tokens());
   }
 
   // Appends m tokens. K_new and V_new are m × (n_kv_heads·d_k), a row per
@@ -423,19 +410,17 @@ class KVCache : public detail::Caches<T, std::array<KVRows<T>, 1>>, public detai
   // nothing) on a shape mismatch or past max_tokens(). A full sliding window
   // drops its oldest non-sink token for each new one.
   void append(const Eigen::Ref<const Matrix<T>>& K_new, const Eigen::Ref<const Matrix<T>>& V_new) {
-    const auto shape = [](const auto& M) { return std::to_string(M.rows()) + " × " + std::to_string(M.cols()); };
     if (static_cast<std::size_t>(K_new.cols()) != this->kv_dim() || V_new.cols() != K_new.cols() ||
         V_new.rows() != K_new.rows())
-      throw std::invalid_argument("kvcache: KVCache::append: K_new is " + shape(K_new) + " and V_new " +
-                                  shape(V_new) + ", expected both m × n_kv_heads * d_k = m × " +
-                                  std::to_string(this->kv_dim()));
+      detail::io::invalid("KVCache::append: K_new is ", K_new.rows(), " × ", K_new.cols(), " and V_new ", V_new.rows(),
+                          " × ", V_new.cols(), ", expected both m × n_kv_heads * d_k = m × ", this->kv_dim());
     reserve_more(static_cast<std::size_t>(K_new.rows()));
-    const SlotTable::State end =
-        this->table_.for_each_slot(static_cast<std::size_t>(K_new.rows()), [&](std::size_t i, std::size_t slot) {
-          const auto r = static_cast<Eigen::Index>(i);
-          kv_rows().write(slot, K_new.row(r).data(), V_new.row(r).data());
-        });
-    this->table_.commit(end);
+    this->table_.commit(this->table_.plan(static_cast<std::size_t>(K_new.rows()), false, [&](const SlotRun& run) {
+      for (std::size_t i = 0; i < run.rows; ++i) {
+        const auto r = static_cast<Eigen::Index>(run.first + i);
+        kv_rows().write(run.slot + i, K_new.row(r).data(), V_new.row(r).data());
+      }
+    }));
   }
 
   // Releases the memory beyond size().

@@ -6,10 +6,10 @@
 #include <cstddef>
 #include <memory>
 #include <stdexcept>
-#include <string>
 #include <utility>
 #include <vector>
 
+#include "detail/io.hpp"
 #include "kv_cache.hpp"
 #include "slots.hpp"
 #include "storage.hpp"
@@ -19,10 +19,14 @@ namespace kvcache {
 template <typename T>
 class Decoder;
 template <typename T>
-class Workspace;
+struct Workspace;
 namespace detail {
 template <typename T>
 class Forward;
+// What a session remembers of the decoder that made it: the address of this
+// object, which the decoder (and its copies, which hold the same weights)
+// keeps alive.
+struct ModelTag {};
 }  // namespace detail
 
 // How a new session stores its tokens (see KVCache).
@@ -32,13 +36,6 @@ struct SessionOptions {
   KVType kv_type = KVType::f32;    // what keys and values are stored as
   SlidingWindow window;            // window = 0: no window, the default
 };
-
-namespace detail {
-// What a session remembers of the decoder that made it: the address of this
-// object, which the decoder (and its copies, which hold the same weights)
-// keeps alive.
-struct ModelTag {};
-}  // namespace detail
 
 // Create with Decoder::new_session(); one session per concurrent request. A
 // session is used by one thread at a time; different sessions may run
@@ -69,8 +66,7 @@ class Session : public detail::Caches<T, std::vector<KVRows<T>>> {
   // Layer l's cache, as a KVCache shows it; std::out_of_range past n_layers().
   KVCacheView<T> cache(std::size_t layer) const {
     if (layer >= n_layers())
-      throw std::out_of_range("kvcache: Session::cache(" + std::to_string(layer) + ") past n_layers() = " +
-                              std::to_string(n_layers()));
+      throw std::out_of_range(detail::io::text("kvcache: Session::cache(", layer, ") past n_layers() = ", n_layers()));
     return {this->table_, this->layers_[layer]};
   }
 

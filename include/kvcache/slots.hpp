@@ -15,7 +15,8 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
-#include <vector>
+
+#include "detail/io.hpp"
 
 namespace kvcache {
 
@@ -28,17 +29,6 @@ struct SlidingWindow {
   std::size_t window = 0;
   std::size_t sinks = 0;
 };
-
-// Throws std::invalid_argument unless the window is off (0) or holds at
-// least one token besides its sinks.
-inline void check_window(SlidingWindow w) {
-  if (w.window == 0 && w.sinks != 0)
-    throw std::invalid_argument("kvcache: attention sinks = " + std::to_string(w.sinks) +
-                                " need a sliding window (window = 0)");
-  if (w.window != 0 && w.sinks >= w.window)
-    throw std::invalid_argument("kvcache: sliding window of " + std::to_string(w.window) + " with " +
-                                std::to_string(w.sinks) + " sinks: need sinks < window");
-}
 
 // A run of new tokens that go to consecutive slots [slot, slot + rows) and
 // then attend together. Once the run is placed the cache holds n tokens, and
@@ -71,14 +61,17 @@ class SlotTable {
   };
 
   // max_tokens == 0: no limit. With a window the window is the limit, so
-  // max_tokens must be 0 or the window.
+  // max_tokens must be 0 or the window. Throws std::invalid_argument unless
+  // the window is off (0) or holds at least one token besides its sinks.
   explicit SlotTable(std::size_t max_tokens, SlidingWindow window = {})
       : max_tokens_(window.window != 0 ? window.window : max_tokens), window_(window) {
-    check_window(window);
+    if (window.window == 0 && window.sinks != 0)
+      detail::io::invalid("attention sinks = ", window.sinks, " need a sliding window (window = 0)");
+    if (window.window != 0 && window.sinks >= window.window)
+      detail::io::invalid("sliding window of ", window.window, " with ", window.sinks, " sinks: need sinks < window");
     if (max_tokens != 0 && max_tokens != max_tokens_)
-      throw std::invalid_argument("kvcache: KVCache: max_tokens = " + std::to_string(max_tokens) +
-                                  " with a sliding window of " + std::to_string(window.window) +
-                                  " (the window is the limit; pass 0 or the window)");
+      detail::io::invalid("KVCache: max_tokens = ", max_tokens, " with a sliding window of ", window.window,
+                          " (the window is the limit; pass 0 or the window)");
   }
 
   std::size_t size() const { return s_.size; }
@@ -105,18 +98,19 @@ class SlotTable {
   std::size_t slots_for(std::size_t n) const {
     if (window_.window != 0) return std::min(n, window_.window);
     if (max_tokens_ != 0 && n > max_tokens_)
-      throw std::length_error("kvcache: KVCache would hold " + std::to_string(n) +
-                              " tokens, past its limit max_tokens = " + std::to_string(max_tokens_));
+      throw std::length_error(
+          detail::io::text("kvcache: KVCache would hold ", n, " tokens, past its limit max_tokens = ", max_tokens_));
     return n;
   }
 
-  // Plans where m new tokens go, as runs (out is overwritten), and returns
-  // the state after them; changes nothing. A run never makes the window drop
-  // a token that one of the run's own tokens still sees: the tokens go
-  // together while they fit, then one at a time. `rope`: whether queries are
-  // rotated (so that sinks need re-basing once the window drops tokens).
-  State plan(std::size_t m, bool rope, std::vector<SlotRun>& out) const {
-    out.clear();
+  // Plans where m new tokens go: calls f(run) for each run, in order, and
+  // returns the state after them; changes nothing itself. A run never makes
+  // the window drop a token that one of the run's own tokens still sees: the
+  // tokens go together while they fit, then one at a time. `rope`: whether
+  // queries are rotated (so that sinks need re-basing once the window drops
+  // tokens).
+  template <typename F>
+  State plan(std::size_t m, bool rope, F&& f) const {
     State s = s_;
     const std::size_t W = window_.window;
     const bool rebase = rope && W != 0 && window_.sinks != 0 && s.position + m > W;
@@ -128,18 +122,9 @@ class SlotTable {
         rows = s.size < W ? W - s.size : 1;
       const std::size_t slot = advance(s);
       for (std::size_t i = 1; i < rows; ++i) advance(s);
-      out.push_back({first, rows, slot, s.size, rebase && s.position != s.size});
+      f(SlotRun{first, rows, slot, s.size, rebase && s.position != s.size});
       first += rows;
     }
-    return s;
-  }
-
-  // Calls f(i, slot) with the slot each of m new tokens goes to, in order,
-  // and returns the state after them; changes nothing itself.
-  template <typename F>
-  State for_each_slot(std::size_t m, F&& f) const {
-    State s = s_;
-    for (std::size_t i = 0; i < m; ++i) f(i, advance(s));
     return s;
   }
 
@@ -184,9 +169,8 @@ class SlotTable {
         {s.ring_start != 0 && s.size != W, "only a full window (size = " + std::to_string(W) + ") has wrapped"}};
     for (const auto& [broken, why] : rules)
       if (broken)
-        throw std::invalid_argument("kvcache: KVCache state size = " + std::to_string(s.size) + ", position = " +
-                                    std::to_string(s.position) + ", ring_start = " + std::to_string(s.ring_start) +
-                                    " is impossible: " + why);
+        detail::io::invalid("KVCache state size = ", s.size, ", position = ", s.position, ", ring_start = ",
+                            s.ring_start, " is impossible: ", why);
   }
 
  private:
