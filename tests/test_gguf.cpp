@@ -23,6 +23,7 @@
 #include "fixtures.hpp"
 #include "gguf_writer.hpp"
 #include "models.hpp"
+#include "temp_dir.hpp"
 
 // ---- The largest single allocation while `g_watch` is set -------------------
 namespace {
@@ -62,19 +63,9 @@ using kvcache::WeightType;
 using kvcache_test::GgufWriter;
 using kvcache_test::GgufType;
 
-class GgufFiles : public ::testing::Test {
+class GgufFiles : public kvcache_test::TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(KVCACHE_TEST_TMP_DIR) / "gguf_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    if (!HasFailure()) fs::remove_all(dir_, ignored);
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  GgufFiles() : TempDirTest("gguf_tmp") {}
   std::string write(const std::string& name, const std::string& bytes) const {
     std::ofstream out(path(name), std::ios::binary | std::ios::trunc);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -100,7 +91,6 @@ class GgufFiles : public ::testing::Test {
     for (const std::string& part : parts) EXPECT_NE(message.find(part), std::string::npos) << message << "\n  lacks: " << part;
   }
 
-  fs::path dir_;
 };
 
 ModelConfig llama_config(std::size_t heads, std::size_t kv_heads, bool tied, std::size_t d_ff = 48) {

@@ -42,6 +42,17 @@ bool ends_with(const std::string& s, const std::string& tail) {
 
 // The fixture is self-consistent: one near-tie flag per generated id, and
 // `ids` is the prompt after BOS followed by steps - prompt + 1 generated ids.
+// kvcache's greedy ids for the run `r` recorded: as many positions as
+// llama.cpp ran (llama2.c's -n), prompt included.
+std::vector<int> generate_as_recorded(const kvcache::Decoder<float>& decoder, const kvcache_test::GgufReference& r,
+                                      const std::vector<int>& prompt) {
+  kvcache::GenerateOptions o;
+  o.max_new_tokens = static_cast<std::size_t>(r.steps) - prompt.size() + 1;
+  std::vector<int> got = kvcache::generate(decoder, prompt, o);
+  EXPECT_EQ(got.size(), o.max_new_tokens);
+  return got;
+}
+
 TEST(GgufReference, FixtureIsConsistent) {
   for (const kvcache_test::GgufReference& r : kvcache_test::kGgufReferences) {
     SCOPED_TRACE(std::string(r.model) + (r.prompt ? ", prompt text" : ", BOS"));
@@ -68,10 +79,7 @@ TEST(GgufReference, F32MatchesLlamaCppUpToANearTie) {
     const kvcache::Decoder<float> decoder = kvcache::load_llama2c(path);
     const std::vector<int> prompt = parse_ids(r.prompt_ids);
     const std::vector<int> expected = parse_ids(r.ids);
-    kvcache::GenerateOptions o;
-    o.max_new_tokens = static_cast<std::size_t>(r.steps) - prompt.size() + 1;
-    const std::vector<int> got = kvcache::generate(decoder, prompt, o);
-    ASSERT_EQ(got.size(), o.max_new_tokens);
+    const std::vector<int> got = generate_as_recorded(decoder, r, prompt);
     const std::string near_tie = r.near_tie;
     for (std::size_t i = 0; i < got.size(); ++i) {
       const int want = expected[prompt.size() - 1 + i];
@@ -162,10 +170,7 @@ TEST(GgufReference, EveryModelAndTypeMatchesLlamaCppUpToANearTie) {
       ASSERT_EQ(tok.encode(r.prompt), prompt);
     }
     const std::vector<int> expected = parse_ids(r.ids);
-    kvcache::GenerateOptions o;
-    o.max_new_tokens = static_cast<std::size_t>(r.steps) - prompt.size() + 1;
-    const std::vector<int> got = kvcache::generate(decoder, prompt, o);
-    ASSERT_EQ(got.size(), o.max_new_tokens);
+    const std::vector<int> got = generate_as_recorded(decoder, r, prompt);
     const std::string near_tie = r.near_tie;
     std::size_t same = 0;
     while (same < got.size() && got[same] == expected[prompt.size() - 1 + same]) ++same;

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "models.hpp"
+#include "temp_dir.hpp"
 
 namespace {
 
@@ -217,20 +218,9 @@ TEST(Llama2cReference, Bf16LoadEqualsAConvertedFloatLoad) {
 // ---------------------------------------------------------------------------
 // Files in the test's temporary folder
 
-class Llama2cFiles : public ::testing::Test {
+class Llama2cFiles : public kvcache_test::TempDirTest {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(KVCACHE_TEST_TMP_DIR) / "llama2c_tmp" / (std::string(info->test_suite_name()) + "." + info->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    if (!HasFailure()) fs::remove_all(dir_, ignored);
-  }
-
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  Llama2cFiles() : TempDirTest("llama2c_tmp") {}
 
   static void write_file(const std::string& path, const std::string& bytes) {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -243,7 +233,6 @@ class Llama2cFiles : public ::testing::Test {
     return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   }
 
-  fs::path dir_;
 };
 
 void append_int32(std::string& out, std::int32_t value) {
