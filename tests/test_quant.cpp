@@ -435,7 +435,14 @@ TEST(QuantDecoder, CachedStepsEqualUncachedForwards) {
         const Matrix<float> all =
             d.forward(std::vector<int>(tokens.begin(), tokens.begin() + static_cast<std::ptrdiff_t>(n)), fresh, kvcache::Logits::last);
         ASSERT_TRUE(reference::all_finite(step));
-        EXPECT_LT(reference::max_abs_diff(step, all), 1e-5) << v.name << " " << kvcache::to_string(type) << " " << n;
+        // Not bit for bit: attention sums the cache in another order for one
+        // new row than for n, and rounding the next product's input to f16
+        // (or quantizing it to q8_0) can turn such a last-bit difference
+        // into one step of that type. A stale or misplaced cache entry moves
+        // logits by far more than one step.
+        const double tolerance = type == WeightType::f16 ? 4e-3 : 4e-2;
+        EXPECT_LT(reference::relative_error(step, all), tolerance)
+            << v.name << " " << kvcache::to_string(type) << " " << n;
       }
     }
 }
