@@ -135,20 +135,19 @@ kvcache::GgufFile gguf_of(const std::string& gguf, const std::string& checkpoint
 }
 
 // The one run that parts from llama.cpp where llama.cpp's margin is above
-// 0.05: stories260K q8_0 from BOS, at generated step 26 (margin 0.085).
-// Fed llama.cpp's ids, kvcache's probabilities agree with llama.cpp's to
-// 1e-6 for steps 0 to 3, but after the ids 1 306 461 465 466 they differ by
-// 0.013: one input of the f16 ffn_down (0.216003403, 4 float ulps from a
-// half-way point between two f16 values) rounds the other way than in
-// llama.cpp, whose SiLU (ggml's own SIMD exp) differs from kvcache's in the
-// last bits; rounding that one value the other way gives llama.cpp's
-// probabilities to 4e-6. Required: no earlier difference.
+// 0.05: stories260K q8_0 from BOS, at generated step 182 (margin 0.065),
+// after 182 identical ids (step 180 among them, where llama.cpp's margin is
+// 0). Every product's input is quantized to q8_0 there, so a last-bit
+// difference anywhere before (kvcache's attention softmax and sums are not
+// ggml's) can move a value across a rounding boundary; SwiGLU computed with
+// ggml's exp (detail/silu.hpp) moved this run's first difference from step
+// 26 (margin 0.085) to here. Required: no earlier difference.
 struct KnownDivergence {
   const char* model;
   bool prompt;
   std::size_t step;
 };
-constexpr KnownDivergence kKnownDivergences[] = {{"stories260K.q8_0.gguf", false, 26}};
+constexpr KnownDivergence kKnownDivergences[] = {{"stories260K.q8_0.gguf", false, 182}};
 
 std::size_t known_divergence(const kvcache_test::GgufReference& r) {
   for (const KnownDivergence& k : kKnownDivergences)

@@ -14,7 +14,7 @@
 #include <gtest/gtest.h>
 #include <kvcache/kvcache.hpp>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -61,7 +61,7 @@ TEST(F16, DecodesEveryHalfAsItsDefinition) {
       ASSERT_EQ(static_cast<double>(f), want) << h;
       ASSERT_EQ(std::signbit(f), (h & 0x8000) != 0) << h;
     }
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
     ASSERT_EQ(bits(f) | (std::isnan(f) ? 0x00400000u : 0u), bits(_cvtsh_ss(static_cast<unsigned short>(h)))) << h;
 #endif
   }
@@ -108,7 +108,7 @@ TEST(F16, RoundsEveryNeighbourhoodToNearestEven) {
   for (int i = 0; i < 1000000; ++i) cases.push_back(from_bits(static_cast<std::uint32_t>(rng())));
   for (const float f : cases) {
     const std::uint16_t got = kd::float_to_f16(f);
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
     // (Not _cvtss_sh: clang's macro is a compound literal, which -Wpedantic refuses.)
     const auto cpu = static_cast<std::uint16_t>(_mm_cvtsi128_si32(_mm_cvtps_ph(_mm_set_ss(f), 0)) & 0xFFFF);
     ASSERT_EQ(got, cpu) << f;
@@ -445,6 +445,52 @@ TEST(QuantDecoder, CachedStepsEqualUncachedForwards) {
             << v.name << " " << kvcache::to_string(type) << " " << n;
       }
     }
+}
+
+// ggml's exp, as detail::ggml_expf computes it one float at a time: within
+// 3 ulps of e^x (its authors give 1.95), infinite past 88.7 and zero below
+// about −104, as ggml's.
+TEST(GgmlSilu, ExpIsWithinThreeUlpsAndKeepsItsEdges) {
+  for (float x = -103.0f; x < 88.0f; x += 0.0137f) {
+    const double want = std::exp(static_cast<double>(x));
+    const float got = kd::ggml_expf(x);
+    ASSERT_FALSE(std::isnan(got)) << x;
+    const double ulp = std::ldexp(1.0, std::ilogb(static_cast<float>(want)) - 23);
+    ASSERT_LE(std::fabs(got - want), 3 * std::max(ulp, std::ldexp(1.0, -149))) << "x = " << x;
+  }
+  EXPECT_EQ(kd::ggml_expf(0.0f), 1.0f);
+  EXPECT_EQ(kd::ggml_expf(200.0f), std::numeric_limits<float>::infinity());
+  EXPECT_EQ(kd::ggml_expf(-200.0f), 0.0f);
+}
+
+#if defined(__AVX512F__)
+// The scalar exp gives the bits of the vector one (the same fused
+// multiply-adds, then AVX-512's scalef), including results that are
+// subnormal and exponents past a normal float's.
+TEST(GgmlSilu, ScalarExpEqualsTheVectorExpBitForBit) {
+  for (float x = -103.9f; x < 88.7f; x = std::nextafter(x, 100.0f) + std::fabs(x) * 1e-4f + 1e-4f) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, kd::ggml_expf16(_mm512_set1_ps(x)));
+    ASSERT_EQ(bits(lanes[0]), bits(kd::ggml_expf(x))) << "x = " << x;
+  }
+}
+#endif
+
+// silu(a) · g with the vector exp below n − n % 16 and expf in the tail,
+// whatever slice of the row a call gets.
+TEST(GgmlSilu, SwigluUsesTheVectorExpBelowTheLastWholeSixteen) {
+  const Eigen::Index n = 53;  // 48 values in three vectors of 16, then 5 one at a time
+  const Eigen::ArrayXf a = Eigen::ArrayXf::LinSpaced(n, -6.0f, 5.0f), g = Eigen::ArrayXf::LinSpaced(n, 0.5f, -1.5f);
+  for (const auto& [begin, count] : {std::pair<Eigen::Index, Eigen::Index>{0, n}, {16, n - 16}, {3, 40}, {40, 13}}) {
+    Eigen::ArrayXf y = a;
+    kd::swiglu_like_ggml(y.data() + begin, g.data() + begin, begin, count, n);
+    for (Eigen::Index i = 0; i < n; ++i) {
+      const bool in = i >= begin && i < begin + count;
+      const float e = i < 48 ? kd::ggml_expf(-a(i)) : std::exp(-a(i));
+      EXPECT_EQ(bits(y(i)), bits(in ? a(i) / (1.0f + e) * g(i) : a(i))) << begin << " " << i;
+      EXPECT_NEAR(y(i), in ? a(i) / (1.0f + std::exp(-a(i))) * g(i) : a(i), 1e-5f) << begin << " " << i;
+    }
+  }
 }
 
 }  // namespace

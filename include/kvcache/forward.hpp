@@ -31,6 +31,7 @@
 #include "detail/io.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
+#include "detail/silu.hpp"
 #include "session.hpp"
 
 namespace kvcache {
@@ -224,8 +225,12 @@ class Forward {
       auto a = w_.hidden.middleCols(h0, hn).array();
       if (swiglu) {
         linear_rows<T>(w_.normed, w.W_3, no_bias, w_.gate, h0, h0 + hn);
-        // silu(a) · g = a · σ(a) · g
-        a = a * (T(1) / (T(1) + (-a).exp())) * w_.gate.middleCols(h0, hn).array();
+        const auto g = w_.gate.middleCols(h0, hn).array();
+        if (w.W_1.external())  // a GGUF file's model: as llama.cpp computes it
+          for (Eigen::Index t = 0; t < a.rows(); ++t)
+            swiglu_like_ggml(w_.hidden.row(t).data() + h0, w_.gate.row(t).data() + h0, h0, hn, w.W_1.rows());
+        else  // silu(a) · g = a · σ(a) · g
+          a = a * (T(1) / (T(1) + (-a).exp())) * g;
       } else {
         // GELU, tanh approximation (GPT-2): ½a(1 + tanh(√(2/π)(a + 0.044715a³)))
         const T k = static_cast<T>(0.7978845608028654);
