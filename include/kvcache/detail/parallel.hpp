@@ -235,24 +235,23 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
       (W.type() == WeightType::bf16 && W.external())) {
     quant_linear_rows<kGemvTokens, T>(X, W, Y, begin, end, kFewTokens);
   } else if (m < kFewTokens) {
-    // 16 KB of weights per tile: they stay in a core's L1 data cache.
+    // Up to kGemvBatch tokens: one pass over the rows. More: tiles of about
+    // 16 KB of weights, which stay in a core's L1 data cache while every
+    // group of tokens passes over them; a multiple of 12 rows, so that the
+    // kernel's blocks of 2, 3 or 4 rows (gemv_block_rows) fill them.
     const auto row_size = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(in)));
-    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_size));
+    const Eigen::Index tile =
+        m <= kGemvBatch ? n : std::max<Eigen::Index>(12, (16 << 10) / std::max<Eigen::Index>(1, row_size) / 12 * 12);
     const auto decode = [&](const auto* w) {  // W's values as stored: T or bfloat16
       for (Eigen::Index r = begin; r < end; r += tile) {
         const Eigen::Index r_end = std::min(end, r + tile);
-        // kGemvTokens tokens per pass over the tile, then one at a time.
-        Eigen::Index t = 0;
-        for (; t + kGemvTokens <= m; t += kGemvTokens) {
-          const T* x[kGemvTokens];
-          T* y[kGemvTokens];
-          for (int k = 0; k < kGemvTokens; ++k) x[k] = X.row(t + k).data(), y[k] = Y.row(t + k).data();
-          gemv_rows_k<kGemvTokens>(w, in, x, y, r, r_end);
-        }
-        for (; t < m; ++t) {
-          const T* x = X.row(t).data();
-          T* y = Y.row(t).data();
-          gemv_rows_k<1>(w, in, &x, &y, r, r_end);
+        // kGemvBatch tokens per pass over the tile, then the rest.
+        for (Eigen::Index t = 0; t < m; t += kGemvBatch) {
+          const int count = static_cast<int>(std::min<Eigen::Index>(kGemvBatch, m - t));
+          const T* x[kGemvBatch];
+          T* y[kGemvBatch];
+          for (int k = 0; k < count; ++k) x[k] = X.row(t + k).data(), y[k] = Y.row(t + k).data();
+          gemv_rows_upto(count, w, in, x, y, r, r_end);
         }
       }
     };
