@@ -136,10 +136,17 @@ void gemv_block(const T* W, Eigen::Index n, const T* const* x, T* const* y, Eige
   Packet a[R][K];
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < K; ++k) a[r][k] = ei::pset1<Packet>(T(0));
+  // With several tokens the loop is too slow for the hardware prefetchers
+  // to stay ahead of it (measured: 2-4x faster with W in memory); one token
+  // streams W fast enough without.
+  const auto ahead = static_cast<std::uintptr_t>(2 * R * n) * sizeof(T);
   Eigen::Index j = 0;
   for (; j + P <= n; j += P) {
     Packet w_j[R];
     for (int r = 0; r < R; ++r) w_j[r] = ei::ploadu<Packet>(w[r] + j);
+    if (K > 1)  // the same columns 2R rows on (an address: may be past W's end)
+      for (int r = 0; r < R; ++r)
+        ei::prefetch(reinterpret_cast<const T*>(reinterpret_cast<std::uintptr_t>(w[r] + j) + ahead));
     for (int k = 0; k < K; ++k) {
       const Packet x_j = ei::ploadu<Packet>(x[k] + j);
       for (int r = 0; r < R; ++r) a[r][k] = ei::pmadd(w_j[r], x_j, a[r][k]);
