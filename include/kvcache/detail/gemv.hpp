@@ -2,12 +2,14 @@
 // y_i = W_i · x for a range of rows of a row-major W, as T or bfloat16.
 // Not API.
 //
-// A decode step reads every weight once and does one multiply-add with it,
-// so these loops are bound by memory bandwidth, not arithmetic. They stream
-// through W one row at a time (one contiguous run of memory per thread) with
-// several independent accumulators. Each y_i is computed the same way
-// whatever range it falls in, so splitting rows across threads changes no
-// bit of the result.
+// A decode step reads every weight once and does one multiply-add with it
+// per token. With one token these loops are bound by memory bandwidth; with
+// a batch of tokens (sessions decoding together) each weight is loaded into
+// a register once and multiplied with every token's input there (register
+// blocking: gemv_block), so the batch is bound by reading W and by the
+// multiply rate, not by loads. Each y_i is computed the same way whatever
+// range it falls in and whatever tokens it is batched with, so splitting
+// rows across threads or batching sessions changes no bit of the result.
 #pragma once
 
 #include <algorithm>
