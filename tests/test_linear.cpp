@@ -268,6 +268,95 @@ TEST(Gemv, Bfloat16InDoubleIsExactToDoublePrecision) {
   for (Eigen::Index i = 0; i < 9; ++i) EXPECT_NEAR(y[static_cast<std::size_t>(i)], exact(i), 1e-13);
 }
 
+// The batched kernel: every count of tokens up to kGemvBatch, at widths
+// that are not multiples of the vector width, over a range of rows that is
+// not a multiple of any block size (2, 3 or 4 rows), against
+// reference::linear in double; rows outside the range are left alone.
+TEST(Gemv, BatchedRowsAreTheDotProductsAtAwkwardSizes) {
+  constexpr int B = kvcache::detail::kGemvBatch;
+  for (const Eigen::Index n : {1, 7, 15, 16, 17, 33, 100, 288})
+    for (int count = 1; count <= B; ++count) {
+      const Matrix<float> W = random<float>(29, n, 40 + static_cast<std::uint64_t>(n));
+      const Matrix<float> X = random<float>(count, n, 50 + static_cast<std::uint64_t>(n + count));
+      const Matrix<double> Wd = W.cast<double>(), Xd = X.cast<double>();
+      const reference::Mat exact = reference::linear(Xd, Wd, reference::Vec());
+      Matrix<float> Y = Matrix<float>::Constant(count, 29, -1.0f);
+      const float* x[B];
+      float* y[B];
+      for (int k = 0; k < count; ++k) x[k] = X.row(k).data(), y[k] = Y.row(k).data();
+      kvcache::detail::gemv_rows_upto(count, W.data(), n, x, y, 2, 25);
+      for (int k = 0; k < count; ++k)
+        for (Eigen::Index i = 0; i < 29; ++i) {
+          if (i < 2 || i >= 25) {
+            EXPECT_EQ(Y(k, i), -1.0f) << "row " << i << " is outside the range";
+            continue;
+          }
+          EXPECT_NEAR(Y(k, i), exact(k, i), bound(Wd, Matrix<double>(Xd.row(k)), i))
+              << "n = " << n << ", " << count << " tokens, token " << k << ", row " << i;
+        }
+    }
+}
+
+// A token's result does not depend on the tokens it is batched with: each
+// of `count` tokens gets the bits of the same token alone (gemv_rows), for
+// every count and position, and so through linear for every batch of a
+// decode step (1 to 15 tokens, on 1 and 2 threads).
+TEST(Gemv, ATokensBitsDoNotDependOnItsBatch) {
+  constexpr int B = kvcache::detail::kGemvBatch;
+  for (const Eigen::Index n : {5, 33, 288}) {
+    // Values over many binades, so that summing in another order rounds
+    // differently (the test fails if the order depends on the batch).
+    Matrix<float> W = random<float>(31, n, 60), X = random<float>(15, n, 61);
+    for (Eigen::Index k = 0; k < W.size(); ++k) W.data()[k] *= std::ldexp(1.0f, static_cast<int>(k % 23) - 11);
+    for (int count = 1; count <= B; ++count) {
+      Matrix<float> Y(count, 31);
+      const float* x[B];
+      float* y[B];
+      for (int k = 0; k < count; ++k) x[k] = X.row(k).data(), y[k] = Y.row(k).data();
+      kvcache::detail::gemv_rows_upto(count, W.data(), n, x, y, 0, 31);
+      for (int k = 0; k < count; ++k) {
+        std::vector<float> alone(31);
+        kvcache::detail::gemv_rows(W.data(), n, X.row(k).data(), alone.data(), 0, 31);
+        for (Eigen::Index i = 0; i < 31; ++i)
+          ASSERT_EQ(float_bits(Y(k, i)), float_bits(alone[static_cast<std::size_t>(i)]))
+              << "n = " << n << ", " << count << " tokens, token " << k << ", row " << i;
+      }
+    }
+    const WeightMatrix<float> Wm = W;
+    for (const std::size_t threads : {1u, 2u})
+      for (Eigen::Index m = 1; m < kvcache::detail::kFewTokens; ++m) {
+        Matrix<float> Y(m, 31), one(1, 31);
+        kvcache::detail::linear<float>(X.topRows(m), {{Wm, Vector<float>(), Y}}, threads);
+        for (Eigen::Index t = 0; t < m; ++t) {
+          kvcache::detail::linear<float>(X.row(t), {{Wm, Vector<float>(), one}}, 1);
+          ASSERT_EQ(Matrix<float>(Y.row(t)), one) << "n = " << n << ", token " << t << " of " << m << ", " << threads << " threads";
+        }
+      }
+  }
+}
+
+// The horizontal sums of the kernel's accumulators: each packet's lanes in
+// one fixed order, whether it is reduced alone or with 23 others.
+TEST(Gemv, PacketSumsDoNotDependOnHowManyAreSummed) {
+  using Packet = Eigen::internal::packet_traits<float>::type;
+  constexpr int P = Eigen::internal::packet_traits<float>::size;
+  alignas(64) float lanes[24 * P];
+  kvcache::detail::SplitMix64 rng(70);
+  for (int k = 0; k < 24 * P; ++k) lanes[k] = static_cast<float>(rng.symmetric()) * std::ldexp(1.0f, k % 29 - 14);
+  Packet a[24];
+  for (int i = 0; i < 24; ++i) a[i] = Eigen::internal::pload<Packet>(lanes + i * P);
+  float together[24];
+  kvcache::detail::hsum_n<24, float>(a, together);
+  for (int i = 0; i < 24; ++i) {
+    float alone = 0.0f;
+    kvcache::detail::hsum_n<1, float>(a + i, &alone);
+    double exact = 0.0;
+    for (int l = 0; l < P; ++l) exact += lanes[i * P + l];
+    EXPECT_EQ(float_bits(together[i]), float_bits(alone)) << "packet " << i;
+    EXPECT_NEAR(alone, exact, 1e-5 * std::abs(exact) + 1e-30) << "packet " << i;
+  }
+}
+
 // ---- linear: Y = X·Wᵀ + b, split across threads -------------------------------
 
 namespace {

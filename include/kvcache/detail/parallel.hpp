@@ -210,11 +210,12 @@ void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body
 // [begin, end) of Y = X·Wᵀ + b, for the m rows (tokens) of X (m × in).
 // Y is m × out, sized by the caller.
 //   m < kFewTokens (decode, a batch of sessions decoding, a short chunk):
-//     the decode kernel (gemv.hpp), one dot product per row of W and token,
-//     over tiles of W that stay in the core's L1 cache while every token
-//     passes over them, so W is read from memory once. Each Y[t, i] is
-//     then computed exactly as for token t alone: batched decode gives the
-//     bits of single decode. Allocates nothing.
+//     the decode kernel (gemv.hpp), up to kGemvBatch tokens at once with
+//     each packet of W multiplied with all of them in registers; more
+//     tokens pass over tiles of W that stay in the core's L1 cache, so W
+//     is read from memory once. Each Y[t, i] is computed exactly as for
+//     token t alone: batched decode gives the bits of single decode.
+//     Allocates nothing.
 //   more tokens, W as T (prefill): Eigen's matrix-matrix product on those
 //     rows, which packs W once per call and then runs at the multiply rate.
 //   more tokens, W as bfloat16: tiles of rows widened to T (128 KB, in the
@@ -235,24 +236,25 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
       (W.type() == WeightType::bf16 && W.external())) {
     quant_linear_rows<kGemvTokens, T>(X, W, Y, begin, end, kFewTokens);
   } else if (m < kFewTokens) {
-    // 16 KB of weights per tile: they stay in a core's L1 data cache.
+    // W as T and up to kGemvBatch tokens: one pass over the rows. More
+    // tokens, or bfloat16 (whose kernel takes one token at a time): tiles of
+    // about 16 KB of weights, which stay in a core's L1 data cache while
+    // every group of tokens passes over them; a multiple of 12 rows, so that
+    // the kernel's blocks of 2, 3 or 4 rows (gemv_block_rows) fill them.
     const auto row_size = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(in)));
-    const Eigen::Index tile = m == 1 ? n : std::max<Eigen::Index>(1, (16 << 10) / std::max<Eigen::Index>(1, row_size));
+    const Eigen::Index tile = m == 1 || (f32 && m <= kGemvBatch)
+                                  ? n
+                                  : std::max<Eigen::Index>(12, (16 << 10) / std::max<Eigen::Index>(1, row_size) / 12 * 12);
     const auto decode = [&](const auto* w) {  // W's values as stored: T or bfloat16
       for (Eigen::Index r = begin; r < end; r += tile) {
         const Eigen::Index r_end = std::min(end, r + tile);
-        // kGemvTokens tokens per pass over the tile, then one at a time.
-        Eigen::Index t = 0;
-        for (; t + kGemvTokens <= m; t += kGemvTokens) {
-          const T* x[kGemvTokens];
-          T* y[kGemvTokens];
-          for (int k = 0; k < kGemvTokens; ++k) x[k] = X.row(t + k).data(), y[k] = Y.row(t + k).data();
-          gemv_rows_k<kGemvTokens>(w, in, x, y, r, r_end);
-        }
-        for (; t < m; ++t) {
-          const T* x = X.row(t).data();
-          T* y = Y.row(t).data();
-          gemv_rows_k<1>(w, in, &x, &y, r, r_end);
+        // kGemvBatch tokens per pass over the tile, then the rest.
+        for (Eigen::Index t = 0; t < m; t += kGemvBatch) {
+          const int count = static_cast<int>(std::min<Eigen::Index>(kGemvBatch, m - t));
+          const T* x[kGemvBatch];
+          T* y[kGemvBatch];
+          for (int k = 0; k < count; ++k) x[k] = X.row(t + k).data(), y[k] = Y.row(t + k).data();
+          gemv_rows_upto(count, w, in, x, y, r, r_end);
         }
       }
     };
