@@ -180,6 +180,15 @@ inline float q8_reduce(const float* a) {
   return (s0 + s2) + (s1 + s3);
 }
 
+#if defined(KVCACHE_QUANT_Q8_AVX2)
+// q8_reduce's adds, in registers (as hsum_float_8).
+inline float q8_reduce(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // s_l = a_l + a_l+4
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                                   // s0 + s2, s1 + s3
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+#endif
+
 template <int K>
 void q8_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
   float lanes[K][8] = {};
@@ -219,9 +228,16 @@ void q8_0_rows(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, co
   const std::ptrdiff_t group = R * stride;
   const std::uintptr_t ahead = static_cast<std::uintptr_t>(group > 0 ? (kAhead + group - 1) / group * group : kAhead);
   __m256 acc[R][K];
+  // do … while: with a loop that may run zero times, g++ 12 stores the
+  // accumulators to the stack at every block.
+  if (n < 32) {
+    std::fill(y, y + R * K, 0.0f);
+    return;
+  }
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < K; ++k) acc[r][k] = _mm256_setzero_ps();
-  for (Eigen::Index b = 0; b < n / 32; ++b) {
+  Eigen::Index b = 0;
+  do {
     __m256i q_x[K];
     __m256 d_x[K];
     for (int k = 0; k < K; ++k) {
@@ -243,13 +259,9 @@ void q8_0_rows(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, co
         acc[r][k] = _mm256_fmadd_ps(_mm256_mul_ps(d_w, d_x[k]), _mm256_cvtepi32_ps(s), acc[r][k]);
       }
     }
-  }
+  } while (++b < n / 32);
   for (int r = 0; r < R; ++r)
-    for (int k = 0; k < K; ++k) {
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc[r][k]);
-      y[r * K + k] = q8_reduce(lanes);
-    }
+    for (int k = 0; k < K; ++k) y[r * K + k] = q8_reduce(acc[r][k]);
 #else
   for (int r = 0; r < R; ++r) q8_0_row_portable<K>(w + r * stride, n, x, y + r * K);
 #endif
