@@ -417,24 +417,29 @@ TEST(QuantKernels, PortableLoopsMatchTheVectorKernels) {
   }
 }
 
-// q8_0 decode takes rows in groups (kernels for R rows · K tokens): every
-// group size, token count, block count (one block up) and weight byte, -128
-// included (a GGUF file may hold it), gives the portable loop's bits.
+// q8_0 decode takes rows in groups (kernels for R rows · K tokens; with
+// AVX-512, rows in pairs): every group size, token count, block count (one
+// block up) and weight byte, -128 included (a GGUF file may hold it), gives
+// the portable loop's bits.
 template <int R, int K>
 void expect_q8_0_rows_match_portable(const std::vector<unsigned char>& w, int n, const kd::Q8Input* x) {
   const std::ptrdiff_t stride = n / 32 * 34;
-  float got[R * K], want[K];
+  float got[R * K], fast[R * K], want[K];
   kd::q8_0_rows<R, K>(w.data(), stride, n, x, got);
+  kd::q8_0_rows_fast<R, K>(w.data(), stride, n, x, fast);  // AVX-512: rows in pairs
   for (int r = 0; r < R; ++r) {
     kd::q8_0_row_portable<K>(w.data() + r * stride, n, x, want);
-    for (int k = 0; k < K; ++k) EXPECT_EQ(bits(got[r * K + k]), bits(want[k])) << "R " << R << " K " << K << " n " << n;
+    for (int k = 0; k < K; ++k) {
+      EXPECT_EQ(bits(got[r * K + k]), bits(want[k])) << "R " << R << " K " << K << " n " << n;
+      EXPECT_EQ(bits(fast[r * K + k]), bits(want[k])) << "fast R " << R << " K " << K << " n " << n;
+    }
   }
 }
 
 TEST(QuantKernels, RowGroupsMatchThePortableLoopForEveryByte) {
   std::mt19937 rng(21);
   for (const int n : {32, 64, 96, 800}) {
-    std::vector<unsigned char> w(static_cast<std::size_t>(4 * (n / 32) * 34));
+    std::vector<unsigned char> w(static_cast<std::size_t>(8 * (n / 32) * 34));
     for (std::size_t blk = 0; blk < w.size() / 34; ++blk) {
       for (std::size_t j = 2; j < 34; ++j) w[blk * 34 + j] = static_cast<unsigned char>(rng());
       w[blk * 34 + 2 + blk % 32] = 0x80;  // -128
@@ -456,6 +461,9 @@ TEST(QuantKernels, RowGroupsMatchThePortableLoopForEveryByte) {
     expect_q8_0_rows_match_portable<2, 2>(w, n, x);
     expect_q8_0_rows_match_portable<4, 1>(w, n, x);
     expect_q8_0_rows_match_portable<2, 4>(w, n, x);
+    expect_q8_0_rows_match_portable<8, 1>(w, n, x);
+    expect_q8_0_rows_match_portable<4, 2>(w, n, x);
+    expect_q8_0_rows_match_portable<4, 4>(w, n, x);
   }
 }
 
