@@ -494,6 +494,28 @@ TEST(QuantKernels, DecodeRowTailsMatchThePortableLoop) {
   }
 }
 
+// The input quantizer of the decode path gives quantize_q8_0_block_act's
+// bits: random blocks of every scale, ties, NaN, ±inf, -0, subnormals.
+TEST(QuantKernels, InputQuantizerMatchesTheScalarOne) {
+  std::mt19937 rng(31);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const float specials[] = {NAN, INFINITY, -INFINITY, -0.0f, 0.0f, 1e-45f, -3e-39f, 3e38f, 0.5f, -1.5f, 127.0f, 2.5f};
+  for (int trial = 0; trial < 4000; ++trial) {
+    float x[32];
+    const float scale = std::ldexp(1.0f, static_cast<int>(rng() % 80) - 40);
+    for (float& v : x) v = u(rng) * scale;
+    if (trial % 3 == 0) x[rng() % 32] = specials[rng() % 12];
+    if (trial % 5 == 0) x[rng() % 32] = specials[rng() % 12];
+    if (trial % 7 == 0)  // ties: halves of max / 127
+      for (int j = 0; j < 32; ++j) x[j] = (static_cast<float>(rng() % 255) - 127.0f) * 0.5f;
+    if (trial == 1) std::fill(x, x + 32, 0.0f);
+    std::int8_t q_fast[32], q_want[32];
+    const std::uint16_t d_fast = kd::q8_quantize_act(x, q_fast), d_want = kd::quantize_q8_0_block_act(x, q_want);
+    ASSERT_EQ(d_fast, d_want) << trial;
+    ASSERT_EQ(std::memcmp(q_fast, q_want, 32), 0) << trial;
+  }
+}
+
 // ---- A decoder with f16 and q8_0 weights ------------------------------------
 
 // Decoding token by token with the cache gives the logits of running each
