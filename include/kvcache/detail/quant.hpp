@@ -59,7 +59,7 @@
 #define KVCACHE_QUANT_DPBUSD(a, u, w) _mm256_dpbusd_avx_epi32(a, u, w)
 #endif
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#if defined(KVCACHE_QUANT_Q8_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #define KVCACHE_QUANT_Q8_AVX512 1
 #endif
 
