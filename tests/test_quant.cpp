@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -413,6 +414,105 @@ TEST(QuantKernels, PortableLoopsMatchTheVectorKernels) {
     kd::q8_0_row_portable<2>(Wq.q8_0(), n, in, b);
     EXPECT_EQ(a[0], b[0]);
     EXPECT_EQ(a[1], b[1]);
+  }
+}
+
+// q8_0 decode takes rows in groups (kernels for R rows · K tokens; with
+// AVX-512, rows in pairs): every group size, token count, block count (one
+// block up) and weight byte, -128 included (a GGUF file may hold it), gives
+// the portable loop's bits.
+template <int R, int K>
+void expect_q8_0_rows_match_portable(const std::vector<unsigned char>& w, int n, const kd::Q8Input* x) {
+  const std::ptrdiff_t stride = n / 32 * 34;
+  float got[R * K], fast[R * K], want[K];
+  kd::q8_0_rows<R, K>(w.data(), stride, n, x, got);
+  kd::q8_0_rows_fast<R, K>(w.data(), stride, n, x, fast);  // AVX-512: rows in pairs
+  for (int r = 0; r < R; ++r) {
+    kd::q8_0_row_portable<K>(w.data() + r * stride, n, x, want);
+    for (int k = 0; k < K; ++k) {
+      EXPECT_EQ(bits(got[r * K + k]), bits(want[k])) << "R " << R << " K " << K << " n " << n;
+      EXPECT_EQ(bits(fast[r * K + k]), bits(want[k])) << "fast R " << R << " K " << K << " n " << n;
+    }
+  }
+}
+
+TEST(QuantKernels, RowGroupsMatchThePortableLoopForEveryByte) {
+  std::mt19937 rng(21);
+  for (const int n : {32, 64, 96, 800}) {
+    std::vector<unsigned char> w(static_cast<std::size_t>(8 * (n / 32) * 34));
+    for (std::size_t blk = 0; blk < w.size() / 34; ++blk) {
+      for (std::size_t j = 2; j < 34; ++j) w[blk * 34 + j] = static_cast<unsigned char>(rng());
+      w[blk * 34 + 2 + blk % 32] = 0x80;  // -128
+      const std::uint16_t d = kd::float_to_f16(std::ldexp(static_cast<float>(rng() % 1000 + 1), -16));
+      w[blk * 34] = static_cast<unsigned char>(d & 0xFF);
+      w[blk * 34 + 1] = static_cast<unsigned char>(d >> 8);
+    }
+    const Matrix<float> X = random_matrix(4, n, static_cast<unsigned>(n)) * 4.0f;
+    std::vector<std::int8_t> q(static_cast<std::size_t>(4 * n));
+    std::vector<float> d(static_cast<std::size_t>(4 * n / 32));
+    kd::Q8Input x[4];
+    for (int k = 0; k < 4; ++k) {
+      for (int b = 0; b < n / 32; ++b)
+        d[static_cast<std::size_t>(k * n / 32 + b)] =
+            kd::from_f16(kd::quantize_q8_0_block_act(X.row(k).data() + b * 32, q.data() + k * n + b * 32));
+      x[k] = {q.data() + k * n, d.data() + k * (n / 32)};
+    }
+    expect_q8_0_rows_match_portable<1, 1>(w, n, x);
+    expect_q8_0_rows_match_portable<2, 2>(w, n, x);
+    expect_q8_0_rows_match_portable<4, 1>(w, n, x);
+    expect_q8_0_rows_match_portable<2, 4>(w, n, x);
+    expect_q8_0_rows_match_portable<8, 1>(w, n, x);
+    expect_q8_0_rows_match_portable<4, 2>(w, n, x);
+    expect_q8_0_rows_match_portable<4, 4>(w, n, x);
+  }
+}
+
+// Through quant_decode: row ranges whose length is no multiple of the group
+// (and start anywhere), token counts with a tail after the groups of tokens.
+TEST(QuantKernels, DecodeRowTailsMatchThePortableLoop) {
+  for (const int n : {32, 64, 96, 800}) {
+    const WeightMatrix<float> W = weights_of(WeightType::q8_0, 11, n, 23);
+    const std::ptrdiff_t stride = n / 32 * 34;
+    for (const Eigen::Index m : {1, 2, 3, 5}) {
+      const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(m + n)) * 2.0f;
+      kd::QuantScratch s;
+      kd::prepare_inputs<float>(X, WeightType::q8_0, s);
+      for (const auto& range : {std::pair<Eigen::Index, Eigen::Index>{0, 11}, {1, 8}, {3, 6}, {2, 3}}) {
+        Matrix<float> Y2 = Matrix<float>::Zero(m, 11), Y4 = Matrix<float>::Zero(m, 11);
+        kd::quant_decode<2>(W, s, Y2, m, range.first, range.second);
+        kd::quant_decode<4>(W, s, Y4, m, range.first, range.second);
+        for (Eigen::Index t = 0; t < m; ++t)
+          for (Eigen::Index i = range.first; i < range.second; ++i) {
+            const kd::Q8Input x{s.q.data() + t * n, s.d.data() + t * (n / 32)};
+            float want;
+            kd::q8_0_row_portable<1>(W.q8_0() + i * stride, n, &x, &want);
+            ASSERT_EQ(bits(Y2(t, i)), bits(want)) << "n " << n << " m " << m << " t " << t << " i " << i;
+            ASSERT_EQ(bits(Y4(t, i)), bits(want)) << "n " << n << " m " << m << " t " << t << " i " << i;
+          }
+      }
+    }
+  }
+}
+
+// The input quantizer of the decode path gives quantize_q8_0_block_act's
+// bits: random blocks of every scale, ties, NaN, ±inf, -0, subnormals.
+TEST(QuantKernels, InputQuantizerMatchesTheScalarOne) {
+  std::mt19937 rng(31);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const float specials[] = {NAN, INFINITY, -INFINITY, -0.0f, 0.0f, 1e-45f, -3e-39f, 3e38f, 0.5f, -1.5f, 127.0f, 2.5f};
+  for (int trial = 0; trial < 4000; ++trial) {
+    float x[32];
+    const float scale = std::ldexp(1.0f, static_cast<int>(rng() % 80) - 40);
+    for (float& v : x) v = u(rng) * scale;
+    if (trial % 3 == 0) x[rng() % 32] = specials[rng() % 12];
+    if (trial % 5 == 0) x[rng() % 32] = specials[rng() % 12];
+    if (trial % 7 == 0)  // ties: halves of max / 127
+      for (int j = 0; j < 32; ++j) x[j] = (static_cast<float>(rng() % 255) - 127.0f) * 0.5f;
+    if (trial == 1) std::fill(x, x + 32, 0.0f);
+    std::int8_t q_fast[32], q_want[32];
+    const std::uint16_t d_fast = kd::q8_quantize_act(x, q_fast), d_want = kd::quantize_q8_0_block_act(x, q_want);
+    ASSERT_EQ(d_fast, d_want) << trial;
+    ASSERT_EQ(std::memcmp(q_fast, q_want, 32), 0) << trial;
   }
 }
 

@@ -59,6 +59,9 @@
 #define KVCACHE_QUANT_DPBUSD(a, u, w) _mm256_dpbusd_avx_epi32(a, u, w)
 #endif
 #endif
+#if defined(KVCACHE_QUANT_Q8_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define KVCACHE_QUANT_Q8_AVX512 1
+#endif
 
 namespace kvcache {
 namespace detail {
@@ -180,13 +183,14 @@ inline float q8_reduce(const float* a) {
   return (s0 + s2) + (s1 + s3);
 }
 
-inline float q8_weight_scale(const unsigned char* block) {
-#if defined(__F16C__)
-  return _cvtsh_ss(static_cast<unsigned short>(block[0] | block[1] << 8));
-#else
-  return q8_0_scale(block);
-#endif
+#if defined(KVCACHE_QUANT_Q8_AVX2)
+// q8_reduce's adds, in registers (as hsum_float_8).
+inline float q8_reduce(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // s_l = a_l + a_l+4
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));                                   // s0 + s2, s1 + s3
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
+#endif
 
 template <int K>
 void q8_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
@@ -208,41 +212,146 @@ void q8_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x,
   for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
 }
 
+// R rows (`stride` bytes apart) · K tokens: y[r · K + k]. Each row keeps its
+// own accumulators, so R rows at once give R·K independent chains of fused
+// multiply-adds (one row's chain waits on the previous block's) and R
+// streams of loads in flight; every chain still runs block after block.
+// The int8 · int8 sums, as ggml: |w| (unsigned; |−128| = 128 too) times x
+// with w's sign (|x| <= 127, so exact), four products per lane.
+//
+// Decode reads the weights once from memory, and the reads, not the
+// arithmetic, bound it: each row's block b + ahead is prefetched (a whole
+// number of groups ahead, at least 8 KB: one thread then reads ~1.5 times
+// faster than with the hardware prefetchers alone). Prefetching never
+// faults, so it may run past the matrix.
+inline std::uintptr_t q8_ahead(std::ptrdiff_t group) {
+  constexpr std::ptrdiff_t kAhead = 8 << 10;
+  return static_cast<std::uintptr_t>(group > 0 ? (kAhead + group - 1) / group * group : kAhead);
+}
+
+inline void q8_prefetch(const unsigned char* block, std::uintptr_t ahead) {
+#if defined(KVCACHE_QUANT_Q8_AVX2)
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(block) + ahead), _MM_HINT_T0);
+#else
+  static_cast<void>(block), static_cast<void>(ahead);
+#endif
+}
+
+template <int R, int K>
+void q8_0_rows(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+#if defined(KVCACHE_QUANT_Q8_AVX2)
+  const std::uintptr_t ahead = q8_ahead(R * stride);
+  __m256 acc[R][K];
+  // do … while: with a loop that may run zero times, g++ 12 stores the
+  // accumulators to the stack at every block.
+  if (n < 32) {
+    std::fill(y, y + R * K, 0.0f);
+    return;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) acc[r][k] = _mm256_setzero_ps();
+  Eigen::Index b = 0;
+  do {
+    __m256i q_x[K];
+    __m256 d_x[K];
+    for (int k = 0; k < K; ++k) {
+      q_x[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32));
+      d_x[k] = _mm256_broadcast_ss(x[k].d + b);
+    }
+    for (int r = 0; r < R; ++r) {
+      const unsigned char* block = w + r * stride + b * 34;
+      q8_prefetch(block, ahead);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+      const __m256 d_w = _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(block[0] | block[1] << 8)));
+      const __m256i q_abs = _mm256_sign_epi8(q, q);
+      for (int k = 0; k < K; ++k) {
+#if defined(KVCACHE_QUANT_DPBUSD)
+        const __m256i s = KVCACHE_QUANT_DPBUSD(_mm256_setzero_si256(), q_abs, _mm256_sign_epi8(q_x[k], q));
+#else
+        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(q_x[k], q)), _mm256_set1_epi16(1));
+#endif
+        acc[r][k] = _mm256_fmadd_ps(_mm256_mul_ps(d_w, d_x[k]), _mm256_cvtepi32_ps(s), acc[r][k]);
+      }
+    }
+  } while (++b < n / 32);
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) y[r * K + k] = q8_reduce(acc[r][k]);
+#else
+  for (int r = 0; r < R; ++r) q8_0_row_portable<K>(w + r * stride, n, x, y + r * K);
+#endif
+}
+
+#if defined(KVCACHE_QUANT_Q8_AVX512)
+// q8_0_rows with AVX-512, rows in pairs: rows 2p and 2p + 1 share one
+// 512-bit register (row 2p in the low 256 bits), so one instruction does
+// both rows' integer sums, conversions and fused multiply-adds; each row's
+// 8 lanes still see q8_0_rows's operations in its order, so the bits are
+// the same. x · sign(w) by a masked negation (no 512-bit vpsignb).
+template <int R, int K>
+void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+  static_assert(R % 2 == 0, "rows in pairs");
+  constexpr int P = R / 2;
+  if (n < 32) {
+    std::fill(y, y + R * K, 0.0f);
+    return;
+  }
+  const std::uintptr_t ahead = q8_ahead(R * stride);
+  const __m512i low_high = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), zero = _mm512_setzero_si512();
+  __m512 acc[P][K];
+  for (int p = 0; p < P; ++p)
+    for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
+  Eigen::Index b = 0;
+  do {  // as in q8_0_rows: keeps acc in registers
+    __m512i q_x[K];
+    __m512 d_x[K];
+    for (int k = 0; k < K; ++k) {
+      q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
+      d_x[k] = _mm512_set1_ps(x[k].d[b]);
+    }
+    for (int p = 0; p < P; ++p) {
+      const unsigned char* b0 = w + 2 * p * stride + b * 34;
+      const unsigned char* b1 = b0 + stride;
+      q8_prefetch(b0, ahead);
+      q8_prefetch(b1, ahead);
+      const __m512i q = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
+      const __mmask64 negative = _mm512_movepi8_mask(q);
+      const __m512i q_abs = _mm512_abs_epi8(q);
+      const __m128i d_f16 = _mm_insert_epi16(_mm_cvtsi32_si128(b0[0] | b0[1] << 8), b1[0] | b1[1] << 8, 1);
+      const __m512 d_w = _mm512_permutexvar_ps(low_high, _mm512_castps128_ps512(_mm_cvtph_ps(d_f16)));
+      for (int k = 0; k < K; ++k) {
+        const __m512i s = _mm512_dpbusd_epi32(zero, q_abs, _mm512_mask_sub_epi8(q_x[k], negative, zero, q_x[k]));
+        acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, d_x[k]), _mm512_cvtepi32_ps(s), acc[p][k]);
+      }
+    }
+  } while (++b < n / 32);
+  for (int p = 0; p < P; ++p)
+    for (int k = 0; k < K; ++k) {
+      y[2 * p * K + k] = q8_reduce(_mm512_castps512_ps256(acc[p][k]));
+      y[(2 * p + 1) * K + k] = q8_reduce(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][k]), 1)));
+    }
+}
+#endif
+
+// The row groups quant_rows_k hands to q8_0_rows_fast.
+template <int K>
+constexpr int kQ8Rows = K == 1 ? 8 : 4;
+
+template <int R, int K>
+void q8_0_rows_fast(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+#if defined(KVCACHE_QUANT_Q8_AVX512)
+  if constexpr (R % 2 == 0) {
+    q8_0_row_pairs<R, K>(w, stride, n, x, y);
+    return;
+  }
+#endif
+  q8_0_rows<R, K>(w, stride, n, x, y);
+}
+
 template <int K>
 void q8_0_row(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
-#if defined(KVCACHE_QUANT_Q8_AVX2)
-  __m256 acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
-  for (Eigen::Index b = 0; b < n / 32; ++b) {
-    const unsigned char* block = w + b * 34;
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
-    const float d_w = q8_weight_scale(block);
-#if defined(KVCACHE_QUANT_DPBUSD)
-    // (x + 128) · q − 128 · Σq: x + 128 is unsigned, as the instruction needs.
-    const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80));
-    const __m256i q_sum = KVCACHE_QUANT_DPBUSD(_mm256_setzero_si256(), bias, q);
-#else
-    const __m256i q_abs = _mm256_sign_epi8(q, q), ones = _mm256_set1_epi16(1);
-#endif
-    for (int k = 0; k < K; ++k) {
-      const __m256i q_x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32));
-#if defined(KVCACHE_QUANT_DPBUSD)
-      const __m256i s = _mm256_sub_epi32(
-          KVCACHE_QUANT_DPBUSD(_mm256_setzero_si256(), _mm256_xor_si256(q_x, bias), q), q_sum);
-#else
-      const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(q_abs, _mm256_sign_epi8(q_x, q)), ones);
-#endif
-      acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d_w * x[k].d[b]), _mm256_cvtepi32_ps(s), acc[k]);
-    }
-  }
-  for (int k = 0; k < K; ++k) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, acc[k]);
-    y[k] = q8_reduce(lanes);
-  }
-#else
-  q8_0_row_portable<K>(w, n, x, y);
-#endif
+  q8_0_rows<1, K>(w, 0, n, x, y);
 }
 
 // ============================================================================
@@ -267,6 +376,29 @@ V* grown(std::vector<V>& v, std::size_t n) {
   return v.data();
 }
 
+// quantize_q8_0_block_act, the same bits; with AVX-512 16 values at a time:
+// the largest |x| over the lanes that are not NaN (max is exact, so any
+// order), then x · (127 / max) rounded to nearest even, clamped to ±127, NaN
+// to 0, as the scalar loop does.
+inline std::uint16_t q8_quantize_act(const float* x, std::int8_t* q) {
+#if defined(KVCACHE_QUANT_Q8_AVX512)
+  const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
+  const __m512 a0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x0, x0, _CMP_ORD_Q), _mm512_abs_ps(x0));
+  const __m512 a1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x1, x1, _CMP_ORD_Q), _mm512_abs_ps(x1));
+  const float max_abs = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+  const __m512 scale = _mm512_set1_ps(max_abs != 0.0f ? 127.0f / max_abs : 0.0f);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int h = 0; h < 2; ++h) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(h == 0 ? x0 : x1, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 c = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * h), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+  }
+  return float_to_f16(max_abs / 127.0f);
+#else
+  return quantize_q8_0_block_act(x, q);
+#endif
+}
+
 // Token t's input, prepared for W's type, into s.
 template <typename T>
 void prepare_input(const T* x, Eigen::Index n, WeightType type, QuantScratch& s, Eigen::Index t) {
@@ -278,8 +410,12 @@ void prepare_input(const T* x, Eigen::Index n, WeightType type, QuantScratch& s,
   }
   float block[kQ8Block];
   for (Eigen::Index b = 0; b < n / 32; ++b) {
-    for (int j = 0; j < 32; ++j) block[j] = static_cast<float>(x[b * 32 + j]);
-    s.d[static_cast<std::size_t>(t * (n / 32) + b)] = from_f16(quantize_q8_0_block_act(block, s.q.data() + t * n + b * 32));
+    const float* in = block;
+    if constexpr (std::is_same_v<T, float>)
+      in = x + b * 32;
+    else
+      for (int j = 0; j < 32; ++j) block[j] = static_cast<float>(x[b * 32 + j]);
+    s.d[static_cast<std::size_t>(t * (n / 32) + b)] = from_f16(q8_quantize_act(in, s.q.data() + t * n + b * 32));
   }
 }
 
@@ -320,7 +456,16 @@ void quant_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y,
     Q8Input x[K];
     for (int k = 0; k < K; ++k) x[k] = {s.q.data() + (t0 + k) * n, s.d.data() + (t0 + k) * (n / 32)};
     const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(n)));
-    for (Eigen::Index i = begin; i < end; ++i) {
+    // Rows in groups of kRows (see q8_0_rows), then one at a time.
+    constexpr int kRows = kQ8Rows<K>;
+    float y_rows[kRows * K];
+    Eigen::Index i = begin;
+    for (; i + kRows <= end; i += kRows) {
+      q8_0_rows_fast<kRows, K>(W.q8_0() + i * row, row, n, x, y_rows);
+      for (int r = 0; r < kRows; ++r)
+        for (int k = 0; k < K; ++k) Y(t0 + k, i + r) = static_cast<T>(y_rows[r * K + k]);
+    }
+    for (; i < end; ++i) {
       q8_0_row<K>(W.q8_0() + i * row, n, x, y);
       for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
     }
