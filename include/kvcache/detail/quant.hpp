@@ -690,6 +690,157 @@ void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>
   }
   _tile_release();
 }
+
+// The tokens' values (already bfloat16 values, as float) as B tiles: group g
+// of 16 tokens, values [32·c, 32·c + 32) at x[(g·chunks + c)·1024 bytes],
+// value 2·kk + e of token tt at bfloat16 16·2·kk… : row kk, pair tt.
+inline void amx_pack_bf16_x(const QuantScratch& s, Eigen::Index m, Eigen::Index n, AmxScratch& a) {
+  const Eigen::Index groups = (m + 15) / 16, chunks = n / 32;
+  auto* x = reinterpret_cast<std::uint16_t*>(grown(a.x, static_cast<std::size_t>(groups * chunks * 1024)));
+  for (Eigen::Index g = 0; g < groups; ++g)
+    for (Eigen::Index tt = 0; tt < 16; ++tt) {
+      const Eigen::Index t = 16 * g + tt;
+      for (Eigen::Index j = 0; j < n; ++j) {
+        std::uint16_t* tile = x + (g * chunks + j / 32) * 512;
+        tile[(j % 32) / 2 * 32 + 2 * tt + j % 2] =
+            t < m ? static_cast<std::uint16_t>(float_bits(s.x[static_cast<std::size_t>(t * n + j)]) >> 16) : 0;
+      }
+    }
+}
+
+// 16 rows of bfloat16 values at w (k each: W's values, or f16's split)
+// times the tokens of groups [g, g + count), count <= 4, packed by
+// amx_pack_bf16_x (amx_pack_f16_x): Y's columns [i, i + rows).
+template <typename T>
+void amx_bf16_rows(const std::uint16_t* w, Eigen::Index k, const AmxScratch& a, Matrix<T>& Y, Eigen::Index m,
+                   Eigen::Index g, Eigen::Index count, Eigen::Index i, Eigen::Index rows) {
+  const Eigen::Index chunks = k / 32, stride = k * 2;
+  const unsigned char* x = a.x.data() + g * chunks * 1024;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (Eigen::Index c = 0; c < chunks; ++c) {
+    _tile_loadd(4, w + 32 * c, stride);
+    _tile_loadd(6, x + c * 1024, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (count > 1) {
+      _tile_loadd(7, x + (chunks + c) * 1024, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (count > 2) {
+      _tile_loadd(6, x + (2 * chunks + c) * 1024, 64);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if (count > 3) {
+      _tile_loadd(7, x + (3 * chunks + c) * 1024, 64);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  alignas(64) float c[4][256];
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+  for (Eigen::Index u = 0; u < count; ++u)
+    for (Eigen::Index r = 0; r < rows; ++r)
+      for (Eigen::Index tt = 0; tt < 16 && 16 * (g + u) + tt < m; ++tt)
+        Y(16 * (g + u) + tt, i + r) = static_cast<T>(c[u][16 * r + tt]);
+}
+
+// f16 on the bfloat16 tile unit, exactly: an f16 value (11 significant
+// bits) is hi + lo, hi its top 8 bits and lo the other 3, both bfloat16;
+// so are the tokens' values (rounded to f16). Each value becomes 4
+// bfloat16 entries, (hi, hi, lo, lo) for W and (x_hi, x_lo, x_hi, x_lo) for
+// x, whose products sum to w · x, each exact in float.
+inline void amx_split_f16(const std::uint16_t* w, Eigen::Index count, std::uint16_t* out) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  Eigen::Index j = 0;
+  for (; j + 16 <= count; j += 16) {
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j)));
+    const __m512i hi = _mm512_and_si512(_mm512_castps_si512(f), top);
+    const __m512i lo = _mm512_castps_si512(_mm512_sub_ps(f, _mm512_castsi512_ps(hi)));  // exact, low 16 bits 0
+    const __m512i hi2 = _mm512_or_si512(hi, _mm512_srli_epi32(hi, 16)), lo2 = _mm512_or_si512(lo, _mm512_srli_epi32(lo, 16));
+    _mm512_storeu_si512(out + 4 * j, _mm512_permutex2var_epi32(hi2, first, lo2));
+    _mm512_storeu_si512(out + 4 * j + 32, _mm512_permutex2var_epi32(hi2, second, lo2));
+  }
+  for (; j < count; ++j) {
+    const float f = from_f16(w[j]);
+    const std::uint32_t hi = float_bits(f) & 0xFFFF0000u;
+    const auto lo = static_cast<std::uint16_t>(float_bits(f - bits_float(hi)) >> 16);
+    out[4 * j] = out[4 * j + 1] = static_cast<std::uint16_t>(hi >> 16);
+    out[4 * j + 2] = out[4 * j + 3] = lo;
+  }
+}
+
+// The tokens' split values as B tiles (amx_pack_bf16_x's layout, 4 entries
+// per value).
+inline void amx_pack_f16_x(const QuantScratch& s, Eigen::Index m, Eigen::Index n, AmxScratch& a) {
+  const Eigen::Index groups = (m + 15) / 16, chunks = n / 8;
+  unsigned char* x = grown(a.x, static_cast<std::size_t>(groups * chunks * 1024));
+  std::memset(x, 0, static_cast<std::size_t>(groups * chunks * 1024));
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (Eigen::Index t = 0; t < m; ++t) {
+    unsigned char* tokens = x + (t / 16) * chunks * 1024 + 4 * (t % 16);
+    for (Eigen::Index j = 0; j < n; j += 8) {  // value j + v: (hi, lo) in rows 2v and 2v + 1
+      const __m256 f = _mm256_loadu_ps(s.x.data() + t * n + j);
+      const __m256i hi = _mm256_and_si256(_mm256_castps_si256(f), _mm512_castsi512_si256(top));
+      const __m256i lo = _mm256_castps_si256(_mm256_sub_ps(f, _mm256_castsi256_ps(hi)));
+      alignas(32) std::uint32_t pair[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pair), _mm256_or_si256(_mm256_srli_epi32(hi, 16), lo));
+      unsigned char* tile = tokens + (j / 8) * 1024;
+      for (int v = 0; v < 8; ++v) {
+        std::memcpy(tile + 128 * v, pair + v, 4);
+        std::memcpy(tile + 128 * v + 64, pair + v, 4);
+      }
+    }
+  }
+}
+
+// Many tokens, f16 (n a multiple of 8), on the tile unit: 16 rows of W at a
+// time split into a per-thread buffer.
+template <typename T>
+void amx_f16_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
+                     Eigen::Index begin, Eigen::Index end) {
+  AmxScratch& a = AmxScratch::mine();
+  const Eigen::Index n = W.cols();
+  amx_pack_f16_x(s, m, n, a);
+  auto* split = reinterpret_cast<std::uint16_t*>(grown(a.w, static_cast<std::size_t>(16 * 8 * n)));
+  amx_configure(64, 16);
+  for (Eigen::Index i = begin; i < end; i += 16) {
+    const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
+    amx_split_f16(W.f16().data() + i * n, rows * n, split);
+    std::memset(split + rows * 4 * n, 0, static_cast<std::size_t>((16 - rows) * 8 * n));
+    for (Eigen::Index g = 0; g < (m + 15) / 16; g += 4)
+      amx_bf16_rows(split, 4 * n, a, Y, m, g, std::min<Eigen::Index>(4, (m + 15) / 16 - g), i, rows);
+  }
+  _tile_release();
+}
+
+// Many tokens, bf16 (n a multiple of 32), on the tile unit.
+template <typename T>
+void amx_bf16_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
+                      Eigen::Index begin, Eigen::Index end) {
+  AmxScratch& a = AmxScratch::mine();
+  const Eigen::Index n = W.cols();
+  amx_pack_bf16_x(s, m, n, a);
+  amx_configure(64, 16);
+  for (Eigen::Index i = begin; i < end; i += 16) {
+    const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
+    const std::uint16_t* w = W.bf16().data() + i * n;
+    if (rows < 16) {
+      auto* pad = reinterpret_cast<std::uint16_t*>(grown(a.w, static_cast<std::size_t>(16 * n * 2)));
+      std::memcpy(pad, w, static_cast<std::size_t>(rows * n * 2));
+      std::memset(pad + rows * n, 0, static_cast<std::size_t>((16 - rows) * n * 2));
+      w = pad;
+    }
+    for (Eigen::Index g = 0; g < (m + 15) / 16; g += 4)
+      amx_bf16_rows(w, n, a, Y, m, g, std::min<Eigen::Index>(4, (m + 15) / 16 - g), i, rows);
+  }
+  _tile_release();
+}
 #endif
 
 // Many tokens: X rounded or quantized as above, back in T, times tiles of W
@@ -728,6 +879,12 @@ void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<
 #if defined(KVCACHE_QUANT_AMX)
   else if (W.type() == WeightType::q8_0 && amx_usable())
     amx_q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
+#endif
+#if defined(KVCACHE_QUANT_AMX)
+  else if (W.type() == WeightType::f16 && W.cols() % 8 == 0 && amx_usable())
+    amx_f16_prefill<T>(W, s, Y, X.rows(), begin, end);
+  else if (W.type() == WeightType::bf16 && W.cols() % 32 == 0 && amx_usable())
+    amx_bf16_prefill<T>(W, s, Y, X.rows(), begin, end);
 #endif
 #if defined(KVCACHE_QUANT_Q8_TILE)
   else if (W.type() == WeightType::q8_0)
