@@ -506,8 +506,10 @@ TEST(QuantPrefill, MatchesTheQuantizedArithmeticInDouble) {
         kd::linear<float>(X, {{W, none, Y2}}, 2);
         const Matrix<double> want = reference_any(X, W);
         const std::string what = std::string(kvcache::to_string(type)) + " n = " + std::to_string(n) + " m = " + std::to_string(m);
-        EXPECT_LT(reference::max_abs_diff(Y1, want), 2e-5) << what;
-        EXPECT_LT(reference::max_abs_diff(Y2, want), 2e-5) << what;
+        // float's rounding of sums of n products of up to 3 (Eigen's on SSE2: 2.6e-5 at n = 160)
+        const double tolerance = 3e-7 * n;
+        EXPECT_LT(reference::max_abs_diff(Y1, want), tolerance) << what;
+        EXPECT_LT(reference::max_abs_diff(Y2, want), tolerance) << what;
 #if defined(KVCACHE_QUANT_AMX)
         if (!kd::amx_usable()) continue;
         EXPECT_EQ(Y1, Y2) << what;

@@ -17,8 +17,15 @@
 // Decode (m < kFewTokens) reproduces those sums bit for bit, with AVX-512 /
 // F16C / AVX-VNNI / AVX2 where the build has them and a portable loop
 // otherwise (same bits: the same lanes, the same fused multiply-adds).
-// Prefill rounds or quantizes x the same way, dequantizes tiles of W to T
-// and multiplies with Eigen: the same products, summed in Eigen's order.
+// Prefill (m >= kFewTokens) rounds or quantizes x the same way and forms the
+// same products, summed in another order:
+//   AMX (a CPU with the tile unit, on Linux): q8_0 per block an exact int32
+//     sum over 16 rows × 16 tokens, then acc = fma(d_w · d_x, sum, acc);
+//     bf16 and f16 (each split exactly into two bfloat16s) on the unit's
+//     bfloat16 dot product. Each Y[t, i] depends only on row i and token t.
+//   else q8_0 with AVX-512 VNNI: 4 rows × 4 tokens at once in int8, in
+//     decode's lanes and order: decode's bits.
+//   else tiles of W widened to T (vector conversions), multiplied by Eigen.
 //
 // bfloat16 weights stay on gemv.hpp's kernel, which differs from llama.cpp
 // on purpose: ggml rounds x to bfloat16 (8 bits), kvcache keeps x as float
@@ -51,6 +58,14 @@
 #define KVCACHE_QUANT_F16_AVX512 1
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define KVCACHE_QUANT_F16_AVX2 1
+#endif
+// AMX (Sapphire Rapids' tile unit): used where the build has it and Linux
+// lends the process its registers (amx_usable).
+#if defined(__linux__) && defined(__AVX512F__) && (defined(__AMX_INT8__) || defined(__AMXINT8__)) && \
+    (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__))
+#define KVCACHE_QUANT_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #define KVCACHE_QUANT_Q8_AVX2 1
@@ -533,15 +548,7 @@ void q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y,
 // bf16: 16 × 16 float tiles accumulated over the whole row by the tile
 // unit's bfloat16 dot product (exact products; the order of the sums is the
 // unit's).
-#if defined(__linux__) && defined(__AVX512F__) && (defined(__AMX_INT8__) || defined(__AMXINT8__)) && \
-    (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__))
-#define KVCACHE_QUANT_AMX 1
-}  // namespace detail
-}  // namespace kvcache
-#include <sys/syscall.h>
-#include <unistd.h>
-namespace kvcache {
-namespace detail {
+#if defined(KVCACHE_QUANT_AMX)
 
 // Linux lends a process the tile registers only when asked, once.
 inline bool amx_usable() {
