@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <utility>
@@ -514,6 +515,110 @@ TEST(QuantKernels, InputQuantizerMatchesTheScalarOne) {
     ASSERT_EQ(d_fast, d_want) << trial;
     ASSERT_EQ(std::memcmp(q_fast, q_want, 32), 0) << trial;
   }
+}
+
+// ---- Prefill kernels ----------------------------------------------------------
+
+// W (f16, q8_0 or bf16) over memory kvcache does not own, as a GGUF file's:
+// bf16 then computes as llama.cpp does (x rounded to bf16).
+WeightMatrix<float> external_copy(const WeightMatrix<float>& W) {
+  const std::size_t bytes = W.bytes();
+  std::shared_ptr<void> values(new unsigned char[bytes], [](void* p) { delete[] static_cast<unsigned char*>(p); });
+  const void* from = W.type() == WeightType::q8_0 ? static_cast<const void*>(W.q8_0())
+                     : W.type() == WeightType::f16 ? static_cast<const void*>(W.f16().data())
+                                                   : static_cast<const void*>(W.bf16().data());
+  std::memcpy(values.get(), from, bytes);
+  return WeightMatrix<float>(W.rows(), W.cols(), W.type(), values);
+}
+
+// reference_product, with bf16's rounding of x as well.
+Matrix<double> reference_any(const Matrix<float>& X, const WeightMatrix<float>& W) {
+  if (W.type() != WeightType::bf16) return reference_product(X, W);
+  Matrix<double> Y(X.rows(), W.rows());
+  for (Eigen::Index t = 0; t < X.rows(); ++t)
+    for (Eigen::Index i = 0; i < W.rows(); ++i) {
+      double s = 0;
+      for (Eigen::Index j = 0; j < X.cols(); ++j)
+        s += static_cast<double>(W(i, j)) * static_cast<double>(kd::from_bf16(kd::float_to_bf16(X(t, j))));
+      Y(t, i) = s;
+    }
+  return Y;
+}
+
+// The q8_0 prefill kernel (R rows × K tokens in int8; VNNI or its portable
+// loop) gives every token exactly the bits of decoding it alone, with rows
+// and tokens left over from the blocks (67 rows, m = 16 … 23, 37).
+TEST(QuantPrefill, Q8_0RowsTimesTokensGiveDecodesBits) {
+  for (const int n : {32, 96, 160}) {
+    const WeightMatrix<float> W = weights_of(WeightType::q8_0, 67, n, 21);
+    for (const Eigen::Index m : {16, 17, 18, 19, 23, 37}) {
+      const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(m + n)) * 3.0f;
+      kd::QuantScratch s;
+      kd::prepare_inputs<float>(X, WeightType::q8_0, s);
+      Matrix<float> Y = Matrix<float>::Constant(m, 67, std::nanf(""));
+      kd::q8_0_prefill<float>(W, s, Y, m, 0, 67);
+      const Vector<float> none;
+      for (Eigen::Index t = 0; t < m; ++t) {
+        Matrix<float> one(1, 67);
+        kd::linear<float>(X.row(t), {{W, none, one}}, 1);
+        ASSERT_EQ(Y.row(t), one) << "n = " << n << " m = " << m << " t = " << t;
+      }
+    }
+  }
+}
+
+TEST(QuantPrefill, Q8_0PortableTileMatchesTheVectorTile) {
+  for (const int n : {32, 96, 800}) {
+    const WeightMatrix<float> W = weights_of(WeightType::q8_0, 4, n, 22);
+    const Eigen::Index nb = n / 32, row = nb * 34;
+    const Matrix<float> X = random_matrix(3, n, 23) * 4.0f;
+    std::vector<std::int8_t> q(static_cast<std::size_t>(3 * n));
+    std::vector<float> scale(static_cast<std::size_t>(4 * 3 * nb));
+    for (Eigen::Index b = 0; b < 3 * nb; ++b) {
+      const float d_x = kd::from_f16(kd::quantize_q8_0_block_act(X.data() + b * 32, q.data() + b * 32));
+      for (Eigen::Index r = 0; r < 4; ++r)  // (r·K + k)·nb + b for token k = b / nb
+        scale[static_cast<std::size_t>((r * 3 + b / nb) * nb + b % nb)] = kd::q8_0_scale(W.q8_0() + r * row + (b % nb) * 34) * d_x;
+    }
+    const std::int8_t* x[3] = {q.data(), q.data() + n, q.data() + 2 * n};
+    float a[4][3], b[4][3];
+    kd::q8_0_tile<4, 3>(W.q8_0(), row, nb, x, scale.data(), a);
+    kd::q8_0_tile_portable<4, 3>(W.q8_0(), row, nb, x, scale.data(), b);
+    for (int r = 0; r < 4; ++r)
+      for (int k = 0; k < 3; ++k) EXPECT_EQ(a[r][k], b[r][k]) << n << " " << r << " " << k;
+  }
+}
+
+// The prefill path of every type that has one (AMX's tiles on a CPU and
+// kernel that lend them), against the same quantized arithmetic in double;
+// tokens past a tile of 16, rows past a tile of 16, n = 32, 40, 96, 160
+// (bf16 and q8_0: multiples of 32). A row range alone gives the bits of the
+// whole product, and 2 threads those of 1.
+TEST(QuantPrefill, MatchesTheQuantizedArithmeticInDouble) {
+  for (const auto type : {WeightType::f16, WeightType::bf16, WeightType::q8_0})
+    for (const int n : {32, 40, 96, 160}) {
+      if (type != WeightType::f16 && n % 32 != 0) continue;
+      const WeightMatrix<float> W = external_copy(weights_of(type, 67, n, 31));
+      for (const Eigen::Index m : {16, 17, 31, 33, 64, 70}) {
+        const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(7 * m + n)) * 3.0f;
+        Matrix<float> Y1(m, 67), Y2(m, 67);
+        const Vector<float> none;
+        kd::linear<float>(X, {{W, none, Y1}}, 1);
+        kd::linear<float>(X, {{W, none, Y2}}, 2);
+        const Matrix<double> want = reference_any(X, W);
+        const std::string what = std::string(kvcache::to_string(type)) + " n = " + std::to_string(n) + " m = " + std::to_string(m);
+        // float's rounding of sums of n products of up to 3 (Eigen's on SSE2: 2.6e-5 at n = 160)
+        const double tolerance = 3e-7 * n;
+        EXPECT_LT(reference::max_abs_diff(Y1, want), tolerance) << what;
+        EXPECT_LT(reference::max_abs_diff(Y2, want), tolerance) << what;
+#if defined(KVCACHE_QUANT_AMX)
+        if (!kd::amx_usable()) continue;
+        EXPECT_EQ(Y1, Y2) << what;
+        Matrix<float> Y3 = Matrix<float>::Zero(m, 67);
+        kd::linear_rows<float>(X, W, none, Y3, 10, 40);
+        EXPECT_EQ(Y3.middleCols(10, 30), Y1.middleCols(10, 30)) << what;
+#endif
+      }
+    }
 }
 
 // ---- A decoder with f16 and q8_0 weights ------------------------------------

@@ -17,8 +17,15 @@
 // Decode (m < kFewTokens) reproduces those sums bit for bit, with AVX-512 /
 // F16C / AVX-VNNI / AVX2 where the build has them and a portable loop
 // otherwise (same bits: the same lanes, the same fused multiply-adds).
-// Prefill rounds or quantizes x the same way, dequantizes tiles of W to T
-// and multiplies with Eigen: the same products, summed in Eigen's order.
+// Prefill (m >= kFewTokens) rounds or quantizes x the same way and forms the
+// same products, summed in another order:
+//   AMX (a CPU with the tile unit, on Linux): q8_0 per block an exact int32
+//     sum over 16 rows × 16 tokens, then acc = fma(d_w · d_x, sum, acc);
+//     bf16 and f16 (each split exactly into two bfloat16s) on the unit's
+//     bfloat16 dot product. Each Y[t, i] depends only on row i and token t.
+//   else q8_0 with AVX-512 VNNI: 4 rows × 4 tokens at once in int8, in
+//     decode's lanes and order: decode's bits.
+//   else tiles of W widened to T (vector conversions), multiplied by Eigen.
 //
 // bfloat16 weights stay on gemv.hpp's kernel, which differs from llama.cpp
 // on purpose: ggml rounds x to bfloat16 (8 bits), kvcache keeps x as float
@@ -34,6 +41,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -50,6 +58,14 @@
 #define KVCACHE_QUANT_F16_AVX512 1
 #elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
 #define KVCACHE_QUANT_F16_AVX2 1
+#endif
+// AMX (Sapphire Rapids' tile unit): used where the build has it and Linux
+// lends the process its registers (amx_usable).
+#if defined(__linux__) && defined(__AVX512F__) && (defined(__AMX_INT8__) || defined(__AMXINT8__)) && \
+    (defined(__AMX_TILE__) || defined(__AMXTILE__)) && (defined(__AMX_BF16__) || defined(__AMXBF16__))
+#define KVCACHE_QUANT_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #define KVCACHE_QUANT_Q8_AVX2 1
@@ -487,8 +503,502 @@ void quant_decode(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y,
   }
 }
 
+// ============================================================================
+// Prefill
+// ============================================================================
+
+// count values of f16 (bf16) as float, exactly (vector conversions).
+inline void f16_to_float(const std::uint16_t* h, std::size_t count, float* out) {
+  std::size_t i = 0;
+#if defined(KVCACHE_QUANT_F16_AVX512)
+  for (; i + 16 <= count; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+#elif defined(KVCACHE_QUANT_F16_AVX2)
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < count; ++i) out[i] = from_f16(h[i]);
+}
+
+inline void bf16_to_float(const std::uint16_t* h, std::size_t count, float* out) {
+  std::size_t i = 0;
+#if defined(KVCACHE_QUANT_F16_AVX512)
+  for (; i + 16 <= count; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)));
+    _mm512_storeu_ps(out + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+#endif
+  for (; i < count; ++i) out[i] = from_bf16(h[i]);
+}
+
+// blocks q8_0 blocks as float: d · q, rounded as read_q8_0 rounds it.
+inline void q8_0_to_float(const unsigned char* w, std::size_t blocks, float* out) {
+  for (std::size_t b = 0; b < blocks; ++b, w += kQ8BlockBytes, out += kQ8Block) {
+    const float d = q8_0_scale(w);
+#if defined(KVCACHE_QUANT_F16_AVX512)
+    for (int h = 0; h < 2; ++h) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 + 16 * h));
+      _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))));
+    }
+#else
+    for (std::size_t j = 0; j < kQ8Block; ++j) out[j] = d * static_cast<float>(static_cast<std::int8_t>(w[2 + j]));
+#endif
+  }
+}
+
+// Rows [r, r + rows) of W (f16, bf16 or q8_0) as T, row after row into out.
+template <typename T>
+void widen_rows(const WeightMatrix<T>& W, Eigen::Index r, Eigen::Index rows, T* out) {
+  const Eigen::Index n = W.cols();
+  if constexpr (std::is_same<T, float>::value) {
+    const auto count = static_cast<std::size_t>(rows * n);
+    if (W.type() == WeightType::f16) return f16_to_float(W.f16().data() + r * n, count, out);
+    if (W.type() == WeightType::bf16) return bf16_to_float(W.bf16().data() + r * n, count, out);
+    const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(n)));
+    return q8_0_to_float(W.q8_0() + r * row, count / kQ8Block, out);
+  }
+  for (Eigen::Index i = 0; i < rows; ++i) W.row_to(r + i, out + i * n);
+}
+
+// ---- q8_0: R rows × K tokens in int8 ---------------------------------------
+//
+// y[r][k] = W[r, :] · x_k as q8_0_row computes it (ggml's lanes and order,
+// so prefill gives decode's bits), for R rows at once: each block of the R
+// rows and K tokens is loaded once per R·K products. scale[(r·K + k)·nb + b]
+// is d_w[r][b] · d_x[k][b], as q8_0_row multiplies them.
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define KVCACHE_QUANT_Q8_TILE 1
+#endif
+
+template <int R, int K>
+void q8_0_tile_portable(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const std::int8_t* const* x,
+                        const float* scale, float (*y)[K]) {
+  float lanes[R][K][8] = {};
+  for (Eigen::Index b = 0; b < nb; ++b)
+    for (int r = 0; r < R; ++r) {
+      const auto* q = reinterpret_cast<const std::int8_t*>(w + r * row + b * 34 + 2);
+      for (int k = 0; k < K; ++k)
+        for (int l = 0; l < 8; ++l) {
+          std::int32_t s = 0;
+          for (int i = 4 * l; i < 4 * l + 4; ++i) s += std::int32_t{q[i]} * std::int32_t{x[k][b * 32 + i]};
+          lanes[r][k][l] = std::fma(scale[(r * K + k) * nb + b], static_cast<float>(s), lanes[r][k][l]);
+        }
+    }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) y[r][k] = q8_reduce(lanes[r][k]);
+}
+
+template <int R, int K>
+void q8_0_tile(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const std::int8_t* const* x,
+               const float* scale, float (*y)[K]) {
+#if defined(KVCACHE_QUANT_Q8_TILE)
+  __m256 acc[R][K];
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) acc[r][k] = _mm256_setzero_ps();
+  // (x + 128) · q − 128 · Σq: x + 128 is unsigned, as vpdpbusd needs.
+  const __m256i bias = _mm256_set1_epi8(static_cast<char>(0x80)), zero = _mm256_setzero_si256();
+  for (Eigen::Index b = 0; b < nb; ++b) {
+    __m256i q[R], minus_sum[R];
+    for (int r = 0; r < R; ++r) {
+      q[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row + b * 34 + 2));
+      minus_sum[r] = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, bias, q[r]));
+    }
+    for (int k = 0; k < K; ++k) {
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k] + b * 32)), bias);
+      for (int r = 0; r < R; ++r) {
+        const __m256i s = _mm256_dpbusd_epi32(minus_sum[r], u, q[r]);
+        acc[r][k] = _mm256_fmadd_ps(_mm256_set1_ps(scale[(r * K + k) * nb + b]), _mm256_cvtepi32_ps(s), acc[r][k]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) {
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, acc[r][k]);
+      y[r][k] = q8_reduce(lanes);
+    }
+#else
+  q8_0_tile_portable<R, K>(w, row, nb, x, scale, y);
+#endif
+}
+
+// Per-thread buffers of the q8_0 prefill: W's scales and their products.
+struct Q8TileScratch {
+  std::vector<float> d_w, scale;
+  static Q8TileScratch& mine() {
+    thread_local Q8TileScratch scratch;
+    return scratch;
+  }
+};
+
+// Rows [i, i + R) times tokens [t, t + K) into Y, d_w holding the R rows'
+// scales (R × nb).
+template <int R, int K, typename T>
+void q8_0_tile_into(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const QuantScratch& s, const float* d_w,
+                    float* scale, Matrix<T>& Y, Eigen::Index t, Eigen::Index i) {
+  const Eigen::Index n = nb * 32;
+  const std::int8_t* x[K];
+  for (int k = 0; k < K; ++k) {
+    x[k] = s.q.data() + (t + k) * n;
+    const float* d_x = s.d.data() + (t + k) * nb;
+    for (int r = 0; r < R; ++r)  // (Eigen's arrays: vectorized, as they alias nothing)
+      Eigen::Map<Eigen::ArrayXf>(scale + (r * K + k) * nb, nb) =
+          Eigen::Map<const Eigen::ArrayXf>(d_w + r * nb, nb) * Eigen::Map<const Eigen::ArrayXf>(d_x, nb);
+  }
+  float y[R][K];
+  q8_0_tile<R, K>(w + i * row, row, nb, x, scale, y);
+  for (int r = 0; r < R; ++r)
+    for (int k = 0; k < K; ++k) Y(t + k, i + r) = static_cast<T>(y[r][k]);
+}
+
+// R rows [i, i + R) times every token, kQ8TileTokens at a time.
+constexpr int kQ8TileRows = 4, kQ8TileTokens = 4;
+
+template <int R, typename T>
+void q8_0_rows_tokens(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const QuantScratch& s, Matrix<T>& Y,
+                      Eigen::Index m, Eigen::Index i) {
+  Q8TileScratch& ts = Q8TileScratch::mine();
+  float* d_w = grown(ts.d_w, static_cast<std::size_t>(R * nb));
+  float* scale = grown(ts.scale, static_cast<std::size_t>(R * kQ8TileTokens * nb));
+  for (int r = 0; r < R; ++r)
+    for (Eigen::Index b = 0; b < nb; ++b) d_w[r * nb + b] = q8_0_scale(w + (i + r) * row + b * 34);
+  Eigen::Index t = 0;
+  for (; t + kQ8TileTokens <= m; t += kQ8TileTokens) q8_0_tile_into<R, kQ8TileTokens>(w, row, nb, s, d_w, scale, Y, t, i);
+  switch (m - t) {
+    case 3: return q8_0_tile_into<R, 3>(w, row, nb, s, d_w, scale, Y, t, i);
+    case 2: return q8_0_tile_into<R, 2>(w, row, nb, s, d_w, scale, Y, t, i);
+    case 1: return q8_0_tile_into<R, 1>(w, row, nb, s, d_w, scale, Y, t, i);
+    default: return;
+  }
+}
+
+// Many tokens, q8_0: the int8 products of decode, R rows × K tokens at a time.
+template <typename T>
+void q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m, Eigen::Index begin,
+                  Eigen::Index end) {
+  const Eigen::Index nb = W.cols() / 32;
+  const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(W.cols())));
+  Eigen::Index i = begin;
+  for (; i + kQ8TileRows <= end; i += kQ8TileRows) q8_0_rows_tokens<kQ8TileRows>(W.q8_0(), row, nb, s, Y, m, i);
+  for (; i < end; ++i) q8_0_rows_tokens<1>(W.q8_0(), row, nb, s, Y, m, i);
+}
+
+// ---- AMX: Sapphire Rapids' tile unit, where the build and Linux allow it ----
+//
+// q8_0: per block of 32, a 16-row × 16-token tile of exact int32 sums (one
+// tile multiply), then per row and token acc = fma(d_w · d_x, sum, acc),
+// block after block. The same products as ggml, each block's sum exact in
+// int32 (ggml sums 8 lanes of 4 in float): not decode's bits, but at least
+// as close to the exact product.
+// bf16: 16 × 16 float tiles accumulated over the whole row by the tile
+// unit's bfloat16 dot product (exact products; the order of the sums is the
+// unit's).
+#if defined(KVCACHE_QUANT_AMX)
+
+// Linux lends a process the tile registers only when asked, once.
+inline bool amx_usable() {
+  static const bool usable = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return usable;
+}
+
+// Tiles 0–3: C, 16 × 16 int32 or float; 4, 5: A, 16 rows of W × a_bytes;
+// 6, 7: B, the tokens' values in pairs (bf16) or quadruples (int8),
+// b_rows × 64 bytes.
+inline void amx_configure(int a_bytes, int b_rows) {
+  struct alignas(64) {
+    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    std::uint16_t bytes[16] = {};
+    std::uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = static_cast<std::uint8_t>(t < 6 ? 16 : b_rows);
+    config.bytes[t] = static_cast<std::uint16_t>(t < 4 || t >= 6 ? 64 : a_bytes);
+  }
+  _tile_loadconfig(&config);
+}
+
+// Per-thread buffers: the tokens in tile order, scales, a padded last tile of W.
+struct AmxScratch {
+  std::vector<unsigned char> x, w;
+  std::vector<float> d_x, d_w;
+  static AmxScratch& mine() {
+    thread_local AmxScratch scratch;
+    return scratch;
+  }
+};
+
+// The tokens' q8_0 values as B tiles: group g of 16 tokens, block b at
+// x[(g·nb + b)·512], x[4·jj + c] of token tt at byte 64·jj + 4·tt + c;
+// their scales at d_x[(g·nb + b)·16 + tt]. Tokens past m: zeros.
+inline void amx_pack_q8_0_x(const QuantScratch& s, Eigen::Index m, Eigen::Index nb, AmxScratch& a) {
+  const Eigen::Index groups = (m + 15) / 16, n = nb * 32;
+  unsigned char* x = grown(a.x, static_cast<std::size_t>(groups * nb * 512));
+  float* d_x = grown(a.d_x, static_cast<std::size_t>(groups * nb * 16));
+  for (Eigen::Index g = 0; g < groups; ++g)
+    for (Eigen::Index b = 0; b < nb; ++b) {
+      unsigned char* tile = x + (g * nb + b) * 512;
+      for (Eigen::Index tt = 0; tt < 16; ++tt) {
+        const Eigen::Index t = 16 * g + tt;
+        d_x[(g * nb + b) * 16 + tt] = t < m ? s.d[static_cast<std::size_t>(t * nb + b)] : 0.0f;
+        for (int jj = 0; jj < 8; ++jj) {
+          if (t < m)
+            std::memcpy(tile + 64 * jj + 4 * tt, s.q.data() + t * n + b * 32 + 4 * jj, 4);
+          else
+            std::memset(tile + 64 * jj + 4 * tt, 0, 4);
+        }
+      }
+    }
+}
+
+// acc[r] (lanes: tokens) += d_w[r][b] · d_x[b] · c[r] for one block's tile c.
+inline void amx_q8_0_accumulate(const std::int32_t* c, const float* d_w, Eigen::Index nb, const float* d_x,
+                                __m512* acc) {
+  const __m512 dx = _mm512_loadu_ps(d_x);
+  for (int r = 0; r < 16; ++r) {
+    const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r));
+    acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(d_w[r * nb]), dx), sums, acc[r]);
+  }
+}
+
+// acc[r] lane tt into Y(16·g + tt, i + r), rows < `rows`, tokens < m.
+template <typename T>
+void amx_store(const __m512* acc, Matrix<T>& Y, Eigen::Index g, Eigen::Index m, Eigen::Index i, Eigen::Index rows) {
+  for (Eigen::Index r = 0; r < rows; ++r) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[r]);
+    for (Eigen::Index tt = 0; tt < 16 && 16 * g + tt < m; ++tt) Y(16 * g + tt, i + r) = static_cast<T>(lanes[tt]);
+  }
+}
+
+// 16 rows of W at w (q8_0 rows of `row` bytes; their scales d_w, 16 × nb)
+// times every token: Y's columns [i, i + rows).
+template <typename T>
+void amx_q8_0_rows(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const AmxScratch& a, const float* d_w,
+                   Matrix<T>& Y, Eigen::Index m, Eigen::Index i, Eigen::Index rows) {
+  alignas(64) std::int32_t c[4][256];
+  for (Eigen::Index g = 0; g < (m + 15) / 16; ++g) {
+    __m512 acc[16];
+    for (auto& v : acc) v = _mm512_setzero_ps();
+    const unsigned char* x = a.x.data() + g * nb * 512;
+    for (Eigen::Index b = 0; b < nb; b += 4) {
+      const Eigen::Index count = std::min<Eigen::Index>(4, nb - b);
+      const unsigned char* w_b = w + b * 34 + 2;
+      _tile_loadd(4, w_b, row);
+      _tile_loadd(6, x + b * 512, 64);
+      _tile_zero(0);
+      _tile_dpbssd(0, 4, 6);
+      if (count > 1) {
+        _tile_loadd(5, w_b + 34, row);
+        _tile_loadd(7, x + (b + 1) * 512, 64);
+        _tile_zero(1);
+        _tile_dpbssd(1, 5, 7);
+      }
+      if (count > 2) {
+        _tile_loadd(4, w_b + 68, row);
+        _tile_loadd(6, x + (b + 2) * 512, 64);
+        _tile_zero(2);
+        _tile_dpbssd(2, 4, 6);
+      }
+      if (count > 3) {
+        _tile_loadd(5, w_b + 102, row);
+        _tile_loadd(7, x + (b + 3) * 512, 64);
+        _tile_zero(3);
+        _tile_dpbssd(3, 5, 7);
+      }
+      _tile_stored(0, c[0], 64);
+      if (count > 1) _tile_stored(1, c[1], 64);
+      if (count > 2) _tile_stored(2, c[2], 64);
+      if (count > 3) _tile_stored(3, c[3], 64);
+      for (Eigen::Index u = 0; u < count; ++u)
+        amx_q8_0_accumulate(c[u], d_w + b + u, nb, a.d_x.data() + (g * nb + b + u) * 16, acc);
+    }
+    amx_store(acc, Y, g, m, i, rows);
+  }
+}
+
+// Many tokens, q8_0, on the tile unit: rows [begin, end), 16 at a time (the
+// last ones copied into a zero-padded tile).
+template <typename T>
+void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
+                      Eigen::Index begin, Eigen::Index end) {
+  AmxScratch& a = AmxScratch::mine();
+  const Eigen::Index nb = W.cols() / 32;
+  const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(W.cols())));
+  amx_pack_q8_0_x(s, m, nb, a);
+  float* d_w = grown(a.d_w, static_cast<std::size_t>(16 * nb));
+  amx_configure(32, 8);
+  for (Eigen::Index i = begin; i < end; i += 16) {
+    const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
+    const unsigned char* w = W.q8_0() + i * row;
+    if (rows < 16) {
+      unsigned char* pad = grown(a.w, static_cast<std::size_t>(16 * row));
+      std::memcpy(pad, w, static_cast<std::size_t>(rows * row));
+      std::memset(pad + rows * row, 0, static_cast<std::size_t>((16 - rows) * row));
+      w = pad;
+    }
+    for (Eigen::Index r = 0; r < 16; ++r)
+      for (Eigen::Index b = 0; b < nb; ++b) d_w[r * nb + b] = r < rows ? q8_0_scale(w + r * row + b * 34) : 0.0f;
+    amx_q8_0_rows(w, row, nb, a, d_w, Y, m, i, rows);
+  }
+  _tile_release();
+}
+
+// The tokens' values (already bfloat16 values, as float) as B tiles: group g
+// of 16 tokens, values [32·c, 32·c + 32) at x[(g·chunks + c)·1024 bytes],
+// value 2·kk + e of token tt at bfloat16 16·2·kk… : row kk, pair tt.
+inline void amx_pack_bf16_x(const QuantScratch& s, Eigen::Index m, Eigen::Index n, AmxScratch& a) {
+  const Eigen::Index groups = (m + 15) / 16, chunks = n / 32;
+  auto* x = reinterpret_cast<std::uint16_t*>(grown(a.x, static_cast<std::size_t>(groups * chunks * 1024)));
+  for (Eigen::Index g = 0; g < groups; ++g)
+    for (Eigen::Index tt = 0; tt < 16; ++tt) {
+      const Eigen::Index t = 16 * g + tt;
+      for (Eigen::Index j = 0; j < n; ++j) {
+        std::uint16_t* tile = x + (g * chunks + j / 32) * 512;
+        tile[(j % 32) / 2 * 32 + 2 * tt + j % 2] =
+            t < m ? static_cast<std::uint16_t>(float_bits(s.x[static_cast<std::size_t>(t * n + j)]) >> 16) : 0;
+      }
+    }
+}
+
+// 16 rows of bfloat16 values at w (k each: W's values, or f16's split)
+// times the tokens of groups [g, g + count), count <= 4, packed by
+// amx_pack_bf16_x (amx_pack_f16_x): Y's columns [i, i + rows).
+template <typename T>
+void amx_bf16_rows(const std::uint16_t* w, Eigen::Index k, const AmxScratch& a, Matrix<T>& Y, Eigen::Index m,
+                   Eigen::Index g, Eigen::Index count, Eigen::Index i, Eigen::Index rows) {
+  const Eigen::Index chunks = k / 32, stride = k * 2;
+  const unsigned char* x = a.x.data() + g * chunks * 1024;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (Eigen::Index c = 0; c < chunks; ++c) {
+    _tile_loadd(4, w + 32 * c, stride);
+    _tile_loadd(6, x + c * 1024, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (count > 1) {
+      _tile_loadd(7, x + (chunks + c) * 1024, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if (count > 2) {
+      _tile_loadd(6, x + (2 * chunks + c) * 1024, 64);
+      _tile_dpbf16ps(2, 4, 6);
+    }
+    if (count > 3) {
+      _tile_loadd(7, x + (3 * chunks + c) * 1024, 64);
+      _tile_dpbf16ps(3, 4, 7);
+    }
+  }
+  alignas(64) float c[4][256];
+  _tile_stored(0, c[0], 64);
+  _tile_stored(1, c[1], 64);
+  _tile_stored(2, c[2], 64);
+  _tile_stored(3, c[3], 64);
+  for (Eigen::Index u = 0; u < count; ++u)
+    for (Eigen::Index r = 0; r < rows; ++r)
+      for (Eigen::Index tt = 0; tt < 16 && 16 * (g + u) + tt < m; ++tt)
+        Y(16 * (g + u) + tt, i + r) = static_cast<T>(c[u][16 * r + tt]);
+}
+
+// f16 on the bfloat16 tile unit, exactly: an f16 value (11 significant
+// bits) is hi + lo, hi its top 8 bits and lo the other 3, both bfloat16;
+// so are the tokens' values (rounded to f16). Each value becomes 4
+// bfloat16 entries, (hi, hi, lo, lo) for W and (x_hi, x_lo, x_hi, x_lo) for
+// x, whose products sum to w · x, each exact in float.
+inline void amx_split_f16(const std::uint16_t* w, Eigen::Index count, std::uint16_t* out) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  Eigen::Index j = 0;
+  for (; j + 16 <= count; j += 16) {
+    const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j)));
+    const __m512i hi = _mm512_and_si512(_mm512_castps_si512(f), top);
+    const __m512i lo = _mm512_castps_si512(_mm512_sub_ps(f, _mm512_castsi512_ps(hi)));  // exact, low 16 bits 0
+    const __m512i hi2 = _mm512_or_si512(hi, _mm512_srli_epi32(hi, 16)), lo2 = _mm512_or_si512(lo, _mm512_srli_epi32(lo, 16));
+    _mm512_storeu_si512(out + 4 * j, _mm512_permutex2var_epi32(hi2, first, lo2));
+    _mm512_storeu_si512(out + 4 * j + 32, _mm512_permutex2var_epi32(hi2, second, lo2));
+  }
+  for (; j < count; ++j) {
+    const float f = from_f16(w[j]);
+    const std::uint32_t hi = float_bits(f) & 0xFFFF0000u;
+    const auto lo = static_cast<std::uint16_t>(float_bits(f - bits_float(hi)) >> 16);
+    out[4 * j] = out[4 * j + 1] = static_cast<std::uint16_t>(hi >> 16);
+    out[4 * j + 2] = out[4 * j + 3] = lo;
+  }
+}
+
+// The tokens' split values as B tiles (amx_pack_bf16_x's layout, 4 entries
+// per value).
+inline void amx_pack_f16_x(const QuantScratch& s, Eigen::Index m, Eigen::Index n, AmxScratch& a) {
+  const Eigen::Index groups = (m + 15) / 16, chunks = n / 8;
+  unsigned char* x = grown(a.x, static_cast<std::size_t>(groups * chunks * 1024));
+  std::memset(x, 0, static_cast<std::size_t>(groups * chunks * 1024));
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (Eigen::Index t = 0; t < m; ++t) {
+    unsigned char* tokens = x + (t / 16) * chunks * 1024 + 4 * (t % 16);
+    for (Eigen::Index j = 0; j < n; j += 8) {  // value j + v: (hi, lo) in rows 2v and 2v + 1
+      const __m256 f = _mm256_loadu_ps(s.x.data() + t * n + j);
+      const __m256i hi = _mm256_and_si256(_mm256_castps_si256(f), _mm512_castsi512_si256(top));
+      const __m256i lo = _mm256_castps_si256(_mm256_sub_ps(f, _mm256_castsi256_ps(hi)));
+      alignas(32) std::uint32_t pair[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pair), _mm256_or_si256(_mm256_srli_epi32(hi, 16), lo));
+      unsigned char* tile = tokens + (j / 8) * 1024;
+      for (int v = 0; v < 8; ++v) {
+        std::memcpy(tile + 128 * v, pair + v, 4);
+        std::memcpy(tile + 128 * v + 64, pair + v, 4);
+      }
+    }
+  }
+}
+
+// Many tokens, f16 (n a multiple of 8), on the tile unit: 16 rows of W at a
+// time split into a per-thread buffer.
+template <typename T>
+void amx_f16_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
+                     Eigen::Index begin, Eigen::Index end) {
+  AmxScratch& a = AmxScratch::mine();
+  const Eigen::Index n = W.cols();
+  amx_pack_f16_x(s, m, n, a);
+  auto* split = reinterpret_cast<std::uint16_t*>(grown(a.w, static_cast<std::size_t>(16 * 8 * n)));
+  amx_configure(64, 16);
+  for (Eigen::Index i = begin; i < end; i += 16) {
+    const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
+    amx_split_f16(W.f16().data() + i * n, rows * n, split);
+    std::memset(split + rows * 4 * n, 0, static_cast<std::size_t>((16 - rows) * 8 * n));
+    for (Eigen::Index g = 0; g < (m + 15) / 16; g += 4)
+      amx_bf16_rows(split, 4 * n, a, Y, m, g, std::min<Eigen::Index>(4, (m + 15) / 16 - g), i, rows);
+  }
+  _tile_release();
+}
+
+// Many tokens, bf16 (n a multiple of 32), on the tile unit.
+template <typename T>
+void amx_bf16_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
+                      Eigen::Index begin, Eigen::Index end) {
+  AmxScratch& a = AmxScratch::mine();
+  const Eigen::Index n = W.cols();
+  amx_pack_bf16_x(s, m, n, a);
+  amx_configure(64, 16);
+  for (Eigen::Index i = begin; i < end; i += 16) {
+    const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
+    const std::uint16_t* w = W.bf16().data() + i * n;
+    if (rows < 16) {
+      auto* pad = reinterpret_cast<std::uint16_t*>(grown(a.w, static_cast<std::size_t>(16 * n * 2)));
+      std::memcpy(pad, w, static_cast<std::size_t>(rows * n * 2));
+      std::memset(pad + rows * n, 0, static_cast<std::size_t>((16 - rows) * n * 2));
+      w = pad;
+    }
+    for (Eigen::Index g = 0; g < (m + 15) / 16; g += 4)
+      amx_bf16_rows(w, n, a, Y, m, g, std::min<Eigen::Index>(4, (m + 15) / 16 - g), i, rows);
+  }
+  _tile_release();
+}
+#endif
+
 // Many tokens: X rounded or quantized as above, back in T, times tiles of W
-// dequantized to T (128 KB each, in L2), by Eigen.
+// widened to T (kPrefillTileBytes each, in L2), by Eigen.
+constexpr Eigen::Index kPrefillTileBytes = 512 << 10;
+
 template <typename T>
 void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W, const QuantScratch& s,
                    Matrix<T>& Y, Eigen::Index begin, Eigen::Index end) {
@@ -499,11 +1009,11 @@ void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& 
       X_as_w(t, j) = static_cast<T>(W.type() != WeightType::q8_0 ? s.x[static_cast<std::size_t>(t * in + j)]
                                                                  : s.d[static_cast<std::size_t>((t * in + j) / 32)] *
                                                                        static_cast<float>(s.q[static_cast<std::size_t>(t * in + j)]));
-  const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, (128 << 10) / std::max<Eigen::Index>(1, in * Eigen::Index{sizeof(T)})));
+  const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, kPrefillTileBytes / std::max<Eigen::Index>(1, in * Eigen::Index{sizeof(T)})));
   Matrix<T> widened(tile, in);
   for (Eigen::Index r = begin; r < end; r += tile) {
     const Eigen::Index rows = std::min(tile, end - r);
-    for (Eigen::Index i = 0; i < rows; ++i) W.row_to(r + i, widened.row(i).data());
+    widen_rows(W, r, rows, widened.data());
     Y.middleCols(r, rows).noalias() = X_as_w * widened.topRows(rows).transpose();
   }
 }
@@ -518,6 +1028,20 @@ void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<
   prepare_inputs<T>(X, W.type(), s);
   if (X.rows() < few_tokens)
     quant_decode<Tokens>(W, s, Y, X.rows(), begin, end);
+#if defined(KVCACHE_QUANT_AMX)
+  else if (W.type() == WeightType::q8_0 && amx_usable())
+    amx_q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
+#endif
+#if defined(KVCACHE_QUANT_AMX)
+  else if (W.type() == WeightType::f16 && W.cols() % 8 == 0 && amx_usable())
+    amx_f16_prefill<T>(W, s, Y, X.rows(), begin, end);
+  else if (W.type() == WeightType::bf16 && W.cols() % 32 == 0 && amx_usable())
+    amx_bf16_prefill<T>(W, s, Y, X.rows(), begin, end);
+#endif
+#if defined(KVCACHE_QUANT_Q8_TILE)
+  else if (W.type() == WeightType::q8_0)
+    q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
+#endif
   else
     quant_prefill<T>(X, W, s, Y, begin, end);
 }
