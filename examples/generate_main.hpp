@@ -39,6 +39,7 @@
 #include <iterator>
 #include <kvcache/decoder.hpp>
 #include <kvcache/generate.hpp>
+#include <kvcache/scheduler.hpp>
 #include <kvcache/llama2c.hpp>
 #include <kvcache/session_file.hpp>
 #include <kvcache/gguf.hpp>
