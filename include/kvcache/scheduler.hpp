@@ -250,6 +250,8 @@ class BatchScheduler {
       detail::ScheduledRequest<T>& r = waiting_.front();
       auto joined = std::make_unique<detail::ScheduledRequest<T>>();
       joined->sampler.emplace(decoder_.config().vocab_size, r.request.options);
+      // Not 2³¹ ids for a window's limit; a step then rarely allocates.
+      joined->result.ids.reserve(std::min<std::size_t>(r.request.options.max_new_tokens, 4096));
       if (!r.own && free_.empty()) make_session();
       running_.reserve(running_.size() + 1);
       result_slots_.try_emplace(r.id);  // the node its result will move into
@@ -257,7 +259,6 @@ class BatchScheduler {
       joined->id = r.id;
       joined->request = std::move(r.request);
       joined->own = r.own;
-      joined->result = std::move(r.result);
       joined->result.status = RequestStatus::running;
       joined->session = r.own;
       if (!joined->session) {
@@ -321,26 +322,27 @@ class BatchScheduler {
   // this step) and runs the forward.
   const Matrix<T>& forward() {
     chunk_.assign(running_.size(), 0);
-    tokens_.clear();
     batch_.clear();
     std::size_t decoding = 0;
     for (const auto& r : running_) decoding += r->fed == r->request.prompt.size();
     std::size_t budget = options_.step_tokens - std::min(options_.step_tokens, decoding);
     for (std::size_t k = 0; k < running_.size(); ++k) {
-      detail::ScheduledRequest<T>& r = *running_[k];
-      const std::vector<int>& prompt = r.request.prompt;
-      if (r.fed == prompt.size()) {
-        chunk_[k] = 1;
-        tokens_.push_back({r.result.ids.back()});
-      } else {
-        // With nothing decoding, the budget is at least 1: the step is never empty.
-        chunk_[k] = std::min(prompt.size() - r.fed, budget);
-        budget -= chunk_[k];
-        if (chunk_[k] == 0) continue;
-        const auto from = prompt.begin() + static_cast<std::ptrdiff_t>(r.fed);
-        tokens_.emplace_back(from, from + static_cast<std::ptrdiff_t>(chunk_[k]));
-      }
-      batch_.push_back(r.session);
+      const detail::ScheduledRequest<T>& r = *running_[k];
+      // With nothing decoding, the budget is at least 1: the step is never empty.
+      const std::size_t left = r.request.prompt.size() - r.fed;
+      chunk_[k] = left == 0 ? 1 : std::min(left, budget);
+      budget -= left == 0 ? 0 : chunk_[k];
+      if (chunk_[k] != 0) batch_.push_back(r.session);
+    }
+    tokens_.resize(batch_.size());  // each list keeps its buffer from step to step
+    std::size_t b = 0;
+    for (std::size_t k = 0; k < running_.size(); ++k) {
+      const detail::ScheduledRequest<T>& r = *running_[k];
+      const auto from = r.request.prompt.begin() + static_cast<std::ptrdiff_t>(r.fed);
+      if (r.fed == r.request.prompt.size())
+        tokens_[b++].assign(1, r.result.ids.back());
+      else if (chunk_[k] != 0)
+        tokens_[b++].assign(from, from + static_cast<std::ptrdiff_t>(chunk_[k]));
     }
     return decoder_.forward_batch(tokens_, batch_, workspace_, Logits::last, options_.threads);
   }
