@@ -366,6 +366,7 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
   kvcache::SchedulerOptions scheduler_options;
   scheduler_options.max_sequences = o.parallel;
   scheduler_options.threads = o.threads;
+  scheduler_options.step_tokens = o.step_tokens;
   scheduler_options.session = session_options;
   kvcache::BatchScheduler<float> scheduler(decoder, scheduler_options);
   std::size_t generated = 0;
