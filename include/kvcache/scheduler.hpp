@@ -92,8 +92,10 @@ struct ScheduledRequest {
 
 // Steps requests together on one Decoder, as a serving loop does: submit()
 // requests at any time (also from a callback), step() or run(), then take()
-// each result. Used by one thread at a time; different schedulers may run
-// concurrently on one Decoder.
+// each result. Used by one thread at a time (cancel() and submit() too: call
+// them between steps or from a request's callback, never step() from one);
+// different schedulers may run concurrently on one Decoder, which must
+// outlive them, as a caller's session must outlive its request.
 //
 // A request that fails while it runs (its sampler met non-finite logits, one
 // of its callbacks threw, memory ran out for its ids) leaves with status
