@@ -52,12 +52,21 @@ for k in range(32):
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 EOF
 
-run() {  # binary parallel threads -> tok_s on stdout, output in $work/out.<tag>
+# Runs binary $1 with --parallel $2 and --threads $3; output in $work/out.$4.
+# Prints the tok_s --stats reports (tokens per second of wall time) and the
+# generated tokens per second of CPU time (user + system): on a shared
+# machine the first follows the other processes' load, the second much less
+# (with one thread; with more, it counts time spent waiting at barriers).
+run() {
   local bin="$1" parallel="$2" threads="$3" tag="$4"
-  "$bin" "$model" -z "$tok" -n 128 -t 0 -s 1 --ignore-eos --threads "$threads" --stats \
+  /usr/bin/time -f "cpu %U %S" -o "$work/time.$tag" \
+    "$bin" "$model" -z "$tok" -n 128 -t 0 -s 1 --ignore-eos --threads "$threads" --stats \
     --prompts-file "$work/prompts.txt" --parallel "$parallel" "${extra[@]}" \
     >"$work/out.$tag" 2>"$work/err.$tag"
-  sed -n 's/.*tok_s=\([0-9.]*\).*/\1/p' "$work/err.$tag"
+  local wall generated
+  wall=$(sed -n 's/.*tok_s=\([0-9.]*\).*/\1/p' "$work/err.$tag")
+  generated=$(sed -n 's/.*generated_tokens=\([0-9]*\).*/\1/p' "$work/err.$tag")
+  awk -v w="$wall" -v g="$generated" '/^cpu/ {printf "%s %.2f\n", w, g / ($2 + $3)}' "$work/time.$tag"
 }
 
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
@@ -78,14 +87,18 @@ for threads in $threads_list; do
   done
 done
 
-printf '%-48s %7s %12s %12s %7s\n' binary threads "p1 tok/s" "p8 tok/s" "p8/p1"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+printf '%-40s %7s | %9s %9s %6s | %9s %9s %6s\n' binary threads "p1 tok/s" "p8 tok/s" "p8/p1" "p1 /cpu-s" "p8 /cpu-s" "p8/p1"
 for threads in $threads_list; do
   b=0
   for bin in "$@"; do
-    p1=$(median <"$work/tok_s.$b.1.$threads")
-    p8=$(median <"$work/tok_s.$b.8.$threads")
-    printf '%-48s %7s %12s %12s %7s\n' "$bin" "$threads" "$p1" "$p8" "$(awk -v a="$p8" -v b="$p1" 'BEGIN {printf "%.2f", a / b}')"
+    p1=$(cut -d' ' -f1 "$work/tok_s.$b.1.$threads" | median)
+    p8=$(cut -d' ' -f1 "$work/tok_s.$b.8.$threads" | median)
+    c1=$(cut -d' ' -f2 "$work/tok_s.$b.1.$threads" | median)
+    c8=$(cut -d' ' -f2 "$work/tok_s.$b.8.$threads" | median)
+    printf '%-40s %7s | %9s %9s %6s | %9s %9s %6s\n' "$bin" "$threads" "$p1" "$p8" "$(ratio "$p8" "$p1")" \
+      "$c1" "$c8" "$(ratio "$c8" "$c1")"
     b=$((b + 1))
   done
 done
-echo "(medians of $reps interleaved runs each)"
+echo "(medians of $reps interleaved runs each; tok/s: generated tokens per second of wall time; /cpu-s: per second of CPU time)"

@@ -101,8 +101,8 @@ struct ScheduledRequest {
 // of its callbacks threw, memory ran out for its ids) leaves with status
 // failed and the exception in its result; the others go on. A failure of
 // the step's forward (out of memory) is thrown by step(), every session as it
-// was before that step (the forward's guarantee), and the scheduler as it
-// was too: step() may be called again. A request that leaves (but one that
+// was before that step (the forward's guarantee), and nothing fed or
+// sampled (requests that joined stay joined): step() may be called again. A request that leaves (but one that
 // finished in the caller's session) leaves no tokens behind: a scheduler's
 // session is cleared for the next request; the caller's session is rolled
 // back to where the request found it, or, finished, holds the prompt and
