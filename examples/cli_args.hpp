@@ -34,7 +34,8 @@
 #include <sched.h>
 #endif
 
-#include <kvcache/kv_cache.hpp>  // KVType
+#include <kvcache/kv_cache.hpp>   // KVType
+#include <kvcache/scheduler.hpp>  // SchedulerOptions
 
 namespace kvcache_cli {
 
@@ -48,6 +49,8 @@ struct UsageError : std::runtime_error {
 constexpr std::size_t kMaxThreads = 256;
 // The largest --parallel accepted: a batch's buffers grow with it.
 constexpr std::size_t kMaxParallel = 1024;
+// The largest --step-tokens accepted: a step's buffers grow with it.
+constexpr std::size_t kMaxStepTokens = 65536;
 
 // The --threads default: the first count of OMP_NUM_THREADS when it holds
 // one (the usual way to ask an OpenMP program for fewer threads; "4,2"
@@ -109,10 +112,13 @@ struct Options {
   // --prompt-cache: a session file holding the state after a prompt, reused
   // when this run's prompt starts with that prompt, (re)written otherwise.
   std::optional<std::string> prompt_cache;
-  // --prompts-file: one text prompt per line, generated in batches of
-  // --parallel sequences; outputs one line each, in the file's order.
+  // --prompts-file: one text prompt per line, at most --parallel generated
+  // at once; outputs one line each, in the file's order.
   std::optional<std::string> prompts_file;
   std::size_t parallel = 1;  // --parallel
+  // --step-tokens: the rows of a batched step (one per decoding prompt, the
+  // rest chunks of the prompts being prefilled).
+  std::size_t step_tokens = kvcache::SchedulerOptions{}.step_tokens;
 
   // Text is needed to encode a non-empty -i prompt (without --prompt-ids) or
   // the lines of --prompts-file, or to print pieces (without --ids);
@@ -180,10 +186,15 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 -n, -t, -p, --ignore-eos and the cache options apply to each\n"
          "                 prompt; line k samples with seed + k - 1, so line 1 is\n"
          "                 what -s SEED -i LINE gives\n"
-         "  --parallel N   prompts decoded together, one forward per step for all of\n"
-         "                 them, 1.." +
+         "  --parallel N   the most prompts generated at once, one forward per step\n"
+         "                 for all of them; a finished prompt's place goes to the\n"
+         "                 next line, 1.." +
          std::to_string(kMaxParallel) +
          " (default 1)\n"
+         "  --step-tokens T  tokens a step feeds: one per prompt decoding, the rest\n"
+         "                 chunks of the prompts being read, 1.." +
+         std::to_string(kMaxStepTokens) + " (default " + std::to_string(kvcache::SchedulerOptions{}.step_tokens) +
+         ")\n"
          "  -h, --help     print this help and exit\n"
          "\n"
          "Generation stops after STEPS positions or when the model produces BOS.\n"
@@ -292,7 +303,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
       return o;
     }
   o.threads = default_threads();
-  bool have_model = false, have_parallel = false;
+  bool have_model = false, have_parallel = false, have_step_tokens = false;
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     const auto value = [&]() -> const std::string& {
@@ -355,6 +366,13 @@ inline Options parse_args(const std::vector<std::string>& args) {
         throw UsageError("--parallel must be in [1, " + std::to_string(kMaxParallel) + "], got " +
                          detail::quoted(text));
       have_parallel = true;
+    } else if (a == "--step-tokens") {
+      const std::string& text = value();
+      o.step_tokens = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
+      if (o.step_tokens < 1 || o.step_tokens > kMaxStepTokens)
+        throw UsageError("--step-tokens must be in [1, " + std::to_string(kMaxStepTokens) + "], got " +
+                         detail::quoted(text));
+      have_step_tokens = true;
     } else if (a == "--weights") {
       o.weights = value();
       if (o.weights != "f32" && o.weights != "bf16")
@@ -387,6 +405,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
     throw UsageError("--no-cache keeps no cache: it cannot take --window or --kv-type");
   if (o.no_cache && o.prompt_cache) throw UsageError("--no-cache keeps no cache: it cannot take --prompt-cache");
   if (have_parallel && !o.prompts_file) throw UsageError("--parallel needs --prompts-file");
+  if (have_step_tokens && !o.prompts_file) throw UsageError("--step-tokens needs --prompts-file");
   if (o.prompts_file && (o.prompt || o.prompt_ids))
     throw UsageError("--prompts-file gives the prompts: it cannot take -i or --prompt-ids");
   if (o.prompts_file && o.no_cache)

@@ -13,6 +13,7 @@
 #include <kvcache/attention.hpp>
 #include <kvcache/decoder.hpp>
 #include <kvcache/generate.hpp>
+#include <kvcache/scheduler.hpp>
 #include <kvcache/llama2c.hpp>
 
 #include "fixtures.hpp"

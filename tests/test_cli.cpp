@@ -127,6 +127,8 @@ TEST(CliArgs, PromptsFile) {
   EXPECT_EQ(*o.prompts_file, "p.txt");
   EXPECT_EQ(o.parallel, 8u);
   EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).parallel, 1u);
+  EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt", "--step-tokens", "7"}).step_tokens, 7u);
+  EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).step_tokens, kvcache::SchedulerOptions{}.step_tokens);
   EXPECT_FALSE(parse_args({"m"}).prompts_file);
   EXPECT_TRUE(parse_args({"m", "--prompts-file", "p.txt", "--ids"}).needs_tokenizer());  // lines are text
   for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
@@ -136,6 +138,10 @@ TEST(CliArgs, PromptsFile) {
            {"m", "--prompts-file", "p", "--parallel", "1025"},
            {"m", "--prompts-file", "p", "--parallel", "x"},
            {"m", "--parallel", "2"},
+           {"m", "--prompts-file", "p", "--step-tokens", "0"},
+           {"m", "--prompts-file", "p", "--step-tokens", "65537"},
+           {"m", "--prompts-file", "p", "--step-tokens", "-1"},
+           {"m", "--step-tokens", "8"},
            {"m", "--prompts-file", "p", "-i", "The cat"},
            {"m", "--prompts-file", "p", "--prompt-ids", "1,2"},
            {"m", "--prompts-file", "p", "--no-cache"},
@@ -965,6 +971,12 @@ TEST_F(CliBatch, EachLineIsTheSinglePromptRun) {
     EXPECT_EQ(lines_of(r.out), text) << "--parallel " << parallel;
     const Result r_ids = run(greedy({"--prompts-file", file, "--parallel", parallel, "--ids"}));
     EXPECT_EQ(lines_of(r_ids.out), ids) << "--parallel " << parallel << " --ids";
+  }
+  // Prompts fed a few tokens per step, beside the others' decoding.
+  for (const char* step_tokens : {"1", "3", "7"}) {
+    const Result r = run(greedy({"--prompts-file", file, "--parallel", "3", "--step-tokens", step_tokens, "--ids"}));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(lines_of(r.out), ids) << "--step-tokens " << step_tokens;
   }
   // Per-sequence options: --ignore-eos and a compact cache in a window.
   const Result long_run = run({model_, "-z", tok_, "-t", "0", "-n", "300", "--window", "128", "--sinks", "4", "--kv-type",

@@ -18,6 +18,7 @@
 
 #include <gtest/gtest.h>
 #include <kvcache/generate.hpp>
+#include <kvcache/scheduler.hpp>
 #include <kvcache/llama2c.hpp>
 #include <kvcache/session_file.hpp>
 #include <kvcache/tokenizer.hpp>

@@ -669,6 +669,40 @@ TEST(BatchExceptionSafety, GenerateBatchFailingRollsEverySessionBack) {
   all_as_before(-1);
 }
 
+// BatchScheduler: a step that fails at any allocation (joining requests,
+// planning the step, the forward) throws with every session as it was, and
+// the scheduler steps on from there to the ids each request gets alone.
+TEST(BatchExceptionSafety, SchedulerStepFailingAtEveryAllocationChangesNoSessionAndGoesOn) {
+  const kvcache::ModelConfig c = small_model();
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  std::vector<Session<float>> sessions;
+  for (int i = 0; i < 3; ++i) sessions.push_back(d.new_session());
+  kvcache::SchedulerOptions o;
+  o.max_sequences = 2;  // the third request joins when one leaves
+  o.step_tokens = 4;    // the 7-token prompt is fed in two chunks
+  kvcache::BatchScheduler<float> scheduler(d, o);
+  const std::vector<std::vector<int>> prompts = {{4, 5}, {6, 1, 2, 3, 4, 5, 6}, {7, 8, 9}};
+  std::vector<kvcache::GenerateOptions> options(3);
+  for (std::size_t i = 0; i < 3; ++i) {
+    options[i].max_new_tokens = 3 + 2 * i;
+    scheduler.submit({prompts[i], options[i], {}}, &sessions[i]);
+  }
+  for (std::size_t steps = 0; !scheduler.idle(); ++steps) {
+    ASSERT_LT(steps, 100u);
+    std::vector<SessionSnapshot> before;
+    for (const auto& s : sessions) before.push_back(snapshot(s));
+    fault::fail_each_allocation([&] { scheduler.step(); }, [&](long n) {
+      for (std::size_t b = 0; b < sessions.size(); ++b)
+        ASSERT_TRUE(snapshot(sessions[b]).same_tokens(before[b])) << "step " << steps << ", allocation " << n << ", session " << b;
+    });
+  }
+  for (std::size_t i = 0; i < 3; ++i) {
+    const kvcache::RequestResult r = scheduler.take(i);
+    EXPECT_EQ(r.status, kvcache::RequestStatus::finished) << i;
+    EXPECT_EQ(r.ids, kvcache::generate(d, prompts[i], options[i])) << i;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Readers: a failure at any allocation throws (std::bad_alloc, or the
 // reader's std::runtime_error naming the file) and leaks nothing.

@@ -133,7 +133,7 @@ class Sampler {
 
 namespace detail {
 
-// Everything generate, decode, generate_batch and generate_uncached check of
+// Everything generate, decode, generate_uncached and the scheduler check of
 // one sequence's sizes before any session changes, each message starting
 // with `where`: a prompt (none for decode()) of at least one token, and room
 // after the `cached` positions for it and every new id but the last (which
@@ -155,7 +155,7 @@ inline bool emit(int id, std::vector<int>& out, const GenerateOptions& o) {
   return o.end_token == id || out.size() >= o.max_new_tokens;
 }
 
-// The loop of generate, decode and generate_batch, whose checks have passed.
+// The loop of generate and decode, whose checks have passed.
 // Sequence i (options[i], *sessions[i]) starts with the id first(i,
 // workspace, its sampler) picks (from its prompt's prefill, or from logits
 // the caller holds); then every sequence that has not finished feeds its
@@ -249,79 +249,8 @@ std::vector<int> generate(const Decoder<T>& decoder, const std::vector<int>& pro
   return generate(decoder, session, prompt, options);
 }
 
-// ============================================================================
-// Batches: several sequences, one forward per step
-// ============================================================================
-
-// The seed of sequence i of a batch that shares one seed: seed + i (mod 2⁶⁴;
-// 0, which xorshift cannot start from, becomes 1).
-inline std::uint64_t sequence_seed(std::uint64_t seed, std::size_t i) {
-  const std::uint64_t s = seed + static_cast<std::uint64_t>(i);
-  return s == 0 ? 1 : s;
-}
-
-// Generates a continuation of every prompt, the sequences stepped together:
-// each prompt is prefilled alone in its session (exactly as generate()
-// does), then every sequence that has not finished feeds its last id, all of
-// them in one Decoder::forward_batch per step, so the weights are read once
-// per step for the whole batch. A sequence leaves the batch when it produces
-// its end_token or reaches its max_new_tokens. Sequence i uses options[i]
-// (its own limit, stopping id, sampler and seed; its on_token is called with
-// its ids only) and sessions[i], which may already hold a prefix. The
-// batched steps use sessions.front()->threads() threads.
-//
-// Returns the new ids of each sequence, in the prompts' order: for greedy
-// decoding those generate() gives each prompt alone, unless two logits are
-// so close that the rounding of a batched product (against a single one)
-// swaps them. Throws std::invalid_argument (different counts, a null or
-// repeated session, a session of another model shape, an empty prompt),
-// std::out_of_range (an id outside the vocabulary) or std::length_error (a
-// sequence past its session's limit), naming the sequence, before any
-// session changes. When something throws later (out of memory, non-finite
-// logits, an on_token callback), every session is rolled back as generate()
-// rolls back its one.
-template <typename T>
-std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const std::vector<Session<T>*>& sessions,
-                                             const std::vector<std::vector<int>>& prompts,
-                                             const std::vector<GenerateOptions>& options) {
-  const std::size_t B = prompts.size();
-  if (sessions.size() != B || options.size() != B)
-    detail::io::invalid("generate_batch: ", B, " prompts, ", sessions.size(), " sessions and ", options.size(),
-                        " options; need one of each per sequence");
-  for (std::size_t i = 0; i < B; ++i) {  // all before any prefill
-    detail::check_distinct(sessions, i, "kvcache: generate_batch", "sessions", "session");
-    detail::check_generation("kvcache: generate_batch: sequence " + std::to_string(i) + ": ", &prompts[i],
-                             sessions[i]->position(), sessions[i]->position_limit(), options[i].max_new_tokens);
-    decoder.check_input(prompts[i], *sessions[i], " (sequence " + std::to_string(i) + ")");
-  }
-  return detail::generate_sequences(decoder, sessions, options, [&](std::size_t i, Workspace<T>& w, Sampler& s) {
-    return s.sample(decoder.forward(prompts[i], *sessions[i], w, Logits::last).row(0));  // prefill, alone
-  });
-}
-
-// The same with fresh sessions of `threads` threads and one set of options:
-// sequence i samples with the seed sequence_seed(options.seed, i),
-// i.e. options.seed + i, so that sequence 0 is generate() with `options`.
-// options.on_token must be empty (with one stream of ids for all sequences,
-// it could not tell them apart: give one GenerateOptions per sequence).
-template <typename T>
-std::vector<std::vector<int>> generate_batch(const Decoder<T>& decoder, const std::vector<std::vector<int>>& prompts,
-                                             const GenerateOptions& options = {}, std::size_t threads = 1) {
-  if (options.on_token)
-    throw std::invalid_argument("kvcache: generate_batch: on_token is set for the whole batch; give one "
-                                "GenerateOptions per sequence to stream each one's ids");
-  std::vector<Session<T>> sessions;
-  std::vector<Session<T>*> pointers;
-  std::vector<GenerateOptions> per_sequence(prompts.size(), options);
-  sessions.reserve(prompts.size());
-  for (std::size_t i = 0; i < prompts.size(); ++i) {
-    sessions.push_back(decoder.new_session());
-    sessions.back().set_threads(threads);
-    pointers.push_back(&sessions.back());
-    per_sequence[i].seed = sequence_seed(options.seed, i);
-  }
-  return generate_batch(decoder, pointers, prompts, per_sequence);
-}
+// generate_batch and the scheduler that steps many requests together:
+// scheduler.hpp.
 
 // The baseline without a cache: every step clears the session and feeds the
 // whole sequence so far, with the same kernels as generate(). Step n costs a

@@ -11,10 +11,11 @@
 //   forward.hpp       Workspace and the forward pass over a batch
 //   decoder.hpp       Decoder: weights, new_session, forward entry points
 //   generate.hpp      prefill/decode loop, sampler, uncached baseline
+//   scheduler.hpp     BatchScheduler (continuous batching), generate_batch
 //   session_file.hpp  save a Session to a file and load it back (prompt cache)
 #pragma once
 
-// generate.hpp reaches every header above it through its includes, and
+// scheduler.hpp reaches every header above it through its includes, and
 // session_file.hpp adds itself.
-#include "generate.hpp"
+#include "scheduler.hpp"
 #include "session_file.hpp"
