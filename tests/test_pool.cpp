@@ -11,6 +11,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <kvcache/decoder.hpp>
@@ -249,12 +250,12 @@ TEST(Budget, AStepPastTheBudgetThrowsAndChangesNothing) {
     const auto t = fixtures::random_tokens(40, d.config().vocab_size, 4);
     Session<float> x = d.new_session(o, pool), y = d.new_session(o, pool);
     d.forward(slice(t, 0, 6), x);
-    d.forward(slice(t, 0, 7), y);  // 4 blocks held (2 + 2), one left
+    d.forward(slice(t, 0, 7), y);  // 4 blocks held (2 + 2), one left: x takes it, then y finds none
     const auto x_bytes = raw_bytes(x), y_bytes = raw_bytes(y);
     const auto stats = pool->stats();
     kvcache::Workspace<float> w;
     fixtures::expect_throw_naming<std::length_error>(
-        [&] { d.forward_batch({slice(t, 6, 8), slice(t, 7, 20)}, {&x, &y}, w); }, "budget");
+        [&] { d.forward_batch({slice(t, 6, 9), slice(t, 7, 20)}, {&x, &y}, w); }, "budget");  // x gets the last block
     EXPECT_EQ(x.size(), 6u);
     EXPECT_EQ(y.size(), 7u);
     EXPECT_EQ(raw_bytes(x), x_bytes);
@@ -315,6 +316,39 @@ TEST(Paged, SessionFileRoundTrip) {
     EXPECT_EQ(raw_bytes(loaded.session), raw_bytes(paged)) << s.name();
     expect_close(d.forward(slice(t, 15, 18), loaded.session), d.forward(slice(t, 15, 18), paged), s.name());
   }
+}
+
+// Sessions on several threads share one pool: each generates what it
+// generates alone (run under TSan by CI).
+TEST(Pool, SessionsOnSeveralThreadsShareOnePool) {
+  const Decoder<float> d = fixtures::make_decoder<float>(rope_model());
+  auto pool = pool_of(d, KVType::bf16, 4);
+  SessionOptions o;
+  o.kv_type = KVType::bf16;
+  const auto prefix = fixtures::random_tokens(21, d.config().vocab_size, 31);
+  kvcache::GenerateOptions g;
+  g.max_new_tokens = 10;
+  std::vector<std::vector<int>> prompts, expected, got(8);
+  for (std::uint32_t i = 0; i < 8; ++i) {
+    prompts.push_back(prefix);
+    const auto tail = fixtures::random_tokens(1 + i, d.config().vocab_size, 40 + i);
+    prompts.back().insert(prompts.back().end(), tail.begin(), tail.end());
+    Session<float> alone = d.new_session(o);
+    expected.push_back(kvcache::generate(d, alone, prompts.back(), g));
+  }
+  std::vector<std::thread> threads;
+  for (std::size_t t = 0; t < 2; ++t)
+    threads.emplace_back([&, t] {
+      for (std::size_t i = t; i < 8; i += 2) {
+        Session<float> s = d.new_session(o, pool);
+        got[i] = kvcache::generate(d, s, prompts[i], g);
+        Session<float> fork = s.fork();
+        d.forward({1, 2, 3}, fork);
+      }
+    });
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(got, expected);
+  EXPECT_GT(pool->stats().prefix_hit_tokens, 0u);
 }
 
 TEST(Pool, MisuseIsRefused) {
