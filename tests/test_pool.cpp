@@ -215,6 +215,30 @@ TEST(PrefixSharing, ASharedBlockIsNeverModified) {
   }
 }
 
+// A block is found by every token id up to its end: the same ids after a
+// different first block, or one id changed, map nothing; Logits::all maps
+// nothing (the mapped tokens would get no logits).
+TEST(PrefixSharing, OnlyTheExactPrefixIsMapped) {
+  const Decoder<float> d = fixtures::make_decoder<float>(rope_model());
+  auto pool = pool_of(d, KVType::f32, 4);
+  const auto a = fixtures::random_tokens(13, d.config().vocab_size, 51);
+  Session<float> first = d.new_session(SessionOptions{}, pool);
+  d.forward(a, first, Logits::last);  // publishes blocks [0, 4), [4, 8), [8, 12)
+  auto other_first_block = a;
+  other_first_block[0] = (a[0] + 1) % 37;
+  auto other_last_id = a;
+  other_last_id[11] = (a[11] + 1) % 37;
+  Session<float> s1 = d.new_session(SessionOptions{}, pool);
+  d.forward(other_first_block, s1, Logits::last);
+  EXPECT_EQ(pool->stats().prefix_hit_tokens, 0u);
+  Session<float> s2 = d.new_session(SessionOptions{}, pool);
+  d.forward(other_last_id, s2, Logits::last);
+  EXPECT_EQ(pool->stats().prefix_hit_tokens, 8u);
+  Session<float> s3 = d.new_session(SessionOptions{}, pool);
+  d.forward(a, s3, Logits::all);
+  EXPECT_EQ(pool->stats().prefix_hit_tokens, 8u);
+}
+
 // Blocks no session maps stay published until the budget needs them, least
 // recently released first.
 TEST(PrefixSharing, CachedBlocksAreEvictedLeastRecentlyUsedFirst) {

@@ -19,10 +19,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <stdexcept>
-#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
