@@ -338,7 +338,14 @@ TEST(Paged, SessionFileRoundTrip) {
     kvcache::save_session(path, d, paged, prompt, logits);
     auto loaded = kvcache::load_session(path, d);
     EXPECT_EQ(raw_bytes(loaded.session), raw_bytes(paged)) << s.name();
-    expect_close(d.forward(slice(t, 15, 18), loaded.session), d.forward(slice(t, 15, 18), paged), s.name());
+    kvcache::SessionLoadOptions into_pool;
+    into_pool.pool = pool_of(d, s.type, 4);
+    auto paged_again = kvcache::load_session(path, d, into_pool);
+    EXPECT_EQ(paged_again.session.pool(), into_pool.pool) << s.name();
+    EXPECT_EQ(raw_bytes(paged_again.session), raw_bytes(paged)) << s.name();
+    const Mat want = d.forward(slice(t, 15, 18), paged);
+    expect_close(d.forward(slice(t, 15, 18), loaded.session), want, s.name());
+    expect_close(d.forward(slice(t, 15, 18), paged_again.session), want, s.name() + " into a pool");
   }
 }
 
