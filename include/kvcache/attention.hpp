@@ -44,6 +44,9 @@ template <typename T>
 struct AttentionSequence {
   std::size_t first_row = 0;  // its rows of the stacked x: [first_row, first_row + m)
   std::size_t m = 0;
+  // The caller's tokens [0, token0) were found in a KVPool's published
+  // blocks (prefix sharing) and mapped, not computed: the m rows are the rest.
+  std::size_t token0 = 0;
   KVRows<T>* rows = nullptr;   // this layer's keys and values of the sequence
   SlotTable* table = nullptr;  // where its tokens live
   std::vector<SlotRun> runs;   // where its new tokens go (SlotTable::plan)
@@ -260,37 +263,43 @@ class Attention {
     }
   }
 
-  // S[:, j] = Q_h · k_j for the slots j in [begin, end) of kv head g.
+  // S[:, j] = Q_h · k_j for the slots j in [begin, end) of kv head g. The
+  // slots are read where they are, a run of contiguous slots at a time (all
+  // of them in one product for a contiguous f32 cache; a block of a paged
+  // one); compact types a tile of at most kTile slots at a time.
   void key_products(const ConstStridedMap& Q_h, const KVRows<T>& kv, std::size_t g, std::size_t begin,
                     std::size_t end, StridedMap& S, T* tile) const {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
-    if (kv.type() == StorageType::f32) {
-      const auto b = static_cast<Eigen::Index>(begin), count = static_cast<Eigen::Index>(end - begin);
-      S.middleCols(b, count).noalias() = Q_h * kv.view(KVRows<T>::kKeys, g, end).middleRows(b, count).transpose();
-      return;
-    }
-    for (std::size_t j = begin; j < end; j += kTile) {
-      const std::size_t count = std::min(kTile, end - j);
-      kv.load(KVRows<T>::kKeys, g, j, count, tile);
-      const Eigen::Map<const Matrix<T>> K_tile(tile, static_cast<Eigen::Index>(count), d_k);
-      S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)).noalias() = Q_h * K_tile.transpose();
+    const bool f32 = kv.type() == StorageType::f32;
+    for (std::size_t j = begin; j < end;) {
+      std::size_t count = std::min(end - j, kv.contiguous(j));
+      if (!f32) count = std::min(count, kTile);
+      const T* K = f32 ? reinterpret_cast<const T*>(kv.at(KVRows<T>::kKeys, g, j)) : tile;
+      if (!f32) kv.load(KVRows<T>::kKeys, g, j, count, tile);
+      const Eigen::Map<const Matrix<T>> K_run(K, static_cast<Eigen::Index>(count), d_k);
+      S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)).noalias() = Q_h * K_run.transpose();
+      j += count;
     }
   }
 
-  // O_h = P · V_g over the first n slots of kv head g (P: probabilities).
+  // O_h = P · V_g over the first n slots of kv head g (P: probabilities),
+  // read as key_products reads keys.
   void value_sums(const StridedMap& P, const KVRows<T>& kv, std::size_t g, std::size_t n, StridedMap& O_h,
                   T* tile) const {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
-    if (kv.type() == StorageType::f32) {
-      O_h.noalias() = P * kv.view(KVRows<T>::kValues, g, n);
-      return;
-    }
-    O_h.setZero();
-    for (std::size_t j = 0; j < n; j += kTile) {
-      const std::size_t count = std::min(kTile, n - j);
-      kv.load(KVRows<T>::kValues, g, j, count, tile);
-      const Eigen::Map<const Matrix<T>> V_tile(tile, static_cast<Eigen::Index>(count), d_k);
-      O_h.noalias() += P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count)) * V_tile;
+    const bool f32 = kv.type() == StorageType::f32;
+    for (std::size_t j = 0; j < n;) {
+      std::size_t count = std::min(n - j, kv.contiguous(j));
+      if (!f32) count = std::min(count, kTile);
+      const T* V = f32 ? reinterpret_cast<const T*>(kv.at(KVRows<T>::kValues, g, j)) : tile;
+      if (!f32) kv.load(KVRows<T>::kValues, g, j, count, tile);
+      const Eigen::Map<const Matrix<T>> V_run(V, static_cast<Eigen::Index>(count), d_k);
+      const auto P_run = P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count));
+      if (j == 0)
+        O_h.noalias() = P_run * V_run;
+      else
+        O_h.noalias() += P_run * V_run;
+      j += count;
     }
   }
 

@@ -74,7 +74,13 @@ class Decoder {
   // max_seq_len, a window longer than max_seq_len or with sinks >= window,
   // or a window on a model with learned positions (whose positions cannot
   // go past max_seq_len).
-  Session<T> new_session(const SessionOptions& options) const {
+  //
+  // With a pool (made by make_pool, storing options.kv_type) the session is
+  // paged: its keys and values live in the pool's blocks, which the sessions
+  // of the pool share (forks, common prompts) under the pool's budget, and
+  // reserve_tokens is ignored. Without one (null) each layer keeps
+  // contiguous rows of its own.
+  Session<T> new_session(const SessionOptions& options, std::shared_ptr<KVPool> pool = nullptr) const {
     const ModelConfig& c = m_.config;
     const std::size_t W = options.window.window;
     if (W > c.max_seq_len)
@@ -88,12 +94,33 @@ class Decoder {
     const SlotTable table(W != 0 ? 0 : max_tokens, options.window);  // the window is the limit
     std::vector<KVRows<T>> layers;
     layers.reserve(c.n_layers);
+    std::unique_ptr<detail::BlockTable> blocks;
+    if (pool) {
+      check_pool(*pool, options.kv_type);
+      blocks = std::make_unique<detail::BlockTable>(std::move(pool));
+    }
     const std::size_t reserve = std::min(options.reserve_tokens, table.max_tokens());
     for (std::size_t l = 0; l < c.n_layers; ++l) {
-      layers.emplace_back(c.kv_heads(), c.d_k(), options.kv_type);
+      if (blocks)
+        layers.emplace_back(c.kv_heads(), c.d_k(), options.kv_type, blocks.get(), l);
+      else
+        layers.emplace_back(c.kv_heads(), c.d_k(), options.kv_type);
       if (reserve != 0) layers.back().reallocate(reserve, 0);
     }
-    return Session<T>(m_.tag, table, std::move(layers));
+    return Session<T>(m_.tag, table, std::move(layers), std::move(blocks));
+  }
+
+  // A pool of paged key/value blocks for this decoder's sessions (pass it to
+  // new_session, with the same kv_type): blocks of
+  // options.block_tokens tokens in every layer, stored as `kv_type`, under
+  // options.budget_bytes (0: no limit), with prefix sharing unless
+  // options.prefix_sharing is false. Throws std::invalid_argument on a bad
+  // kv_type, block_tokens = 0 or a budget under one block.
+  std::shared_ptr<KVPool> make_pool(KVType kv_type = KVType::f32, const KVPoolOptions& options = {}) const {
+    const ModelConfig& c = m_.config;
+    KVRows<T>(c.kv_heads(), c.d_k(), kv_type);  // checks the type
+    return std::make_shared<KVPool>(m_.tag.get(), c.n_layers, c.kv_heads(), c.d_k(), kv_type,
+                                    row_bytes<T>(kv_type, c.d_k()), options);
   }
 
   // Feeds tokens at positions [session.position(), session.position() + m) and
@@ -191,6 +218,17 @@ class Decoder {
     return static_cast<std::size_t>(m.size()) * sizeof(typename Derived::Scalar);
   }
   static std::size_t bytes(const NormWeights<T>& n) { return bytes(n.gamma) + bytes(n.beta); }
+
+  // Throws std::invalid_argument unless sessions storing kv_type may use pool.
+  void check_pool(const KVPool& pool, KVType kv_type) const {
+    const ModelConfig& c = m_.config;
+    if (pool.model() != m_.tag.get())
+      detail::io::invalid("new_session: the KV pool was made by another decoder (Decoder::make_pool)");
+    if (pool.type() != kv_type)
+      detail::io::invalid("new_session: kv_type ", to_string(kv_type), " but the KV pool stores ", to_string(pool.type()));
+    if (pool.n_layers() != c.n_layers || pool.n_kv_heads() != c.kv_heads() || pool.d_k() != c.d_k())
+      detail::io::invalid("new_session: the KV pool's blocks are shaped for another model");
+  }
 
   detail::Model<T> m_;
 };

@@ -19,10 +19,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -127,35 +129,92 @@ class Forward {
  private:
   // Feeds tokens[b] to *sessions[b] for every b < B; returns the logits (all
   // rows stacked, or one row per sequence).
+  // A failure gives back the blocks of paged sessions that the call took.
   const Matrix<T>& run(const std::vector<int>* tokens, Session<T>* const* sessions, std::size_t B, Logits which,
                        std::size_t threads) {
     tokens_ = tokens;
     sessions_ = sessions;
-    plan(B, which, threads);
-    Attention<T>::commit_then(w_.attention, [&] {
-      embed();
-      for (std::size_t l = 0; l < m_.w.blocks.size(); ++l) {
-        for (std::size_t b = 0; b < B; ++b) seqs()[b].rows = &sessions[b]->layers_[l];
-        block(m_.w.blocks[l], threads);
+    seqs().resize(B);
+    for (auto& q : seqs()) q.token0 = 0;
+    try {
+      plan(B, which, threads);
+      Attention<T>::commit_then(w_.attention, [&] {
+        embed();
+        for (std::size_t l = 0; l < m_.w.blocks.size(); ++l) {
+          for (std::size_t b = 0; b < B; ++b) seqs()[b].rows = &sessions[b]->layers_[l];
+          block(m_.w.blocks[l], threads);
+        }
+        head(which, threads);
+      });
+    } catch (...) {
+      for (std::size_t b = 0; b < B; ++b) give_back(*sessions[b], seqs()[b]);
+      throw;
+    }
+    for (std::size_t b = 0; b < B; ++b)
+      if (sessions[b]->blocks_) {
+        const auto [lo, hi] = written(seqs()[b]);
+        const SlotTable& t = sessions[b]->table_;
+        sessions[b]->blocks_->after_step(tokens[b].data() + seqs()[b].token0, seqs()[b].m, lo, hi, t.size(),
+                                         t.position());
       }
-      head(which, threads);
-    });
     return w_.logits;
+  }
+
+  // ---- Paged sessions ----------------------------------------------------------
+
+  // The slots [lo, hi] a sequence's runs write (lo > hi: none).
+  static std::pair<std::size_t, std::size_t> written(const AttentionSequence<T>& q) {
+    std::size_t lo = std::numeric_limits<std::size_t>::max(), hi = 0;
+    for (const SlotRun& r : q.runs) {
+      lo = std::min(lo, r.slot);
+      hi = std::max(hi, r.slot + r.rows - 1);
+    }
+    return {lo, hi};
+  }
+
+  // Maps the published blocks that hold the first tokens of an empty paged
+  // session's prompt (prefix sharing), leaving at least its last token to
+  // compute, and within a window; only for Logits::last, as the mapped
+  // tokens get no logits.
+  void map_prefix(Session<T>& s, AttentionSequence<T>& q, const std::vector<int>& tokens, Logits which) {
+    if (!s.blocks_ || which != Logits::last || s.size() != 0 || s.position() != 0) return;
+    std::size_t limit = tokens.size() - 1;
+    if (s.window().window != 0) limit = std::min(limit, s.window().window);
+    q.token0 = s.blocks_->map_prefix(tokens.data(), limit);
+    q.m = tokens.size() - q.token0;
+    s.table_.commit({q.token0, q.token0, 0});
+  }
+
+  // Undoes what plan and the layers did to a paged session's blocks: the
+  // mapped prefix, the blocks taken for new slots (the tables are already
+  // back at their checkpoints).
+  static void give_back(Session<T>& s, AttentionSequence<T>& q) noexcept {
+    if (!s.blocks_) return;
+    if (q.token0 != 0) {
+      s.blocks_->pool().unhit(q.token0);
+      s.clear();
+      q.token0 = 0;
+    }
+    s.blocks_->trim(s.size());
   }
 
   // ---- Everything that allocates ---------------------------------------------
 
   // Plans every sequence's slots, grows its caches and sizes every buffer.
   void plan(std::size_t B, Logits which, std::size_t threads) {
-    seqs().resize(B);
     for (std::size_t b = 0; b < B; ++b) {
       seqs()[b].m = tokens_[b].size();
       seqs()[b].table = &sessions_[b]->table_;
+      map_prefix(*sessions_[b], seqs()[b], tokens_[b], which);
     }
     Attention<T>::prepare(c_.attention(), m_.rope.has_value(), w_.attention, threads);
     for (std::size_t b = 0; b < B; ++b) {
       Session<T>& s = *sessions_[b];
-      for (auto& l : s.layers_) l.grow(seqs()[b].end.size, s.size(), s.max_tokens());
+      const auto [lo, hi] = written(seqs()[b]);
+      if (s.blocks_)
+        s.blocks_->prepare(seqs()[b].end.size, lo, hi);
+      else
+        for (auto& l : s.layers_) l.grow(seqs()[b].end.size, s.size(), s.max_tokens());
     }
     const auto rows = static_cast<Eigen::Index>(seqs().back().first_row + seqs().back().m);
     const auto d = static_cast<Eigen::Index>(c_.d_model), ff = static_cast<Eigen::Index>(c_.d_ff);
@@ -174,7 +233,7 @@ class Forward {
       const AttentionSequence<T>& q = seqs()[b];
       for (std::size_t i = 0; i < q.m; ++i) {
         const auto row = static_cast<Eigen::Index>(q.first_row + i);
-        m_.w.token_embedding.row_to(tokens_[b][i], w_.x.row(row).data());
+        m_.w.token_embedding.row_to(tokens_[b][q.token0 + i], w_.x.row(row).data());
         if (c_.positions == PositionEncoding::learned)
           w_.x.row(row) += m_.w.position_embedding.row(static_cast<Eigen::Index>(q.checkpoint.position + i));
       }

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -24,6 +25,7 @@
 
 #include "config.hpp"
 #include "detail/io.hpp"
+#include "kv_pool.hpp"
 #include "slots.hpp"
 #include "storage.hpp"
 
@@ -37,6 +39,11 @@ namespace kvcache {
 // geometrically, so appending m tokens costs O(m) amortized however long the
 // cache is. Copying costs O(size), so it is an explicit copy(), never a copy
 // constructor; moving is free.
+//
+// Paged (a layer of a session with a KVPool): the rows live in the blocks of
+// the session's detail::BlockTable, which grows and copies them; slots are
+// contiguous only within a block, so view() is refused and load() and
+// visit_raw() go a block at a time (contiguous() says how far a run goes).
 template <typename T = float>
 class KVRows {
  public:
@@ -55,6 +62,13 @@ class KVRows {
   }
   // A moved-from KVRows keeps its shape and holds nothing. (No copy
   // constructor: copy() makes the cost explicit.)
+  // Layer `layer` of a paged session's blocks.
+  KVRows(std::size_t n_kv_heads, std::size_t d_k, StorageType type, const detail::BlockTable* blocks,
+         std::size_t layer)
+      : KVRows(n_kv_heads, d_k, type) {
+    paged_ = blocks;
+    layer_ = layer;
+  }
   KVRows(KVRows&& other) noexcept : n_kv_heads_(other.n_kv_heads_), d_k_(other.d_k_), type_(other.type_) {
     swap(other);
   }
@@ -73,23 +87,27 @@ class KVRows {
   std::size_t n_kv_heads() const { return n_kv_heads_; }
   std::size_t d_k() const { return d_k_; }
   StorageType type() const { return type_; }
-  std::size_t capacity() const { return capacity_; }
+  std::size_t capacity() const { return paged_ != nullptr ? paged_->blocks() * paged_->block_tokens() : capacity_; }
+  bool paged() const { return paged_ != nullptr; }
   // Bytes one token takes in one kv head, keys or values.
   std::size_t row_bytes() const { return kvcache::row_bytes<T>(type_, d_k_); }
   // 2 × n_kv_heads × capacity × row_bytes().
-  std::size_t bytes() const { return 2 * n_kv_heads_ * capacity_ * row_bytes(); }
+  std::size_t bytes() const { return 2 * n_kv_heads_ * capacity() * row_bytes(); }
 
   // Room for `needed` slots, keeping the first `used`: geometric growth (as
   // appending does), capped at `limit` (0: none). On any exception nothing
   // changes.
+  // (A paged KVRows grows through its BlockTable: these do nothing.)
   void grow(std::size_t needed, std::size_t used, std::size_t limit) {
-    if (needed <= capacity_) return;
+    if (needed <= capacity_ || paged_ != nullptr) return;
     std::size_t c = std::max<std::size_t>({needed, 2 * capacity_, 16});
     if (limit != 0) c = std::min(c, limit);
     reallocate_from(*this, used, c);
   }
   // Exactly `capacity` slots (at least `used`), keeping the first `used`.
-  void reallocate(std::size_t capacity, std::size_t used) { reallocate_from(*this, used, capacity); }
+  void reallocate(std::size_t capacity, std::size_t used) {
+    if (paged_ == nullptr) reallocate_from(*this, used, capacity);
+  }
 
   // Writes one token: K_row and V_row hold n_kv_heads × d_k values, kv head
   // h in [h·d_k, (h+1)·d_k).
@@ -104,10 +122,11 @@ class KVRows {
   // kValues): f32 storage only (throws std::logic_error for compact types,
   // which have no T to point at).
   HeadView view(std::size_t a, std::size_t h, std::size_t n) const {
-    if (type_ != StorageType::f32)
-      throw std::logic_error(std::string("kvcache: KVCache::keys/values: the cache stores ") + to_string(type_) +
+    if (type_ != StorageType::f32 || paged_ != nullptr)
+      throw std::logic_error(std::string("kvcache: KVCache::keys/values: the cache stores ") +
+                             (paged_ != nullptr ? "paged blocks" : to_string(type_)) +
                              "; read it with load_keys/load_values");
-    const auto* first = reinterpret_cast<const T*>(a_[a].data() + offset(a, h, 0));
+    const auto* first = reinterpret_cast<const T*>(at(a, h, 0));
     return {first, static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(d_k_)};
   }
 
@@ -115,25 +134,28 @@ class KVRows {
   // T, into out (count × d_k, row-major): how attention reads compact types,
   // a tile at a time. Unchecked: the caller knows what is held.
   void load(std::size_t a, std::size_t h, std::size_t first, std::size_t count, T* out) const {
-    const unsigned char* from = a_[a].data() + offset(a, h, first);
-    const unsigned char* codes = a_[a + kScales].data() + offset(a + kScales, h, first);  // int8 only
-    const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
-    const auto* i8 = reinterpret_cast<const std::int8_t*>(from);
-    const auto& scales = detail::int8_scales();
-    if (type_ == StorageType::f32)
-      std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
-    else if (type_ == StorageType::bf16)
-      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t v) { return T(detail::from_bf16(v)); });
-    else
-      for (std::size_t r = 0; r < count; ++r) {
-        const T s = static_cast<T>(scales[codes[r]]);
-        for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(i8[r * d_k_ + c]);
-      }
+    while (count != 0) {
+      const std::size_t run = std::min(count, contiguous(first));
+      load_run(a, h, first, run, out);
+      first += run;
+      count -= run;
+      out += run * d_k_;
+    }
+  }
+
+  // Where slot `slot` of head h's array a is stored, and how many slots from
+  // it on are stored one after the other (all of capacity() unless paged).
+  const unsigned char* at(std::size_t a, std::size_t h, std::size_t slot) const {
+    return paged_ != nullptr ? paged_->at(layer_, a, h, slot) : a_[a].data() + offset(a, h, slot);
+  }
+  std::size_t contiguous(std::size_t slot) const {
+    return paged_ != nullptr ? paged_->contiguous(slot) : capacity_ - std::min(capacity_, slot);
   }
 
   // Rotates slots [first, first + length) of every head left by `by`: puts a
   // wrapped ring back in token order (noexcept: moves bytes in place).
   void rotate(std::size_t first, std::size_t length, std::size_t by) noexcept {
+    if (paged_ != nullptr) return rotate_paged(first, length, by);
     for (std::size_t a = 0; a < arrays(); ++a)
       for (std::size_t h = 0; h < n_kv_heads_; ++h) {
         unsigned char* begin = a_[a].data() + offset(a, h, first);
@@ -148,11 +170,16 @@ class KVRows {
   // are in the host's byte order; the arrays of one head add up to 2 × used
   // × row_bytes(). With a writable KVRows (Rows = KVRows), f gets writable
   // bytes: how a restored cache gets its contents.
+  // (Paged: f gets each head's bytes a block at a time, in the same order.)
   template <typename Rows, typename F>
   static void visit_raw(Rows& rows, std::size_t used, F&& f) {
     for (std::size_t a = 0; a < rows.arrays(); ++a)
       for (std::size_t h = 0; h < rows.n_kv_heads_; ++h)
-        f(rows.a_[a].data() + rows.offset(a, h, 0), used * rows.width(a));
+        for (std::size_t s = 0; s < used;) {
+          const std::size_t run = std::min(used - s, rows.contiguous(s));
+          f(const_cast<decltype(rows.a_[0].data())>(rows.at(a, h, s)), run * rows.width(a));
+          s += run;
+        }
   }
 
  private:
@@ -170,14 +197,48 @@ class KVRows {
   // The codec of each type, writing one row of d_k values to array a
   // (kKeys or kValues); load() reads rows back.
   void store(std::size_t a, std::size_t h, std::size_t slot, const T* x) {
-    unsigned char* to = a_[a].data() + offset(a, h, slot);
-    unsigned char* code = a_[a + kScales].data() + offset(a + kScales, h, slot);  // int8 only
+    auto* to = const_cast<unsigned char*>(at(a, h, slot));
+    unsigned char* code = type_ == StorageType::int8 ? const_cast<unsigned char*>(at(a + kScales, h, slot)) : nullptr;
     if (type_ == StorageType::f32)
       std::copy_n(x, d_k_, reinterpret_cast<T*>(to));
     else if (type_ == StorageType::bf16)
       std::transform(x, x + d_k_, reinterpret_cast<std::uint16_t*>(to), detail::to_bf16<T>);
     else
       *code = detail::quantize_int8(x, d_k_, reinterpret_cast<std::int8_t*>(to));
+  }
+
+  // load() of a run of slots stored one after the other.
+  void load_run(std::size_t a, std::size_t h, std::size_t first, std::size_t count, T* out) const {
+    const unsigned char* from = at(a, h, first);
+    const unsigned char* codes = type_ == StorageType::int8 ? at(a + kScales, h, first) : nullptr;
+    const auto* b16 = reinterpret_cast<const std::uint16_t*>(from);
+    const auto* i8 = reinterpret_cast<const std::int8_t*>(from);
+    const auto& scales = detail::int8_scales();
+    if (type_ == StorageType::f32)
+      std::copy_n(reinterpret_cast<const T*>(from), count * d_k_, out);
+    else if (type_ == StorageType::bf16)
+      std::transform(b16, b16 + count * d_k_, out, [](std::uint16_t v) { return T(detail::from_bf16(v)); });
+    else
+      for (std::size_t r = 0; r < count; ++r) {
+        const T s = static_cast<T>(scales[codes[r]]);
+        for (std::size_t c = 0; c < d_k_; ++c) out[r * d_k_ + c] = s * static_cast<T>(i8[r * d_k_ + c]);
+      }
+  }
+
+  // rotate() over blocks: three reversals, each a series of swaps of two
+  // slots' bytes (no memory needed). The blocks must be private to the session.
+  void rotate_paged(std::size_t first, std::size_t length, std::size_t by) noexcept {
+    const auto reverse = [&](std::size_t lo, std::size_t hi) {  // slots [lo, hi)
+      for (; lo + 1 < hi; ++lo, --hi)
+        for (std::size_t a = 0; a < arrays(); ++a)
+          for (std::size_t h = 0; h < n_kv_heads_; ++h) {
+            auto* x = const_cast<unsigned char*>(at(a, h, lo));
+            std::swap_ranges(x, x + width(a), const_cast<unsigned char*>(at(a, h, hi - 1)));
+          }
+    };
+    reverse(first, first + by);
+    reverse(first + by, first + length);
+    reverse(first, first + length);
   }
 
   // Allocates every array for `capacity` slots and copies source's first
@@ -200,6 +261,8 @@ class KVRows {
     std::swap(d_k_, other.d_k_);
     std::swap(type_, other.type_);
     std::swap(capacity_, other.capacity_);
+    std::swap(paged_, other.paged_);
+    std::swap(layer_, other.layer_);
     a_.swap(other.a_);
   }
 
@@ -208,6 +271,8 @@ class KVRows {
   StorageType type_ = StorageType::f32;
   std::size_t capacity_ = 0;
   std::array<Bytes, 4> a_;  // only the first arrays() are ever allocated
+  const detail::BlockTable* paged_ = nullptr;  // paged: the session's blocks, of which layer layer_
+  std::size_t layer_ = 0;
 };
 
 namespace detail {
@@ -219,11 +284,17 @@ namespace detail {
 template <typename T, typename Layers>
 class Caches {
  public:
-  Caches(const SlotTable& table, Layers layers) : table_(table), layers_(std::move(layers)) {}
-  Caches(Caches&& other) noexcept : table_(other.table_), layers_(std::move(other.layers_)) { other.table_.clear(); }
+  // blocks: a paged session's table of blocks, which its layers point at.
+  Caches(const SlotTable& table, Layers layers, std::unique_ptr<BlockTable> blocks = nullptr)
+      : table_(table), layers_(std::move(layers)), blocks_(std::move(blocks)) {}
+  Caches(Caches&& other) noexcept
+      : table_(other.table_), layers_(std::move(other.layers_)), blocks_(std::move(other.blocks_)) {
+    other.table_.clear();
+  }
   Caches& operator=(Caches&& other) noexcept {
     table_ = other.table_;
     layers_ = std::move(other.layers_);
+    blocks_ = std::move(other.blocks_);
     other.table_.clear();
     return *this;
   }
@@ -231,17 +302,23 @@ class Caches {
   const SlotTable& slot_table() const { return table_; }
 
   // Forgets every token (the reset between independent requests); keeps the
-  // memory for the next request.
-  void clear() noexcept { table_.clear(); }
+  // memory for the next request (paged: returns the blocks to the pool).
+  void clear() noexcept {
+    table_.clear();
+    if (blocks_) blocks_->clear();
+  }
 
   // Rolls back to the first n tokens held, e.g. to undo rejected draft
   // tokens. (A wrapped ring is first put back in token order, O(size).)
   void truncate(std::size_t n) {
     if (n > table_.size())
       throw std::out_of_range(io::text("kvcache: truncate(", n, ") past size() = ", table_.size()));
+    const SlidingWindow w = table_.window();
+    if (blocks_ && table_.ring_start() != 0) blocks_->prepare(table_.size(), w.sinks, w.window - 1);  // may throw
     table_.truncate(n, [&](std::size_t first, std::size_t length, std::size_t by) {
       for (auto& l : layers_) l.rotate(first, length, by);
     });
+    if (blocks_) blocks_->trim(n);
   }
 
   // Makes the caches hold `size` tokens in the ring state given, with the
@@ -251,6 +328,10 @@ class Caches {
   void restore_state(std::size_t size, std::size_t position, std::size_t ring_start) {
     check_state(size, position, ring_start);
     reserve(size);
+    if (blocks_) {
+      if (size != 0) blocks_->prepare(size, 0, size - 1);  // every slot written by write_raw
+      blocks_->stop_tracking();             // the ids of the tokens are not known
+    }
     table_.commit({size, position, ring_start});
   }
 
@@ -278,12 +359,14 @@ class Caches {
   // on any exception no token changes (every layer keeps its tokens).
   void reserve(std::size_t n) {
     n = table_.slots_for(n);
+    if (blocks_) return blocks_->prepare(n, 1, 0);
     for (auto& l : layers_)
       if (l.capacity() < n) l.reallocate(n, table_.size());
   }
 
   SlotTable table_;
   Layers layers_;
+  std::unique_ptr<BlockTable> blocks_;  // paged only
 };
 
 // What a cache shows a reader: a slot table and the rows of one layer. Shared

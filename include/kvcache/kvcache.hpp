@@ -5,6 +5,7 @@
 //   storage.hpp       StorageType (f32, bf16, int8, f16, q8_0), a codec per type
 //   weights.hpp       WeightMatrix and the weight structs: immutable, shared
 //   slots.hpp         SlotTable: where a sequence's tokens live; windows
+//   kv_pool.hpp       KVPool: paged key/value blocks shared by sessions
 //   kv_cache.hpp      KVRows (one layer's typed rows) and KVCache
 //   session.hpp       Session: one request's slot table and caches
 //   attention.hpp     attention over the cache; MultiHeadAttentionWithCache

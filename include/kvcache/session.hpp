@@ -1,6 +1,9 @@
 // kvcache/session.hpp — Session: the state of one request. One SlotTable
 // (where each cached token lives, slots.hpp) and one KVRows per layer (the
 // keys and values, kv_cache.hpp), made by a Decoder and usable only with it.
+// With a KVPool (kv_pool.hpp) the rows of every layer live in the pool's
+// blocks, through one table of blocks per session; otherwise each layer has
+// contiguous rows of its own.
 #pragma once
 
 #include <cstddef>
@@ -88,23 +91,46 @@ class Session : public detail::Caches<T, std::vector<KVRows<T>>> {
   // The one checkpoint and rollback: roll_back(checkpoint()) later drops the
   // tokens fed in between, or, when a sliding window has overwritten tokens
   // since (they cannot be brought back), clears the session.
+  // (Paged: the blocks no longer needed go back to the pool.)
   Checkpoint checkpoint() const { return this->table_.state(); }
-  void roll_back(const Checkpoint& c) noexcept { this->table_.roll_back(c); }
+  void roll_back(const Checkpoint& c) noexcept {
+    this->table_.roll_back(c);
+    if (this->blocks_) this->blocks_->trim(size());
+  }
 
-  // A deep copy of the cached tokens (O(size) memory copy, no recompute):
-  // fork a prefix and continue it in several ways.
+  // A copy of the cached tokens, no recompute: fork a prefix and continue it
+  // in several ways. Contiguous: an O(size) memory copy. Paged: O(blocks),
+  // no key or value copied: the copy maps the same blocks, and whichever
+  // session first writes into a shared block copies that block (only the
+  // partly filled last one, unless a window or truncate rewrites others).
   Session copy() const {
     Session s(model_, this->table_, {});
-    for (const auto& l : this->layers_) s.layers_.push_back(l.copy(size()));
+    if (this->blocks_) {
+      s.blocks_ = this->blocks_->share();
+      s.layers_.reserve(n_layers());
+      for (std::size_t l = 0; l < n_layers(); ++l) s.layers_.emplace_back(s.paged_rows(this->layers_[l], l));
+    } else {
+      for (const auto& l : this->layers_) s.layers_.push_back(l.copy(size()));
+    }
     s.threads_ = threads_;
     return s;
   }
+  Session fork() const { return copy(); }
+
+  // The pool a paged session keeps its blocks in (null: contiguous caches).
+  std::shared_ptr<KVPool> pool() const { return this->blocks_ ? this->blocks_->pool_ptr() : nullptr; }
 
  private:
   friend class Decoder<T>;
   friend class detail::Forward<T>;
-  Session(std::shared_ptr<const detail::ModelTag> model, const SlotTable& table, std::vector<KVRows<T>> layers)
-      : detail::Caches<T, std::vector<KVRows<T>>>(table, std::move(layers)), model_(std::move(model)) {}
+  Session(std::shared_ptr<const detail::ModelTag> model, const SlotTable& table, std::vector<KVRows<T>> layers,
+          std::unique_ptr<detail::BlockTable> blocks = nullptr)
+      : detail::Caches<T, std::vector<KVRows<T>>>(table, std::move(layers), std::move(blocks)),
+        model_(std::move(model)) {}
+  // Layer l's rows over this session's blocks, shaped as `like`.
+  KVRows<T> paged_rows(const KVRows<T>& like, std::size_t l) const {
+    return KVRows<T>(like.n_kv_heads(), like.d_k(), like.type(), this->blocks_.get(), l);
+  }
 
   std::shared_ptr<const detail::ModelTag> model_;  // the decoder that made it; null once moved from
   std::size_t threads_ = 1;

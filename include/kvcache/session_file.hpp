@@ -72,6 +72,7 @@
 #include <istream>
 #include <iterator>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <stdexcept>
@@ -104,6 +105,11 @@ struct SessionLoadOptions {
   // A file (or stream) longer than this is refused before anything is
   // allocated: the bound for untrusted input.
   std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max();
+  // Null: the loaded session has contiguous caches of its own. Otherwise it
+  // is paged in this pool (Decoder::make_pool, storing the file's kv_type):
+  // its tokens are written into new blocks of the pool (not published for
+  // prefix sharing: that needs the tokens fed, not loaded).
+  std::shared_ptr<KVPool> pool;
 };
 
 // A 64-bit fingerprint of a decoder's weights: FNV-1a over every weight
@@ -387,7 +393,7 @@ SavedSession<T> read_all(std::istream& in, const std::string& name, std::optiona
 
   const auto size = static_cast<std::size_t>(f[kSize]);
   session_options.reserve_tokens = std::max(size, std::min(options.reserve_tokens, probe.max_tokens()));
-  Session<T> session = decoder.new_session(session_options);
+  Session<T> session = decoder.new_session(session_options, options.pool);
   session.restore_state(size, static_cast<std::size_t>(f[kPosition]), static_cast<std::size_t>(f[kRingStart]));
   session.write_raw([&](unsigned char* p, std::size_t n) { reader.read(p, n, "caches"); });
 
