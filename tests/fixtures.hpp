@@ -73,4 +73,29 @@ void expect_throw_naming(F&& call, const std::string& part) {
   }
 }
 
+// The ways a session can store its tokens: every KV type, without a window
+// and with `window` (which the tests then fill past wrapping).
+struct Storage {
+  kvcache::KVType type;
+  kvcache::SlidingWindow window;
+  std::string name() const {
+    return std::string(kvcache::to_string(type)) + (window.window != 0 ? "_window" : "");
+  }
+  kvcache::SessionOptions options() const {
+    kvcache::SessionOptions o;
+    o.kv_type = type;
+    o.window = window;
+    return o;
+  }
+};
+
+inline std::vector<Storage> storages(kvcache::SlidingWindow window) {
+  std::vector<Storage> all;
+  for (kvcache::KVType t : {kvcache::KVType::f32, kvcache::KVType::bf16, kvcache::KVType::int8}) {
+    all.push_back({t, {}});
+    all.push_back({t, window});
+  }
+  return all;
+}
+
 }  // namespace fixtures

@@ -34,29 +34,10 @@ using kvcache::SessionOptions;
 using kvcache::SlidingWindow;
 using Mat = kvcache::Matrix<float>;
 
-struct Storage {
-  KVType type;
-  SlidingWindow window;
-  std::string name() const {
-    return std::string(kvcache::to_string(type)) + (window.window != 0 ? "_window" : "");
-  }
-};
+using fixtures::Storage;
 
-std::vector<Storage> storages() {
-  std::vector<Storage> all;
-  for (KVType t : {KVType::f32, KVType::bf16, KVType::int8}) {
-    all.push_back({t, {}});
-    all.push_back({t, {11, 2}});
-  }
-  return all;
-}
-
-SessionOptions options_of(const Storage& s) {
-  SessionOptions o;
-  o.kv_type = s.type;
-  o.window = s.window;
-  return o;
-}
+// The storages the tests run through; the window holds 11 tokens, 2 of them sinks.
+std::vector<Storage> storages() { return fixtures::storages({11, 2}); }
 
 // Llama-style (RoPE, so windows are allowed), GQA, 96 positions.
 ModelConfig rope_model() { return fixtures::model(fixtures::variants()[4], 96); }
@@ -95,8 +76,8 @@ TEST(Paged, EqualsContiguousThroughFeedsTruncateAndRollBack) {
   for (const Storage& s : storages())
     for (std::size_t B : {1u, 4u, 16u}) {
       const std::string what = s.name() + " B=" + std::to_string(B);
-      Session<float> paged = d.new_session(options_of(s), pool_of(d, s.type, B));
-      Session<float> flat = d.new_session(options_of(s));
+      Session<float> paged = d.new_session(s.options(), pool_of(d, s.type, B));
+      Session<float> flat = d.new_session(s.options());
       std::size_t at = 0;
       for (std::size_t m : {9u, 1u, 1u, 7u, 1u}) {
         const auto part = slice(t, at, at + m);
@@ -139,7 +120,7 @@ TEST(Paged, ForkSharesBlocksAndNeverSeesTheOthersWrites) {
   for (const Storage& s : storages()) {
     const std::string what = s.name();
     auto pool = pool_of(d, s.type, 4);
-    Session<float> base = d.new_session(options_of(s), pool);
+    Session<float> base = d.new_session(s.options(), pool);
     d.forward(slice(t, 0, 10), base);  // 2 full blocks and a half-filled one
     const std::size_t blocks = pool->stats().blocks;
     Session<float> fork = base.fork();
@@ -149,7 +130,7 @@ TEST(Paged, ForkSharesBlocksAndNeverSeesTheOthersWrites) {
     EXPECT_EQ(raw_bytes(base), before) << what << ": the fork wrote into a block the original maps";
     const Mat from_base = d.forward(slice(t, 10, 16), base);
 
-    Session<float> fresh = d.new_session(options_of(s));
+    Session<float> fresh = d.new_session(s.options());
     d.forward(slice(t, 0, 10), fresh);
     Session<float> fresh2 = fresh.copy();
     expect_close(from_fork, d.forward(slice(t, 20, 26), fresh2), what + " fork");
@@ -172,9 +153,9 @@ TEST(PrefixSharing, GreedyIdsIdenticalWithAndWithoutSharing) {
       auto prompt = prefix;
       const auto tail = fixtures::random_tokens(5, d.config().vocab_size, 100 + tail_seed);
       prompt.insert(prompt.end(), tail.begin(), tail.end());
-      Session<float> a = d.new_session(options_of(s), shared);
-      Session<float> b = d.new_session(options_of(s), alone);
-      Session<float> c = d.new_session(options_of(s));
+      Session<float> a = d.new_session(s.options(), shared);
+      Session<float> b = d.new_session(s.options(), alone);
+      Session<float> c = d.new_session(s.options());
       const auto ids = kvcache::generate(d, c, prompt, g);
       EXPECT_EQ(kvcache::generate(d, a, prompt, g), ids) << what << " shared, tail " << tail_seed;
       EXPECT_EQ(kvcache::generate(d, b, prompt, g), ids) << what << " unshared, tail " << tail_seed;
@@ -198,18 +179,18 @@ TEST(PrefixSharing, ASharedBlockIsNeverModified) {
   for (const Storage& s : storages()) {
     const std::string what = s.name();
     auto pool = pool_of(d, s.type, 4);
-    Session<float> first = d.new_session(options_of(s), pool);
+    Session<float> first = d.new_session(s.options(), pool);
     d.forward(slice(t, 0, 9), first, Logits::last);
     const auto before = raw_bytes(first);
-    Session<float> second = d.new_session(options_of(s), pool);
+    Session<float> second = d.new_session(s.options(), pool);
     d.forward(slice(t, 0, 10), second, Logits::last);
     EXPECT_EQ(pool->stats().prefix_hit_tokens, 8u) << what;
     second.truncate(5);
     d.forward(slice(t, 30, 33), second);                               // into the second shared block
     for (std::size_t i = 40; i < 55; ++i) d.forward({t[i]}, second);  // a window wraps over the first
     EXPECT_EQ(raw_bytes(first), before) << what;
-    Session<float> third = d.new_session(options_of(s), pool);
-    Session<float> flat = d.new_session(options_of(s));
+    Session<float> third = d.new_session(s.options(), pool);
+    Session<float> flat = d.new_session(s.options());
     expect_close(d.forward(slice(t, 0, 12), third, Logits::last), d.forward(slice(t, 0, 12), flat, Logits::last),
                  what + " third");
   }
@@ -329,8 +310,8 @@ TEST(Paged, SessionFileRoundTrip) {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   for (const Storage& s : storages()) {
-    Session<float> paged = d.new_session(options_of(s), pool_of(d, s.type, 4));
-    Session<float> flat = d.new_session(options_of(s));
+    Session<float> paged = d.new_session(s.options(), pool_of(d, s.type, 4));
+    Session<float> flat = d.new_session(s.options());
     const auto prompt = slice(t, 0, 15);
     const kvcache::RowVector<float> logits = d.forward(prompt, paged, Logits::last);
     d.forward(prompt, flat, Logits::last);

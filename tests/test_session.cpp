@@ -46,31 +46,10 @@ using kvcache::SessionOptions;
 using kvcache::SlidingWindow;
 using Mat = kvcache::Matrix<float>;
 
-// The ways a session can store its tokens: every KV type, without a window,
-// and with a window of 8 (2 sinks) that the tests fill past wrapping.
-struct Storage {
-  KVType type;
-  SlidingWindow window;
-  std::string name() const {
-    return std::string(kvcache::to_string(type)) + (window.window != 0 ? "_window" : "");
-  }
-};
+using fixtures::Storage;
 
-std::vector<Storage> storages() {
-  std::vector<Storage> all;
-  for (KVType t : {KVType::full, KVType::bf16, KVType::int8}) {
-    all.push_back({t, {}});
-    all.push_back({t, {8, 2}});
-  }
-  return all;
-}
-
-SessionOptions options_of(const Storage& s) {
-  SessionOptions o;
-  o.kv_type = s.type;
-  o.window = s.window;
-  return o;
-}
+// The storages the tests run through; the window holds 8 tokens, 2 of them sinks.
+std::vector<Storage> storages() { return fixtures::storages({8, 2}); }
 
 // A Llama-style model (RoPE, so that a window is allowed), GQA.
 ModelConfig rope_model() { return fixtures::model(fixtures::variants()[4]); }
@@ -190,7 +169,7 @@ struct Fed {
 };
 
 Fed fed_session(const Decoder<float>& d, const Storage& storage, std::size_t n = 13) {
-  Fed f{fixtures::random_tokens(n, d.config().vocab_size, 7), d.new_session(options_of(storage)), {}};
+  Fed f{fixtures::random_tokens(n, d.config().vocab_size, 7), d.new_session(storage.options()), {}};
   const auto logits = feed(d, f.session, f.tokens, {n - 3, 1, 1, 1});
   f.last_logits = logits.back().row(0);
   return f;
@@ -229,7 +208,7 @@ TEST(Fork, EachContinuationEqualsAFreshRunBitForBit) {
     for (const Storage& s : storages()) {
       if (s.window.window != 0 && v.positions != kvcache::PositionEncoding::rope) continue;
       const std::string what = v.name + " " + s.name();
-      Session<float> base = d.new_session(options_of(s));
+      Session<float> base = d.new_session(s.options());
       feed(d, base, prefix, {9, 1, 3});
       Session<float> fork = base.copy();
       EXPECT_EQ(raw_bytes(fork), raw_bytes(base)) << what;
@@ -238,7 +217,7 @@ TEST(Fork, EachContinuationEqualsAFreshRunBitForBit) {
       const auto from_fork = feed(d, fork, y, kContinuation);
       const auto from_base = feed(d, base, x, kContinuation);
       for (const auto* pair : {&x, &y}) {
-        Session<float> fresh = d.new_session(options_of(s));
+        Session<float> fresh = d.new_session(s.options());
         feed(d, fresh, prefix, {9, 1, 3});
         const auto expected = feed(d, fresh, *pair, kContinuation);
         const auto& got = pair == &x ? from_base : from_fork;
