@@ -770,17 +770,6 @@ void amx_store(const __m512* acc, Matrix<T>& Y, Eigen::Index g, Eigen::Index m, 
   }
 }
 
-// One block of 32 values for 16 rows × 16 tokens: the int32 sums into tile
-// register C, from W through A and x through B (the instructions take the
-// registers as constants).
-template <int C, int A, int B>
-void amx_q8_0_block(const unsigned char* w, Eigen::Index row, const unsigned char* x) {
-  _tile_loadd(A, w, row);
-  _tile_loadd(B, x, 64);
-  _tile_zero(C);
-  _tile_dpbssd(C, A, B);
-}
-
 // 16 rows of W at w (q8_0 rows of `row` bytes; their scales d_w, 16 × nb)
 // times every token: Y's columns [i, i + rows).
 template <typename T>
@@ -794,12 +783,31 @@ void amx_q8_0_rows(const unsigned char* w, Eigen::Index row, Eigen::Index nb, co
     for (Eigen::Index b = 0; b < nb; b += 4) {
       const Eigen::Index count = std::min<Eigen::Index>(4, nb - b);
       const unsigned char* w_b = w + b * 34 + 2;
-      // Blocks b … b + 3 into tiles 0 … 3 (inputs in alternating tiles, so
-      // that loads need not wait for the previous product), then stored.
-      amx_q8_0_block<0, 4, 6>(w_b, row, x + b * 512);
-      if (count > 1) amx_q8_0_block<1, 5, 7>(w_b + 34, row, x + (b + 1) * 512);
-      if (count > 2) amx_q8_0_block<2, 4, 6>(w_b + 68, row, x + (b + 2) * 512);
-      if (count > 3) amx_q8_0_block<3, 5, 7>(w_b + 102, row, x + (b + 3) * 512);
+      // Blocks b … b + 3 into tiles 0 … 3, written out four times: the tile
+      // instructions take their registers as literal numbers (g++ pastes
+      // them into the assembly text), so neither a loop nor a template can.
+      _tile_loadd(4, w_b, row);
+      _tile_loadd(6, x + b * 512, 64);
+      _tile_zero(0);
+      _tile_dpbssd(0, 4, 6);
+      if (count > 1) {
+        _tile_loadd(5, w_b + 34, row);
+        _tile_loadd(7, x + (b + 1) * 512, 64);
+        _tile_zero(1);
+        _tile_dpbssd(1, 5, 7);
+      }
+      if (count > 2) {
+        _tile_loadd(4, w_b + 68, row);
+        _tile_loadd(6, x + (b + 2) * 512, 64);
+        _tile_zero(2);
+        _tile_dpbssd(2, 4, 6);
+      }
+      if (count > 3) {
+        _tile_loadd(5, w_b + 102, row);
+        _tile_loadd(7, x + (b + 3) * 512, 64);
+        _tile_zero(3);
+        _tile_dpbssd(3, 5, 7);
+      }
       _tile_stored(0, c[0], 64);
       if (count > 1) _tile_stored(1, c[1], 64);
       if (count > 2) _tile_stored(2, c[2], 64);
