@@ -255,3 +255,68 @@ TEST(Scheduler, ReusesItsSessionsForRequestAfterRequest) {
   for (std::size_t i = 0; i < all.size(); ++i) EXPECT_EQ(got[i], kvcache::generate(d, all[i].prompt, all[i].options));
   EXPECT_EQ(s.sessions_made(), 3u);
 }
+
+// Sessions paged in a pool: prompts that share a prefix (here 21 tokens, so
+// one block of 8 can be shared, then 2) get their own runs' ids with and
+// without prefix sharing; with it, the requests that join together wait for
+// the first one to compute the shared blocks and then map them (15 × 16
+// tokens not computed), and the pool holds less at its peak.
+TEST(Scheduler, PagedSessionsSharePromptPrefixesAndKeepEveryRequestsIds) {
+  const Decoder<float> d = fixtures::make_decoder<float>(fixtures::model(fixtures::variants()[4], 96));
+  const std::vector<int> prefix = fixtures::random_tokens(21, d.config().vocab_size, 900);
+  std::vector<Request> all;
+  for (std::uint32_t i = 0; i < 16; ++i) {
+    Request r;
+    r.prompt = prefix;
+    const std::vector<int> tail = fixtures::random_tokens(3 + i % 5, d.config().vocab_size, 910 + i);
+    r.prompt.insert(r.prompt.end(), tail.begin(), tail.end());
+    r.options.max_new_tokens = 10;
+    all.push_back(r);
+  }
+  std::vector<std::vector<int>> alone;
+  for (const Request& r : all) alone.push_back(kvcache::generate(d, r.prompt, r.options));
+  std::vector<std::size_t> order(all.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::size_t peak[2] = {};
+  for (const bool sharing : {true, false}) {
+    SCOPED_TRACE(sharing ? "sharing" : "not sharing");
+    SchedulerOptions o = scheduler_options(16, 64);
+    kvcache::KVPoolOptions p;
+    p.block_tokens = 8;
+    p.prefix_sharing = sharing;
+    o.pool = d.make_pool(kvcache::KVType::f32, p);
+    BatchScheduler<float> s(d, o);
+    EXPECT_EQ(run(s, all, order), alone);
+    const kvcache::KVPoolStats stats = o.pool->stats();
+    EXPECT_EQ(stats.prefix_hit_tokens, sharing ? 15u * 16u : 0u);
+    peak[sharing ? 0 : 1] = stats.bytes_peak;
+  }
+  EXPECT_LT(peak[0], peak[1]);
+}
+
+// Session::map_prefix maps only an empty paged session's cached blocks, at
+// most all but the prompt's last token, and the rest fed after them gives
+// the logits of the whole prompt fed afresh.
+TEST(Scheduler, MapPrefixMapsWholeCachedBlocksOfAnEmptyPagedSession) {
+  const Decoder<float> d = fixtures::make_decoder<float>(fixtures::model(fixtures::variants()[4], 96));
+  kvcache::KVPoolOptions p;
+  p.block_tokens = 4;
+  const auto pool = d.make_pool(kvcache::KVType::f32, p);
+  const std::vector<int> prompt = fixtures::random_tokens(13, d.config().vocab_size, 920);
+  Session<float> first = d.new_session({}, pool);
+  d.forward(prompt, first);  // publishes blocks [0, 4), [4, 8), [8, 12)
+  Session<float> contiguous = d.new_session({});
+  EXPECT_EQ(contiguous.map_prefix(prompt), 0u);
+  Session<float> second = d.new_session({}, pool);
+  const std::vector<int> twelve(prompt.begin(), prompt.begin() + 12);
+  EXPECT_EQ(second.map_prefix(twelve), 8u);  // at most 11 tokens: two whole blocks
+  EXPECT_EQ(second.map_prefix(prompt), 0u);  // no longer empty
+  EXPECT_EQ(second.size(), 8u);
+  const std::vector<int> rest(prompt.begin() + 8, prompt.end());
+  const kvcache::Matrix<float> mapped = d.forward(rest, second);
+  Session<float> fresh = d.new_session({});
+  const kvcache::Matrix<float> want = d.forward(prompt, fresh);
+  // (Paged attention sums block by block: equal up to rounding; NaN fails.)
+  EXPECT_TRUE(mapped.bottomRows(5).isApprox(want.bottomRows(5), 1e-5f));
+  EXPECT_EQ(pool->stats().prefix_hit_tokens, 8u);
+}

@@ -177,12 +177,9 @@ class Forward {
   // compute, and within a window; only for Logits::last, as the mapped
   // tokens get no logits.
   void map_prefix(Session<T>& s, AttentionSequence<T>& q, const std::vector<int>& tokens, Logits which) {
-    if (!s.blocks_ || which != Logits::last || s.size() != 0 || s.position() != 0) return;
-    std::size_t limit = tokens.size() - 1;
-    if (s.window().window != 0) limit = std::min(limit, s.window().window);
-    q.token0 = s.blocks_->map_prefix(tokens.data(), limit);
+    if (which != Logits::last) return;
+    q.token0 = s.map_prefix(tokens);
     q.m = tokens.size() - q.token0;
-    s.table_.commit({q.token0, q.token0, 0});
   }
 
   // Undoes what plan and the layers did to a paged session's blocks: the

@@ -50,6 +50,11 @@ struct SchedulerOptions {
   // How the sessions the scheduler makes store their tokens. It makes at most
   // max_sequences and reuses them (clear()) for request after request.
   SessionOptions session;
+  // With a pool (Decoder::make_pool, storing session.kv_type) those sessions
+  // are paged in it, and a request that joins first maps the pool's cached
+  // blocks of its prompt's prefix (Session::map_prefix) and feeds only the
+  // rest. Null: contiguous sessions.
+  std::shared_ptr<KVPool> pool;
 };
 
 // One request: its prompt and options (its own limit, end_token, sampler and
@@ -113,7 +118,9 @@ class BatchScheduler {
   // Throws std::invalid_argument on max_sequences, step_tokens or threads
   // of 0, or session options the decoder refuses (new_session's checks).
   BatchScheduler(const Decoder<T>& decoder, SchedulerOptions options)
-      : decoder_(decoder), options_(std::move(options)), limits_(decoder.new_session(unreserved(options_.session))) {
+      : decoder_(decoder),
+        options_(std::move(options)),
+        limits_(decoder.new_session(unreserved(options_.session), options_.pool)) {
     if (options_.max_sequences == 0) io_invalid("max_sequences = 0, need at least 1");
     if (options_.step_tokens == 0) io_invalid("step_tokens = 0, need at least 1");
     if (options_.threads == 0) io_invalid("threads = 0, need at least 1");
@@ -250,6 +257,7 @@ class BatchScheduler {
   void admit() {
     while (running_.size() < options_.max_sequences && !waiting_.empty()) {
       detail::ScheduledRequest<T>& r = waiting_.front();
+      if (awaits_shared_blocks(r)) return;
       auto joined = std::make_unique<detail::ScheduledRequest<T>>();
       joined->sampler.emplace(decoder_.config().vocab_size, r.request.options);
       // Not 2³¹ ids for a window's limit; a step then rarely allocates.
@@ -257,8 +265,11 @@ class BatchScheduler {
       if (!r.own && free_.empty()) make_session();
       running_.reserve(running_.size() + 1);
       result_slots_.try_emplace(r.id);  // the node its result will move into
+      // The cached prefix of its prompt, in a scheduler's (empty) session.
+      const std::size_t mapped = r.own ? 0 : free_.back()->map_prefix(r.request.prompt);
       // Nothing below throws.
       joined->id = r.id;
+      joined->fed = mapped;
       joined->request = std::move(r.request);
       joined->own = r.own;
       joined->result.status = RequestStatus::running;
@@ -273,9 +284,27 @@ class BatchScheduler {
     }
   }
 
+  // Whether r should wait (and the requests behind it) because a running
+  // request is still computing blocks of the prompt prefix they share: they
+  // become r's, computed once, when that request has fed them (prefix
+  // sharing publishes full blocks after each step).
+  bool awaits_shared_blocks(const detail::ScheduledRequest<T>& r) const {
+    if (!options_.pool || !options_.pool->options().prefix_sharing || r.own) return false;
+    const std::size_t B = options_.pool->block_tokens();
+    const std::vector<int>& p = r.request.prompt;
+    for (const auto& q : running_) {
+      const std::vector<int>& leader = q->request.prompt;
+      const std::size_t most = std::min(p.size() - 1, leader.size());  // r maps at most all but its last token
+      std::size_t common = 0;
+      while (common < most && p[common] == leader[common]) ++common;
+      if (!q->own && common >= B && q->fed < common / B * B) return true;
+    }
+    return false;
+  }
+
   void make_session() {
     SessionOptions o = options_.session;
-    auto s = std::make_unique<Session<T>>(decoder_.new_session(o));
+    auto s = std::make_unique<Session<T>>(decoder_.new_session(o, options_.pool));
     s->set_threads(options_.threads);
     free_.reserve(sessions_.size() + 1);
     sessions_.reserve(sessions_.size() + 1);

@@ -6,6 +6,7 @@
 // contiguous rows of its own.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <memory>
 #include <stdexcept>
@@ -96,6 +97,22 @@ class Session : public detail::Caches<T, std::vector<KVRows<T>>> {
   void roll_back(const Checkpoint& c) noexcept {
     this->table_.roll_back(c);
     if (this->blocks_) this->blocks_->trim(size());
+  }
+
+  // Prefix sharing ahead of a prompt fed in several calls: an empty paged
+  // session whose pool shares prefixes maps the pool's cached blocks that
+  // hold the first tokens of `prompt` (whole blocks, at most prompt.size() − 1
+  // tokens, within a window) and returns how many tokens it mapped; feed the
+  // prompt from there. Any other session maps nothing and returns 0. (A
+  // forward with Logits::last does this itself for an empty session.)
+  // Throws std::bad_alloc, mapping nothing.
+  std::size_t map_prefix(const std::vector<int>& prompt) {
+    if (!this->blocks_ || prompt.empty() || size() != 0 || position() != 0) return 0;
+    std::size_t limit = prompt.size() - 1;
+    if (window().window != 0) limit = std::min(limit, window().window);
+    const std::size_t mapped = this->blocks_->map_prefix(prompt.data(), limit);
+    this->table_.commit({mapped, mapped, 0});
+    return mapped;
   }
 
   // A copy of the cached tokens, no recompute: fork a prefix and continue it
