@@ -51,6 +51,9 @@ constexpr std::size_t kMaxThreads = 256;
 constexpr std::size_t kMaxParallel = 1024;
 // The largest --step-tokens accepted: a step's buffers grow with it.
 constexpr std::size_t kMaxStepTokens = 65536;
+// The largest --block-size accepted: a block holds that many tokens of
+// every layer, and a prompt shorter than one block shares nothing.
+constexpr std::size_t kMaxBlockSize = 4096;
 
 // The --threads default: the first count of OMP_NUM_THREADS when it holds
 // one (the usual way to ask an OpenMP program for fewer threads; "4,2"
@@ -119,6 +122,10 @@ struct Options {
   // --step-tokens: the rows of a batched step (one per decoding prompt, the
   // rest chunks of the prompts being prefilled).
   std::size_t step_tokens = kvcache::SchedulerOptions{}.step_tokens;
+  // --block-size: tokens per block of the KV pool the prompts' sessions
+  // share; --no-prefix-sharing: they share no prompt blocks (the baseline).
+  std::size_t block_size = kvcache::KVPoolOptions{}.block_tokens;
+  bool prefix_sharing = true;
 
   // Text is needed to encode a non-empty -i prompt (without --prompt-ids) or
   // the lines of --prompts-file, or to print pieces (without --ids);
@@ -195,6 +202,11 @@ inline std::string usage(const std::string& program = "kvcache-generate") {
          "                 chunks of the prompts being read, 1.." +
          std::to_string(kMaxStepTokens) + " (default " + std::to_string(kvcache::SchedulerOptions{}.step_tokens) +
          ")\n"
+         "  --block-size B tokens per block of the KV pool the prompts share, 1.." +
+         std::to_string(kMaxBlockSize) + " (default " + std::to_string(kvcache::KVPoolOptions{}.block_tokens) +
+         ")\n"
+         "  --no-prefix-sharing  compute every prompt in full, even the blocks it\n"
+         "                 shares with an earlier one (the baseline)\n"
          "  -h, --help     print this help and exit\n"
          "\n"
          "Generation stops after STEPS positions or when the model produces BOS.\n"
@@ -303,12 +315,21 @@ inline Options parse_args(const std::vector<std::string>& args) {
       return o;
     }
   o.threads = default_threads();
-  bool have_model = false, have_parallel = false, have_step_tokens = false;
+  bool have_model = false;
+  std::string batch_option;  // the last of --parallel, --step-tokens, --block-size, --no-prefix-sharing given
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     const auto value = [&]() -> const std::string& {
       if (i + 1 >= args.size()) throw UsageError("option " + a + " needs a value");
       return args[++i];
+    };
+    // The option's value, a count in [1, most].
+    const auto count = [&](std::size_t most) {
+      const std::string& text = value();
+      const auto n = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
+      if (n < 1 || n > most)
+        throw UsageError(a + " must be in [1, " + std::to_string(most) + "], got " + detail::quoted(text));
+      return n;
     };
     if (a == "-z") {
       o.tokenizer_path = value();
@@ -331,10 +352,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
     } else if (a == "--prompt-ids") {
       o.prompt_ids = parse_id_list(a, value());
     } else if (a == "--threads") {
-      const std::string& text = value();
-      o.threads = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
-      if (o.threads < 1 || o.threads > kMaxThreads)
-        throw UsageError("--threads must be in [1, " + std::to_string(kMaxThreads) + "], got " + detail::quoted(text));
+      o.threads = count(kMaxThreads);
       o.threads_given = true;
     } else if (a == "--kv-type") {
       const std::string& text = value();
@@ -360,19 +378,17 @@ inline Options parse_args(const std::vector<std::string>& args) {
       o.prompts_file = value();
       if (o.prompts_file->empty()) throw UsageError("--prompts-file needs a file name, got ''");
     } else if (a == "--parallel") {
-      const std::string& text = value();
-      o.parallel = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
-      if (o.parallel < 1 || o.parallel > kMaxParallel)
-        throw UsageError("--parallel must be in [1, " + std::to_string(kMaxParallel) + "], got " +
-                         detail::quoted(text));
-      have_parallel = true;
+      o.parallel = count(kMaxParallel);
+      batch_option = a;
     } else if (a == "--step-tokens") {
-      const std::string& text = value();
-      o.step_tokens = static_cast<std::size_t>(detail::parse_unsigned(a, text, std::numeric_limits<std::uint32_t>::max()));
-      if (o.step_tokens < 1 || o.step_tokens > kMaxStepTokens)
-        throw UsageError("--step-tokens must be in [1, " + std::to_string(kMaxStepTokens) + "], got " +
-                         detail::quoted(text));
-      have_step_tokens = true;
+      o.step_tokens = count(kMaxStepTokens);
+      batch_option = a;
+    } else if (a == "--block-size") {
+      o.block_size = count(kMaxBlockSize);
+      batch_option = a;
+    } else if (a == "--no-prefix-sharing") {
+      o.prefix_sharing = false;
+      batch_option = a;
     } else if (a == "--weights") {
       o.weights = value();
       if (o.weights != "f32" && o.weights != "bf16")
@@ -404,8 +420,7 @@ inline Options parse_args(const std::vector<std::string>& args) {
   if (o.no_cache && (o.window != 0 || o.kv_type != kvcache::KVType::full))
     throw UsageError("--no-cache keeps no cache: it cannot take --window or --kv-type");
   if (o.no_cache && o.prompt_cache) throw UsageError("--no-cache keeps no cache: it cannot take --prompt-cache");
-  if (have_parallel && !o.prompts_file) throw UsageError("--parallel needs --prompts-file");
-  if (have_step_tokens && !o.prompts_file) throw UsageError("--step-tokens needs --prompts-file");
+  if (!batch_option.empty() && !o.prompts_file) throw UsageError(batch_option + " needs --prompts-file");
   if (o.prompts_file && (o.prompt || o.prompt_ids))
     throw UsageError("--prompts-file gives the prompts: it cannot take -i or --prompt-ids");
   if (o.prompts_file && o.no_cache)

@@ -368,6 +368,12 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
   scheduler_options.threads = o.threads;
   scheduler_options.step_tokens = o.step_tokens;
   scheduler_options.session = session_options;
+  // The prompts' sessions are paged in one pool, which finds the blocks that
+  // a prompt shares with an earlier one (unless --no-prefix-sharing).
+  kvcache::KVPoolOptions pool_options;
+  pool_options.block_tokens = o.block_size;
+  pool_options.prefix_sharing = o.prefix_sharing;
+  scheduler_options.pool = decoder.make_pool(o.kv_type, pool_options);
   kvcache::BatchScheduler<float> scheduler(decoder, scheduler_options);
   std::size_t generated = 0;
   std::size_t next_line = 0;  // where the next prompt to submit starts in `text`
@@ -407,7 +413,10 @@ int run_prompts_file(const kvcache_cli::Options& o, const kvcache::Decoder<float
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     err << "stats: prompts=" << n_prompts << " prompt_tokens=" << prompt_tokens
         << " generated_tokens=" << generated << " tok_s=" << format_rate(static_cast<double>(generated), seconds)
-        << " parallel=" << o.parallel << " threads=" << o.threads << std::endl;
+        << " parallel=" << o.parallel << " threads=" << o.threads;
+    const kvcache::KVPoolStats pool = scheduler_options.pool->stats();
+    err << " block_size=" << o.block_size << " prefix_hit_tokens=" << pool.prefix_hit_tokens
+        << " kv_bytes_peak=" << pool.bytes_peak << " kv_bytes_needed_peak=" << pool.bytes_needed_at_peak << std::endl;
   }
   return 0;
 }

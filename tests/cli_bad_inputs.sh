@@ -247,6 +247,8 @@ expect_error "--parallel without --prompts-file" "$model" --parallel 2
 expect_error "--parallel 0" "$model" --prompts-file x --parallel 0
 expect_error "--step-tokens 0" "$model" --prompts-file x --step-tokens 0
 expect_error "--step-tokens without --prompts-file" "$model" --step-tokens 8
+expect_error "--block-size 0" "$model" --prompts-file x --block-size 0
+expect_error "--no-prefix-sharing without --prompts-file" "$model" --no-prefix-sharing
 expect_error "--no-cache with --window" "$model" --no-cache --window 8
 expect_error "--no-cache with --prompt-cache" "$model" --no-cache --prompt-cache x.kvs
 expect_error "--prompts-file with -i" "$model" --prompts-file x -i "The cat"

@@ -129,6 +129,10 @@ TEST(CliArgs, PromptsFile) {
   EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).parallel, 1u);
   EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt", "--step-tokens", "7"}).step_tokens, 7u);
   EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).step_tokens, kvcache::SchedulerOptions{}.step_tokens);
+  EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt", "--block-size", "4"}).block_size, 4u);
+  EXPECT_EQ(parse_args({"m", "--prompts-file", "p.txt"}).block_size, kvcache::KVPoolOptions{}.block_tokens);
+  EXPECT_TRUE(parse_args({"m", "--prompts-file", "p.txt"}).prefix_sharing);
+  EXPECT_FALSE(parse_args({"m", "--prompts-file", "p.txt", "--no-prefix-sharing"}).prefix_sharing);
   EXPECT_FALSE(parse_args({"m"}).prompts_file);
   EXPECT_TRUE(parse_args({"m", "--prompts-file", "p.txt", "--ids"}).needs_tokenizer());  // lines are text
   for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
@@ -142,6 +146,11 @@ TEST(CliArgs, PromptsFile) {
            {"m", "--prompts-file", "p", "--step-tokens", "65537"},
            {"m", "--prompts-file", "p", "--step-tokens", "-1"},
            {"m", "--step-tokens", "8"},
+           {"m", "--prompts-file", "p", "--block-size", "0"},
+           {"m", "--prompts-file", "p", "--block-size", "4097"},
+           {"m", "--prompts-file", "p", "--block-size", "x"},
+           {"m", "--block-size", "16"},
+           {"m", "--no-prefix-sharing"},
            {"m", "--prompts-file", "p", "-i", "The cat"},
            {"m", "--prompts-file", "p", "--prompt-ids", "1,2"},
            {"m", "--prompts-file", "p", "--no-cache"},
@@ -992,6 +1001,41 @@ TEST_F(CliBatch, EachLineIsTheSinglePromptRun) {
 }
 
 // Line k samples with seed + k - 1: line 1 is the run with -s SEED.
+// Prompts that share their first tokens: with prefix sharing (the default)
+// the later ones map the blocks the first computed, and every line is still
+// its single run; --stats counts the tokens not computed and the pool's
+// peak bytes, which sharing lowers.
+TEST_F(CliBatch, SharedPromptPrefixesAreComputedOnceAndChangeNoLine) {
+  const std::string shared = "Once upon a time there was a little girl named Lily who liked to play";
+  std::vector<std::string> ids;
+  std::string content;
+  for (const char* tail : {" with her dog", " in the park", " all day", " and sing"}) {
+    content += shared + tail + "\n";
+    ids.push_back(as_line(run(greedy({"-i", shared + tail, "--ids"})).out));
+  }
+  const std::string file = write_prompts(content);
+  std::size_t peak[2] = {};
+  for (const bool sharing : {true, false}) {
+    std::vector<std::string> args = {"--prompts-file", file, "--parallel", "4", "--block-size", "4", "--ids", "--stats"};
+    if (!sharing) args.push_back("--no-prefix-sharing");
+    const Result r = run(greedy(args));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(lines_of(r.out), ids) << (sharing ? "sharing" : "not sharing");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(r.err, m,
+                                  std::regex(R"(block_size=4 prefix_hit_tokens=(\d+) kv_bytes_peak=(\d+) kv_bytes_needed_peak=(\d+)\n$)")))
+        << r.err;
+    const std::size_t hits = std::stoul(m[1]), held = std::stoul(m[2]), needed = std::stoul(m[3]);
+    if (sharing)
+      EXPECT_GE(hits, 3u * 8u);  // 3 later prompts, each at least 2 blocks of the shared words
+    else
+      EXPECT_EQ(hits, 0u);
+    EXPECT_GE(held, needed);
+    peak[sharing ? 0 : 1] = held;
+  }
+  EXPECT_LT(peak[0], peak[1]);
+}
+
 TEST_F(CliBatch, SampledLinesUseConsecutiveSeeds) {
   const std::string file = write_prompts("The cat\nOnce upon a time\r\nI\n");
   // Two batches: the seed follows the line, not the place in its batch.
@@ -1007,7 +1051,8 @@ TEST_F(CliBatch, SampledLinesUseConsecutiveSeeds) {
                                     .out))
         << k;
   const std::regex line(
-      R"(^stats: prompts=3 prompt_tokens=\d+ generated_tokens=\d+ tok_s=[0-9.]+ parallel=2 threads=1\n$)");
+      R"(^stats: prompts=3 prompt_tokens=\d+ generated_tokens=\d+ tok_s=[0-9.]+ parallel=2 threads=1 )"
+      R"(block_size=16 prefix_hit_tokens=0 kv_bytes_peak=\d+ kv_bytes_needed_peak=\d+\n$)");
   EXPECT_TRUE(std::regex_match(r.err, line)) << r.err;
 }
 
