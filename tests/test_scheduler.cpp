@@ -200,6 +200,16 @@ TEST(Scheduler, RejectsBadOptionsAndRequestsBeforeQueueingThem) {
   SchedulerOptions too_long = scheduler_options(2, 8);
   too_long.session.max_tokens = 17;
   EXPECT_THROW(BatchScheduler<float>(d, too_long), std::invalid_argument);
+  // A pool that stores another type, or was made by another decoder.
+  SchedulerOptions other_type = scheduler_options(2, 8);
+  other_type.pool = d.make_pool(kvcache::KVType::bf16);
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { BatchScheduler<float>(d, other_type); },
+                                                       "the KV pool stores bf16");
+  const Decoder<float> other = fixtures::make_decoder<float>(c);
+  SchedulerOptions other_decoder = scheduler_options(2, 8);
+  other_decoder.pool = other.make_pool();
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { BatchScheduler<float>(d, other_decoder); },
+                                                       "made by another decoder");
   fixtures::expect_throw_naming<std::invalid_argument>([&] { BatchScheduler<float>(d, scheduler_options(0, 8)); },
                                                        "max_sequences = 0");
   fixtures::expect_throw_naming<std::invalid_argument>([&] { BatchScheduler<float>(d, scheduler_options(1, 0)); },
