@@ -28,11 +28,8 @@ tok="$models/llama2_tokenizer.bin"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-model="$models/stories15M.bin"
-if [ ! -f "$model" ]; then
-  model="$work/stories15M_shape.bin"
-  python3 "$here/random_ckpt.py" "$model" 288 768 6 6 6 32000 256 --seed 15
-fi
+source "$here/bench_common.sh"
+bench_model
 
 # 32 prompts; prompt k has about 4 + (k * 23 mod 32) * 115 / 31 words (most
 # of these words are one token each, after BOS).

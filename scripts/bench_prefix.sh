@@ -30,28 +30,10 @@ tok="$models/llama2_tokenizer.bin"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-model="$models/stories15M.bin"
-if [ ! -f "$model" ]; then
-  model="$work/stories15M_shape.bin"
-  python3 "$here/random_ckpt.py" "$model" 288 768 6 6 6 32000 256 --seed 15 >/dev/null
-fi
+source "$here/bench_common.sh"
+bench_model
 
-python3 - "$work/prompts.txt" <<'EOF'
-import sys
-words = ("the a cat dog sat ran on in big small red blue tree house and then one day little girl boy "
-         "saw found happy sad sun moon play ball went home with her his friend").split()
-state = 4242
-def draw(n):
-    global state
-    out = []
-    for _ in range(n):
-        state = (state * 1103515245 + 12345) % 2**31
-        out.append(words[state % len(words)])
-    return out
-prefix = draw(150)
-lines = [" ".join(prefix + draw(20)) for _ in range(16)]
-open(sys.argv[1], "w").write("\n".join(lines) + "\n")
-EOF
+shared_prefix_prompts 16 "$work/prompts.txt"
 
 # 171 prompt positions (BOS + 170) and 70 new tokens.
 run() {

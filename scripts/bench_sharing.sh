@@ -30,30 +30,12 @@ command -v gnuplot >/dev/null || { echo "$0: needs gnuplot (apt-get install gnup
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-model="$models/stories15M.bin"
-if [ ! -f "$model" ]; then
-  model="$work/stories15M_shape.bin"
-  python3 "$here/random_ckpt.py" "$model" 288 768 6 6 6 32000 256 --seed 15 >/dev/null
-fi
+source "$here/bench_common.sh"
+bench_model
 
 echo "# sessions  kv_bytes_peak(MB) sharing  kv_bytes_peak(MB) no sharing" >"$work/memory.dat"
 for n in 1 2 4 8 16; do
-  python3 - "$work/prompts.txt" "$n" <<'EOF'
-import sys
-words = ("the a cat dog sat ran on in big small red blue tree house and then one day little girl boy "
-         "saw found happy sad sun moon play ball went home with her his friend").split()
-state = 4242
-def draw(k):
-    global state
-    out = []
-    for _ in range(k):
-        state = (state * 1103515245 + 12345) % 2**31
-        out.append(words[state % len(words)])
-    return out
-prefix = draw(150)
-lines = [" ".join(prefix + draw(20)) for _ in range(int(sys.argv[2]))]
-open(sys.argv[1], "w").write("\n".join(lines) + "\n")
-EOF
+  shared_prefix_prompts "$n" "$work/prompts.txt"
   row="$n"
   for flag in "" "--no-prefix-sharing"; do
     peak=$("$bin" "$model" -z "$tok" -n 241 -t 0 --ignore-eos --ids --stats --threads 1 --prompts-file "$work/prompts.txt" \
