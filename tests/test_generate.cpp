@@ -2,6 +2,7 @@
 // sampling, and errors raised before the session is touched.
 #include <limits>
 #include <map>
+#include <random>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -186,6 +187,33 @@ TEST(Sampler, ArgmaxTakesTheLowestIdOnTies) {
   Sampler wrong(4, 0.0f, 1.0f, 1);
   EXPECT_THROW(wrong.sample(logits), std::invalid_argument);
   EXPECT_THROW(Sampler(4, 1.0f, 1.0f, 0), std::invalid_argument);
+  EXPECT_THROW(Sampler::argmax(Eigen::RowVectorXf(0)), std::invalid_argument);
+}
+
+// Against a plain compare loop, on vocabulary-sized rows whose maximum sits
+// first, last, anywhere, or is tied; and a non-finite logit at any place is
+// refused by sample().
+TEST(Sampler, ArgmaxEqualsAPlainLoop) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> value(-8.0f, 8.0f);
+  Eigen::RowVectorXf logits(32000);
+  for (int trial = 0; trial < 40; ++trial) {
+    for (Eigen::Index i = 0; i < logits.size(); ++i) logits(i) = value(rng);
+    if (trial % 4 == 1) logits(0) = 9.0f;
+    if (trial % 4 == 2) logits(logits.size() - 1) = 9.0f;
+    if (trial % 4 == 3) logits(trial * 500) = logits(trial * 700) = 9.0f;
+    Eigen::Index want = 0;
+    for (Eigen::Index i = 1; i < logits.size(); ++i)
+      if (logits(i) > logits(want)) want = i;
+    EXPECT_EQ(Sampler::argmax(logits), want) << "trial " << trial;
+  }
+  Sampler greedy(32000, 0.0f, 1.0f, 1);
+  for (Eigen::Index at : {Eigen::Index{0}, Eigen::Index{12345}, Eigen::Index{31999}})
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+      Eigen::RowVectorXf row = logits;
+      row(at) = bad;
+      EXPECT_THROW(greedy.sample(row), std::domain_error) << "at " << at;
+    }
 }
 
 // With a fixed seed the draws are deterministic; 20000 of them must follow

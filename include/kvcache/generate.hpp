@@ -57,7 +57,8 @@ class Sampler {
   int sample(const Eigen::MatrixBase<Derived>& logits) {
     const auto n = static_cast<std::size_t>(logits.size());
     if (n != probs_.size()) detail::io::invalid("Sampler got ", n, " logits, expected ", probs_.size());
-    if (!logits.allFinite())
+    // 0·l is 0 for every finite l and NaN otherwise: one vectorized pass.
+    if (!std::isfinite(static_cast<float>((logits.array() * 0).sum())))
       throw std::domain_error("kvcache: Sampler: the logits contain NaN or infinity (the model's weights or "
                               "activations overflowed)");
     if (temperature_ == 0.0f) return argmax(logits);
@@ -74,12 +75,15 @@ class Sampler {
     return static_cast<int>(pick(n, random_f32(), [&](std::size_t k) { return probs_[k]; }));
   }
 
-  // The first index of the largest value.
+  // The first index of the largest of finite logits. Two passes, the first
+  // a vectorized maximum: a compare-and-branch loop over 32000 logits took
+  // 5% of a batch-8 decode step (perf, stories15M shape).
   template <typename Derived>
   static int argmax(const Eigen::MatrixBase<Derived>& logits) {
+    if (logits.size() == 0) detail::io::invalid("Sampler::argmax got no logits");
+    const auto max = logits.maxCoeff();
     Eigen::Index best = 0;
-    for (Eigen::Index i = 1; i < logits.size(); ++i)
-      if (logits(i) > logits(best)) best = i;
+    while (best + 1 < logits.size() && !(logits(best) == max)) ++best;
     return static_cast<int>(best);
   }
 
