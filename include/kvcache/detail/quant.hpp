@@ -75,7 +75,8 @@
 #define KVCACHE_QUANT_DPBUSD(a, u, w) _mm256_dpbusd_avx_epi32(a, u, w)
 #endif
 #endif
-#if defined(KVCACHE_QUANT_Q8_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#if defined(KVCACHE_QUANT_Q8_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__) && defined(__F16C__)
 #define KVCACHE_QUANT_Q8_AVX512 1
 #endif
 
@@ -237,17 +238,21 @@ void q8_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x,
 //
 // Decode reads the weights once from memory, and the reads, not the
 // arithmetic, bound it: each row's block b + ahead is prefetched (a whole
-// number of groups ahead, at least 8 KB: one thread then reads ~1.5 times
-// faster than with the hardware prefetchers alone). Prefetching never
-// faults, so it may run past the matrix.
+// number of groups ahead, at least 16 KB: one thread then reads ~1.5 times
+// faster than with the hardware prefetchers alone). Into L2, not L1: a
+// prefetch into L1 holds one of the core's few L1 miss buffers until its
+// line arrives, which caps the lines in flight; into L2 it reads ~5-10%
+// faster (measured on the Sapphire Rapids machine, 1 thread, the 110M
+// model's q8_0 matrices). Prefetching never faults, so it may run past the
+// matrix.
 inline std::uintptr_t q8_ahead(std::ptrdiff_t group) {
-  constexpr std::ptrdiff_t kAhead = 8 << 10;
+  constexpr std::ptrdiff_t kAhead = 16 << 10;
   return static_cast<std::uintptr_t>(group > 0 ? (kAhead + group - 1) / group * group : kAhead);
 }
 
 inline void q8_prefetch(const unsigned char* block, std::uintptr_t ahead) {
 #if defined(KVCACHE_QUANT_Q8_AVX2)
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(block) + ahead), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(block) + ahead), _MM_HINT_T1);
 #else
   static_cast<void>(block), static_cast<void>(ahead);
 #endif
@@ -302,7 +307,10 @@ void q8_0_rows(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, co
 // 512-bit register (row 2p in the low 256 bits), so one instruction does
 // both rows' integer sums, conversions and fused multiply-adds; each row's
 // 8 lanes still see q8_0_rows's operations in its order, so the bits are
-// the same. x · sign(w) by a masked negation (no 512-bit vpsignb).
+// the same. The int8 sums as (w + 128) · x − 128 · Σx per lane of four
+// (w + 128 is unsigned, as vpdpbusd needs; exact in int32, so the same
+// sums): 128 · Σx depends on x alone, once per block for all the rows,
+// and w + 128 is one xor, where |w| · sign(x, w) took three instructions.
 template <int R, int K>
 void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
   static_assert(R % 2 == 0, "rows in pairs");
@@ -312,16 +320,17 @@ void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index 
     return;
   }
   const std::uintptr_t ahead = q8_ahead(R * stride);
-  const __m512i low_high = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), zero = _mm512_setzero_si512();
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
   __m512 acc[P][K];
   for (int p = 0; p < P; ++p)
     for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
   Eigen::Index b = 0;
   do {  // as in q8_0_rows: keeps acc in registers
-    __m512i q_x[K];
+    __m512i q_x[K], minus_sum[K];  // x; −128 · Σx per lane
     __m512 d_x[K];
     for (int k = 0; k < K; ++k) {
       q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
+      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, q_x[k]));
       d_x[k] = _mm512_set1_ps(x[k].d[b]);
     }
     for (int p = 0; p < P; ++p) {
@@ -332,12 +341,12 @@ void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index 
       const __m512i q = _mm512_inserti64x4(
           _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
-      const __mmask64 negative = _mm512_movepi8_mask(q);
-      const __m512i q_abs = _mm512_abs_epi8(q);
-      const __m128i d_f16 = _mm_insert_epi16(_mm_cvtsi32_si128(b0[0] | b0[1] << 8), b1[0] | b1[1] << 8, 1);
-      const __m512 d_w = _mm512_permutexvar_ps(low_high, _mm512_castps128_ps512(_mm_cvtph_ps(d_f16)));
+      const __m512i q_biased = _mm512_xor_si512(q, bias);
+      // The two f16 scales, each in 8 lanes (row 2p's low), widened.
+      const auto d0 = static_cast<short>(b0[0] | b0[1] << 8), d1 = static_cast<short>(b1[0] | b1[1] << 8);
+      const __m512 d_w = _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(d0), 0xFF00, d1));
       for (int k = 0; k < K; ++k) {
-        const __m512i s = _mm512_dpbusd_epi32(zero, q_abs, _mm512_mask_sub_epi8(q_x[k], negative, zero, q_x[k]));
+        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q_biased, q_x[k]);
         acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, d_x[k]), _mm512_cvtepi32_ps(s), acc[p][k]);
       }
     }
