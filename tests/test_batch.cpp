@@ -203,11 +203,12 @@ TEST(DecoderBatch, EachSessionGetsItsOwnLogits) {
   }
 }
 
-// Decode steps of a batch smaller than detail::kFewTokens: every weight row
-// is multiplied with each session's token by the decode kernel, summed in the
-// same order as for one token, so each session gets exactly the logits of
-// its own decode step, whatever it is batched with (6 sessions: one group
-// of detail::kGemvTokens and the rest one by one). With 2 threads the
+// Decode steps of a batch smaller than detail::kFewTokensF32: every weight
+// row is multiplied with each session's token by the decode kernel, summed in
+// the same order as for one token, so each session gets exactly the logits
+// of its own decode step, whatever it is batched with (6 sessions: one group
+// of detail::kGemvTokens and the rest one by one; 16: two groups over tiles
+// of W that stay in L1). With 2 threads the
 // attention of a decode step splits the query heads of a shared kv head
 // (MQA, GQA) between threads, and the batched path splits them otherwise;
 // heads multiplied together round differently, so there the match is
@@ -216,35 +217,35 @@ TEST(DecoderBatch, DecodeStepsGiveTheBitsOfSingleDecode) {
   for (const auto& v : fixtures::variants()) {
     const ModelConfig c = fixtures::model(v, 48);
     const Decoder<float> f = fixtures::make_decoder<float>(c);
-    for (const std::size_t threads : {1u, 2u}) {
-      constexpr std::size_t B = 6;
-      std::vector<Session<float>> batched, alone;
-      std::vector<Session<float>*> sessions;
-      for (std::size_t b = 0; b < B; ++b) {
-        alone.push_back(f.new_session());
-        alone.back().set_threads(threads);
-        f.forward(fixtures::random_tokens(b + 1, c.vocab_size, static_cast<std::uint32_t>(b)), alone.back());
-        batched.push_back(alone.back().copy());
-      }
-      for (auto& s : batched) sessions.push_back(&s);
-      BatchScratch<float> scratch;
-      for (std::size_t step = 0; step < 4; ++step) {
-        std::vector<std::vector<int>> tokens(B);
-        for (std::size_t b = 0; b < B; ++b)
-          tokens[b] = fixtures::random_tokens(1, c.vocab_size, static_cast<std::uint32_t>(100 + 10 * step + b));
-        const Mat logits = f.forward_batch(tokens, sessions, scratch, Logits::last, threads);
+    for (const std::size_t threads : {1u, 2u})
+      for (const std::size_t B : {std::size_t{6}, std::size_t{16}}) {
+        std::vector<Session<float>> batched, alone;
+        std::vector<Session<float>*> sessions;
         for (std::size_t b = 0; b < B; ++b) {
-          const Mat got = logits.row(static_cast<Eigen::Index>(b));
-          const Mat own = f.forward(tokens[b], alone[b], Logits::last);
-          const std::string what = v.name + " " + std::to_string(threads) + " threads, step " +
-                                   std::to_string(step) + " sequence " + std::to_string(b);
-          if (threads == 1 || c.n_kv_heads == c.n_heads)
-            EXPECT_EQ(got, own) << what;
-          else
-            EXPECT_LE(reference::relative_error(got, own), 1e-6) << what;
+          alone.push_back(f.new_session());
+          alone.back().set_threads(threads);
+          f.forward(fixtures::random_tokens(b + 1, c.vocab_size, static_cast<std::uint32_t>(b)), alone.back());
+          batched.push_back(alone.back().copy());
+        }
+        for (auto& s : batched) sessions.push_back(&s);
+        BatchScratch<float> scratch;
+        for (std::size_t step = 0; step < 4; ++step) {
+          std::vector<std::vector<int>> tokens(B);
+          for (std::size_t b = 0; b < B; ++b)
+            tokens[b] = fixtures::random_tokens(1, c.vocab_size, static_cast<std::uint32_t>(100 + 10 * step + b));
+          const Mat logits = f.forward_batch(tokens, sessions, scratch, Logits::last, threads);
+          for (std::size_t b = 0; b < B; ++b) {
+            const Mat got = logits.row(static_cast<Eigen::Index>(b));
+            const Mat own = f.forward(tokens[b], alone[b], Logits::last);
+            const std::string what = v.name + " " + std::to_string(threads) + " threads, " + std::to_string(B) + " sessions, step " +
+                                     std::to_string(step) + " sequence " + std::to_string(b);
+            if (threads == 1 || c.n_kv_heads == c.n_heads)
+              EXPECT_EQ(got, own) << what;
+            else
+              EXPECT_LE(reference::relative_error(got, own), 1e-6) << what;
+          }
         }
       }
-    }
   }
 }
 

@@ -324,7 +324,7 @@ TEST(Gemv, ATokensBitsDoNotDependOnItsBatch) {
     }
     const WeightMatrix<float> Wm = W;
     for (const std::size_t threads : {1u, 2u})
-      for (Eigen::Index m = 1; m < kvcache::detail::kFewTokens; ++m) {
+      for (Eigen::Index m = 1; m < kvcache::detail::kFewTokensF32; ++m) {
         Matrix<float> Y(m, 31), one(1, 31);
         kvcache::detail::linear<float>(X.topRows(m), {{Wm, Vector<float>(), Y}}, threads);
         for (Eigen::Index t = 0; t < m; ++t) {

@@ -16,7 +16,8 @@
 // A request's ids are those generate() gives it alone with the same
 // options: its logits differ only by the rounding of a batched product
 // against a single one (exactly none for decode steps of fewer than
-// detail::kFewTokens rows), whatever it is batched with.
+// detail::kFewTokensF32 rows of f32 weights, detail::kFewTokens of others),
+// whatever it is batched with.
 #pragma once
 
 #include <algorithm>
