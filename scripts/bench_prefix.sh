@@ -39,7 +39,7 @@ shared_prefix_prompts 16 "$work/prompts.txt"
 run() {
   local tag="$1"
   shift
-  "$bin" "$model" -z "$tok" -n 241 -t 0 --ignore-eos --ids --stats --threads "$threads" \
+  "$bin" "$model" -z "$tok" -n 240 -t 0 --ignore-eos --ids --stats --threads "$threads" \
     --prompts-file "$work/prompts.txt" "$@" "${extra[@]}" >"$work/out.$tag" 2>"$work/err.$tag"
   sed -n 's/^stats: //p' "$work/err.$tag" | tail -1
 }

@@ -38,7 +38,7 @@ for n in 1 2 4 8 16; do
   shared_prefix_prompts "$n" "$work/prompts.txt"
   row="$n"
   for flag in "" "--no-prefix-sharing"; do
-    peak=$("$bin" "$model" -z "$tok" -n 241 -t 0 --ignore-eos --ids --stats --threads 1 --prompts-file "$work/prompts.txt" \
+    peak=$("$bin" "$model" -z "$tok" -n 240 -t 0 --ignore-eos --ids --stats --threads 1 --prompts-file "$work/prompts.txt" \
       --parallel "$n" $flag 2>&1 >/dev/null | sed -n 's/.*kv_bytes_peak=\([0-9]*\).*/\1/p')
     row="$row $(awk -v b="$peak" 'BEGIN {printf "%.2f", b / 1e6}')"
   done

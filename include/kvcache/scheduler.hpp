@@ -45,7 +45,13 @@ struct SchedulerOptions {
   std::size_t max_sequences = 8;
   // The rows of a step: one per decoding request, the rest prompt chunks.
   // (A step holds more only when more than step_tokens requests decode.)
-  std::size_t step_tokens = 64;
+  // 128 rather than 64: a prompt of up to about 128 tokens gets its first
+  // id one step after it joins, and aggregate tokens/s stayed within noise
+  // (scripts/bench_parallel.sh: --parallel 8 at 3.8-4.1x --parallel 1
+  // either way); the price is that a step carrying a prompt chunk stalls
+  // the decoding requests about twice as long. (llama.cpp's server computes
+  // up to 512 tokens at once: its -ub.)
+  std::size_t step_tokens = 128;
   // Threads of every forward.
   std::size_t threads = 1;
   // How the sessions the scheduler makes store their tokens. It makes at most
