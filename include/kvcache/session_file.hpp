@@ -107,8 +107,11 @@ struct SessionLoadOptions {
   std::uint64_t max_bytes = std::numeric_limits<std::uint64_t>::max();
   // Null: the loaded session has contiguous caches of its own. Otherwise it
   // is paged in this pool (Decoder::make_pool, storing the file's kv_type):
-  // its tokens are written into new blocks of the pool (not published for
-  // prefix sharing: that needs the tokens fed, not loaded).
+  // its tokens are written into new blocks of the pool, not published for
+  // prefix sharing: a published block is trusted to hold what its token ids
+  // produce, and a file's keys and values are only checked against a
+  // checksum, so a crafted file could otherwise change what every later
+  // session with that prefix computes.
   std::shared_ptr<KVPool> pool;
 };
 
