@@ -300,13 +300,13 @@ TEST(Gemv, BatchedRowsAreTheDotProductsAtAwkwardSizes) {
 // A token's result does not depend on the tokens it is batched with: each
 // of `count` tokens gets the bits of the same token alone (gemv_rows), for
 // every count and position, and so through linear for every batch of a
-// decode step (1 to 15 tokens, on 1 and 2 threads).
+// decode step (1 to kFewTokensF32 - 1 = 23 tokens, on 1 and 2 threads).
 TEST(Gemv, ATokensBitsDoNotDependOnItsBatch) {
   constexpr int B = kvcache::detail::kGemvBatch;
   for (const Eigen::Index n : {5, 33, 288}) {
     // Values over many binades, so that summing in another order rounds
     // differently (the test fails if the order depends on the batch).
-    Matrix<float> W = random<float>(31, n, 60), X = random<float>(15, n, 61);
+    Matrix<float> W = random<float>(31, n, 60), X = random<float>(kvcache::detail::kFewTokensF32 - 1, n, 61);
     for (Eigen::Index k = 0; k < W.size(); ++k) W.data()[k] *= std::ldexp(1.0f, static_cast<int>(k % 23) - 11);
     for (int count = 1; count <= B; ++count) {
       Matrix<float> Y(count, 31);
