@@ -214,7 +214,8 @@ kvcache::WeightMatrix<float> q4_0_by_hand(const kvcache::WeightMatrix<float>& W)
   for (Eigen::Index e = 0; e < W.size(); ++e) {
     const auto* block = reinterpret_cast<const unsigned char*>(bytes.data()) + e / 32 * 18;
     const Eigen::Index j = e % 32;
-    const int nibble = j < 16 ? block[2 + j] & 15 : block[2 + j - 16] >> 4;
+    const unsigned char byte = block[2 + j % 16];
+    const int nibble = j < 16 ? byte & 15 : byte >> 4;
     const float d = kvcache::detail::from_f16(static_cast<std::uint16_t>(block[0] | block[1] << 8));
     M(e / W.cols(), e % W.cols()) = d * static_cast<float>(nibble - 8);
   }

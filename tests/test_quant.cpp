@@ -221,7 +221,13 @@ TEST(Q8_0, RowBytesAreWholeBlocks) {
 // ---- q4_0 codec ---------------------------------------------------------------
 
 std::uint16_t q4_0_d(const unsigned char* block) { return static_cast<std::uint16_t>(block[0] | block[1] << 8); }
-int q4_0_q(const unsigned char* block, int j) { return j < 16 ? block[2 + j] & 15 : block[2 + j - 16] >> 4; }
+// Nibble j of a q4_0 block. (Not `j < 16 ? block[2 + j] & 15 : block[2 + j
+// - 16] >> 4`: g++ 12 with -march=native vectorizes a 32-step loop of that
+// into wrong sums.)
+int q4_0_q(const unsigned char* block, int j) {
+  const unsigned char byte = block[2 + j % 16];
+  return j < 16 ? byte & 15 : byte >> 4;
+}
 
 std::vector<unsigned char> q4_0_of(const std::vector<float>& x) {
   std::vector<unsigned char> q(x.size() / 32 * 18);
@@ -557,21 +563,19 @@ TEST(QuantKernels, PortableLoopsMatchTheVectorKernels) {
   }
 }
 
-// ggml_vec_dot_q4_0_q8_0 (AVX2), written out with scalars: per block, the
-// nibbles minus 8 times x in 8 lanes of 4 products, fma per block, lanes
-// reduced as hsum_float_8.
+// ggml's repacked q4_0 product (ggml_gemv_q4_0_8x8_q8_0, what llama.cpp
+// runs on an AVX2 CPU for matrices of a multiple of 8 rows), written out
+// with scalars: per block the exact sum of (nibble − 8) · x, then
+// acc = fma(sum, d_w · d_x, acc).
 float ggml_q4_0_dot(const unsigned char* w, const std::int8_t* q_x, const float* d_x, int n) {
-  float lane[8] = {};
+  float acc = 0.0f;
   for (int b = 0; b < n / 32; ++b) {
     const unsigned char* block = w + b * 18;
-    const float d = kd::from_f16(q4_0_d(block)) * d_x[b];
-    for (int l = 0; l < 8; ++l) {
-      int s = 0;
-      for (int j = 4 * l; j < 4 * l + 4; ++j) s += (q4_0_q(block, j) - 8) * q_x[b * 32 + j];
-      lane[l] = std::fma(d, static_cast<float>(s), lane[l]);
-    }
+    int s = 0;
+    for (int j = 0; j < 32; ++j) s += (q4_0_q(block, j) - 8) * q_x[b * 32 + j];
+    acc = std::fma(static_cast<float>(s), kd::from_f16(q4_0_d(block)) * d_x[b], acc);
   }
-  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+  return acc;
 }
 
 // x quantized as the decode path does (q8_0 blocks), for rows of X.
@@ -609,7 +613,7 @@ TEST(QuantKernels, Q4_0DecodeSumsInGgmlsOrderBitForBit) {
   }
 }
 
-// q4_0 rows in groups (AVX-512: in pairs) give the portable loop's bits, for
+// q4_0 rows in groups (AVX-512: 8 at once) give the portable loop's bits, for
 // weight bytes that take every value 0 … 255 (every pair of nibbles) and
 // scales of both signs.
 template <int R, int K>
@@ -639,12 +643,11 @@ TEST(QuantKernels, Q4_0RowGroupsMatchThePortableLoopForEveryNibble) {
     }
     const QuantizedX x(random_matrix(4, n, static_cast<unsigned>(n)) * 4.0f);
     expect_q4_0_rows_match_portable<1, 1>(w, n, x.in.data());
-    expect_q4_0_rows_match_portable<2, 2>(w, n, x.in.data());
-    expect_q4_0_rows_match_portable<4, 1>(w, n, x.in.data());
-    expect_q4_0_rows_match_portable<2, 4>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<1, 4>(w, n, x.in.data());
     expect_q4_0_rows_match_portable<8, 1>(w, n, x.in.data());
-    expect_q4_0_rows_match_portable<4, 2>(w, n, x.in.data());
-    expect_q4_0_rows_match_portable<4, 4>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 2>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 3>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 4>(w, n, x.in.data());
   }
 }
 
@@ -779,9 +782,8 @@ Matrix<double> reference_any(const Matrix<float>& X, const WeightMatrix<float>& 
 // The q8_0 prefill kernel (R rows × K tokens in int8; VNNI or its portable
 // loop) gives every token exactly the bits of decoding it alone, with rows
 // and tokens left over from the blocks (67 rows, m = 16 … 23, 37).
-// q4_0 rows are unpacked to q8_0 and take the same path.
 TEST(QuantPrefill, Q8_0RowsTimesTokensGiveDecodesBits) {
-  for (const auto type : {WeightType::q8_0, WeightType::q4_0})
+  for (const auto type : {WeightType::q8_0})
   for (const int n : {32, 96, 160}) {
     const WeightMatrix<float> W = weights_of(type, 67, n, 21);
     for (const Eigen::Index m : {16, 17, 18, 19, 23, 37}) {
@@ -795,6 +797,30 @@ TEST(QuantPrefill, Q8_0RowsTimesTokensGiveDecodesBits) {
         Matrix<float> one(1, 67);
         kd::linear<float>(X.row(t), {{W, none, one}}, 1);
         ASSERT_EQ(Y.row(t), one) << kvcache::to_string(type) << " n = " << n << " m = " << m << " t = " << t;
+      }
+    }
+  }
+}
+
+// q4_0 prefill (AMX's tiles, or else decode's kernel) gives every token the
+// bits of decoding it alone: 67 rows (8 rows at a time and a tail), tokens
+// past a tile of 16, 1 and 2 threads, and a row range alone.
+TEST(QuantPrefill, Q4_0GivesDecodesBits) {
+  for (const int n : {32, 96, 800}) {
+    const WeightMatrix<float> W = external_copy(weights_of(WeightType::q4_0, 67, n, 24));
+    for (const Eigen::Index m : {16, 17, 33, 40}) {
+      const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(3 * m + n)) * 3.0f;
+      const Vector<float> none;
+      Matrix<float> Y1(m, 67), Y2(m, 67), Y3 = Matrix<float>::Zero(m, 67);
+      kd::linear<float>(X, {{W, none, Y1}}, 1);
+      kd::linear<float>(X, {{W, none, Y2}}, 2);
+      kd::linear_rows<float>(X, W, none, Y3, 10, 40);
+      EXPECT_EQ(Y1, Y2) << "n = " << n << " m = " << m;
+      EXPECT_EQ(Y3.middleCols(10, 30), Y1.middleCols(10, 30)) << "n = " << n << " m = " << m;
+      for (Eigen::Index t = 0; t < m; ++t) {
+        Matrix<float> one(1, 67);
+        kd::linear<float>(X.row(t), {{W, none, one}}, 1);
+        ASSERT_EQ(Y1.row(t), one) << "n = " << n << " m = " << m << " t = " << t;
       }
     }
   }

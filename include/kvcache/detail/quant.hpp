@@ -14,16 +14,18 @@
 //                 products, each lane converted to float and accumulated as
 //                 acc = fma(d_w · d_x, lane, acc) block after block, and the
 //                 8 lanes reduced as ggml_vec_dot_q8_0_q8_0 (AVX2) does.
-//   q4_0 weights: x quantized to q8_0 blocks as for q8_0, then q8_0's lanes
-//                 and order with q − 8 (−8 … 7) for the weights' int8 values,
-//                 as ggml_vec_dot_q4_0_q8_0 (AVX2) does.
+//   q4_0 weights: x quantized to q8_0 blocks as for q8_0, then per block an
+//                 exact int32 sum of the 32 products (q − 8) · x, and per
+//                 row acc = fma(sum, d_w · d_x, acc) block after block, as
+//                 ggml's repacked q4_0 kernels (AVX2: q4_0_8x8_q8_0) do.
 // Decode (m < kFewTokens) reproduces those sums bit for bit, with AVX-512 /
 // F16C / AVX-VNNI / AVX2 where the build has them and a portable loop
 // otherwise (same bits: the same lanes, the same fused multiply-adds).
 // Prefill (m >= kFewTokens) rounds or quantizes x the same way and forms the
 // same products, summed in another order:
-//   q4_0: each tile of rows unpacked to q8_0 blocks (q − 8 and the same
-//     scales), then computed as q8_0: the same products, so the same sums.
+//   q4_0: AMX (tiles of rows unpacked to q8_0 blocks: q − 8, the same
+//     scales), whose per-block sums and order are decode's: decode's bits;
+//     else decode's kernel for every token.
 //   AMX (a CPU with the tile unit, on Linux): q8_0 per block an exact int32
 //     sum over 16 rows × 16 tokens, then acc = fma(d_w · d_x, sum, acc);
 //     bf16 and f16 (each split exactly into two bfloat16s) on the unit's
@@ -214,28 +216,22 @@ inline float q8_reduce(__m256 a) {
 }
 #endif
 
-// Block b of K tokens times the weights' 32 int8 values q (scale d_w) into
-// each token's 8 lanes: 4 exact products per lane, then one fused
-// multiply-add.
-template <int K>
-void q8_lanes_add(const std::int8_t* q, float d_w, const Q8Input* x, Eigen::Index b, float (*lanes)[8]) {
-  for (int k = 0; k < K; ++k) {
-    const std::int8_t* q_x = x[k].q + b * 32;
-    const float d = d_w * x[k].d[b];
-    for (int l = 0; l < 8; ++l) {
-      std::int32_t s = 0;
-      for (int i = 4 * l; i < 4 * l + 4; ++i) s += std::int32_t{q[i]} * std::int32_t{q_x[i]};
-      lanes[k][l] = std::fma(d, static_cast<float>(s), lanes[k][l]);
-    }
-  }
-}
-
 template <int K>
 void q8_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
   float lanes[K][8] = {};
   for (Eigen::Index b = 0; b < n / 32; ++b) {
     const unsigned char* block = w + b * 34;
-    q8_lanes_add<K>(reinterpret_cast<const std::int8_t*>(block + 2), q8_0_scale(block), x, b, lanes);
+    const auto* q = reinterpret_cast<const std::int8_t*>(block + 2);
+    const float d_w = q8_0_scale(block);
+    for (int k = 0; k < K; ++k) {
+      const std::int8_t* q_x = x[k].q + b * 32;
+      const float d = d_w * x[k].d[b];
+      for (int l = 0; l < 8; ++l) {
+        std::int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; ++i) s += std::int32_t{q[i]} * std::int32_t{q_x[i]};
+        lanes[k][l] = std::fma(d, static_cast<float>(s), lanes[k][l]);
+      }
+    }
   }
   for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
 }
@@ -409,17 +405,27 @@ inline void q4_0_unpack(const unsigned char* block, std::int8_t* q) {
 #endif
 }
 
-// q8_0_row_portable's lanes and order, with q − 8 as the weights' values.
+// ggml on a CPU with AVX2 repacks q4_0 matrices (rows a multiple of 8) 8
+// rows at a time (ggml_gemv_q4_0_8x8_q8_0, ggml_gemm_q4_0_8x8_q8_0) and sums
+// each row as acc = fma(s, d_w · d_x, acc), block after block, s the exact
+// int32 sum of the block's 32 products (q − 8) · x: one chain per row and
+// token, no lanes. kvcache computes every q4_0 product so, in decode and
+// prefill alike.
 template <int K>
 void q4_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
-  float lanes[K][8] = {};
+  float acc[K] = {};
   std::int8_t q[32];
   for (Eigen::Index b = 0; b < n / 32; ++b) {
     const unsigned char* block = w + b * 18;
     q4_0_unpack(block, q);
-    q8_lanes_add<K>(q, q8_0_scale(block), x, b, lanes);
+    const float d_w = q8_0_scale(block);
+    for (int k = 0; k < K; ++k) {
+      std::int32_t s = 0;
+      for (int i = 0; i < 32; ++i) s += std::int32_t{q[i]} * std::int32_t{x[k].q[b * 32 + i]};
+      acc[k] = std::fma(d_w * x[k].d[b], static_cast<float>(s), acc[k]);
+    }
   }
-  for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
+  for (int k = 0; k < K; ++k) y[k] = acc[k];
 }
 
 #if defined(KVCACHE_QUANT_Q8_AVX512)
@@ -432,61 +438,71 @@ inline __m512i q4_0_pair_nibbles(const unsigned char* b0, const unsigned char* b
   return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, v, _mm512_srli_epi16(v, 4)), _mm512_set1_epi8(0x0F));
 }
 
-// q4_0 rows in pairs, as q8_0_row_pairs: each row's 8 lanes see
-// q4_0_row_portable's operations in its order. The int8 sums as
-// q · x − 8 · Σx per lane of four (q unsigned, as vpdpbusd needs; exact in
-// int32, so the same sums as (q − 8) · x).
-template <int R, int K>
-void q4_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
-  static_assert(R % 2 == 0, "rows in pairs");
-  constexpr int P = R / 2;
+// Four registers of two rows' 8 int32 lanes each (s[p]: row 2p low, 2p + 1
+// high) to the 8 rows' sums, in the order 0 2 4 6 1 3 5 7 (kQ4Lanes).
+// Exact: int32 adds.
+inline __m256i q4_0_row_sums(const __m512i* s) {
+  const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+  // Per 128-bit chunk c: the sums of s[0 … 3]'s chunk c.
+  const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+  // Chunks 0 + 1 (rows 0 2 4 6) and 2 + 3 (rows 1 3 5 7).
+  const __m512i u = _mm512_add_epi32(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castsi512_si256(_mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 0, 2, 0)));
+}
+constexpr int kQ4Lanes[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// 8 rows (`stride` bytes apart) · K tokens, q4_0_row_portable's bits: per
+// block, the rows in pairs through vpdpbusd (q · x − 8 · Σx per lane of
+// four, q unsigned as it needs; exact), the lanes summed to one int32 per
+// row (q4_0_row_sums), then one fused multiply-add per row and token, 8
+// rows in one register.
+template <int K>
+void q4_0_rows8(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
   if (n < 32) {
-    std::fill(y, y + R * K, 0.0f);
+    std::fill(y, y + 8 * K, 0.0f);
     return;
   }
-  const std::uintptr_t ahead = q8_ahead(R * stride);
+  const std::uintptr_t ahead = q8_ahead(8 * stride);
   const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
-  __m512 acc[P][K];
-  for (int p = 0; p < P; ++p)
-    for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
+  __m256 acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
   Eigen::Index b = 0;
   do {  // as in q8_0_rows: keeps acc in registers
-    __m512i q_x[K], minus_sum[K];  // x; −8 · Σx per lane
-    __m512 d_x[K];
-    for (int k = 0; k < K; ++k) {
-      q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
-      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eight, q_x[k]));
-      d_x[k] = _mm512_set1_ps(x[k].d[b]);
-    }
-    for (int p = 0; p < P; ++p) {
+    __m512i q[4];
+    for (int p = 0; p < 4; ++p) {
       const unsigned char* b0 = w + 2 * p * stride + b * 18;
-      const unsigned char* b1 = b0 + stride;
       q8_prefetch(b0, ahead);
-      q8_prefetch(b1, ahead);
-      const __m512i q = q4_0_pair_nibbles(b0, b1);
-      const auto d0 = static_cast<short>(b0[0] | b0[1] << 8), d1 = static_cast<short>(b1[0] | b1[1] << 8);
-      const __m512 d_w = _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(d0), 0xFF00, d1));
-      for (int k = 0; k < K; ++k) {
-        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q, q_x[k]);
-        acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, d_x[k]), _mm512_cvtepi32_ps(s), acc[p][k]);
-      }
+      q8_prefetch(b0 + stride, ahead);
+      q[p] = q4_0_pair_nibbles(b0, b0 + stride);
+    }
+    const unsigned char* r0 = w + b * 18;
+    const auto d = [&](int r) { return static_cast<short>(r0[r * stride] | r0[r * stride + 1] << 8); };
+    const __m256 d_w = _mm256_cvtph_ps(_mm_setr_epi16(d(0), d(2), d(4), d(6), d(1), d(3), d(5), d(7)));
+    for (int k = 0; k < K; ++k) {
+      const __m512i q_x = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
+      const __m512i minus_sum = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eight, q_x));  // −8 · Σx per lane
+      __m512i s[4];
+      for (int p = 0; p < 4; ++p) s[p] = _mm512_dpbusd_epi32(minus_sum, q[p], q_x);
+      const __m256 scale = _mm256_mul_ps(d_w, _mm256_set1_ps(x[k].d[b]));
+      acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_0_row_sums(s)), scale, acc[k]);
     }
   } while (++b < n / 32);
-  for (int p = 0; p < P; ++p)
-    for (int k = 0; k < K; ++k) {
-      y[2 * p * K + k] = q8_reduce(_mm512_castps512_ps256(acc[p][k]));
-      y[(2 * p + 1) * K + k] = q8_reduce(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][k]), 1)));
-    }
+  for (int k = 0; k < K; ++k) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[k]);
+    for (int l = 0; l < 8; ++l) y[kQ4Lanes[l] * K + k] = lanes[l];
+  }
 }
 #endif
 
 // R rows (`stride` bytes apart) · K tokens: y[r · K + k], q4_0_row_portable's
-// bits (AVX-512: rows in pairs).
+// bits (AVX-512: 8 rows at once).
 template <int R, int K>
 void q4_0_rows_fast(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
 #if defined(KVCACHE_QUANT_Q8_AVX512)
-  if constexpr (R % 2 == 0) {
-    q4_0_row_pairs<R, K>(w, stride, n, x, y);
+  if constexpr (R == 8) {
+    q4_0_rows8<K>(w, stride, n, x, y);
     return;
   }
 #endif
@@ -580,22 +596,21 @@ void prepare_inputs(const Eigen::Ref<const Matrix<T>>& X, WeightType type, Quant
 // ============================================================================
 
 // y_k[i] = W[i, :] · x_k for rows [begin, end) and K tokens t0 … t0+K−1,
-// W q8_0 or q4_0: rows in groups of kRows (see q8_0_rows), then one at a
-// time.
-template <int K, typename T>
+// W q8_0 or q4_0: rows in groups of kRows (q8_0: see q8_0_rows; q4_0: 8),
+// then one at a time.
+template <int K, bool Q4, typename T>
 void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
               Eigen::Index end) {
   const Eigen::Index n = W.cols();
   Q8Input x[K];
   for (int k = 0; k < K; ++k) x[k] = {s.q.data() + (t0 + k) * n, s.d.data() + (t0 + k) * (n / 32)};
-  const bool q4 = W.type() == WeightType::q4_0;
-  const unsigned char* w = q4 ? W.q4_0() : W.q8_0();
+  const unsigned char* w = Q4 ? W.q4_0() : W.q8_0();
   const auto row = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(n)));
-  constexpr int kRows = kQ8Rows<K>;
+  constexpr int kRows = Q4 ? 8 : kQ8Rows<K>;
   float y[kRows * K];
   Eigen::Index i = begin;
   for (; i + kRows <= end; i += kRows) {
-    if (q4)
+    if constexpr (Q4)
       q4_0_rows_fast<kRows, K>(w + i * row, row, n, x, y);
     else
       q8_0_rows_fast<kRows, K>(w + i * row, row, n, x, y);
@@ -603,7 +618,7 @@ void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eig
       for (int k = 0; k < K; ++k) Y(t0 + k, i + r) = static_cast<T>(y[r * K + k]);
   }
   for (; i < end; ++i) {
-    if (q4)
+    if constexpr (Q4)
       q4_0_rows_fast<1, K>(w + i * row, row, n, x, y);
     else
       q8_0_row<K>(w + i * row, n, x, y);
@@ -615,7 +630,8 @@ void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eig
 template <int K, typename T>
 void quant_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
                   Eigen::Index end) {
-  if (q8_input(W.type())) return q_rows_k<K>(W, s, Y, t0, begin, end);
+  if (W.type() == WeightType::q8_0) return q_rows_k<K, false>(W, s, Y, t0, begin, end);
+  if (W.type() == WeightType::q4_0) return q_rows_k<K, true>(W, s, Y, t0, begin, end);
   const Eigen::Index n = W.cols();
   float y[K];
   const float* x[K];
@@ -768,7 +784,6 @@ void q8_0_tile(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const 
 // Per-thread buffers of the q8_0 prefill: W's scales and their products.
 struct Q8TileScratch {
   std::vector<float> d_w, scale;
-  std::vector<unsigned char> w;  // q4_0: rows unpacked to q8_0
   static Q8TileScratch& mine() {
     thread_local Q8TileScratch scratch;
     return scratch;
@@ -829,23 +844,15 @@ inline void q4_0_to_q8_0(const unsigned char* w, std::ptrdiff_t stride, Eigen::I
     }
 }
 
-// Many tokens, q8_0 or q4_0 (unpacked to q8_0 R rows at a time): the int8
-// products of decode, R rows × K tokens at a time.
+// Many tokens, q8_0: the int8 products of decode, R rows × K tokens at a time.
 template <typename T>
 void q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m, Eigen::Index begin,
                   Eigen::Index end) {
-  const Eigen::Index nb = W.cols() / 32, row = nb * 34;
-  const bool q4 = W.type() == WeightType::q4_0;
-  const auto stored = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(W.cols())));
-  unsigned char* unpacked = q4 ? grown(Q8TileScratch::mine().w, static_cast<std::size_t>(kQ8TileRows * row)) : nullptr;
-  const auto rows_at = [&](Eigen::Index i, Eigen::Index rows) {
-    if (!q4) return W.q8_0() + i * row;
-    q4_0_to_q8_0(W.q4_0() + i * stored, stored, rows, nb, unpacked);
-    return static_cast<const unsigned char*>(unpacked);
-  };
+  const Eigen::Index nb = W.cols() / 32;
+  const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(W.cols())));
   Eigen::Index i = begin;
-  for (; i + kQ8TileRows <= end; i += kQ8TileRows) q8_0_rows_tokens<kQ8TileRows>(rows_at(i, kQ8TileRows), row, nb, s, Y, m, i);
-  for (; i < end; ++i) q8_0_rows_tokens<1>(rows_at(i, 1), row, nb, s, Y, m, i);
+  for (; i + kQ8TileRows <= end; i += kQ8TileRows) q8_0_rows_tokens<kQ8TileRows>(W.q8_0() + i * row, row, nb, s, Y, m, i);
+  for (; i < end; ++i) q8_0_rows_tokens<1>(W.q8_0() + i * row, row, nb, s, Y, m, i);
 }
 
 // ---- AMX: Sapphire Rapids' tile unit, where the build and Linux allow it ----
@@ -986,7 +993,8 @@ void amx_q8_0_rows(const unsigned char* w, Eigen::Index row, Eigen::Index nb, co
 
 // Many tokens, q8_0 or q4_0, on the tile unit: rows [begin, end), 16 at a
 // time (the last ones copied into a zero-padded tile; q4_0 rows unpacked to
-// q8_0 first).
+// q8_0 first, whose per-block sums and fused multiply-adds are then those
+// of q4_0's decode: its bits).
 template <typename T>
 void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
                       Eigen::Index begin, Eigen::Index end) {
@@ -1212,9 +1220,11 @@ void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<
     amx_bf16_prefill<T>(W, s, Y, X.rows(), begin, end);
 #endif
 #if defined(KVCACHE_QUANT_Q8_TILE)
-  else if (q8_input(W.type()))
+  else if (W.type() == WeightType::q8_0)
     q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
 #endif
+  else if (W.type() == WeightType::q4_0)
+    quant_decode<Tokens>(W, s, Y, X.rows(), begin, end);
   else
     quant_prefill<T>(X, W, s, Y, begin, end);
 }
