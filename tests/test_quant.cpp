@@ -578,6 +578,23 @@ float ggml_q4_0_dot(const unsigned char* w, const std::int8_t* q_x, const float*
   return acc;
 }
 
+// ggml_vec_dot_q4_0_q8_0 (AVX2), for matrices ggml does not repack (rows
+// not a multiple of 8): the nibbles minus 8 times x in 8 lanes of 4
+// products, fma per block, the lanes reduced as hsum_float_8.
+float ggml_q4_0_lanes_dot(const unsigned char* w, const std::int8_t* q_x, const float* d_x, int n) {
+  float lane[8] = {};
+  for (int b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 18;
+    const float d = kd::from_f16(q4_0_d(block)) * d_x[b];
+    for (int l = 0; l < 8; ++l) {
+      int s = 0;
+      for (int j = 4 * l; j < 4 * l + 4; ++j) s += (q4_0_q(block, j) - 8) * q_x[b * 32 + j];
+      lane[l] = std::fma(d, static_cast<float>(s), lane[l]);
+    }
+  }
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
 // x quantized as the decode path does (q8_0 blocks), for rows of X.
 struct QuantizedX {
   std::vector<std::int8_t> q;
@@ -596,21 +613,26 @@ struct QuantizedX {
   }
 };
 
+// 24 rows: ggml repacks the matrix, and sums each block whole; 9 or 20: it
+// does not, and sums in lanes.
 TEST(QuantKernels, Q4_0DecodeSumsInGgmlsOrderBitForBit) {
-  for (const int n : {32, 96, 160, 768}) {
-    const WeightMatrix<float> W = weights_of(WeightType::q4_0, 9, n, 8);
-    for (const Eigen::Index m : {Eigen::Index{1}, kd::kFewTokens - 1}) {
-      const Matrix<float> X = random_matrix(m, n, 9) * 5.0f;
-      Matrix<float> Y(m, 9);
-      kd::linear<float>(X, {{W, Vector<float>(), Y}}, 1);
-      const QuantizedX x(X);
-      for (Eigen::Index t = 0; t < m; ++t)
-        for (Eigen::Index i = 0; i < 9; ++i)
-          ASSERT_EQ(bits(Y(t, i)), bits(ggml_q4_0_dot(W.q4_0() + i * (n / 32 * 18), x.in[static_cast<std::size_t>(t)].q,
-                                                      x.in[static_cast<std::size_t>(t)].d, n)))
-              << n << " " << t << " " << i;
+  for (const Eigen::Index rows : {24, 9, 20})
+    for (const int n : {32, 96, 160, 768}) {
+      const WeightMatrix<float> W = weights_of(WeightType::q4_0, rows, n, 8);
+      for (const Eigen::Index m : {Eigen::Index{1}, Eigen::Index{3}, kd::kFewTokens - 1}) {
+        const Matrix<float> X = random_matrix(m, n, 9) * 5.0f;
+        Matrix<float> Y(m, rows);
+        kd::linear<float>(X, {{W, Vector<float>(), Y}}, 1);
+        const QuantizedX x(X);
+        for (Eigen::Index t = 0; t < m; ++t)
+          for (Eigen::Index i = 0; i < rows; ++i) {
+            const auto& in = x.in[static_cast<std::size_t>(t)];
+            const unsigned char* w = W.q4_0() + i * (n / 32 * 18);
+            const float want = rows % 8 == 0 ? ggml_q4_0_dot(w, in.q, in.d, n) : ggml_q4_0_lanes_dot(w, in.q, in.d, n);
+            ASSERT_EQ(bits(Y(t, i)), bits(want)) << rows << " " << n << " " << t << " " << i;
+          }
+      }
     }
-  }
 }
 
 // q4_0 rows in groups (AVX-512: 8 at once) give the portable loop's bits, for
@@ -619,13 +641,17 @@ TEST(QuantKernels, Q4_0DecodeSumsInGgmlsOrderBitForBit) {
 template <int R, int K>
 void expect_q4_0_rows_match_portable(const std::vector<unsigned char>& w, int n, const kd::Q8Input* x) {
   const std::ptrdiff_t stride = n / 32 * 18;
-  float fast[R * K], want[K];
-  kd::q4_0_rows_fast<R, K>(w.data(), stride, n, x, fast);
+  float fast[R * K], lanes[R * K], want[K], want_lanes[K];
+  kd::q4_0_rows_fast<true, R, K>(w.data(), stride, n, x, fast);
+  kd::q4_0_rows_fast<false, R, K>(w.data(), stride, n, x, lanes);
   for (int r = 0; r < R; ++r) {
     kd::q4_0_row_portable<K>(w.data() + r * stride, n, x, want);
+    kd::q4_0_lanes_portable<K>(w.data() + r * stride, n, x, want_lanes);
     for (int k = 0; k < K; ++k) {
       EXPECT_EQ(bits(fast[r * K + k]), bits(want[k])) << "R " << R << " K " << K << " n " << n;
       EXPECT_EQ(bits(want[k]), bits(ggml_q4_0_dot(w.data() + r * stride, x[k].q, x[k].d, n))) << R << " " << K << " " << n;
+      EXPECT_EQ(bits(lanes[r * K + k]), bits(want_lanes[k])) << "lanes R " << R << " K " << K << " n " << n;
+      EXPECT_EQ(bits(want_lanes[k]), bits(ggml_q4_0_lanes_dot(w.data() + r * stride, x[k].q, x[k].d, n))) << R << " " << K;
     }
   }
 }
@@ -644,6 +670,8 @@ TEST(QuantKernels, Q4_0RowGroupsMatchThePortableLoopForEveryNibble) {
     const QuantizedX x(random_matrix(4, n, static_cast<unsigned>(n)) * 4.0f);
     expect_q4_0_rows_match_portable<1, 1>(w, n, x.in.data());
     expect_q4_0_rows_match_portable<1, 4>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<2, 2>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<4, 4>(w, n, x.in.data());
     expect_q4_0_rows_match_portable<8, 1>(w, n, x.in.data());
     expect_q4_0_rows_match_portable<8, 2>(w, n, x.in.data());
     expect_q4_0_rows_match_portable<8, 3>(w, n, x.in.data());
@@ -802,25 +830,27 @@ TEST(QuantPrefill, Q8_0RowsTimesTokensGiveDecodesBits) {
   }
 }
 
-// q4_0 prefill (AMX's tiles, or else decode's kernel) gives every token the
-// bits of decoding it alone: 67 rows (8 rows at a time and a tail), tokens
-// past a tile of 16, 1 and 2 threads, and a row range alone.
+// q4_0 prefill (AMX's tiles for 72 rows, or else decode's kernel) gives
+// every token the bits of decoding it alone: 72 and 67 rows (8 rows at a
+// time, pairs and a tail), tokens past a tile of 16, 1 and 2 threads, and a
+// row range alone.
 TEST(QuantPrefill, Q4_0GivesDecodesBits) {
+  for (const Eigen::Index rows : {72, 67})
   for (const int n : {32, 96, 800}) {
-    const WeightMatrix<float> W = external_copy(weights_of(WeightType::q4_0, 67, n, 24));
+    const WeightMatrix<float> W = external_copy(weights_of(WeightType::q4_0, rows, n, 24));
     for (const Eigen::Index m : {16, 17, 33, 40}) {
       const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(3 * m + n)) * 3.0f;
       const Vector<float> none;
-      Matrix<float> Y1(m, 67), Y2(m, 67), Y3 = Matrix<float>::Zero(m, 67);
+      Matrix<float> Y1(m, rows), Y2(m, rows), Y3 = Matrix<float>::Zero(m, rows);
       kd::linear<float>(X, {{W, none, Y1}}, 1);
       kd::linear<float>(X, {{W, none, Y2}}, 2);
       kd::linear_rows<float>(X, W, none, Y3, 10, 40);
       EXPECT_EQ(Y1, Y2) << "n = " << n << " m = " << m;
       EXPECT_EQ(Y3.middleCols(10, 30), Y1.middleCols(10, 30)) << "n = " << n << " m = " << m;
       for (Eigen::Index t = 0; t < m; ++t) {
-        Matrix<float> one(1, 67);
+        Matrix<float> one(1, rows);
         kd::linear<float>(X.row(t), {{W, none, one}}, 1);
-        ASSERT_EQ(Y1.row(t), one) << "n = " << n << " m = " << m << " t = " << t;
+        ASSERT_EQ(Y1.row(t), one) << rows << " n = " << n << " m = " << m << " t = " << t;
       }
     }
   }

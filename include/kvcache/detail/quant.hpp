@@ -14,18 +14,21 @@
 //                 products, each lane converted to float and accumulated as
 //                 acc = fma(d_w · d_x, lane, acc) block after block, and the
 //                 8 lanes reduced as ggml_vec_dot_q8_0_q8_0 (AVX2) does.
-//   q4_0 weights: x quantized to q8_0 blocks as for q8_0, then per block an
-//                 exact int32 sum of the 32 products (q − 8) · x, and per
-//                 row acc = fma(sum, d_w · d_x, acc) block after block, as
-//                 ggml's repacked q4_0 kernels (AVX2: q4_0_8x8_q8_0) do.
+//   q4_0 weights: x quantized to q8_0 blocks as for q8_0; then, as ggml on
+//                 an AVX2 CPU: a matrix of a multiple of 8 rows (which ggml
+//                 repacks: q4_0_8x8_q8_0) per block an exact int32 sum of
+//                 the 32 products (q − 8) · x and per row acc = fma(sum,
+//                 d_w · d_x, acc), block after block; any other (which ggml
+//                 leaves as it is: ggml_vec_dot_q4_0_q8_0) q8_0's 8 lanes
+//                 and order, q − 8 for the weights' int8 values.
 // Decode (m < kFewTokens) reproduces those sums bit for bit, with AVX-512 /
 // F16C / AVX-VNNI / AVX2 where the build has them and a portable loop
 // otherwise (same bits: the same lanes, the same fused multiply-adds).
 // Prefill (m >= kFewTokens) rounds or quantizes x the same way and forms the
 // same products, summed in another order:
-//   q4_0: AMX (tiles of rows unpacked to q8_0 blocks: q − 8, the same
-//     scales), whose per-block sums and order are decode's: decode's bits;
-//     else decode's kernel for every token.
+//   q4_0: rows a multiple of 8 on AMX (tiles of rows unpacked to q8_0
+//     blocks: q − 8, the same scales), whose per-block sums and order are
+//     decode's: decode's bits; else decode's kernel for every token.
 //   AMX (a CPU with the tile unit, on Linux): q8_0 per block an exact int32
 //     sum over 16 rows × 16 tokens, then acc = fma(d_w · d_x, sum, acc);
 //     bf16 and f16 (each split exactly into two bfloat16s) on the unit's
@@ -405,12 +408,38 @@ inline void q4_0_unpack(const unsigned char* block, std::int8_t* q) {
 #endif
 }
 
+// Whether ggml repacks a q4_0 matrix of `rows` rows (on AVX2: 8 rows
+// interleaved), which decides the order of its sums.
+inline bool q4_0_repacked(Eigen::Index rows) { return rows % 8 == 0; }
+
+// Matrices ggml does not repack: q8_0_row_portable's lanes and order, with
+// q − 8 as the weights' values (ggml_vec_dot_q4_0_q8_0, AVX2).
+template <int K>
+void q4_0_lanes_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
+  float lanes[K][8] = {};
+  std::int8_t q[32];
+  for (Eigen::Index b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 18;
+    q4_0_unpack(block, q);
+    const float d_w = q8_0_scale(block);
+    for (int k = 0; k < K; ++k) {
+      const float d = d_w * x[k].d[b];
+      for (int l = 0; l < 8; ++l) {
+        std::int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; ++i) s += std::int32_t{q[i]} * std::int32_t{x[k].q[b * 32 + i]};
+        lanes[k][l] = std::fma(d, static_cast<float>(s), lanes[k][l]);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
+}
+
 // ggml on a CPU with AVX2 repacks q4_0 matrices (rows a multiple of 8) 8
 // rows at a time (ggml_gemv_q4_0_8x8_q8_0, ggml_gemm_q4_0_8x8_q8_0) and sums
 // each row as acc = fma(s, d_w · d_x, acc), block after block, s the exact
 // int32 sum of the block's 32 products (q − 8) · x: one chain per row and
-// token, no lanes. kvcache computes every q4_0 product so, in decode and
-// prefill alike.
+// token, no lanes. kvcache computes those matrices' products so, in decode
+// and prefill alike.
 template <int K>
 void q4_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
   float acc[K] = {};
@@ -436,6 +465,51 @@ inline __m512i q4_0_pair_nibbles(const unsigned char* b0, const unsigned char* b
   const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2));
   const __m512i v = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(v0), 0xFF00, v1);  // v0 v0 v1 v1
   return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, v, _mm512_srli_epi16(v, 4)), _mm512_set1_epi8(0x0F));
+}
+
+// q4_0_lanes_portable for rows in pairs, as q8_0_row_pairs: each row's 8
+// lanes see its operations in its order. The int8 sums as q · x − 8 · Σx
+// per lane of four (q unsigned, as vpdpbusd needs; exact in int32, so the
+// same sums as (q − 8) · x).
+template <int R, int K>
+void q4_0_lane_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+  static_assert(R % 2 == 0, "rows in pairs");
+  constexpr int P = R / 2;
+  if (n < 32) {
+    std::fill(y, y + R * K, 0.0f);
+    return;
+  }
+  const std::uintptr_t ahead = q8_ahead(R * stride);
+  const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
+  __m512 acc[P][K];
+  for (int p = 0; p < P; ++p)
+    for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
+  Eigen::Index b = 0;
+  do {  // as in q8_0_rows: keeps acc in registers
+    __m512i q_x[K], minus_sum[K];  // x; −8 · Σx per lane
+    for (int k = 0; k < K; ++k) {
+      q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
+      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eight, q_x[k]));
+    }
+    for (int p = 0; p < P; ++p) {
+      const unsigned char* b0 = w + 2 * p * stride + b * 18;
+      const unsigned char* b1 = b0 + stride;
+      q8_prefetch(b0, ahead);
+      q8_prefetch(b1, ahead);
+      const __m512i q = q4_0_pair_nibbles(b0, b1);
+      const auto d0 = static_cast<short>(b0[0] | b0[1] << 8), d1 = static_cast<short>(b1[0] | b1[1] << 8);
+      const __m512 d_w = _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(d0), 0xFF00, d1));
+      for (int k = 0; k < K; ++k) {
+        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q, q_x[k]);
+        acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, _mm512_set1_ps(x[k].d[b])), _mm512_cvtepi32_ps(s), acc[p][k]);
+      }
+    }
+  } while (++b < n / 32);
+  for (int p = 0; p < P; ++p)
+    for (int k = 0; k < K; ++k) {
+      y[2 * p * K + k] = q8_reduce(_mm512_castps512_ps256(acc[p][k]));
+      y[(2 * p + 1) * K + k] = q8_reduce(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][k]), 1)));
+    }
 }
 
 // Four registers of two rows' 8 int32 lanes each (s[p]: row 2p low, 2p + 1
@@ -496,17 +570,26 @@ void q4_0_rows8(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, c
 }
 #endif
 
-// R rows (`stride` bytes apart) · K tokens: y[r · K + k], q4_0_row_portable's
-// bits (AVX-512: 8 rows at once).
-template <int R, int K>
+// R rows (`stride` bytes apart) · K tokens: y[r · K + k], the bits of
+// q4_0_row_portable (Repacked) or q4_0_lanes_portable (AVX-512: 8 rows at
+// once, or rows in pairs).
+template <bool Repacked, int R, int K>
 void q4_0_rows_fast(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
 #if defined(KVCACHE_QUANT_Q8_AVX512)
-  if constexpr (R == 8) {
+  if constexpr (Repacked && R == 8) {
     q4_0_rows8<K>(w, stride, n, x, y);
+    return;
+  } else if constexpr (!Repacked && R % 2 == 0) {
+    q4_0_lane_pairs<R, K>(w, stride, n, x, y);
     return;
   }
 #endif
-  for (int r = 0; r < R; ++r) q4_0_row_portable<K>(w + r * stride, n, x, y + r * K);
+  for (int r = 0; r < R; ++r) {
+    if constexpr (Repacked)
+      q4_0_row_portable<K>(w + r * stride, n, x, y + r * K);
+    else
+      q4_0_lanes_portable<K>(w + r * stride, n, x, y + r * K);
+  }
 }
 
 // ============================================================================
@@ -596,9 +679,9 @@ void prepare_inputs(const Eigen::Ref<const Matrix<T>>& X, WeightType type, Quant
 // ============================================================================
 
 // y_k[i] = W[i, :] · x_k for rows [begin, end) and K tokens t0 … t0+K−1,
-// W q8_0 or q4_0: rows in groups of kRows (q8_0: see q8_0_rows; q4_0: 8),
-// then one at a time.
-template <int K, bool Q4, typename T>
+// W q8_0 or q4_0 (Q4: 1 repacked, 2 not; see q4_0_repacked): rows in groups
+// of kRows (q8_0: see q8_0_rows; q4_0: 8), then one at a time.
+template <int K, int Q4, typename T>
 void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
               Eigen::Index end) {
   const Eigen::Index n = W.cols();
@@ -606,20 +689,20 @@ void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eig
   for (int k = 0; k < K; ++k) x[k] = {s.q.data() + (t0 + k) * n, s.d.data() + (t0 + k) * (n / 32)};
   const unsigned char* w = Q4 ? W.q4_0() : W.q8_0();
   const auto row = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(n)));
-  constexpr int kRows = Q4 ? 8 : kQ8Rows<K>;
+  constexpr int kRows = Q4 == 1 ? 8 : kQ8Rows<K>;
   float y[kRows * K];
   Eigen::Index i = begin;
   for (; i + kRows <= end; i += kRows) {
-    if constexpr (Q4)
-      q4_0_rows_fast<kRows, K>(w + i * row, row, n, x, y);
+    if constexpr (Q4 != 0)
+      q4_0_rows_fast<Q4 == 1, kRows, K>(w + i * row, row, n, x, y);
     else
       q8_0_rows_fast<kRows, K>(w + i * row, row, n, x, y);
     for (int r = 0; r < kRows; ++r)
       for (int k = 0; k < K; ++k) Y(t0 + k, i + r) = static_cast<T>(y[r * K + k]);
   }
   for (; i < end; ++i) {
-    if constexpr (Q4)
-      q4_0_rows_fast<1, K>(w + i * row, row, n, x, y);
+    if constexpr (Q4 != 0)
+      q4_0_rows_fast<Q4 == 1, 1, K>(w + i * row, row, n, x, y);
     else
       q8_0_row<K>(w + i * row, n, x, y);
     for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
@@ -630,8 +713,9 @@ void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eig
 template <int K, typename T>
 void quant_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
                   Eigen::Index end) {
-  if (W.type() == WeightType::q8_0) return q_rows_k<K, false>(W, s, Y, t0, begin, end);
-  if (W.type() == WeightType::q4_0) return q_rows_k<K, true>(W, s, Y, t0, begin, end);
+  if (W.type() == WeightType::q8_0) return q_rows_k<K, 0>(W, s, Y, t0, begin, end);
+  if (W.type() == WeightType::q4_0)
+    return q4_0_repacked(W.rows()) ? q_rows_k<K, 1>(W, s, Y, t0, begin, end) : q_rows_k<K, 2>(W, s, Y, t0, begin, end);
   const Eigen::Index n = W.cols();
   float y[K];
   const float* x[K];
@@ -1210,7 +1294,7 @@ void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<
   if (X.rows() < few_tokens)
     quant_decode<Tokens>(W, s, Y, X.rows(), begin, end);
 #if defined(KVCACHE_QUANT_AMX)
-  else if (q8_input(W.type()) && amx_usable())
+  else if ((W.type() == WeightType::q8_0 || (W.type() == WeightType::q4_0 && q4_0_repacked(W.rows()))) && amx_usable())
     amx_q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
 #endif
 #if defined(KVCACHE_QUANT_AMX)
