@@ -1,6 +1,6 @@
 // tests/gguf_writer.hpp — a small GGUF v3 writer for the tests (as
 // save_llama2c is for checkpoints): metadata of every value type, tensors of
-// any ggml type from their bytes, the encoders of f32, bf16, f16 and q8_0 as
+// any ggml type from their bytes, the encoders of f32, bf16, f16, q8_0 and q4_0 as
 // ggml's reference code writes them, and a whole `llama` model from a
 // Decoder<float>.
 #pragma once
@@ -81,13 +81,39 @@ inline std::string q8_0_bytes(const std::vector<float>& x) {
   return out;
 }
 
+// ggml's quantize_row_q4_0_ref: per block of 32, m = the value of largest
+// magnitude (with its sign; the first of equals), d = m / -8 (stored as
+// f16), q = min(15, (int8)(x · (1/d) + 8.5)) with the float32 d (1/d = 0
+// when d = 0); byte j: q[j] | q[j + 16] << 4.
+inline std::string q4_0_bytes(const std::vector<float>& x) {
+  std::string out;
+  for (std::size_t b = 0; b + 32 <= x.size(); b += 32) {
+    float amax = 0.0f, max = 0.0f;
+    for (std::size_t j = 0; j < 32; ++j)
+      if (amax < std::fabs(x[b + j])) {
+        amax = std::fabs(x[b + j]);
+        max = x[b + j];
+      }
+    const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    put_u16(out, f32_to_f16(d));
+    int q[32];
+    for (std::size_t j = 0; j < 32; ++j) {
+      const float v = x[b + j] * id + 8.5f;  // finite for finite x: |x · id| <= 8
+      q[j] = std::isfinite(v) ? std::min(15, static_cast<int>(static_cast<std::int8_t>(v))) : 8;
+    }
+    for (std::size_t j = 0; j < 16; ++j) out.push_back(static_cast<char>(q[j] | q[j + 16] << 4));
+  }
+  return out;
+}
+
 // ggml type ids.
-constexpr std::uint32_t kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ8_0 = 8, kGgmlBf16 = 30;
+constexpr std::uint32_t kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ4_0 = 2, kGgmlQ8_0 = 8, kGgmlBf16 = 30;
 
 inline std::string encode(std::uint32_t ggml_type, const std::vector<float>& x) {
   switch (ggml_type) {
     case kGgmlF16: return f16_bytes(x);
     case kGgmlQ8_0: return q8_0_bytes(x);
+    case kGgmlQ4_0: return q4_0_bytes(x);
     case kGgmlBf16: return bf16_bytes(x);
     default: return f32_bytes(x);
   }
@@ -272,13 +298,14 @@ inline void add_llama_metadata(GgufWriter& w, const kvcache::ModelConfig& c, std
 }
 
 // The tensors of `d` in llama.cpp's names, in the converter's order: 2-D
-// matrices as `matrix_type`, norms as f32. A q8_0 matrix whose rows are not
+// matrices as `matrix_type`, norms as f32. A q8_0 (q4_0) matrix whose rows are not
 // whole blocks of 32 is written as f16, as llama2c_to_gguf.py and llama.cpp's
 // convert_hf_to_gguf.py fall back.
 inline void add_llama_tensors(GgufWriter& w, const kvcache::Decoder<float>& d, std::uint32_t matrix_type) {
   const kvcache::ModelConfig& c = d.config();
   const auto matrix = [&](const std::string& name, const kvcache::WeightMatrix<float>& W) {
-    const std::uint32_t type = matrix_type == kGgmlQ8_0 && W.cols() % 32 != 0 ? kGgmlF16 : matrix_type;
+    const bool blocks = matrix_type == kGgmlQ8_0 || matrix_type == kGgmlQ4_0;
+    const std::uint32_t type = blocks && W.cols() % 32 != 0 ? kGgmlF16 : matrix_type;
     w.add_tensor(name, {static_cast<std::uint64_t>(W.cols()), static_cast<std::uint64_t>(W.rows())}, type,
                  encode(type, values_of(W)));
   };

@@ -1357,3 +1357,32 @@ TEST(CliGguf, AidreamsTheCat) {
   EXPECT_EQ(batch.exit_code, 0) << batch.err;
   EXPECT_EQ(batch.out, until_eos + until_eos);
 }
+
+// A q4_0 file (the test writer's, as ggml's reference quantizer writes it;
+// ffn_down, rows of 172 values, as f16): --stats names both types, and the
+// ids are llama.cpp's own on that file (node-llama-cpp 3.21.1, flash
+// attention off, f32 K/V cache), which
+// kvcache's q4_0 arithmetic reproduces here for all 124 generated ids.
+static const std::string kTheCatQ4_0LlamaCppIds =
+    "368 430 273 268 322 260 327 446 262 421 392 275 280 269 440 270 283 448 429 465 438 340 431 338 353 "
+    "341 325 266 386 269 293 446 299 303 384 467 407 333 312 266 331 396 275 429 464 448 464 464 464 464 "
+    "464 464 464 448 429 468 342 358 402 327 446 429 464 448 464 464 464 464 464 464 464 448 429 468 342 "
+    "358 402 327 446 429 464 448 464 464 464 464 464 464 464 448 429 468 342 358 402 327 446 299 303 266 "
+    "323 434 285 362 429 464 448 464 464 464 464 464 448 429 468 342 358 402 327 446 429 464 448 464 464 "
+    "464 464 464";
+
+TEST(CliGguf, AidreamsQ4_0GivesLlamaCppsIds) {
+  KVCACHE_MODEL_FILE_OR_SKIP(model, "aidreams260K.bin");
+  KVCACHE_MODEL_FILE_OR_SKIP(tok512, "tok512.bin");
+  const fs::path file = test_dir() / "aidreams.q4_0.gguf";
+  {
+    const std::string bytes = kvcache_test::llama_gguf(kvcache::load_llama2c(model), kvcache_test::kGgmlQ4_0,
+                                                       kvcache_test::llama2c_vocab(kvcache::Tokenizer::load(tok512)));
+    std::ofstream(file, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const Result r =
+      run({file.string(), "--prompt-ids", "1,368,430,273,268", "-n", "128", "-t", "0", "--ids", "--ignore-eos", "--stats"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out, kTheCatQ4_0LlamaCppIds + "\n");
+  EXPECT_NE(r.err.find("weights=q4_0+f16 weight_bytes="), std::string::npos) << r.err;
+}

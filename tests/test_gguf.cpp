@@ -23,6 +23,7 @@
 #include "fixtures.hpp"
 #include "gguf_writer.hpp"
 #include "models.hpp"
+#include "reference.hpp"
 #include "temp_dir.hpp"
 
 // ---- The largest single allocation while `g_watch` is set -------------------
@@ -202,6 +203,61 @@ TEST_P(GgufRoundTrip, ConvertedOnLoad) {
   // As double: converted from the file's floats.
   const Decoder<double> d = kvcache::load_gguf<double>(file);
   EXPECT_EQ(d.block(0).attention.W_V(3, 4), static_cast<double>(f32.block(0).attention.W_V(3, 4)));
+}
+
+// Matrix W as the test writer's q4_0 encoder writes it, read back by hand
+// from the bytes: value j of a block is d · (its nibble − 8), byte j % 16's
+// low nibble for j < 16, its high one above.
+kvcache::WeightMatrix<float> q4_0_by_hand(const kvcache::WeightMatrix<float>& W) {
+  const std::string bytes = kvcache_test::q4_0_bytes(kvcache_test::values_of(W));
+  kvcache::Matrix<float> M(W.rows(), W.cols());
+  for (Eigen::Index e = 0; e < W.size(); ++e) {
+    const auto* block = reinterpret_cast<const unsigned char*>(bytes.data()) + e / 32 * 18;
+    const Eigen::Index j = e % 32;
+    const unsigned char byte = block[2 + j % 16];
+    const int nibble = j < 16 ? byte & 15 : byte >> 4;
+    const float d = kvcache::detail::from_f16(static_cast<std::uint16_t>(block[0] | block[1] << 8));
+    M(e / W.cols(), e % W.cols()) = d * static_cast<float>(nibble - 8);
+  }
+  return M;
+}
+
+// q4_0 files of every shape: the test writer's encoder (ggml's reference
+// quantizer, written apart from kvcache's) gives the bytes of kvcache's
+// codec, used in place; the model computes as a Decoder converted to q4_0,
+// bit for bit, and its logits are those of the file's values read by hand
+// and run in double by tests/reference.hpp, within the q8_0 rounding of
+// the products' inputs (~1% of the largest logit, at most 1.5% here; with
+// the nibbles of a byte swapped, 67% to 119%).
+TEST_P(GgufRoundTrip, Q4_0InPlace) {
+  const Shape s = GetParam();
+  const ModelConfig c = llama_config(s.heads, s.kv_heads, s.tied, 64);
+  const Decoder<float> f32(c, kvcache::random_weights<float>(c, 15));
+  const Decoder<float> loaded = kvcache::load_gguf(write("q4.gguf", kvcache_test::llama_gguf(f32, kvcache_test::kGgmlQ4_0)));
+  EXPECT_EQ(loaded.weight_type(), WeightType::q4_0);
+  EXPECT_TRUE(loaded.block(0).attention.W_Q.external());
+  EXPECT_EQ(loaded.block(1).mlp.W_2.type(), WeightType::q4_0);
+  const Decoder<float> direct(c, kvcache::random_weights<float>(c, 15), WeightType::q4_0);
+  EXPECT_EQ(loaded.weight_bytes(), direct.weight_bytes());
+  EXPECT_EQ(loaded.block(1).mlp.W_2, direct.block(1).mlp.W_2);
+  EXPECT_EQ(loaded.block(0).attention.W_K, direct.block(0).attention.W_K);
+  EXPECT_EQ(loaded.token_embedding(), direct.token_embedding());
+  EXPECT_EQ(loaded.lm_head(), direct.lm_head());
+  expect_same_outputs(direct, loaded, 5);   // decode kernels
+  expect_same_outputs(direct, loaded, 20);  // prefill
+  kvcache::DecoderWeights<float> w = kvcache::random_weights<float>(c, 15);
+  w.token_embedding = q4_0_by_hand(w.token_embedding);
+  if (!s.tied) w.lm_head = q4_0_by_hand(w.lm_head);
+  for (auto& b : w.blocks)
+    for (auto* W : {&b.attention.W_Q, &b.attention.W_K, &b.attention.W_V, &b.attention.W_O, &b.mlp.W_1, &b.mlp.W_2,
+                    &b.mlp.W_3})
+      *W = q4_0_by_hand(*W);
+  for (const std::size_t n : {std::size_t{1}, std::size_t{5}, std::size_t{20}}) {
+    const std::vector<int> prompt = fixtures::random_tokens(n, c.vocab_size, 8);
+    auto session = loaded.new_session();
+    const kvcache::Matrix<float> got = loaded.forward(prompt, session);
+    EXPECT_LT(reference::relative_error(got, reference::logits(c, w, prompt)), 3e-2) << n;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GgufRoundTrip,
@@ -470,6 +526,8 @@ TEST_F(GgufFiles, BadTensorInfos) {
   expect_error(tensor_file({4, 0}, 0, 0, 64), {"tensor 't'", "dimension 1 = 0"});
   expect_error(tensor_file({4}, 99, 0, 64), {"tensor 't'", "unknown ggml type 99"});
   expect_error(tensor_file({48}, 8, 0, 64), {"tensor 't'", "rows of 48 values", "q8_0's block of 32"});
+  expect_error(tensor_file({48, 2}, 2, 0, 64), {"tensor 't'", "rows of 48 values", "q4_0's block of 32"});
+  expect_error(tensor_file({64, 2}, 2, 0, 64), {"tensor 't'", "72 bytes at offset 0 go past the end"});
   expect_error(tensor_file({4}, 0, 8, 64), {"tensor 't'", "offset 8 is not a multiple of the alignment 32"});
   expect_error(tensor_file({32}, 0, 0, 64), {"tensor 't'", "128 bytes at offset 0 go past the end"});
   expect_error(tensor_file({4}, 0, std::uint64_t{1} << 63, 64), {"tensor 't'", "go past the end"});

@@ -1,4 +1,4 @@
-// The weight types f16 and q8_0: their codecs against independent
+// The weight types f16, q8_0 and q4_0: their codecs against independent
 // computations (and the CPU's own F16C conversions where it has them), the
 // WeightMatrix support, and the kernels against the same quantized
 // arithmetic written out plainly: in double (every m, row ranges, threads),
@@ -21,6 +21,7 @@
 #endif
 
 #include "fixtures.hpp"
+#include "gguf_writer.hpp"
 #include "reference.hpp"
 
 namespace {
@@ -217,6 +218,114 @@ TEST(Q8_0, RowBytesAreWholeBlocks) {
   EXPECT_STREQ(kvcache::to_string(WeightType::f16), "f16");
 }
 
+// ---- q4_0 codec ---------------------------------------------------------------
+
+std::uint16_t q4_0_d(const unsigned char* block) { return static_cast<std::uint16_t>(block[0] | block[1] << 8); }
+// Nibble j of a q4_0 block. (Not `j < 16 ? block[2 + j] & 15 : block[2 + j
+// - 16] >> 4`: g++ 12 with -march=native vectorizes a 32-step loop of that
+// into wrong sums.)
+int q4_0_q(const unsigned char* block, int j) {
+  const unsigned char byte = block[2 + j % 16];
+  return j < 16 ? byte & 15 : byte >> 4;
+}
+
+std::vector<unsigned char> q4_0_of(const std::vector<float>& x) {
+  std::vector<unsigned char> q(x.size() / 32 * 18);
+  kd::quantize_q4_0(x.data(), x.size(), q.data());
+  return q;
+}
+
+// m = 8 (the largest magnitude, positive): d = -1, so 8 is q = 0 and -8
+// would be q = 16, clamped to 15 (-7); x · (1/d) + 8.5 truncated: 3 → 5
+// (5.5), 2.5 → 6, -2.5 → 11, 0 → 8. Value j in byte j's low nibble, value
+// j + 16 in its high one.
+TEST(Q4_0, QuantizesAsGgmlsReferenceByHand) {
+  std::vector<float> x(32, 0.0f);
+  x[0] = 8.0f, x[1] = -8.0f, x[2] = 3.0f, x[3] = 2.5f, x[4] = -2.5f, x[16] = -3.0f, x[17] = 7.9f;
+  const std::vector<unsigned char> q = q4_0_of(x);
+  EXPECT_EQ(q4_0_d(q.data()), 0xBC00);  // -1
+  const int want[] = {0, 15, 5, 6, 11};
+  for (int j = 0; j < 5; ++j) EXPECT_EQ(q4_0_q(q.data(), j), want[j]) << j;
+  EXPECT_EQ(q4_0_q(q.data(), 16), 11);
+  EXPECT_EQ(q4_0_q(q.data(), 17), 0);  // -7.9 + 8.5 = 0.6
+  for (int j = 5; j < 16; ++j) EXPECT_EQ(q4_0_q(q.data(), j), 8) << j;
+  EXPECT_EQ(q[2], 0xB0);  // value 0 low, value 16 high
+  float back[32];
+  kd::dequantize_q4_0(q.data(), 0, 32, back);
+  EXPECT_EQ(back[0], 8.0f);
+  EXPECT_EQ(back[1], -7.0f);
+  EXPECT_EQ(back[2], 3.0f);
+  EXPECT_EQ(back[3], 2.0f);
+  EXPECT_EQ(back[16], -3.0f);
+  // A negative m: d > 0, and m is q = 0 again.
+  for (float& v : x) v = -v;
+  const std::vector<unsigned char> n = q4_0_of(x);
+  EXPECT_EQ(q4_0_d(n.data()), 0x3C00);
+  EXPECT_EQ(q4_0_q(n.data(), 0), 0);
+}
+
+TEST(Q4_0, ZeroBlocksHugeScalesAndNaN) {
+  std::vector<float> zeros(32, 0.0f);
+  zeros[3] = -0.0f;
+  const std::vector<unsigned char> z = q4_0_of(zeros);
+  EXPECT_EQ(q4_0_d(z.data()) & 0x7FFF, 0);
+  for (int j = 0; j < 32; ++j) EXPECT_EQ(q4_0_q(z.data(), j), 8) << j;
+  std::vector<float> huge(32, 1.0f);
+  huge[5] = 1e6f;  // d = -125000: past f16's largest, stored as -inf
+  const std::vector<unsigned char> h = q4_0_of(huge);
+  EXPECT_EQ(q4_0_d(h.data()), 0xFC00);
+  EXPECT_EQ(q4_0_q(h.data(), 5), 0);
+  EXPECT_EQ(q4_0_q(h.data(), 6), 8);  // 1 / -125000 · 1 + 8.5
+  std::vector<float> nan(32, 0.25f);
+  nan[0] = 2.0f;
+  nan[9] = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<unsigned char> n = q4_0_of(nan);
+  EXPECT_EQ(q4_0_d(n.data()), kd::float_to_f16(-0.25f));
+  EXPECT_EQ(q4_0_q(n.data(), 0), 0);
+  EXPECT_EQ(q4_0_q(n.data(), 9), 8);  // NaN counts as 0
+  EXPECT_EQ(q4_0_q(n.data(), 10), 7);  // 0.25 / -0.25 + 8.5 = 7.5
+  // The test writer's encoder agrees (NaN: undefined in ggml, 8 in both).
+  EXPECT_EQ(kvcache_test::q4_0_bytes(zeros), std::string(z.begin(), z.end()));
+  EXPECT_EQ(kvcache_test::q4_0_bytes(huge), std::string(h.begin(), h.end()));
+  EXPECT_EQ(kvcache_test::q4_0_bytes(nan), std::string(n.begin(), n.end()));
+}
+
+// Random rows of every scale: the bytes of the test writer's encoder
+// (written apart from kvcache's), and the round trip d · (q − 8) exact in
+// float and within one step of x (half a step but for the clamped end).
+TEST(Q4_0, RowsMatchTheReferenceEncoderAndRoundTrip) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(32 * 200);
+  for (float& v : x) v = normal(rng) * std::exp2(static_cast<float>(static_cast<int>(rng() % 20) - 10));
+  for (std::size_t b = 0; b < 200; b += 7) x[b * 32 + rng() % 32] *= -1000.0f;  // one large value per block
+  const std::vector<unsigned char> q = q4_0_of(x);
+  EXPECT_EQ(std::string(q.begin(), q.end()), kvcache_test::q4_0_bytes(x));
+  std::vector<float> back(x.size());
+  kd::dequantize_q4_0(q.data(), 0, x.size(), back.data());
+  for (std::size_t b = 0; b < 200; ++b) {
+    const unsigned char* block = q.data() + b * 18;
+    const double d = f16_value(q4_0_d(block));
+    for (std::size_t j = 0; j < 32; ++j) {
+      const int qj = q4_0_q(block, static_cast<int>(j));
+      ASSERT_EQ(back[b * 32 + j], static_cast<float>(d) * static_cast<float>(qj - 8)) << b << " " << j;
+      const double step = std::fabs(d) * (1 + 0x1p-10), err = std::fabs(x[b * 32 + j] - d * (qj - 8));
+      ASSERT_LE(err, qj == 15 ? step : step / 2 + std::fabs(x[b * 32 + j]) * 0x1p-10) << b << " " << j;
+    }
+  }
+  std::vector<float> part(5);
+  kd::dequantize_q4_0(q.data(), 30, 5, part.data());  // across a block boundary
+  for (int j = 0; j < 5; ++j) EXPECT_EQ(part[static_cast<std::size_t>(j)], back[30 + static_cast<std::size_t>(j)]);
+}
+
+TEST(Q4_0, RowBytesAreWholeBlocks) {
+  EXPECT_EQ(kvcache::row_bytes<float>(WeightType::q4_0, 64), 36u);
+  fixtures::expect_throw_naming<std::invalid_argument>([] { (void)kvcache::row_bytes<float>(WeightType::q4_0, 48); },
+                                                       "a q4_0 row holds whole blocks of 32 values; 48");
+  EXPECT_STREQ(kvcache::to_string(WeightType::q4_0), "q4_0");
+  EXPECT_EQ(kvcache::gguf_weight_type(2), WeightType::q4_0);
+}
+
 // ---- WeightMatrix -----------------------------------------------------------
 
 Matrix<float> random_matrix(Eigen::Index rows, Eigen::Index cols, unsigned seed) {
@@ -261,6 +370,42 @@ TEST(WeightMatrix, ConvertsToF16AndQ8_0) {
   EXPECT_EQ(q.f32(), q2.to_dense());
 }
 
+TEST(WeightMatrix, ConvertsToQ4_0) {
+  const Matrix<float> M = random_matrix(3, 64, 1);
+  WeightMatrix<float> q = M;
+  q.convert_to(WeightType::q4_0);
+  EXPECT_EQ(q.type(), WeightType::q4_0);
+  EXPECT_EQ(q.bytes(), 3u * 2 * 18);
+  EXPECT_THROW((void)q.q8_0(), std::logic_error);
+  std::vector<unsigned char> row(36);
+  std::vector<float> dense(64), values(64);
+  for (Eigen::Index i = 0; i < 3; ++i) {
+    kd::quantize_q4_0(M.row(i).data(), 64, row.data());
+    EXPECT_EQ(std::memcmp(row.data(), q.q4_0() + i * 36, 36), 0);
+    kd::dequantize_q4_0(row.data(), 0, 64, dense.data());
+    q.row_to(i, values.data());
+    for (Eigen::Index j = 0; j < 64; ++j) {
+      EXPECT_EQ(values[static_cast<std::size_t>(j)], dense[static_cast<std::size_t>(j)]);
+      EXPECT_EQ(q(i, j), dense[static_cast<std::size_t>(j)]);
+      EXPECT_EQ(q.to_dense()(i, j), dense[static_cast<std::size_t>(j)]);
+    }
+  }
+  WeightMatrix<float> via_q8 = M;  // a compact type to another: through T
+  via_q8.convert_to(WeightType::q8_0);
+  via_q8.convert_to(WeightType::q4_0);
+  WeightMatrix<float> direct = via_q8.to_dense();
+  direct.convert_to(WeightType::q4_0);
+  EXPECT_EQ(via_q8, direct);
+  const Matrix<float> dense_q = q.to_dense();
+  q.convert_to(WeightType::f32);
+  EXPECT_EQ(q.f32(), dense_q);
+  WeightMatrix<float> W = random_matrix(2, 48, 2);
+  const WeightMatrix<float> before = W;
+  fixtures::expect_throw_naming<std::invalid_argument>([&] { W.convert_to(WeightType::q4_0); },
+                                                       "convert_to(q4_0): rows of 48 values; q4_0 needs a multiple of 32");
+  EXPECT_EQ(W, before);
+}
+
 TEST(WeightMatrix, RefusesQ8_0RowsOfPartialBlocksAndInt8) {
   WeightMatrix<float> W = random_matrix(2, 48, 2);
   const WeightMatrix<float> before = W;
@@ -273,7 +418,7 @@ TEST(WeightMatrix, RefusesQ8_0RowsOfPartialBlocksAndInt8) {
 }
 
 TEST(KVType, WeightTypesAreNotCacheTypes) {
-  for (const auto type : {kvcache::KVType::f16, kvcache::KVType::q8_0})
+  for (const auto type : {kvcache::KVType::f16, kvcache::KVType::q8_0, kvcache::KVType::q4_0})
     fixtures::expect_throw_naming<std::invalid_argument>([&] { kvcache::KVCache<float>(1, 8, 0, type); },
                                                          std::string("KVType ") + kvcache::to_string(type));
 }
@@ -316,7 +461,7 @@ WeightMatrix<float> weights_of(WeightType type, Eigen::Index rows, Eigen::Index 
 // Every m from 1 to 40 (decode kernel below kFewTokens, prefill above), 1 and
 // 2 threads (the same bits when decoding), and a bias.
 TEST(QuantKernels, MatchTheQuantizedArithmeticInDouble) {
-  for (const auto type : {WeightType::f16, WeightType::q8_0}) {
+  for (const auto type : {WeightType::f16, WeightType::q8_0, WeightType::q4_0}) {
     const WeightMatrix<float> W = weights_of(type, 67, 96, 5);
     Vector<float> b = random_matrix(67, 1, 6).col(0);
     for (Eigen::Index m = 1; m <= 40; ++m) {
@@ -415,6 +560,122 @@ TEST(QuantKernels, PortableLoopsMatchTheVectorKernels) {
     kd::q8_0_row_portable<2>(Wq.q8_0(), n, in, b);
     EXPECT_EQ(a[0], b[0]);
     EXPECT_EQ(a[1], b[1]);
+  }
+}
+
+// ggml's repacked q4_0 product (ggml_gemv_q4_0_8x8_q8_0, what llama.cpp
+// runs on an AVX2 CPU for matrices of a multiple of 8 rows), written out
+// with scalars: per block the exact sum of (nibble − 8) · x, then
+// acc = fma(sum, d_w · d_x, acc).
+float ggml_q4_0_dot(const unsigned char* w, const std::int8_t* q_x, const float* d_x, int n) {
+  float acc = 0.0f;
+  for (int b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 18;
+    int s = 0;
+    for (int j = 0; j < 32; ++j) s += (q4_0_q(block, j) - 8) * q_x[b * 32 + j];
+    acc = std::fma(static_cast<float>(s), kd::from_f16(q4_0_d(block)) * d_x[b], acc);
+  }
+  return acc;
+}
+
+// ggml_vec_dot_q4_0_q8_0 (AVX2), for matrices ggml does not repack (rows
+// not a multiple of 8): the nibbles minus 8 times x in 8 lanes of 4
+// products, fma per block, the lanes reduced as hsum_float_8.
+float ggml_q4_0_lanes_dot(const unsigned char* w, const std::int8_t* q_x, const float* d_x, int n) {
+  float lane[8] = {};
+  for (int b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 18;
+    const float d = kd::from_f16(q4_0_d(block)) * d_x[b];
+    for (int l = 0; l < 8; ++l) {
+      int s = 0;
+      for (int j = 4 * l; j < 4 * l + 4; ++j) s += (q4_0_q(block, j) - 8) * q_x[b * 32 + j];
+      lane[l] = std::fma(d, static_cast<float>(s), lane[l]);
+    }
+  }
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+// x quantized as the decode path does (q8_0 blocks), for rows of X.
+struct QuantizedX {
+  std::vector<std::int8_t> q;
+  std::vector<float> d;
+  std::vector<kd::Q8Input> in;
+  explicit QuantizedX(const Matrix<float>& X) {
+    const auto n = static_cast<int>(X.cols());
+    q.resize(static_cast<std::size_t>(X.size()));
+    d.resize(static_cast<std::size_t>(X.size() / 32));
+    for (Eigen::Index k = 0; k < X.rows(); ++k) {
+      for (int b = 0; b < n / 32; ++b)
+        d[static_cast<std::size_t>(k * n / 32 + b)] =
+            kd::from_f16(kd::quantize_q8_0_block_act(X.row(k).data() + b * 32, q.data() + k * n + b * 32));
+      in.push_back({q.data() + k * n, d.data() + k * (n / 32)});
+    }
+  }
+};
+
+// 24 rows: ggml repacks the matrix, and sums each block whole; 9 or 20: it
+// does not, and sums in lanes.
+TEST(QuantKernels, Q4_0DecodeSumsInGgmlsOrderBitForBit) {
+  for (const Eigen::Index rows : {24, 9, 20})
+    for (const int n : {32, 96, 160, 768}) {
+      const WeightMatrix<float> W = weights_of(WeightType::q4_0, rows, n, 8);
+      for (const Eigen::Index m : {Eigen::Index{1}, Eigen::Index{3}, kd::kFewTokens - 1}) {
+        const Matrix<float> X = random_matrix(m, n, 9) * 5.0f;
+        Matrix<float> Y(m, rows);
+        kd::linear<float>(X, {{W, Vector<float>(), Y}}, 1);
+        const QuantizedX x(X);
+        for (Eigen::Index t = 0; t < m; ++t)
+          for (Eigen::Index i = 0; i < rows; ++i) {
+            const auto& in = x.in[static_cast<std::size_t>(t)];
+            const unsigned char* w = W.q4_0() + i * (n / 32 * 18);
+            const float want = rows % 8 == 0 ? ggml_q4_0_dot(w, in.q, in.d, n) : ggml_q4_0_lanes_dot(w, in.q, in.d, n);
+            ASSERT_EQ(bits(Y(t, i)), bits(want)) << rows << " " << n << " " << t << " " << i;
+          }
+      }
+    }
+}
+
+// q4_0 rows in groups (AVX-512: 8 at once) give the portable loop's bits, for
+// weight bytes that take every value 0 … 255 (every pair of nibbles) and
+// scales of both signs.
+template <int R, int K>
+void expect_q4_0_rows_match_portable(const std::vector<unsigned char>& w, int n, const kd::Q8Input* x) {
+  const std::ptrdiff_t stride = n / 32 * 18;
+  float fast[R * K], lanes[R * K], want[K], want_lanes[K];
+  kd::q4_0_rows_fast<true, R, K>(w.data(), stride, n, x, fast);
+  kd::q4_0_rows_fast<false, R, K>(w.data(), stride, n, x, lanes);
+  for (int r = 0; r < R; ++r) {
+    kd::q4_0_row_portable<K>(w.data() + r * stride, n, x, want);
+    kd::q4_0_lanes_portable<K>(w.data() + r * stride, n, x, want_lanes);
+    for (int k = 0; k < K; ++k) {
+      EXPECT_EQ(bits(fast[r * K + k]), bits(want[k])) << "R " << R << " K " << K << " n " << n;
+      EXPECT_EQ(bits(want[k]), bits(ggml_q4_0_dot(w.data() + r * stride, x[k].q, x[k].d, n))) << R << " " << K << " " << n;
+      EXPECT_EQ(bits(lanes[r * K + k]), bits(want_lanes[k])) << "lanes R " << R << " K " << K << " n " << n;
+      EXPECT_EQ(bits(want_lanes[k]), bits(ggml_q4_0_lanes_dot(w.data() + r * stride, x[k].q, x[k].d, n))) << R << " " << K;
+    }
+  }
+}
+
+TEST(QuantKernels, Q4_0RowGroupsMatchThePortableLoopForEveryNibble) {
+  std::mt19937 rng(22);
+  for (const int n : {32, 64, 512, 800}) {
+    std::vector<unsigned char> w(static_cast<std::size_t>(8 * (n / 32) * 18));
+    for (std::size_t blk = 0, byte = 0; blk < w.size() / 18; ++blk) {
+      for (std::size_t j = 2; j < 18; ++j) w[blk * 18 + j] = static_cast<unsigned char>(byte++ * 7);  // every byte
+      const float d = std::ldexp(static_cast<float>(rng() % 1000 + 1), -14) * (blk % 3 == 0 ? -1.0f : 1.0f);
+      const std::uint16_t h = kd::float_to_f16(d);
+      w[blk * 18] = static_cast<unsigned char>(h & 0xFF);
+      w[blk * 18 + 1] = static_cast<unsigned char>(h >> 8);
+    }
+    const QuantizedX x(random_matrix(4, n, static_cast<unsigned>(n)) * 4.0f);
+    expect_q4_0_rows_match_portable<1, 1>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<1, 4>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<2, 2>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<4, 4>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 1>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 2>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 3>(w, n, x.in.data());
+    expect_q4_0_rows_match_portable<8, 4>(w, n, x.in.data());
   }
 }
 
@@ -524,7 +785,8 @@ TEST(QuantKernels, InputQuantizerMatchesTheScalarOne) {
 WeightMatrix<float> external_copy(const WeightMatrix<float>& W) {
   const std::size_t bytes = W.bytes();
   std::shared_ptr<void> values(new unsigned char[bytes], [](void* p) { delete[] static_cast<unsigned char*>(p); });
-  const void* from = W.type() == WeightType::q8_0 ? static_cast<const void*>(W.q8_0())
+  const void* from = W.type() == WeightType::q8_0   ? static_cast<const void*>(W.q8_0())
+                     : W.type() == WeightType::q4_0 ? static_cast<const void*>(W.q4_0())
                      : W.type() == WeightType::f16 ? static_cast<const void*>(W.f16().data())
                                                    : static_cast<const void*>(W.bf16().data());
   std::memcpy(values.get(), from, bytes);
@@ -549,19 +811,46 @@ Matrix<double> reference_any(const Matrix<float>& X, const WeightMatrix<float>& 
 // loop) gives every token exactly the bits of decoding it alone, with rows
 // and tokens left over from the blocks (67 rows, m = 16 … 23, 37).
 TEST(QuantPrefill, Q8_0RowsTimesTokensGiveDecodesBits) {
+  for (const auto type : {WeightType::q8_0})
   for (const int n : {32, 96, 160}) {
-    const WeightMatrix<float> W = weights_of(WeightType::q8_0, 67, n, 21);
+    const WeightMatrix<float> W = weights_of(type, 67, n, 21);
     for (const Eigen::Index m : {16, 17, 18, 19, 23, 37}) {
       const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(m + n)) * 3.0f;
       kd::QuantScratch s;
-      kd::prepare_inputs<float>(X, WeightType::q8_0, s);
+      kd::prepare_inputs<float>(X, type, s);
       Matrix<float> Y = Matrix<float>::Constant(m, 67, std::nanf(""));
       kd::q8_0_prefill<float>(W, s, Y, m, 0, 67);
       const Vector<float> none;
       for (Eigen::Index t = 0; t < m; ++t) {
         Matrix<float> one(1, 67);
         kd::linear<float>(X.row(t), {{W, none, one}}, 1);
-        ASSERT_EQ(Y.row(t), one) << "n = " << n << " m = " << m << " t = " << t;
+        ASSERT_EQ(Y.row(t), one) << kvcache::to_string(type) << " n = " << n << " m = " << m << " t = " << t;
+      }
+    }
+  }
+}
+
+// q4_0 prefill (AMX's tiles for 72 rows, or else decode's kernel) gives
+// every token the bits of decoding it alone: 72 and 67 rows (8 rows at a
+// time, pairs and a tail), tokens past a tile of 16, 1 and 2 threads, and a
+// row range alone.
+TEST(QuantPrefill, Q4_0GivesDecodesBits) {
+  for (const Eigen::Index rows : {72, 67})
+  for (const int n : {32, 96, 800}) {
+    const WeightMatrix<float> W = external_copy(weights_of(WeightType::q4_0, rows, n, 24));
+    for (const Eigen::Index m : {16, 17, 33, 40}) {
+      const Matrix<float> X = random_matrix(m, n, static_cast<unsigned>(3 * m + n)) * 3.0f;
+      const Vector<float> none;
+      Matrix<float> Y1(m, rows), Y2(m, rows), Y3 = Matrix<float>::Zero(m, rows);
+      kd::linear<float>(X, {{W, none, Y1}}, 1);
+      kd::linear<float>(X, {{W, none, Y2}}, 2);
+      kd::linear_rows<float>(X, W, none, Y3, 10, 40);
+      EXPECT_EQ(Y1, Y2) << "n = " << n << " m = " << m;
+      EXPECT_EQ(Y3.middleCols(10, 30), Y1.middleCols(10, 30)) << "n = " << n << " m = " << m;
+      for (Eigen::Index t = 0; t < m; ++t) {
+        Matrix<float> one(1, rows);
+        kd::linear<float>(X.row(t), {{W, none, one}}, 1);
+        ASSERT_EQ(Y1.row(t), one) << rows << " n = " << n << " m = " << m << " t = " << t;
       }
     }
   }
@@ -594,7 +883,7 @@ TEST(QuantPrefill, Q8_0PortableTileMatchesTheVectorTile) {
 // (bf16 and q8_0: multiples of 32). A row range alone gives the bits of the
 // whole product, and 2 threads those of 1.
 TEST(QuantPrefill, MatchesTheQuantizedArithmeticInDouble) {
-  for (const auto type : {WeightType::f16, WeightType::bf16, WeightType::q8_0})
+  for (const auto type : {WeightType::f16, WeightType::bf16, WeightType::q8_0, WeightType::q4_0})
     for (const int n : {32, 40, 96, 160}) {
       if (type != WeightType::f16 && n % 32 != 0) continue;
       const WeightMatrix<float> W = external_copy(weights_of(type, 67, n, 31));
@@ -621,12 +910,12 @@ TEST(QuantPrefill, MatchesTheQuantizedArithmeticInDouble) {
     }
 }
 
-// ---- A decoder with f16 and q8_0 weights ------------------------------------
+// ---- A decoder with f16, q8_0 and q4_0 weights ------------------------------
 
 // Decoding token by token with the cache gives the logits of running each
 // prefix afresh (all below kFewTokens tokens: the decode kernel throughout).
 TEST(QuantDecoder, CachedStepsEqualUncachedForwards) {
-  for (const auto type : {WeightType::f16, WeightType::q8_0})
+  for (const auto type : {WeightType::f16, WeightType::q8_0, WeightType::q4_0})
     for (const auto& v : fixtures::variants()) {
       kvcache::ModelConfig c = fixtures::model(v);
       c.d_ff = 64;

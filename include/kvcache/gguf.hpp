@@ -101,6 +101,7 @@ inline std::optional<WeightType> gguf_weight_type(std::uint32_t ggml_type) {
     case 30: return WeightType::bf16;
     case 1: return WeightType::f16;
     case 8: return WeightType::q8_0;
+    case 2: return WeightType::q4_0;
     default: return std::nullopt;
   }
 }
@@ -658,7 +659,7 @@ inline ModelConfig gguf_llama_config(const GgufFile& f, const LoadLimits& limits
 namespace detail {
 
 // The index of the first NaN or infinity among a tensor's values (for
-// q8_0: the first value of a block whose scale is not finite), if any.
+// q8_0, q4_0: the first value of a block whose scale is not finite), if any.
 inline std::optional<std::uint64_t> gguf_first_non_finite(const unsigned char* p, const GgufTensorInfo& t) {
   const auto scan = [&](std::uint64_t n, std::uint64_t stride, auto exponent_all_ones) -> std::optional<std::uint64_t> {
     for (std::uint64_t i = 0; i < n; ++i)
@@ -674,6 +675,9 @@ inline std::optional<std::uint64_t> gguf_first_non_finite(const unsigned char* p
     case 30: return scan(t.elements, 2, bf16);
     case 8:
       if (const auto block = scan(t.elements / 32, 34, f16)) return *block * 32;
+      return std::nullopt;
+    case 2:
+      if (const auto block = scan(t.elements / 32, 18, f16)) return *block * 32;
       return std::nullopt;
     default: return std::nullopt;
   }
@@ -701,7 +705,7 @@ WeightMatrix<T> gguf_matrix(const GgufFile& f, const std::string& name, std::siz
   const std::optional<WeightType> type = gguf_weight_type(t.ggml_type);
   if (!type)
     io::fail(f.name(), "tensor '" + name + "' has ggml type " + ggml_type_name(t.ggml_type) +
-                           ", which kvcache does not compute with (not supported; f32, f16, bf16 and q8_0 are)");
+                           ", which kvcache does not compute with (not supported; f32, f16, bf16, q8_0 and q4_0 are)");
   if (check_finite)
     if (const auto at = gguf_first_non_finite(f.tensor_data(t), t))
       io::fail(f.name(), "tensor '" + name + "' holds a non-finite value at element " + std::to_string(*at));
@@ -775,7 +779,7 @@ struct GgufModel {
 // so nothing is permuted.
 //
 // With `convert` unset, every matrix of a type kvcache computes with (f32,
-// f16, bf16, q8_0) is used where it is in the file (for T = float), each in
+// f16, bf16, q8_0, q4_0) is used where it is in the file (for T = float), each in
 // its own type (a file may mix them: llama.cpp's q8_0 files keep matrices
 // whose rows are not whole blocks as f16); with it set, each is converted to
 // that type in memory of its own. Norms (f32) are copied.

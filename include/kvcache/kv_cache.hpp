@@ -56,7 +56,7 @@ class KVRows {
     if (n_kv_heads == 0 || d_k == 0)
       detail::io::invalid("KVCache needs n_kv_heads > 0 and d_k > 0, got n_kv_heads = ", n_kv_heads, ", d_k = ", d_k);
     storage_info(type, "KVType");
-    if (type == StorageType::f16 || type == StorageType::q8_0)
+    if (type == StorageType::f16 || type == StorageType::q8_0 || type == StorageType::q4_0)
       throw std::invalid_argument(std::string("kvcache: KVType ") + to_string(type) +
                                   " is a weight type; a cache stores f32, bf16 or int8");
   }

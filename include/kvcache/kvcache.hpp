@@ -2,7 +2,7 @@
 // order one token's data flows through them:
 //
 //   config.hpp        ModelConfig, AttentionConfig and their validation
-//   storage.hpp       StorageType (f32, bf16, int8, f16, q8_0), a codec per type
+//   storage.hpp       StorageType (f32, bf16, int8, f16, q8_0, q4_0), a codec per type
 //   weights.hpp       WeightMatrix and the weight structs: immutable, shared
 //   slots.hpp         SlotTable: where a sequence's tokens live; windows
 //   kv_pool.hpp       KVPool: paged key/value blocks shared by sessions

@@ -10,6 +10,9 @@
 //   q8_0   n / 32 × 34: per block of 32 values weights (ggml's block_q8_0;
 //          an f16 scale d, then 32 int8 q;      n a multiple of 32)
 //          value = d · q
+//   q4_0   n / 32 × 18: per block of 32 values weights (ggml's block_q4_0;
+//          an f16 scale d, then 16 bytes of     n a multiple of 32)
+//          4-bit q; value = d · (q − 8)
 //
 // Computation always runs in T; a compact type is decoded a row or a tile at
 // a time where it is read. Adding a type is one enumerator, one row in
@@ -36,6 +39,7 @@ enum class StorageType {
   int8,
   f16,   // weights only
   q8_0,  // weights only
+  q4_0,  // weights only
 };
 
 // The names each use of the vocabulary had before it was one.
@@ -46,12 +50,16 @@ struct StorageInfo {
   const char* name;
   std::size_t value_bytes;  // bytes per block of values; 0 for f32: sizeof(T)
   std::size_t row_extra;    // bytes per row beyond the values (int8's scale)
-  std::size_t block;        // values per block (q8_0: 32; others 1)
+  std::size_t block;        // values per block (q8_0, q4_0: 32; others 1)
 };
 
 inline const StorageInfo* find_storage_info(StorageType type) {
-  static constexpr std::array<StorageInfo, 5> table{
-      {{"f32", 0, 0, 1}, {"bf16", 2, 0, 1}, {"int8", 1, 1, 1}, {"f16", 2, 0, 1}, {"q8_0", 34, 0, 32}}};
+  static constexpr std::array<StorageInfo, 6> table{{{"f32", 0, 0, 1},
+                                                     {"bf16", 2, 0, 1},
+                                                     {"int8", 1, 1, 1},
+                                                     {"f16", 2, 0, 1},
+                                                     {"q8_0", 34, 0, 32},
+                                                     {"q4_0", 18, 0, 32}}};
   const auto i = static_cast<std::size_t>(type);
   return i < table.size() ? &table[i] : nullptr;
 }
@@ -61,10 +69,10 @@ inline const StorageInfo* find_storage_info(StorageType type) {
 inline const StorageInfo& storage_info(StorageType type, const char* what = "storage type") {
   if (const StorageInfo* info = find_storage_info(type)) return *info;
   throw std::invalid_argument(std::string("kvcache: unknown ") + what + " " +
-                              std::to_string(static_cast<int>(type)) + " (0 f32, 1 bf16, 2 int8, 3 f16, 4 q8_0)");
+                              std::to_string(static_cast<int>(type)) + " (0 f32, 1 bf16, 2 int8, 3 f16, 4 q8_0, 5 q4_0)");
 }
 
-// "f32" (also for KVType::full), "bf16", "int8", "f16", "q8_0"; "unknown" for
+// "f32" (also for KVType::full), "bf16", "int8", "f16", "q8_0", "q4_0"; "unknown" for
 // a bad value.
 inline const char* to_string(StorageType type) {
   const StorageInfo* info = find_storage_info(type);
@@ -72,7 +80,7 @@ inline const char* to_string(StorageType type) {
 }
 
 // Bytes a row of n values of T takes when stored as `type`. Throws
-// std::invalid_argument when n is not a whole number of blocks (q8_0: 32).
+// std::invalid_argument when n is not a whole number of blocks (q8_0, q4_0: 32).
 template <typename T>
 std::size_t row_bytes(StorageType type, std::size_t n) {
   const StorageInfo& info = storage_info(type);
@@ -300,6 +308,66 @@ void dequantize_q8_0(const unsigned char* row, std::size_t first, std::size_t co
     const std::size_t end = std::min(first + count, (i / kQ8Block + 1) * kQ8Block);
     for (; i < end; ++i)
       *out++ = static_cast<T>(d * static_cast<float>(static_cast<std::int8_t>(block[2 + i % kQ8Block])));
+  }
+}
+
+// ---- q4_0: ggml's block of 32 4-bit values with one f16 scale -------------
+//
+// A block is 18 bytes: the scale d as f16 (little-endian), then 16 bytes;
+// byte j holds q[j] in its low nibble and q[j + 16] in its high one; value
+// j is d · (q[j] − 8). The quantizer is ggml's quantize_row_q4_0_ref: m,
+// the value of largest magnitude with its sign (the first of equals), gives
+// d = m / −8 in float, so m itself becomes q = 0 (−8 · d); with 1/d of the
+// float d, q = min(15, trunc(x · (1/d) + 8.5)). All q are 8 when m = 0.
+// NaN inputs count as 0 (ggml leaves them undefined); a scale past f16's
+// range is stored as inf, as ggml stores it.
+constexpr std::size_t kQ4BlockBytes = 18;
+
+inline std::uint8_t q4_0_nibble(float v) {  // v = x · (1/d) + 8.5, or NaN
+  return v == v ? static_cast<std::uint8_t>(std::min(15.0f, std::max(0.0f, v))) : std::uint8_t{8};
+}
+
+// One block of weights: returns d as f16 and writes the 16 bytes of q.
+inline std::uint16_t quantize_q4_0_block(const float* x, unsigned char* qs) {
+  float max_abs = 0.0f, max = 0.0f;
+  for (std::size_t j = 0; j < kQ8Block; ++j)
+    if (std::fabs(x[j]) > max_abs) max_abs = std::fabs(x[j]), max = x[j];  // skips NaN
+  const float d = max / -8.0f;
+  const float inv_d = d != 0.0f ? 1.0f / d : 0.0f;
+  for (std::size_t j = 0; j < kQ8Block / 2; ++j)
+    qs[j] = static_cast<unsigned char>(q4_0_nibble(x[j] * inv_d + 8.5f) |
+                                       q4_0_nibble(x[j + kQ8Block / 2] * inv_d + 8.5f) << 4);
+  return float_to_f16(d);
+}
+
+// A row of n values of T (n a multiple of 32) into n / 32 blocks at `out`;
+// a wider T is rounded to float first (to odd: see to_float_rounded_to_odd).
+template <typename T>
+void quantize_q4_0(const T* x, std::size_t n, unsigned char* out) {
+  float block[kQ8Block];
+  for (std::size_t b = 0; b < n / kQ8Block; ++b, out += kQ4BlockBytes) {
+    for (std::size_t j = 0; j < kQ8Block; ++j) block[j] = to_float_rounded_to_odd(x[b * kQ8Block + j]);
+    const std::uint16_t d = quantize_q4_0_block(block, out + 2);
+    out[0] = static_cast<unsigned char>(d & 0xFFu);
+    out[1] = static_cast<unsigned char>(d >> 8);
+  }
+}
+
+// Value j (0 … 31) of a q4_0 block, q − 8 (−8 … 7).
+inline int q4_0_value(const unsigned char* block, std::size_t j) {
+  const unsigned char byte = block[2 + j % (kQ8Block / 2)];
+  return (j < kQ8Block / 2 ? byte & 0x0F : byte >> 4) - 8;
+}
+
+// Values [first, first + count) of a q4_0 row as T: d · (q − 8) in float
+// (as ggml's dequantize_row_q4_0).
+template <typename T>
+void dequantize_q4_0(const unsigned char* row, std::size_t first, std::size_t count, T* out) {
+  for (std::size_t i = first; i < first + count;) {
+    const unsigned char* block = row + i / kQ8Block * kQ4BlockBytes;
+    const float d = q8_0_scale(block);
+    const std::size_t end = std::min(first + count, (i / kQ8Block + 1) * kQ8Block);
+    for (; i < end; ++i) *out++ = static_cast<T>(d * static_cast<float>(q4_0_value(block, i % kQ8Block)));
   }
 }
 

@@ -2,7 +2,7 @@
 // holds them, shared by every session and thread.
 //
 //   WeightMatrix<T>     a linear layer's [out, in] matrix, row by row, as T,
-//                       bfloat16, f16 or q8_0, in memory aligned for huge pages
+//                       bfloat16, f16, q8_0 or q4_0, in memory aligned for huge pages
 //   NormWeights, AttentionWeights, MlpWeights, BlockWeights, DecoderWeights
 //                       the structs a model's parameters come in, and their
 //                       shape checks against a ModelConfig
@@ -103,8 +103,9 @@ class WeightArena {
 // product per row, and so that llama2.c's files read straight into it.
 //
 // Built as T (WeightType::f32) from any Eigen matrix; convert_to(bf16, f16,
-// q8_0) converts it in place (see storage.hpp for each codec) and frees the
-// T values. f32(), bf16(), f16() and q8_0() view the values as stored;
+// q8_0, q4_0) converts it in place (see storage.hpp for each codec) and frees
+// the T values. f32(), bf16(), f16(), q8_0() and q4_0() view the values as
+// stored;
 // reading a value (operator(), row_to, to_dense) works in every type and
 // gives T.
 template <typename T>
@@ -118,7 +119,7 @@ class WeightMatrix {
   // rows × cols values of `type`, uninitialised (as Eigen's constructor).
   WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type = WeightType::f32) { resize(rows, cols, type); }
   // A matrix over `values` that someone else owns (an mmap'd file): rows ×
-  // cols of `type`, rows × row_bytes(type, cols) bytes (q8_0: cols a multiple
+  // cols of `type`, rows × row_bytes(type, cols) bytes (q8_0, q4_0: cols a multiple
   // of 32, else std::invalid_argument), kept alive by the shared_ptr. No
   // copy. external() tells: a Decoder uses it where it is.
   WeightMatrix(Eigen::Index rows, Eigen::Index cols, WeightType type, std::shared_ptr<void> values) {
@@ -194,8 +195,12 @@ class WeightMatrix {
   // q8_0: row i's cols() / 32 blocks of 34 bytes start at i · row_bytes.
   const unsigned char* q8_0() const { return stored<unsigned char>(WeightType::q8_0); }
   unsigned char* q8_0() { return stored<unsigned char>(WeightType::q8_0); }
+  // q4_0: row i's cols() / 32 blocks of 18 bytes start at i · row_bytes.
+  const unsigned char* q4_0() const { return stored<unsigned char>(WeightType::q4_0); }
+  unsigned char* q4_0() { return stored<unsigned char>(WeightType::q4_0); }
 
-  // W(i, j) as T (exact for bfloat16 and f16; q8_0: d · q rounded to float).
+  // W(i, j) as T (exact for bfloat16 and f16; q8_0, q4_0: d · q rounded to
+  // float).
   T operator()(Eigen::Index i, Eigen::Index j) const {
     T v{};
     read(i * cols_ + j, 1, &v);
@@ -211,16 +216,17 @@ class WeightMatrix {
   }
 
   // Converts to `type` in place and frees the old values. To bfloat16 and
-  // f16: round to nearest even. To q8_0: ggml's quantizer, a block of 32
-  // values at a time (throws std::invalid_argument, changing nothing, when
-  // cols() is not a multiple of 32). To T: as read. From one compact type to
+  // f16: round to nearest even. To q8_0 and q4_0: ggml's quantizers, a block
+  // of 32 values at a time (throws std::invalid_argument, changing nothing,
+  // when cols() is not a multiple of 32). To T: as read. From one compact type to
   // another: through T. The peak memory is two copies of this one matrix.
   void convert_to(WeightType type) {
     check_type(type);
     if (type == type_) return;
-    if (type == WeightType::q8_0 && cols_ % 32 != 0)
-      throw std::invalid_argument("kvcache: WeightMatrix::convert_to(q8_0): rows of " + std::to_string(cols_) +
-                                  " values; q8_0 needs a multiple of 32");
+    if (const std::size_t block = storage_info(type).block; static_cast<std::size_t>(cols_) % block != 0)
+      throw std::invalid_argument(std::string("kvcache: WeightMatrix::convert_to(") + to_string(type) + "): rows of " +
+                                  std::to_string(cols_) + " values; " + to_string(type) + " needs a multiple of " +
+                                  std::to_string(block));
     if (type_ != WeightType::f32 && type != WeightType::f32) {
       WeightMatrix t(rows_, cols_);
       read(0, size(), t.f32().data());
@@ -235,10 +241,15 @@ class WeightMatrix {
       std::transform(v, v + size(), static_cast<std::uint16_t*>(w.values_.get()), detail::to_bf16<T>);
     } else if (type == WeightType::f16) {
       std::transform(v, v + size(), static_cast<std::uint16_t*>(w.values_.get()), detail::to_f16<T>);
-    } else {
+    } else {  // q8_0 or q4_0, a row at a time
       const std::size_t row = row_bytes<T>(type, static_cast<std::size_t>(cols_));
-      for (Eigen::Index i = 0; i < rows_; ++i)
-        detail::quantize_q8_0(v + i * cols_, static_cast<std::size_t>(cols_), w.q8_0() + static_cast<std::size_t>(i) * row);
+      auto* out = static_cast<unsigned char*>(w.values_.get());
+      for (Eigen::Index i = 0; i < rows_; ++i, out += row) {
+        if (type == WeightType::q8_0)
+          detail::quantize_q8_0(v + i * cols_, static_cast<std::size_t>(cols_), out);
+        else
+          detail::quantize_q4_0(v + i * cols_, static_cast<std::size_t>(cols_), out);
+      }
     }
     swap(w);
   }
@@ -274,7 +285,7 @@ class WeightMatrix {
   static void check_type(WeightType type) {
     storage_info(type, "WeightType");
     if (type == WeightType::int8)
-      throw std::invalid_argument(std::string("kvcache: WeightMatrix stores f32, bf16, f16 or q8_0 values, not ") +
+      throw std::invalid_argument(std::string("kvcache: WeightMatrix stores f32, bf16, f16, q8_0 or q4_0 values, not ") +
                                   to_string(type));
   }
 
@@ -296,12 +307,16 @@ class WeightMatrix {
       std::transform(halves(), halves() + n, out, detail::from_bf16);
     } else if (type_ == WeightType::f16) {
       std::transform(halves(), halves() + n, out, detail::from_f16);
-    } else {  // q8_0, a row at a time
+    } else {  // q8_0 or q4_0, a row at a time
       const std::size_t row = row_bytes<T>(type_, static_cast<std::size_t>(cols_));
+      const auto* values = static_cast<const unsigned char*>(values_.get());
       for (Eigen::Index e = first; e < first + n;) {
         const Eigen::Index i = e / cols_, j = e % cols_, count = std::min(first + n - e, cols_ - j);
-        detail::dequantize_q8_0(q8_0() + static_cast<std::size_t>(i) * row, static_cast<std::size_t>(j),
-                                static_cast<std::size_t>(count), out);
+        const unsigned char* r = values + static_cast<std::size_t>(i) * row;
+        if (type_ == WeightType::q8_0)
+          detail::dequantize_q8_0(r, static_cast<std::size_t>(j), static_cast<std::size_t>(count), out);
+        else
+          detail::dequantize_q4_0(r, static_cast<std::size_t>(j), static_cast<std::size_t>(count), out);
         e += count;
         out += count;
       }

@@ -221,7 +221,7 @@ void parallel_slices(std::size_t n, std::size_t threads, std::size_t align, Body
 //     rows, which packs W once per call and then runs at the multiply rate.
 //   more tokens, W as bfloat16: tiles of rows widened to T (128 KB, in the
 //     core's L2 cache), each multiplied by Eigen. W is read from memory once.
-//   W as f16 or q8_0, or bf16 over a GGUF file (external()), any number of
+//   W as f16, q8_0 or q4_0, or bf16 over a GGUF file (external()), any number of
 //     tokens: quant.hpp, as llama.cpp computes.
 // (kFewTokens, and the tiles' sizes: measured with bench_batch and
 // bench_decode on a 2-core AMD EPYC.) W as f32 keeps the decode kernel up to
@@ -239,7 +239,7 @@ void linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& W,
   if (begin >= end) return;
   const Eigen::Index m = X.rows(), in = X.cols(), n = end - begin;
   const bool f32 = W.type() == WeightType::f32;
-  if (W.type() == WeightType::f16 || W.type() == WeightType::q8_0 ||
+  if (W.type() == WeightType::f16 || W.type() == WeightType::q8_0 || W.type() == WeightType::q4_0 ||
       (W.type() == WeightType::bf16 && W.external())) {
     quant_linear_rows<kGemvTokens, T>(X, W, Y, begin, end, kFewTokens);
   } else if (m < (f32 ? kFewTokensF32 : kFewTokens)) {

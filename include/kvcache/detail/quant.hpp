@@ -1,4 +1,4 @@
-// kvcache/detail/quant.hpp — linear layers over f16 and q8_0 weights,
+// kvcache/detail/quant.hpp — linear layers over f16, q8_0 and q4_0 weights,
 // computed from their stored bytes as llama.cpp's CPU backend (ggml)
 // computes them. Not API.
 //
@@ -14,11 +14,21 @@
 //                 products, each lane converted to float and accumulated as
 //                 acc = fma(d_w · d_x, lane, acc) block after block, and the
 //                 8 lanes reduced as ggml_vec_dot_q8_0_q8_0 (AVX2) does.
+//   q4_0 weights: x quantized to q8_0 blocks as for q8_0; then, as ggml on
+//                 an AVX2 CPU: a matrix of a multiple of 8 rows (which ggml
+//                 repacks: q4_0_8x8_q8_0) per block an exact int32 sum of
+//                 the 32 products (q − 8) · x and per row acc = fma(sum,
+//                 d_w · d_x, acc), block after block; any other (which ggml
+//                 leaves as it is: ggml_vec_dot_q4_0_q8_0) q8_0's 8 lanes
+//                 and order, q − 8 for the weights' int8 values.
 // Decode (m < kFewTokens) reproduces those sums bit for bit, with AVX-512 /
 // F16C / AVX-VNNI / AVX2 where the build has them and a portable loop
 // otherwise (same bits: the same lanes, the same fused multiply-adds).
 // Prefill (m >= kFewTokens) rounds or quantizes x the same way and forms the
 // same products, summed in another order:
+//   q4_0: rows a multiple of 8 on AMX (tiles of rows unpacked to q8_0
+//     blocks: q − 8, the same scales), whose per-block sums and order are
+//     decode's: decode's bits; else decode's kernel for every token.
 //   AMX (a CPU with the tile unit, on Linux): q8_0 per block an exact int32
 //     sum over 16 rows × 16 tokens, then acc = fma(d_w · d_x, sum, acc);
 //     bf16 and f16 (each split exactly into two bfloat16s) on the unit's
@@ -380,6 +390,209 @@ void q8_0_row(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y
 }
 
 // ============================================================================
+// q4_0: one row · K tokens
+// ============================================================================
+
+// The 32 values q − 8 of a q4_0 block, in order.
+inline void q4_0_unpack(const unsigned char* block, std::int8_t* q) {
+#if defined(KVCACHE_QUANT_Q8_AVX2)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2));
+  const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm_sub_epi8(_mm_and_si128(v, low), eight));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), eight));
+#else
+  for (std::size_t j = 0; j < 16; ++j) {
+    q[j] = static_cast<std::int8_t>((block[2 + j] & 0x0F) - 8);
+    q[j + 16] = static_cast<std::int8_t>((block[2 + j] >> 4) - 8);
+  }
+#endif
+}
+
+// Whether ggml repacks a q4_0 matrix of `rows` rows (on AVX2: 8 rows
+// interleaved), which decides the order of its sums.
+inline bool q4_0_repacked(Eigen::Index rows) { return rows % 8 == 0; }
+
+// Matrices ggml does not repack: q8_0_row_portable's lanes and order, with
+// q − 8 as the weights' values (ggml_vec_dot_q4_0_q8_0, AVX2).
+template <int K>
+void q4_0_lanes_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
+  float lanes[K][8] = {};
+  std::int8_t q[32];
+  for (Eigen::Index b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 18;
+    q4_0_unpack(block, q);
+    const float d_w = q8_0_scale(block);
+    for (int k = 0; k < K; ++k) {
+      const float d = d_w * x[k].d[b];
+      for (int l = 0; l < 8; ++l) {
+        std::int32_t s = 0;
+        for (int i = 4 * l; i < 4 * l + 4; ++i) s += std::int32_t{q[i]} * std::int32_t{x[k].q[b * 32 + i]};
+        lanes[k][l] = std::fma(d, static_cast<float>(s), lanes[k][l]);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
+}
+
+// ggml on a CPU with AVX2 repacks q4_0 matrices (rows a multiple of 8) 8
+// rows at a time (ggml_gemv_q4_0_8x8_q8_0, ggml_gemm_q4_0_8x8_q8_0) and sums
+// each row as acc = fma(s, d_w · d_x, acc), block after block, s the exact
+// int32 sum of the block's 32 products (q − 8) · x: one chain per row and
+// token, no lanes. kvcache computes those matrices' products so, in decode
+// and prefill alike.
+template <int K>
+void q4_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
+  float acc[K] = {};
+  std::int8_t q[32];
+  for (Eigen::Index b = 0; b < n / 32; ++b) {
+    const unsigned char* block = w + b * 18;
+    q4_0_unpack(block, q);
+    const float d_w = q8_0_scale(block);
+    for (int k = 0; k < K; ++k) {
+      std::int32_t s = 0;
+      for (int i = 0; i < 32; ++i) s += std::int32_t{q[i]} * std::int32_t{x[k].q[b * 32 + i]};
+      acc[k] = std::fma(d_w * x[k].d[b], static_cast<float>(s), acc[k]);
+    }
+  }
+  for (int k = 0; k < K; ++k) y[k] = acc[k];
+}
+
+#if defined(KVCACHE_QUANT_Q8_AVX512)
+// Two q4_0 blocks' 4-bit q (0 … 15) as bytes: b0's 32 in value order in the
+// low 256 bits (its bytes' low nibbles, then their high ones), b1's above.
+inline __m512i q4_0_pair_nibbles(const unsigned char* b0, const unsigned char* b1) {
+  const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + 2));
+  const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + 2));
+  const __m512i v = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(v0), 0xFF00, v1);  // v0 v0 v1 v1
+  return _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, v, _mm512_srli_epi16(v, 4)), _mm512_set1_epi8(0x0F));
+}
+
+// q4_0_lanes_portable for rows in pairs, as q8_0_row_pairs: each row's 8
+// lanes see its operations in its order. The int8 sums as q · x − 8 · Σx
+// per lane of four (q unsigned, as vpdpbusd needs; exact in int32, so the
+// same sums as (q − 8) · x).
+template <int R, int K>
+void q4_0_lane_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+  static_assert(R % 2 == 0, "rows in pairs");
+  constexpr int P = R / 2;
+  if (n < 32) {
+    std::fill(y, y + R * K, 0.0f);
+    return;
+  }
+  const std::uintptr_t ahead = q8_ahead(R * stride);
+  const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
+  __m512 acc[P][K];
+  for (int p = 0; p < P; ++p)
+    for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
+  Eigen::Index b = 0;
+  do {  // as in q8_0_rows: keeps acc in registers
+    __m512i q_x[K], minus_sum[K];  // x; −8 · Σx per lane
+    for (int k = 0; k < K; ++k) {
+      q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
+      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eight, q_x[k]));
+    }
+    for (int p = 0; p < P; ++p) {
+      const unsigned char* b0 = w + 2 * p * stride + b * 18;
+      const unsigned char* b1 = b0 + stride;
+      q8_prefetch(b0, ahead);
+      q8_prefetch(b1, ahead);
+      const __m512i q = q4_0_pair_nibbles(b0, b1);
+      const auto d0 = static_cast<short>(b0[0] | b0[1] << 8), d1 = static_cast<short>(b1[0] | b1[1] << 8);
+      const __m512 d_w = _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(d0), 0xFF00, d1));
+      for (int k = 0; k < K; ++k) {
+        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q, q_x[k]);
+        acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, _mm512_set1_ps(x[k].d[b])), _mm512_cvtepi32_ps(s), acc[p][k]);
+      }
+    }
+  } while (++b < n / 32);
+  for (int p = 0; p < P; ++p)
+    for (int k = 0; k < K; ++k) {
+      y[2 * p * K + k] = q8_reduce(_mm512_castps512_ps256(acc[p][k]));
+      y[(2 * p + 1) * K + k] = q8_reduce(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][k]), 1)));
+    }
+}
+
+// Four registers of two rows' 8 int32 lanes each (s[p]: row 2p low, 2p + 1
+// high) to the 8 rows' sums, in the order 0 2 4 6 1 3 5 7 (kQ4Lanes).
+// Exact: int32 adds.
+inline __m256i q4_0_row_sums(const __m512i* s) {
+  const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+  // Per 128-bit chunk c: the sums of s[0 … 3]'s chunk c.
+  const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+  // Chunks 0 + 1 (rows 0 2 4 6) and 2 + 3 (rows 1 3 5 7).
+  const __m512i u = _mm512_add_epi32(t, _mm512_shuffle_i32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm512_castsi512_si256(_mm512_shuffle_i32x4(u, u, _MM_SHUFFLE(2, 0, 2, 0)));
+}
+constexpr int kQ4Lanes[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// 8 rows (`stride` bytes apart) · K tokens, q4_0_row_portable's bits: per
+// block, the rows in pairs through vpdpbusd (q · x − 8 · Σx per lane of
+// four, q unsigned as it needs; exact), the lanes summed to one int32 per
+// row (q4_0_row_sums), then one fused multiply-add per row and token, 8
+// rows in one register.
+template <int K>
+void q4_0_rows8(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+  if (n < 32) {
+    std::fill(y, y + 8 * K, 0.0f);
+    return;
+  }
+  const std::uintptr_t ahead = q8_ahead(8 * stride);
+  const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
+  __m256 acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = _mm256_setzero_ps();
+  Eigen::Index b = 0;
+  do {  // as in q8_0_rows: keeps acc in registers
+    __m512i q[4];
+    for (int p = 0; p < 4; ++p) {
+      const unsigned char* b0 = w + 2 * p * stride + b * 18;
+      q8_prefetch(b0, ahead);
+      q8_prefetch(b0 + stride, ahead);
+      q[p] = q4_0_pair_nibbles(b0, b0 + stride);
+    }
+    const unsigned char* r0 = w + b * 18;
+    const auto d = [&](int r) { return static_cast<short>(r0[r * stride] | r0[r * stride + 1] << 8); };
+    const __m256 d_w = _mm256_cvtph_ps(_mm_setr_epi16(d(0), d(2), d(4), d(6), d(1), d(3), d(5), d(7)));
+    for (int k = 0; k < K; ++k) {
+      const __m512i q_x = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
+      const __m512i minus_sum = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eight, q_x));  // −8 · Σx per lane
+      __m512i s[4];
+      for (int p = 0; p < 4; ++p) s[p] = _mm512_dpbusd_epi32(minus_sum, q[p], q_x);
+      const __m256 scale = _mm256_mul_ps(d_w, _mm256_set1_ps(x[k].d[b]));
+      acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q4_0_row_sums(s)), scale, acc[k]);
+    }
+  } while (++b < n / 32);
+  for (int k = 0; k < K; ++k) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc[k]);
+    for (int l = 0; l < 8; ++l) y[kQ4Lanes[l] * K + k] = lanes[l];
+  }
+}
+#endif
+
+// R rows (`stride` bytes apart) · K tokens: y[r · K + k], the bits of
+// q4_0_row_portable (Repacked) or q4_0_lanes_portable (AVX-512: 8 rows at
+// once, or rows in pairs).
+template <bool Repacked, int R, int K>
+void q4_0_rows_fast(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+#if defined(KVCACHE_QUANT_Q8_AVX512)
+  if constexpr (Repacked && R == 8) {
+    q4_0_rows8<K>(w, stride, n, x, y);
+    return;
+  } else if constexpr (!Repacked && R % 2 == 0) {
+    q4_0_lane_pairs<R, K>(w, stride, n, x, y);
+    return;
+  }
+#endif
+  for (int r = 0; r < R; ++r) {
+    if constexpr (Repacked)
+      q4_0_row_portable<K>(w + r * stride, n, x, y + r * K);
+    else
+      q4_0_lanes_portable<K>(w + r * stride, n, x, y + r * K);
+  }
+}
+
+// ============================================================================
 // Inputs converted once per call, into per-thread buffers
 // ============================================================================
 
@@ -424,10 +637,14 @@ inline std::uint16_t q8_quantize_act(const float* x, std::int8_t* q) {
 #endif
 }
 
+// Whether W's type multiplies x quantized to q8_0 (else x rounded to f16 or
+// bf16).
+inline bool q8_input(WeightType type) { return type == WeightType::q8_0 || type == WeightType::q4_0; }
+
 // Token t's input, prepared for W's type, into s.
 template <typename T>
 void prepare_input(const T* x, Eigen::Index n, WeightType type, QuantScratch& s, Eigen::Index t) {
-  if (type == WeightType::f16 || type == WeightType::bf16) {
+  if (!q8_input(type)) {
     float* out = s.x.data() + t * n;
     for (Eigen::Index j = 0; j < n; ++j)
       out[j] = type == WeightType::f16 ? from_f16(to_f16(x[j])) : from_bf16(to_bf16(x[j]));
@@ -448,7 +665,7 @@ template <typename T>
 void prepare_inputs(const Eigen::Ref<const Matrix<T>>& X, WeightType type, QuantScratch& s) {
   const Eigen::Index m = X.rows(), n = X.cols();
   const auto values = static_cast<std::size_t>(m * n);
-  if (type != WeightType::q8_0) {
+  if (!q8_input(type)) {
     grown(s.x, values);
   } else {
     grown(s.q, values);
@@ -461,39 +678,54 @@ void prepare_inputs(const Eigen::Ref<const Matrix<T>>& X, WeightType type, Quant
 // The linear layer
 // ============================================================================
 
+// y_k[i] = W[i, :] · x_k for rows [begin, end) and K tokens t0 … t0+K−1,
+// W q8_0 or q4_0 (Q4: 1 repacked, 2 not; see q4_0_repacked): rows in groups
+// of kRows (q8_0: see q8_0_rows; q4_0: 8), then one at a time.
+template <int K, int Q4, typename T>
+void q_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
+              Eigen::Index end) {
+  const Eigen::Index n = W.cols();
+  Q8Input x[K];
+  for (int k = 0; k < K; ++k) x[k] = {s.q.data() + (t0 + k) * n, s.d.data() + (t0 + k) * (n / 32)};
+  const unsigned char* w = Q4 ? W.q4_0() : W.q8_0();
+  const auto row = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(n)));
+  constexpr int kRows = Q4 == 1 ? 8 : kQ8Rows<K>;
+  float y[kRows * K];
+  Eigen::Index i = begin;
+  for (; i + kRows <= end; i += kRows) {
+    if constexpr (Q4 != 0)
+      q4_0_rows_fast<Q4 == 1, kRows, K>(w + i * row, row, n, x, y);
+    else
+      q8_0_rows_fast<kRows, K>(w + i * row, row, n, x, y);
+    for (int r = 0; r < kRows; ++r)
+      for (int k = 0; k < K; ++k) Y(t0 + k, i + r) = static_cast<T>(y[r * K + k]);
+  }
+  for (; i < end; ++i) {
+    if constexpr (Q4 != 0)
+      q4_0_rows_fast<Q4 == 1, 1, K>(w + i * row, row, n, x, y);
+    else
+      q8_0_row<K>(w + i * row, n, x, y);
+    for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
+  }
+}
+
 // y_k[i] = W[i, :] · x_k for rows [begin, end) and K tokens t0 … t0+K−1.
 template <int K, typename T>
 void quant_rows_k(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index t0, Eigen::Index begin,
                   Eigen::Index end) {
+  if (W.type() == WeightType::q8_0) return q_rows_k<K, 0>(W, s, Y, t0, begin, end);
+  if (W.type() == WeightType::q4_0)
+    return q4_0_repacked(W.rows()) ? q_rows_k<K, 1>(W, s, Y, t0, begin, end) : q_rows_k<K, 2>(W, s, Y, t0, begin, end);
   const Eigen::Index n = W.cols();
   float y[K];
-  if (W.type() != WeightType::q8_0) {
-    const float* x[K];
-    for (int k = 0; k < K; ++k) x[k] = s.x.data() + (t0 + k) * n;
-    for (Eigen::Index i = begin; i < end; ++i) {
-      if (W.type() == WeightType::f16)
-        f16_row<K>(W.f16().data() + i * n, n, x, y);
-      else
-        bf16_row<K>(W.bf16().data() + i * n, n, x, y);
-      for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
-    }
-  } else {
-    Q8Input x[K];
-    for (int k = 0; k < K; ++k) x[k] = {s.q.data() + (t0 + k) * n, s.d.data() + (t0 + k) * (n / 32)};
-    const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(n)));
-    // Rows in groups of kRows (see q8_0_rows), then one at a time.
-    constexpr int kRows = kQ8Rows<K>;
-    float y_rows[kRows * K];
-    Eigen::Index i = begin;
-    for (; i + kRows <= end; i += kRows) {
-      q8_0_rows_fast<kRows, K>(W.q8_0() + i * row, row, n, x, y_rows);
-      for (int r = 0; r < kRows; ++r)
-        for (int k = 0; k < K; ++k) Y(t0 + k, i + r) = static_cast<T>(y_rows[r * K + k]);
-    }
-    for (; i < end; ++i) {
-      q8_0_row<K>(W.q8_0() + i * row, n, x, y);
-      for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
-    }
+  const float* x[K];
+  for (int k = 0; k < K; ++k) x[k] = s.x.data() + (t0 + k) * n;
+  for (Eigen::Index i = begin; i < end; ++i) {
+    if (W.type() == WeightType::f16)
+      f16_row<K>(W.f16().data() + i * n, n, x, y);
+    else
+      bf16_row<K>(W.bf16().data() + i * n, n, x, y);
+    for (int k = 0; k < K; ++k) Y(t0 + k, i) = static_cast<T>(y[k]);
   }
 }
 
@@ -555,7 +787,8 @@ inline void q8_0_to_float(const unsigned char* w, std::size_t blocks, float* out
   }
 }
 
-// Rows [r, r + rows) of W (f16, bf16 or q8_0) as T, row after row into out.
+// Rows [r, r + rows) of W (f16, bf16, q8_0 or q4_0) as T, row after row into
+// out.
 template <typename T>
 void widen_rows(const WeightMatrix<T>& W, Eigen::Index r, Eigen::Index rows, T* out) {
   const Eigen::Index n = W.cols();
@@ -563,7 +796,8 @@ void widen_rows(const WeightMatrix<T>& W, Eigen::Index r, Eigen::Index rows, T* 
     const auto count = static_cast<std::size_t>(rows * n);
     if (W.type() == WeightType::f16) return f16_to_float(W.f16().data() + r * n, count, out);
     if (W.type() == WeightType::bf16) return bf16_to_float(W.bf16().data() + r * n, count, out);
-    const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(n)));
+    const auto row = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(n)));
+    if (W.type() == WeightType::q4_0) return dequantize_q4_0(W.q4_0() + r * row, 0, count, out);
     return q8_0_to_float(W.q8_0() + r * row, count / kQ8Block, out);
   }
   for (Eigen::Index i = 0; i < rows; ++i) W.row_to(r + i, out + i * n);
@@ -640,8 +874,8 @@ struct Q8TileScratch {
   }
 };
 
-// Rows [i, i + R) times tokens [t, t + K) into Y, d_w holding the R rows'
-// scales (R × nb).
+// Rows [i, i + R) (at w) times tokens [t, t + K) into Y, d_w holding the R
+// rows' scales (R × nb).
 template <int R, int K, typename T>
 void q8_0_tile_into(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const QuantScratch& s, const float* d_w,
                     float* scale, Matrix<T>& Y, Eigen::Index t, Eigen::Index i) {
@@ -655,12 +889,12 @@ void q8_0_tile_into(const unsigned char* w, Eigen::Index row, Eigen::Index nb, c
           Eigen::Map<const Eigen::ArrayXf>(d_w + r * nb, nb) * Eigen::Map<const Eigen::ArrayXf>(d_x, nb);
   }
   float y[R][K];
-  q8_0_tile<R, K>(w + i * row, row, nb, x, scale, y);
+  q8_0_tile<R, K>(w, row, nb, x, scale, y);
   for (int r = 0; r < R; ++r)
     for (int k = 0; k < K; ++k) Y(t + k, i + r) = static_cast<T>(y[r][k]);
 }
 
-// R rows [i, i + R) times every token, kQ8TileTokens at a time.
+// R rows [i, i + R) (at w) times every token, kQ8TileTokens at a time.
 constexpr int kQ8TileRows = 4, kQ8TileTokens = 4;
 
 template <int R, typename T>
@@ -670,7 +904,7 @@ void q8_0_rows_tokens(const unsigned char* w, Eigen::Index row, Eigen::Index nb,
   float* d_w = grown(ts.d_w, static_cast<std::size_t>(R * nb));
   float* scale = grown(ts.scale, static_cast<std::size_t>(R * kQ8TileTokens * nb));
   for (int r = 0; r < R; ++r)
-    for (Eigen::Index b = 0; b < nb; ++b) d_w[r * nb + b] = q8_0_scale(w + (i + r) * row + b * 34);
+    for (Eigen::Index b = 0; b < nb; ++b) d_w[r * nb + b] = q8_0_scale(w + r * row + b * 34);
   Eigen::Index t = 0;
   for (; t + kQ8TileTokens <= m; t += kQ8TileTokens) q8_0_tile_into<R, kQ8TileTokens>(w, row, nb, s, d_w, scale, Y, t, i);
   switch (m - t) {
@@ -681,6 +915,19 @@ void q8_0_rows_tokens(const unsigned char* w, Eigen::Index row, Eigen::Index nb,
   }
 }
 
+// rows q4_0 rows of nb blocks (`stride` bytes apart) as q8_0 rows of nb · 34
+// bytes at out: the same scales, q − 8 as int8.
+inline void q4_0_to_q8_0(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index rows, Eigen::Index nb,
+                         unsigned char* out) {
+  for (Eigen::Index r = 0; r < rows; ++r)
+    for (Eigen::Index b = 0; b < nb; ++b, out += 34) {
+      const unsigned char* block = w + r * stride + b * 18;
+      out[0] = block[0];
+      out[1] = block[1];
+      q4_0_unpack(block, reinterpret_cast<std::int8_t*>(out + 2));
+    }
+}
+
 // Many tokens, q8_0: the int8 products of decode, R rows × K tokens at a time.
 template <typename T>
 void q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m, Eigen::Index begin,
@@ -688,8 +935,8 @@ void q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y,
   const Eigen::Index nb = W.cols() / 32;
   const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(W.cols())));
   Eigen::Index i = begin;
-  for (; i + kQ8TileRows <= end; i += kQ8TileRows) q8_0_rows_tokens<kQ8TileRows>(W.q8_0(), row, nb, s, Y, m, i);
-  for (; i < end; ++i) q8_0_rows_tokens<1>(W.q8_0(), row, nb, s, Y, m, i);
+  for (; i + kQ8TileRows <= end; i += kQ8TileRows) q8_0_rows_tokens<kQ8TileRows>(W.q8_0() + i * row, row, nb, s, Y, m, i);
+  for (; i < end; ++i) q8_0_rows_tokens<1>(W.q8_0() + i * row, row, nb, s, Y, m, i);
 }
 
 // ---- AMX: Sapphire Rapids' tile unit, where the build and Linux allow it ----
@@ -828,23 +1075,29 @@ void amx_q8_0_rows(const unsigned char* w, Eigen::Index row, Eigen::Index nb, co
   }
 }
 
-// Many tokens, q8_0, on the tile unit: rows [begin, end), 16 at a time (the
-// last ones copied into a zero-padded tile).
+// Many tokens, q8_0 or q4_0, on the tile unit: rows [begin, end), 16 at a
+// time (the last ones copied into a zero-padded tile; q4_0 rows unpacked to
+// q8_0 first, whose per-block sums and fused multiply-adds are then those
+// of q4_0's decode: its bits).
 template <typename T>
 void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
                       Eigen::Index begin, Eigen::Index end) {
   AmxScratch& a = AmxScratch::mine();
-  const Eigen::Index nb = W.cols() / 32;
-  const auto row = static_cast<Eigen::Index>(row_bytes<T>(WeightType::q8_0, static_cast<std::size_t>(W.cols())));
+  const Eigen::Index nb = W.cols() / 32, row = nb * 34;
+  const bool q4 = W.type() == WeightType::q4_0;
+  const auto stored = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(W.cols())));
   amx_pack_q8_0_x(s, m, nb, a);
   float* d_w = grown(a.d_w, static_cast<std::size_t>(16 * nb));
   amx_configure(32, 8);
   for (Eigen::Index i = begin; i < end; i += 16) {
     const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
-    const unsigned char* w = W.q8_0() + i * row;
-    if (rows < 16) {
+    const unsigned char* w = q4 ? W.q4_0() + i * stored : W.q8_0() + i * row;
+    if (rows < 16 || q4) {
       unsigned char* pad = grown(a.w, static_cast<std::size_t>(16 * row));
-      std::memcpy(pad, w, static_cast<std::size_t>(rows * row));
+      if (q4)
+        q4_0_to_q8_0(w, stored, rows, nb, pad);
+      else
+        std::memcpy(pad, w, static_cast<std::size_t>(rows * row));
       std::memset(pad + rows * row, 0, static_cast<std::size_t>((16 - rows) * row));
       w = pad;
     }
@@ -1018,7 +1271,7 @@ void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& 
   Matrix<T> X_as_w(m, in);
   for (Eigen::Index t = 0; t < m; ++t)
     for (Eigen::Index j = 0; j < in; ++j)
-      X_as_w(t, j) = static_cast<T>(W.type() != WeightType::q8_0 ? s.x[static_cast<std::size_t>(t * in + j)]
+      X_as_w(t, j) = static_cast<T>(!q8_input(W.type()) ? s.x[static_cast<std::size_t>(t * in + j)]
                                                                  : s.d[static_cast<std::size_t>((t * in + j) / 32)] *
                                                                        static_cast<float>(s.q[static_cast<std::size_t>(t * in + j)]));
   const Eigen::Index tile = std::min(n, std::max<Eigen::Index>(16, kPrefillTileBytes / std::max<Eigen::Index>(1, in * Eigen::Index{sizeof(T)})));
@@ -1030,7 +1283,7 @@ void quant_prefill(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<T>& 
   }
 }
 
-// Y[:, begin:end] = X · W[begin:end, :]ᵀ for W stored as f16, q8_0 or, over
+// Y[:, begin:end] = X · W[begin:end, :]ᵀ for W stored as f16, q8_0, q4_0 or, over
 // a GGUF file, bf16 (see
 // linear_rows in parallel.hpp; the bias is its business).
 template <int Tokens, typename T>
@@ -1041,7 +1294,7 @@ void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<
   if (X.rows() < few_tokens)
     quant_decode<Tokens>(W, s, Y, X.rows(), begin, end);
 #if defined(KVCACHE_QUANT_AMX)
-  else if (W.type() == WeightType::q8_0 && amx_usable())
+  else if ((W.type() == WeightType::q8_0 || (W.type() == WeightType::q4_0 && q4_0_repacked(W.rows()))) && amx_usable())
     amx_q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
 #endif
 #if defined(KVCACHE_QUANT_AMX)
@@ -1054,6 +1307,8 @@ void quant_linear_rows(const Eigen::Ref<const Matrix<T>>& X, const WeightMatrix<
   else if (W.type() == WeightType::q8_0)
     q8_0_prefill<T>(W, s, Y, X.rows(), begin, end);
 #endif
+  else if (W.type() == WeightType::q4_0)
+    quant_decode<Tokens>(W, s, Y, X.rows(), begin, end);
   else
     quant_prefill<T>(X, W, s, Y, begin, end);
 }
