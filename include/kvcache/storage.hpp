@@ -298,17 +298,27 @@ inline float q8_0_scale(const unsigned char* block) {
   return from_f16(static_cast<std::uint16_t>(block[0] | block[1] << 8));
 }
 
-// Values [first, first + count) of a q8_0 row as T: d · q in float (exact
-// to float's rounding, as ggml's dequantize_row_q8_0).
-template <typename T>
-void dequantize_q8_0(const unsigned char* row, std::size_t first, std::size_t count, T* out) {
+// Values [first, first + count) of a row of 32-value blocks of
+// block_bytes, each an f16 scale d then its values, as T: d · value(block,
+// j) in float (exact to float's rounding, as ggml's dequantize_row_q8_0
+// and dequantize_row_q4_0).
+template <typename T, typename Value>
+void dequantize_blocks(const unsigned char* row, std::size_t block_bytes, std::size_t first, std::size_t count,
+                       T* out, Value value) {
   for (std::size_t i = first; i < first + count;) {
-    const unsigned char* block = row + i / kQ8Block * kQ8BlockBytes;
+    const unsigned char* block = row + i / kQ8Block * block_bytes;
     const float d = q8_0_scale(block);
     const std::size_t end = std::min(first + count, (i / kQ8Block + 1) * kQ8Block);
-    for (; i < end; ++i)
-      *out++ = static_cast<T>(d * static_cast<float>(static_cast<std::int8_t>(block[2 + i % kQ8Block])));
+    for (; i < end; ++i) *out++ = static_cast<T>(d * static_cast<float>(value(block, i % kQ8Block)));
   }
+}
+
+// Values [first, first + count) of a q8_0 row as T: d · q.
+template <typename T>
+void dequantize_q8_0(const unsigned char* row, std::size_t first, std::size_t count, T* out) {
+  dequantize_blocks(row, kQ8BlockBytes, first, count, out, [](const unsigned char* block, std::size_t j) {
+    return static_cast<int>(static_cast<std::int8_t>(block[2 + j]));
+  });
 }
 
 // ---- q4_0: ggml's block of 32 4-bit values with one f16 scale -------------
@@ -359,16 +369,10 @@ inline int q4_0_value(const unsigned char* block, std::size_t j) {
   return (j < kQ8Block / 2 ? byte & 0x0F : byte >> 4) - 8;
 }
 
-// Values [first, first + count) of a q4_0 row as T: d · (q − 8) in float
-// (as ggml's dequantize_row_q4_0).
+// Values [first, first + count) of a q4_0 row as T: d · (q − 8).
 template <typename T>
 void dequantize_q4_0(const unsigned char* row, std::size_t first, std::size_t count, T* out) {
-  for (std::size_t i = first; i < first + count;) {
-    const unsigned char* block = row + i / kQ8Block * kQ4BlockBytes;
-    const float d = q8_0_scale(block);
-    const std::size_t end = std::min(first + count, (i / kQ8Block + 1) * kQ8Block);
-    for (; i < end; ++i) *out++ = static_cast<T>(d * static_cast<float>(q4_0_value(block, i % kQ8Block)));
-  }
+  dequantize_blocks(row, kQ4BlockBytes, first, count, out, q4_0_value);
 }
 
 }  // namespace detail
