@@ -313,16 +313,17 @@ void q8_0_rows(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, co
 }
 
 #if defined(KVCACHE_QUANT_Q8_AVX512)
-// q8_0_rows with AVX-512, rows in pairs: rows 2p and 2p + 1 share one
-// 512-bit register (row 2p in the low 256 bits), so one instruction does
-// both rows' integer sums, conversions and fused multiply-adds; each row's
-// 8 lanes still see q8_0_rows's operations in its order, so the bits are
-// the same. The int8 sums as (w + 128) · x − 128 · Σx per lane of four
-// (w + 128 is unsigned, as vpdpbusd needs; exact in int32, so the same
-// sums): 128 · Σx depends on x alone, once per block for all the rows,
-// and w + 128 is one xor, where |w| · sign(x, w) took three instructions.
-template <int R, int K>
-void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+// Rows in pairs of 32-value blocks of an f16 scale and 32 values, with
+// AVX-512: rows 2p and 2p + 1 share one 512-bit register (row 2p in the
+// low 256 bits), so one instruction does both rows' integer sums,
+// conversions and fused multiply-adds, each row's 8 lanes in the order of
+// the portable loop, so the bits are the same. Blocks gives the block's
+// bytes (kBytes) and its values as unsigned bytes q + kOffset
+// (unsigned_q(b0, b1): b0's 32 low, b1's high), as vpdpbusd needs: the
+// sums are (q + kOffset) · x − kOffset · Σx per lane of four, exact in
+// int32, and kOffset · Σx depends on x alone, once per block for all rows.
+template <int R, int K, typename Blocks>
+void block_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
   static_assert(R % 2 == 0, "rows in pairs");
   constexpr int P = R / 2;
   if (n < 32) {
@@ -330,33 +331,30 @@ void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index 
     return;
   }
   const std::uintptr_t ahead = q8_ahead(R * stride);
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  const __m512i offset = _mm512_set1_epi8(Blocks::kOffset), zero = _mm512_setzero_si512();
   __m512 acc[P][K];
   for (int p = 0; p < P; ++p)
     for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
   Eigen::Index b = 0;
   do {  // as in q8_0_rows: keeps acc in registers
-    __m512i q_x[K], minus_sum[K];  // x; −128 · Σx per lane
+    __m512i q_x[K], minus_sum[K];  // x; −kOffset · Σx per lane
     __m512 d_x[K];
     for (int k = 0; k < K; ++k) {
       q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
-      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, q_x[k]));
+      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, q_x[k]));
       d_x[k] = _mm512_set1_ps(x[k].d[b]);
     }
     for (int p = 0; p < P; ++p) {
-      const unsigned char* b0 = w + 2 * p * stride + b * 34;
+      const unsigned char* b0 = w + 2 * p * stride + b * Blocks::kBytes;
       const unsigned char* b1 = b0 + stride;
       q8_prefetch(b0, ahead);
       q8_prefetch(b1, ahead);
-      const __m512i q = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
-      const __m512i q_biased = _mm512_xor_si512(q, bias);
+      const __m512i q = Blocks::unsigned_q(b0, b1);
       // The two f16 scales, each in 8 lanes (row 2p's low), widened.
       const auto d0 = static_cast<short>(b0[0] | b0[1] << 8), d1 = static_cast<short>(b1[0] | b1[1] << 8);
       const __m512 d_w = _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(d0), 0xFF00, d1));
       for (int k = 0; k < K; ++k) {
-        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q_biased, q_x[k]);
+        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q, q_x[k]);
         acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, d_x[k]), _mm512_cvtepi32_ps(s), acc[p][k]);
       }
     }
@@ -366,6 +364,23 @@ void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index 
       y[2 * p * K + k] = q8_reduce(_mm512_castps512_ps256(acc[p][k]));
       y[(2 * p + 1) * K + k] = q8_reduce(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][k]), 1)));
     }
+}
+
+// q8_0_rows with AVX-512, rows in pairs: w + 128 is one xor, where
+// |w| · sign(x, w) took three instructions.
+struct Q8PairBlocks {
+  static constexpr int kBytes = 34;
+  static constexpr char kOffset = static_cast<char>(0x80);
+  static __m512i unsigned_q(const unsigned char* b0, const unsigned char* b1) {
+    const __m512i q = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2))),
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2)), 1);
+    return _mm512_xor_si512(q, _mm512_set1_epi8(kOffset));
+  }
+};
+template <int R, int K>
+void q8_0_row_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
+  block_row_pairs<R, K, Q8PairBlocks>(w, stride, n, x, y);
 }
 #endif
 
@@ -471,45 +486,14 @@ inline __m512i q4_0_pair_nibbles(const unsigned char* b0, const unsigned char* b
 // lanes see its operations in its order. The int8 sums as q · x − 8 · Σx
 // per lane of four (q unsigned, as vpdpbusd needs; exact in int32, so the
 // same sums as (q − 8) · x).
+struct Q4PairBlocks {
+  static constexpr int kBytes = 18;
+  static constexpr char kOffset = 8;
+  static __m512i unsigned_q(const unsigned char* b0, const unsigned char* b1) { return q4_0_pair_nibbles(b0, b1); }
+};
 template <int R, int K>
 void q4_0_lane_pairs(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index n, const Q8Input* x, float* y) {
-  static_assert(R % 2 == 0, "rows in pairs");
-  constexpr int P = R / 2;
-  if (n < 32) {
-    std::fill(y, y + R * K, 0.0f);
-    return;
-  }
-  const std::uintptr_t ahead = q8_ahead(R * stride);
-  const __m512i eight = _mm512_set1_epi8(8), zero = _mm512_setzero_si512();
-  __m512 acc[P][K];
-  for (int p = 0; p < P; ++p)
-    for (int k = 0; k < K; ++k) acc[p][k] = _mm512_setzero_ps();
-  Eigen::Index b = 0;
-  do {  // as in q8_0_rows: keeps acc in registers
-    __m512i q_x[K], minus_sum[K];  // x; −8 · Σx per lane
-    for (int k = 0; k < K; ++k) {
-      q_x[k] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[k].q + b * 32)));
-      minus_sum[k] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eight, q_x[k]));
-    }
-    for (int p = 0; p < P; ++p) {
-      const unsigned char* b0 = w + 2 * p * stride + b * 18;
-      const unsigned char* b1 = b0 + stride;
-      q8_prefetch(b0, ahead);
-      q8_prefetch(b1, ahead);
-      const __m512i q = q4_0_pair_nibbles(b0, b1);
-      const auto d0 = static_cast<short>(b0[0] | b0[1] << 8), d1 = static_cast<short>(b1[0] | b1[1] << 8);
-      const __m512 d_w = _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16(d0), 0xFF00, d1));
-      for (int k = 0; k < K; ++k) {
-        const __m512i s = _mm512_dpbusd_epi32(minus_sum[k], q, q_x[k]);
-        acc[p][k] = _mm512_fmadd_ps(_mm512_mul_ps(d_w, _mm512_set1_ps(x[k].d[b])), _mm512_cvtepi32_ps(s), acc[p][k]);
-      }
-    }
-  } while (++b < n / 32);
-  for (int p = 0; p < P; ++p)
-    for (int k = 0; k < K; ++k) {
-      y[2 * p * K + k] = q8_reduce(_mm512_castps512_ps256(acc[p][k]));
-      y[(2 * p + 1) * K + k] = q8_reduce(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[p][k]), 1)));
-    }
+  block_row_pairs<R, K, Q4PairBlocks>(w, stride, n, x, y);
 }
 
 // Four registers of two rows' 8 int32 lanes each (s[p]: row 2p low, 2p + 1
