@@ -1,7 +1,18 @@
 # scripts/bench_common.sh — sourced by the issue 13 benchmark scripts
-# (bench_parallel.sh, bench_prefix.sh, bench_sharing.sh): their model and
-# their shared-prefix prompts. Needs $here (the scripts folder), $models
-# and $work (a temporary folder).
+# (bench_parallel.sh, bench_prefix.sh, bench_sharing.sh): their set-up,
+# model and shared-prefix prompts. Needs $here (the scripts folder).
+
+# Sets $models ($KVCACHE_MODELS_DIR or ../shared/models), $tok (the Llama 2
+# tokenizer; exits 1 without it), $work (a temporary folder, removed on
+# exit) and $model (bench_model).
+bench_setup() {
+  models="${KVCACHE_MODELS_DIR:-$here/../../shared/models}"
+  tok="$models/llama2_tokenizer.bin"
+  [ -f "$tok" ] || { echo "$0: no tokenizer at $tok (set KVCACHE_MODELS_DIR)" >&2; exit 1; }
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  bench_model
+}
 
 # Sets $model: $models/stories15M.bin when there, else random weights of its
 # shape (dim 288, hidden 768, 6 layers, 6 heads, vocab 32000, seq_len 256).

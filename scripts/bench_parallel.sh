@@ -18,18 +18,11 @@ set -euo pipefail
 
 [ $# -ge 1 ] || { echo "usage: $0 KVCACHE_GENERATE [OTHER_KVCACHE_GENERATE ...]" >&2; exit 2; }
 here="$(cd "$(dirname "$0")" && pwd)"
-models="${KVCACHE_MODELS_DIR:-$here/../../shared/models}"
 reps="${REPS:-3}"
 threads_list="${THREADS:-1 2}"
 extra=(${EXTRA_ARGS:-})  # e.g. EXTRA_ARGS="--step-tokens 32"
-tok="$models/llama2_tokenizer.bin"
-[ -f "$tok" ] || { echo "$0: no tokenizer at $tok (set KVCACHE_MODELS_DIR)" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-
 source "$here/bench_common.sh"
-bench_model
+bench_setup
 
 # 32 prompts; prompt k has about 4 + (k * 23 mod 32) * 115 / 31 words (most
 # of these words are one token each, after BOS).

@@ -20,18 +20,11 @@ set -euo pipefail
 [ $# -eq 1 ] || { echo "usage: $0 KVCACHE_GENERATE" >&2; exit 2; }
 bin="$1"
 here="$(cd "$(dirname "$0")" && pwd)"
-models="${KVCACHE_MODELS_DIR:-$here/../../shared/models}"
 reps="${REPS:-3}"
 threads="${THREADS:-1}"
 extra=(${EXTRA_ARGS:-})
-tok="$models/llama2_tokenizer.bin"
-[ -f "$tok" ] || { echo "$0: no tokenizer at $tok (set KVCACHE_MODELS_DIR)" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-
 source "$here/bench_common.sh"
-bench_model
+bench_setup
 
 shared_prefix_prompts 16 "$work/prompts.txt"
 

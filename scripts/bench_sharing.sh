@@ -22,16 +22,10 @@ set -euo pipefail
 bin="$1"
 batch_json="${2:-}"
 here="$(cd "$(dirname "$0")" && pwd)"
-models="${KVCACHE_MODELS_DIR:-$here/../../shared/models}"
 results="${KVCACHE_BENCH_RESULTS:-$here/../bench/results}"
-tok="$models/llama2_tokenizer.bin"
-[ -f "$tok" ] || { echo "$0: no tokenizer at $tok (set KVCACHE_MODELS_DIR)" >&2; exit 1; }
 command -v gnuplot >/dev/null || { echo "$0: needs gnuplot (apt-get install gnuplot-nox)" >&2; exit 1; }
-
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
 source "$here/bench_common.sh"
-bench_model
+bench_setup
 
 echo "# sessions  kv_bytes_peak(MB) sharing  kv_bytes_peak(MB) no sharing" >"$work/memory.dat"
 for n in 1 2 4 8 16; do
