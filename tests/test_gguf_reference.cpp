@@ -140,7 +140,7 @@ kvcache::GgufFile gguf_of(const std::string& gguf, const std::string& checkpoint
 // 0). Every product's input is quantized to q8_0 there, so a last-bit
 // difference anywhere before (kvcache's attention softmax and sums are not
 // ggml's) can move a value across a rounding boundary; SwiGLU computed with
-// ggml's exp (detail/silu.hpp) moved this run's first difference from step
+// ggml's exp (detail/ggml_math.hpp) moved this run's first difference from step
 // 26 (margin 0.085) to here. Required: no earlier difference.
 struct KnownDivergence {
   const char* model;

@@ -33,7 +33,7 @@
 #include "detail/io.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
-#include "detail/silu.hpp"
+#include "detail/ggml_math.hpp"
 #include "session.hpp"
 
 namespace kvcache {
