@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 #include <kvcache/detail/ggml_math.hpp>
+#include <kvcache/detail/rope.hpp>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -54,6 +55,18 @@ TEST(GgmlMath, RmsNormGivesLlamaCppsBits) {
   for (std::size_t r = 0; r < x.size() / 64; ++r)
     kd::rms_norm_like_ggml(x.data() + 64 * r, ones.data(), y.data() + 64 * r, 64, 1e-5f);
   expect_bits(y, fx::kNormY, "rms_norm");
+}
+
+TEST(GgmlMath, RopeGivesLlamaCppsBits) {
+  std::vector<float> q = floats(fx::kRopeIn);
+  Eigen::Map<kvcache::Matrix<float>> Q(q.data(), 1, static_cast<Eigen::Index>(q.size()));
+  kd::Rope<float>(8, 10000.0, kvcache::Numerics::ggml).apply(Q, 70);
+  expect_bits(q, fx::kRopeOut, "rope");
+  // kvcache's own angles (llama2.c's): the same rotation to a few ulps.
+  std::vector<float> own = floats(fx::kRopeIn);
+  Eigen::Map<kvcache::Matrix<float>> O(own.data(), 1, static_cast<Eigen::Index>(own.size()));
+  kd::Rope<float>(8, 10000.0).apply(O, 70);
+  for (std::size_t i = 0; i < own.size(); ++i) EXPECT_NEAR(own[i], q[i], 1e-4f * (1.0f + std::fabs(q[i])));
 }
 
 // K · q for every cached slot: d_k 8 (no lanes: the products added in
