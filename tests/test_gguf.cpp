@@ -98,6 +98,7 @@ ModelConfig llama_config(std::size_t heads, std::size_t kv_heads, bool tied, std
   ModelConfig c = fixtures::model({"", heads, kv_heads, kvcache::PositionEncoding::rope});
   c.tied_lm_head = tied;
   c.d_ff = d_ff;
+  c.numerics = kvcache::Numerics::ggml;  // as load_gguf sets it: a Decoder of the same weights gives its bits
   return c;
 }
 
@@ -173,6 +174,7 @@ TEST_P(GgufRoundTrip, F32AndBf16InPlaceBitIdentical) {
     EXPECT_EQ(g.kv_heads(), c.kv_heads());
     EXPECT_EQ(g.d_ff, c.d_ff);
     EXPECT_EQ(g.max_seq_len, c.max_seq_len);
+    EXPECT_EQ(g.numerics, kvcache::Numerics::ggml);
     EXPECT_EQ(g.tied_lm_head, s.tied);
     EXPECT_EQ(g.rope_base, 10000.0);
     EXPECT_EQ(static_cast<float>(g.norm_eps), 1e-5f);

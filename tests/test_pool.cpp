@@ -99,6 +99,35 @@ TEST(Paged, EqualsContiguousThroughFeedsTruncateAndRollBack) {
     }
 }
 
+// Numerics::ggml (a GGUF model's) sums attention by slot index, whatever
+// runs the slots come in: paged and contiguous give the same bits, in every
+// storage type and block size. Token by token against the whole prompt at
+// once (a prompt's sums use other lanes than a decode step's): close.
+TEST(Paged, GgmlNumericsEqualContiguousBitForBit) {
+  ModelConfig c = rope_model();
+  c.numerics = kvcache::Numerics::ggml;
+  const Decoder<float> d = fixtures::make_decoder<float>(c);
+  const auto t = fixtures::random_tokens(80, c.vocab_size, 6);
+  for (const Storage& s : storages())
+    for (std::size_t B : {1u, 4u, 16u}) {
+      const std::string what = s.name() + " B=" + std::to_string(B);
+      Session<float> paged = d.new_session(s.options(), pool_of(d, s.type, B));
+      Session<float> flat = d.new_session(s.options());
+      std::size_t at = 0;
+      for (std::size_t m : {9u, 1u, 20u, 1u, 1u, 1u}) {
+        const auto part = slice(t, at, at + m);
+        at += m;
+        const Mat got = d.forward(part, paged), want = d.forward(part, flat);
+        ASSERT_TRUE(reference::all_finite(got)) << what;
+        for (Eigen::Index i = 0; i < got.size(); ++i) ASSERT_EQ(got.data()[i], want.data()[i]) << what << " " << at;
+      }
+    }
+  Session<float> one = d.new_session(SessionOptions{}), all = d.new_session(SessionOptions{});
+  const Mat whole = d.forward(slice(t, 0, 40), all, Logits::all);
+  for (std::size_t i = 0; i < 40; ++i)
+    expect_close(d.forward({t[i]}, one), whole.row(static_cast<Eigen::Index>(i)), "token " + std::to_string(i));
+}
+
 // Learned positions and a double decoder: the same paged path.
 TEST(Paged, LearnedPositionsAndEveryVariant) {
   for (const auto& v : fixtures::variants()) {

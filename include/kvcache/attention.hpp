@@ -20,14 +20,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "detail/ggml_math.hpp"
 #include "detail/io.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
@@ -71,7 +74,8 @@ struct AttentionScratch {
   // of the softmax add in the same order: a reused session gives bit for bit
   // what a fresh one gives.
   Vector<T> S;
-  // Per thread, kTile × d_k keys or values of a compact cache converted to T.
+  // Per thread, kTile × d_k keys or values of a compact cache converted to
+  // T, then (Numerics::ggml) kValueLaneRows × d_k lanes of P · V's sums.
   Vector<T> tile;
   // Re-based sinks only: Q before RoPE (rows × d_model), a re-based run's row
   // then rotated to its place in the window.
@@ -105,6 +109,11 @@ void masked_softmax(Row&& row, Eigen::Index n_valid) {
 constexpr std::size_t kTile = 64;
 
 inline std::size_t scores_stride(std::size_t n) { return (n + 15) / 16 * 16; }
+
+// One thread's tile: kTile rows of keys or values, then ggml's lanes.
+inline std::size_t tile_size(const AttentionConfig& c) {
+  return (kTile + (c.numerics == Numerics::ggml ? kValueLaneRows : 0)) * c.d_k();
+}
 
 // One layer's attention over a batch; see the top of the file.
 template <typename T>
@@ -140,7 +149,7 @@ class Attention {
     // reallocates only when the size doubles.
     const auto needed = static_cast<Eigen::Index>(threads * s.region);
     if (s.S.size() < needed) resize_buffer(s.S, std::max(needed, 2 * s.S.size()), 1);
-    resize_buffer(s.tile, static_cast<Eigen::Index>(threads * kTile * c.d_k()), 1);
+    resize_buffer(s.tile, static_cast<Eigen::Index>(threads * tile_size(c)), 1);
     s.active.reserve(s.seqs.size());
   }
 
@@ -209,7 +218,7 @@ class Attention {
     const std::size_t H = c_.n_heads;
     parallel_slices(s_.active.size() * H, threads, 1, [&](std::size_t begin, std::size_t end, std::size_t slot) {
       T* scores = s_.S.data() + slot * s_.region;
-      T* tile = s_.tile.data() + slot * kTile * c_.d_k();
+      T* tile = s_.tile.data() + slot * tile_size(c_);
       for (std::size_t u = begin; u < end;) {
         const std::size_t b = s_.active[u / H], h_begin = u % H, h_end = std::min(H, h_begin + (end - u));
         attend_heads(s_.seqs[b], s_.seqs[b].runs[k], h_begin, h_end, scores, tile);
@@ -247,17 +256,28 @@ class Attention {
 
       // Divided after the product, as the formula reads: a scaled Q_h
       // would make Eigen copy it into a temporary on every decode step.
-      key_products(Q_h, *q.rows, g, 0, n, S, tile);
+      // Row i sees the slots [0, first_masked + i) (all of them in decode).
+      const std::size_t first_masked = rows == 1 ? SIZE_MAX : n - rows + 1;
+      key_products(Q_h, *q.rows, g, 0, n, S, tile, first_masked);
       if (run.rebased) {
         // The sinks sit at the start of the window: their scores use the
         // query rotated to its place in the window, not in the sequence.
         const ConstStridedMap Q_w(s_.Q_unrotated.data() + at, q_rows, static_cast<Eigen::Index>(d_k),
                                   Eigen::OuterStride<>(q_stride));
-        key_products(Q_w, *q.rows, g, 0, q.table->window().sinks, S, tile);
+        key_products(Q_w, *q.rows, g, 0, q.table->window().sinks, S, tile, first_masked);
       }
+      const auto n_valid = [&](Eigen::Index i) { return static_cast<Eigen::Index>(n - rows) + (rows == 1 ? 0 : i) + 1; };
+      if constexpr (std::is_same_v<T, float>)
+        if (ggml()) {
+          for (Eigen::Index i = 0; i < q_rows; ++i)
+            softmax_like_ggml(&S(i, 0), static_cast<std::size_t>(n_valid(i)), n, 1.0f / sqrt_d_k);
+          // ggml's P · V: ggml_vec_dot_f32's lanes for one token, tinyBLAS's for more.
+          value_sums_like_ggml(S, *q.rows, g, n, O_h, tile, rows == 1 ? 64 : 16, first_masked);
+          h += heads;
+          continue;
+        }
       S /= sqrt_d_k;
-      for (Eigen::Index i = 0; i < q_rows; ++i)
-        masked_softmax(S.row(i), static_cast<Eigen::Index>(n - rows) + (rows == 1 ? 0 : i) + 1);
+      for (Eigen::Index i = 0; i < q_rows; ++i) masked_softmax(S.row(i), n_valid(i));
       value_sums(S, *q.rows, g, n, O_h, tile);
       h += heads;
     }
@@ -270,8 +290,10 @@ class Attention {
   // row (decode without grouped heads) takes a dot product per slot: setting
   // up Eigen's gemv for each 16-slot block of a paged cache took 13% of a
   // batch-8 decode step (perf, stories15M shape); value_sums likewise.
+  // Numerics::ggml: one product per row and slot, none for the masked ones
+  // (row r's slots from first_masked + r on; softmax sets them to 0).
   void key_products(const ConstStridedMap& Q_h, const KVRows<T>& kv, std::size_t g, std::size_t begin,
-                    std::size_t end, StridedMap& S, T* tile) const {
+                    std::size_t end, StridedMap& S, T* tile, std::size_t first_masked) const {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
     const bool f32 = kv.type() == StorageType::f32;
     for (std::size_t j = begin; j < end;) {
@@ -281,6 +303,17 @@ class Attention {
       if (!f32) kv.load(KVRows<T>::kKeys, g, j, count, tile);
       const Eigen::Map<const Matrix<T>> K_run(K, static_cast<Eigen::Index>(count), d_k);
       auto S_run = S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count));
+      if constexpr (std::is_same_v<T, float>)
+        if (ggml()) {
+          for (Eigen::Index r = 0; r < Q_h.rows(); ++r) {
+            const std::size_t valid = first_masked == SIZE_MAX ? SIZE_MAX : first_masked + static_cast<std::size_t>(r);
+            const auto c_end = static_cast<Eigen::Index>(valid <= j ? 0 : std::min(count, valid - j));
+            for (Eigen::Index c = 0; c < c_end; ++c)
+              S_run(r, c) = dot_like_ggml(K_run.row(c).data(), Q_h.row(r).data(), static_cast<std::size_t>(d_k));
+          }
+          j += count;
+          continue;
+        }
       if (Q_h.rows() == 1)
         for (Eigen::Index c = 0; c < K_run.rows(); ++c) S_run(0, c) = Q_h.row(0).dot(K_run.row(c));
       else
@@ -314,6 +347,36 @@ class Attention {
     }
   }
 
+  // O_h = P · V_g as ggml sums it (ValueLanes, L lanes), up to
+  // rows_at_once() rows of P at a time, each reading the slots as
+  // value_sums does. Masked slots (P = 0) are skipped: ggml's
+  // fma(0, v, acc) leaves acc as it is.
+  void value_sums_like_ggml(const StridedMap& P, const KVRows<T>& kv, std::size_t g, std::size_t n, StridedMap& O_h,
+                            T* tile, std::size_t L, std::size_t first_masked) const {
+    const std::size_t d_k = c_.d_k();
+    const bool f32 = kv.type() == StorageType::f32;
+    ValueLanes lanes(tile + kTile * d_k, L, d_k);
+    for (Eigen::Index r0 = 0; r0 < P.rows(); r0 += static_cast<Eigen::Index>(lanes.rows_at_once())) {
+      const Eigen::Index r1 = std::min(P.rows(), r0 + static_cast<Eigen::Index>(lanes.rows_at_once()));
+      lanes.clear(static_cast<std::size_t>(r1 - r0));
+      for (std::size_t j = 0; j < n;) {
+        std::size_t count = std::min(n - j, kv.contiguous(j));
+        if (!f32) count = std::min(count, kTile);
+        const T* V = f32 ? reinterpret_cast<const T*>(kv.at(KVRows<T>::kValues, g, j)) : tile;
+        if (!f32) kv.load(KVRows<T>::kValues, g, j, count, tile);
+        for (Eigen::Index r = r0; r < r1; ++r) {
+          const std::size_t valid = first_masked == SIZE_MAX ? n : first_masked + static_cast<std::size_t>(r);
+          for (std::size_t c = 0; c < count && j + c < valid; ++c)
+            lanes.add(static_cast<std::size_t>(r - r0), j + c, P(r, static_cast<Eigen::Index>(j + c)), V + c * d_k);
+        }
+        j += count;
+      }
+      for (Eigen::Index r = r0; r < r1; ++r) lanes.fold_into(static_cast<std::size_t>(r - r0), &O_h(r, 0));
+    }
+  }
+
+  bool ggml() const { return c_.numerics == Numerics::ggml; }
+
   const AttentionConfig c_;
   const AttentionWeights<T>& w_;
   const Rope<T>* rope_;
@@ -334,7 +397,7 @@ class MultiHeadAttentionWithCache {
       : config_(config), weights_(std::move(weights)) {
     config_.validate();
     check_weights(config_, weights_);
-    if (config_.positions == PositionEncoding::rope) rope_ = detail::Rope<T>(config_.d_k(), config_.rope_base);
+    if (config_.positions == PositionEncoding::rope) rope_ = detail::Rope<T>(config_.d_k(), config_.rope_base, config_.numerics);
   }
 
   const AttentionConfig& config() const { return config_; }

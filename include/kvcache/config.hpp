@@ -39,6 +39,15 @@ enum class MlpKind {
   swiglu,  // W_2 · (silu(W_1 x) ⊙ W_3 x)  (Llama)
 };
 
+// The order of the floating-point operations between the matrix products
+// (norms, RoPE, attention's scores, softmax and sums, SwiGLU), which decides
+// the last bits of every value. kvcache: its own (for RMSNorm and RoPE,
+// llama2.c's, so a llama2.c checkpoint gives llama2.c's bits). ggml: as
+// llama.cpp's CPU backend computes them (detail/ggml_math.hpp; float models
+// only): what load_gguf sets, so that a GGUF file's greedy ids are
+// llama.cpp's. Both are the same math; ggml's is slower in attention.
+enum class Numerics { kvcache, ggml };
+
 inline const char* to_string(PositionEncoding p) {
   const char* const names[] = {"none", "learned", "rope"};  // in the enum's order
   const auto i = static_cast<std::size_t>(p);
@@ -84,6 +93,7 @@ struct AttentionConfig {
   PositionEncoding positions = PositionEncoding::none;  // only rope matters here
   double rope_base = 10000.0;
   std::size_t max_seq_len = 0;  // positions are in [0, max_seq_len)
+  Numerics numerics = Numerics::kvcache;
 
   std::size_t d_k() const { return d_model / n_heads; }
   std::size_t kv_dim() const { return n_kv_heads * d_k(); }
@@ -118,13 +128,14 @@ struct ModelConfig {
   double norm_eps = 1e-5;
   MlpKind mlp = MlpKind::gelu;
   bool tied_lm_head = true;  // logits = E · x with the token embedding E
+  Numerics numerics = Numerics::kvcache;
 
   std::size_t kv_heads() const { return n_kv_heads == 0 ? n_heads : n_kv_heads; }
   std::size_t d_k() const { return d_model / n_heads; }
   std::size_t kv_dim() const { return kv_heads() * d_k(); }
 
   AttentionConfig attention() const {
-    return {d_model, n_heads, kv_heads(), positions, rope_base, max_seq_len};
+    return {d_model, n_heads, kv_heads(), positions, rope_base, max_seq_len, numerics};
   }
 
   void validate() const {

@@ -39,7 +39,7 @@ class Decoder {
     store(weights, weight_type);
     m_.config = config;
     m_.w = std::move(weights);
-    if (config.positions == PositionEncoding::rope) m_.rope.emplace(config.d_k(), config.rope_base);
+    if (config.positions == PositionEncoding::rope) m_.rope.emplace(config.d_k(), config.rope_base, config.numerics);
   }
 
   const ModelConfig& config() const { return m_.config; }

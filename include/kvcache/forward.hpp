@@ -33,7 +33,7 @@
 #include "detail/io.hpp"
 #include "detail/parallel.hpp"
 #include "detail/resize.hpp"
-#include "detail/silu.hpp"
+#include "detail/ggml_math.hpp"
 #include "session.hpp"
 
 namespace kvcache {
@@ -254,6 +254,11 @@ class Forward {
     const T eps = static_cast<T>(c_.norm_eps);
     const T n = static_cast<T>(x.cols());
     for (Eigen::Index i = 0; i < x.rows(); ++i) {
+      if constexpr (std::is_same_v<T, float>)
+        if (c_.numerics == Numerics::ggml && c_.norm == NormKind::rms_norm) {
+          rms_norm_like_ggml(&x(i, 0), w.gamma.data(), out.row(i).data(), static_cast<std::size_t>(x.cols()), eps);
+          continue;
+        }
       if (c_.norm == NormKind::rms_norm) {
         const T inv_rms = T(1) / std::sqrt(x.row(i).squaredNorm() / n + eps);
         out.row(i) = w.gamma.transpose().cwiseProduct(inv_rms * x.row(i));
@@ -282,7 +287,7 @@ class Forward {
       if (swiglu) {
         linear_rows<T>(w_.normed, w.W_3, no_bias, w_.gate, h0, h0 + hn);
         const auto g = w_.gate.middleCols(h0, hn).array();
-        if (w.W_1.external())  // a GGUF file's model: as llama.cpp computes it
+        if (c_.numerics == Numerics::ggml)
           for (Eigen::Index t = 0; t < a.rows(); ++t)
             swiglu_like_ggml(w_.hidden.row(t).data() + h0, w_.gate.row(t).data() + h0, h0, hn, w.W_1.rows());
         else  // silu(a) · g = a · σ(a) · g

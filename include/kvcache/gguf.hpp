@@ -635,6 +635,7 @@ inline ModelConfig gguf_llama_config(const GgufFile& f, const LoadLimits& limits
   c.norm_eps = *eps;
   c.mlp = MlpKind::swiglu;
   c.tied_lm_head = f.find_tensor("output.weight") == nullptr;
+  c.numerics = Numerics::ggml;  // llama.cpp's bits, so that greedy ids are its ids
   detail::refuse_unsupported_llama(f, c);
 
   std::uint64_t parameters = 0;

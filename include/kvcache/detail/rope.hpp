@@ -7,18 +7,27 @@
 
 #include <Eigen/Core>
 
+#include "../config.hpp"
+#include "ggml_math.hpp"
+
 namespace kvcache::detail {
 
 // Rotates consecutive pairs (2j, 2j+1) of every d_k-wide head by the angle
-// pos · base^(-2j / d_k), as llama2.c does.
+// pos · base^(-2j / d_k).
 //
-// The angles are computed in the compute type T, not in double: for float this
-// is bit for bit what llama2.c, and the PyTorch models its checkpoints come
-// from, compute, so greedy outputs match theirs exactly.
+// Numerics::kvcache computes it as llama2.c does: the angles in the compute
+// type T, not in double: for float this is bit for bit what llama2.c, and
+// the PyTorch models its checkpoints come from, compute, so greedy outputs
+// match theirs exactly. Numerics::ggml as ggml does: pos · s^j with s =
+// base^(-2 / d_k), the powers by repeated multiplication, and the rotation
+// of rotate_like_ggml.
 template <typename T>
 class Rope {
  public:
-  Rope(std::size_t d_k, double base) : inv_freq_(d_k / 2) {
+  Rope(std::size_t d_k, double base, Numerics numerics = Numerics::kvcache)
+      : inv_freq_(d_k / 2),
+        ggml_(numerics == Numerics::ggml),
+        ggml_scale_(std::pow(static_cast<T>(base), T(-2) / static_cast<T>(d_k))) {
     for (std::size_t j = 0; j < inv_freq_.size(); ++j)
       inv_freq_[j] = T(1) / std::pow(static_cast<T>(base), static_cast<T>(2 * j) / static_cast<T>(d_k));
   }
@@ -30,11 +39,17 @@ class Rope {
     const auto n_heads = static_cast<std::size_t>(X.cols()) / d_k;
     for (Eigen::Index i = 0; i < X.rows(); ++i) {
       const T pos = static_cast<T>(first_pos + static_cast<std::size_t>(i));
+      T ggml_angle = pos;
       for (std::size_t j = 0; j < half; ++j) {
-        const T angle = pos * inv_freq_[j];
+        const T angle = ggml_ ? ggml_angle : pos * inv_freq_[j];
         const T c = std::cos(angle), s = std::sin(angle);
+        ggml_angle *= ggml_scale_;
         for (std::size_t h = 0; h < n_heads; ++h) {
           const auto col = static_cast<Eigen::Index>(h * d_k + 2 * j);
+          if (ggml_) {
+            rotate_like_ggml(&X(i, col), c, s);
+            continue;
+          }
           const T x0 = X(i, col), x1 = X(i, col + 1);
           X(i, col) = x0 * c - x1 * s;
           X(i, col + 1) = x0 * s + x1 * c;
@@ -45,6 +60,8 @@ class Rope {
 
  private:
   std::vector<T> inv_freq_;
+  bool ggml_;
+  T ggml_scale_;
 };
 
 }  // namespace kvcache::detail
