@@ -1129,8 +1129,13 @@ void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>
   float* d_w = grown(a.d_w, static_cast<std::size_t>(16 * nb));
   unsigned char* pad = grown(a.w, static_cast<std::size_t>(16 * row));
   amx_configure(32, 8);
+  const unsigned char* stored_w = q4 ? W.q4_0() : W.q8_0();
   for (Eigen::Index i = begin; i < end; i += 16) {
     const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
+    // The next 16 rows into L2 while these multiply (one pass over W, whose
+    // short runs of rows the hardware's prefetchers do not foresee).
+    for (Eigen::Index o = 0; o < std::min<Eigen::Index>(16, end - i - 16) * stored; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(stored_w + (i + 16) * stored + o), _MM_HINT_T1);
     if (q4) {
       amx_unpack_q4_0(W.q4_0() + i * stored, stored, rows, nb, reinterpret_cast<std::int8_t*>(pad), d_w);
       amx_q8_0_rows(pad, nb * 32, 32, nb, a, d_w, Y, m, i, rows);
