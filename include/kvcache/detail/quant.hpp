@@ -26,9 +26,10 @@
 // otherwise (same bits: the same lanes, the same fused multiply-adds).
 // Prefill (m >= kFewTokens) rounds or quantizes x the same way and forms the
 // same products, summed in another order:
-//   q4_0: rows a multiple of 8 on AMX (tiles of rows unpacked to q8_0
-//     blocks: q − 8, the same scales), whose per-block sums and order are
-//     decode's: decode's bits; else decode's kernel for every token.
+//   q4_0: rows a multiple of 8 on AMX (16 rows at a time unpacked once to
+//     int8 q − 8 and reused by every tile of tokens), whose per-block sums
+//     and order are decode's: decode's bits; else decode's kernel for every
+//     token.
 //   AMX (a CPU with the tile unit, on Linux): q8_0 per block an exact int32
 //     sum over 16 rows × 16 tokens, then acc = fma(d_w · d_x, sum, acc);
 //     bf16 and f16 (each split exactly into two bfloat16s) on the unit's
@@ -899,19 +900,6 @@ void q8_0_rows_tokens(const unsigned char* w, Eigen::Index row, Eigen::Index nb,
   }
 }
 
-// rows q4_0 rows of nb blocks (`stride` bytes apart) as q8_0 rows of nb · 34
-// bytes at out: the same scales, q − 8 as int8.
-inline void q4_0_to_q8_0(const unsigned char* w, std::ptrdiff_t stride, Eigen::Index rows, Eigen::Index nb,
-                         unsigned char* out) {
-  for (Eigen::Index r = 0; r < rows; ++r)
-    for (Eigen::Index b = 0; b < nb; ++b, out += 34) {
-      const unsigned char* block = w + r * stride + b * 18;
-      out[0] = block[0];
-      out[1] = block[1];
-      q4_0_unpack(block, reinterpret_cast<std::int8_t*>(out + 2));
-    }
-}
-
 // Many tokens, q8_0: the int8 products of decode, R rows × K tokens at a time.
 template <typename T>
 void q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m, Eigen::Index begin,
@@ -1000,69 +988,136 @@ inline void amx_q8_0_accumulate(const std::int32_t* c, const float* d_w, Eigen::
   }
 }
 
-// acc[r] lane tt into Y(16·g + tt, i + r), rows < `rows`, tokens < m.
-template <typename T>
-void amx_store(const __m512* acc, Matrix<T>& Y, Eigen::Index g, Eigen::Index m, Eigen::Index i, Eigen::Index rows) {
-  for (Eigen::Index r = 0; r < rows; ++r) {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, acc[r]);
-    for (Eigen::Index tt = 0; tt < 16 && 16 * g + tt < m; ++tt) Y(16 * g + tt, i + r) = static_cast<T>(lanes[tt]);
+// The 16 × 16 floats v[r] lane c, transposed in place: v[c] lane r.
+inline void amx_transpose(__m512* v) {
+  __m512 t[16];
+  for (int r = 0; r < 16; r += 2) {  // pairs of rows: 2 × 2 blocks of floats
+    t[r] = _mm512_unpacklo_ps(v[r], v[r + 1]);
+    t[r + 1] = _mm512_unpackhi_ps(v[r], v[r + 1]);
+  }
+  for (int r = 0; r < 16; r += 4)  // 4 × 4 blocks: 64-bit pairs
+    for (int h = 0; h < 2; ++h) {
+      const __m512d a = _mm512_castps_pd(t[r + h]), b = _mm512_castps_pd(t[r + h + 2]);
+      v[r + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      v[r + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int r = 0; r < 16; r += 8)  // 8 × 8 blocks: 128-bit lanes 0 2 | 1 3
+    for (int h = 0; h < 4; ++h) {
+      t[r + h] = _mm512_shuffle_f32x4(v[r + h], v[r + h + 4], 0x88);
+      t[r + h + 4] = _mm512_shuffle_f32x4(v[r + h], v[r + h + 4], 0xDD);
+    }
+  for (int h = 0; h < 8; ++h) {  // 16 × 16: lanes 0 2 | 1 3 again
+    v[h] = _mm512_shuffle_f32x4(t[h], t[h + 8], 0x88);
+    v[h + 8] = _mm512_shuffle_f32x4(t[h], t[h + 8], 0xDD);
   }
 }
 
-// 16 rows of W at w (q8_0 rows of `row` bytes; their scales d_w, 16 × nb)
-// times every token: Y's columns [i, i + rows).
+// acc[r] lane tt into Y(16·g + tt, i + r), rows < `rows`, tokens < m:
+// transposed, a row of Y (16 columns) at a time.
 template <typename T>
-void amx_q8_0_rows(const unsigned char* w, Eigen::Index row, Eigen::Index nb, const AmxScratch& a, const float* d_w,
-                   Matrix<T>& Y, Eigen::Index m, Eigen::Index i, Eigen::Index rows) {
-  alignas(64) std::int32_t c[4][256];
+void amx_store(__m512* acc, Matrix<T>& Y, Eigen::Index g, Eigen::Index m, Eigen::Index i, Eigen::Index rows) {
+  amx_transpose(acc);
+  const auto mask = static_cast<__mmask16>((1u << rows) - 1);
+  for (Eigen::Index tt = 0; tt < 16 && 16 * g + tt < m; ++tt) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_mask_storeu_ps(&Y(16 * g + tt, i), mask, acc[tt]);
+    } else {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, acc[tt]);
+      for (Eigen::Index r = 0; r < rows; ++r) Y(16 * g + tt, i + r) = static_cast<T>(lanes[r]);
+    }
+  }
+}
+
+// Blocks b … b + count − 1 (count <= 4) of 16 rows of W at w_b (32 int8
+// values each, `block` bytes apart in a row, rows `row` bytes apart) times
+// their B tiles at x: tiles 0 … count − 1.
+// Written out four times: the tile instructions take their registers as
+// literal numbers (g++ pastes them into the assembly text), so neither a loop
+// nor a template can.
+inline void amx_q8_0_dots(const unsigned char* w_b, Eigen::Index row, Eigen::Index block, const unsigned char* x,
+                          Eigen::Index count) {
+  _tile_loadd(4, w_b, row);
+  _tile_loadd(6, x, 64);
+  _tile_zero(0);
+  _tile_dpbssd(0, 4, 6);
+  if (count > 1) {
+    _tile_loadd(5, w_b + block, row);
+    _tile_loadd(7, x + 512, 64);
+    _tile_zero(1);
+    _tile_dpbssd(1, 5, 7);
+  }
+  if (count > 2) {
+    _tile_loadd(4, w_b + 2 * block, row);
+    _tile_loadd(6, x + 1024, 64);
+    _tile_zero(2);
+    _tile_dpbssd(2, 4, 6);
+  }
+  if (count > 3) {
+    _tile_loadd(5, w_b + 3 * block, row);
+    _tile_loadd(7, x + 1536, 64);
+    _tile_zero(3);
+    _tile_dpbssd(3, 5, 7);
+  }
+}
+
+// Tiles 0 … count − 1 into c[0] … c[count − 1].
+inline void amx_store_sums(std::int32_t (*c)[256], Eigen::Index count) {
+  _tile_stored(0, c[0], 64);
+  if (count > 1) _tile_stored(1, c[1], 64);
+  if (count > 2) _tile_stored(2, c[2], 64);
+  if (count > 3) _tile_stored(3, c[3], 64);
+}
+
+// 16 rows of W's int8 values at w (block b of row r at w + r·row + b·block;
+// their scales d_w, 16 × nb) times every token: Y's columns [i, i + rows). Four blocks at a time; the
+// tile unit multiplies the next four while the vector unit scales and adds
+// the sums of the last four (two buffers c).
+template <typename T>
+void amx_q8_0_rows(const unsigned char* w, Eigen::Index row, Eigen::Index block, Eigen::Index nb, const AmxScratch& a,
+                   const float* d_w, Matrix<T>& Y, Eigen::Index m, Eigen::Index i, Eigen::Index rows) {
+  alignas(64) std::int32_t c[2][4][256];
   for (Eigen::Index g = 0; g < (m + 15) / 16; ++g) {
     __m512 acc[16];
     for (auto& v : acc) v = _mm512_setzero_ps();
     const unsigned char* x = a.x.data() + g * nb * 512;
-    for (Eigen::Index b = 0; b < nb; b += 4) {
-      const Eigen::Index count = std::min<Eigen::Index>(4, nb - b);
-      const unsigned char* w_b = w + b * 34 + 2;
-      // Blocks b … b + 3 into tiles 0 … 3, written out four times: the tile
-      // instructions take their registers as literal numbers (g++ pastes
-      // them into the assembly text), so neither a loop nor a template can.
-      _tile_loadd(4, w_b, row);
-      _tile_loadd(6, x + b * 512, 64);
-      _tile_zero(0);
-      _tile_dpbssd(0, 4, 6);
-      if (count > 1) {
-        _tile_loadd(5, w_b + 34, row);
-        _tile_loadd(7, x + (b + 1) * 512, 64);
-        _tile_zero(1);
-        _tile_dpbssd(1, 5, 7);
-      }
-      if (count > 2) {
-        _tile_loadd(4, w_b + 68, row);
-        _tile_loadd(6, x + (b + 2) * 512, 64);
-        _tile_zero(2);
-        _tile_dpbssd(2, 4, 6);
-      }
-      if (count > 3) {
-        _tile_loadd(5, w_b + 102, row);
-        _tile_loadd(7, x + (b + 3) * 512, 64);
-        _tile_zero(3);
-        _tile_dpbssd(3, 5, 7);
-      }
-      _tile_stored(0, c[0], 64);
-      if (count > 1) _tile_stored(1, c[1], 64);
-      if (count > 2) _tile_stored(2, c[2], 64);
-      if (count > 3) _tile_stored(3, c[3], 64);
-      for (Eigen::Index u = 0; u < count; ++u)
-        amx_q8_0_accumulate(c[u], d_w + b + u, nb, a.d_x.data() + (g * nb + b + u) * 16, acc);
+    const float* d_x = a.d_x.data() + g * nb * 16;
+    for (Eigen::Index b = 0; b < nb + 4; b += 4) {
+      if (b < nb) amx_q8_0_dots(w + b * block, row, block, x + b * 512, std::min<Eigen::Index>(4, nb - b));
+      if (b > 0)
+        for (Eigen::Index u = b - 4; u < std::min(b, nb); ++u)
+          amx_q8_0_accumulate(c[(b / 4 - 1) & 1][u - (b - 4)], d_w + u, nb, d_x + u * 16, acc);
+      if (b < nb) amx_store_sums(c[(b / 4) & 1], std::min<Eigen::Index>(4, nb - b));
     }
     amx_store(acc, Y, g, m, i, rows);
   }
 }
 
+// Rows [0, rows) of a q4_0 matrix at w (`stride` bytes apart) as 16 rows of
+// nb·32 int8 values q − 8 at out, their scales at d_w (16 × nb); rows past
+// `rows`: zeros. With AVX-512 two blocks at a time.
+inline void amx_unpack_q4_0(const unsigned char* w, Eigen::Index stride, Eigen::Index rows, Eigen::Index nb,
+                            std::int8_t* out, float* d_w) {
+  for (Eigen::Index r = 0; r < 16; ++r, out += nb * 32, d_w += nb, w += stride) {
+    if (r >= rows) {
+      std::memset(out, 0, static_cast<std::size_t>(nb * 32));
+      std::fill(d_w, d_w + nb, 0.0f);
+      continue;
+    }
+    Eigen::Index b = 0;
+#if defined(KVCACHE_QUANT_Q8_AVX512)
+    for (; b + 2 <= nb; b += 2)
+      _mm512_storeu_si512(out + b * 32, _mm512_sub_epi8(q4_0_pair_nibbles(w + b * 18, w + b * 18 + 18), _mm512_set1_epi8(8)));
+#endif
+    for (; b < nb; ++b) q4_0_unpack(w + b * 18, out + b * 32);
+    for (b = 0; b < nb; ++b) d_w[b] = q8_0_scale(w + b * 18);
+  }
+}
+
 // Many tokens, q8_0 or q4_0, on the tile unit: rows [begin, end), 16 at a
 // time (the last ones copied into a zero-padded tile; q4_0 rows unpacked to
-// q8_0 first, whose per-block sums and fused multiply-adds are then those
-// of q4_0's decode: its bits).
+// int8 q − 8 first, whose per-block sums and fused multiply-adds are then
+// those of q4_0's decode: its bits).
 template <typename T>
 void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>& Y, Eigen::Index m,
                       Eigen::Index begin, Eigen::Index end) {
@@ -1072,22 +1127,29 @@ void amx_q8_0_prefill(const WeightMatrix<T>& W, const QuantScratch& s, Matrix<T>
   const auto stored = static_cast<Eigen::Index>(row_bytes<T>(W.type(), static_cast<std::size_t>(W.cols())));
   amx_pack_q8_0_x(s, m, nb, a);
   float* d_w = grown(a.d_w, static_cast<std::size_t>(16 * nb));
+  unsigned char* pad = grown(a.w, static_cast<std::size_t>(16 * row));
   amx_configure(32, 8);
+  const unsigned char* stored_w = q4 ? W.q4_0() : W.q8_0();
   for (Eigen::Index i = begin; i < end; i += 16) {
     const Eigen::Index rows = std::min<Eigen::Index>(16, end - i);
-    const unsigned char* w = q4 ? W.q4_0() + i * stored : W.q8_0() + i * row;
-    if (rows < 16 || q4) {
-      unsigned char* pad = grown(a.w, static_cast<std::size_t>(16 * row));
-      if (q4)
-        q4_0_to_q8_0(w, stored, rows, nb, pad);
-      else
-        std::memcpy(pad, w, static_cast<std::size_t>(rows * row));
+    // The next 16 rows into L2 while these multiply (one pass over W, whose
+    // short runs of rows the hardware's prefetchers do not foresee).
+    for (Eigen::Index o = 0; o < std::min<Eigen::Index>(16, end - i - 16) * stored; o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(stored_w + (i + 16) * stored + o), _MM_HINT_T1);
+    if (q4) {
+      amx_unpack_q4_0(W.q4_0() + i * stored, stored, rows, nb, reinterpret_cast<std::int8_t*>(pad), d_w);
+      amx_q8_0_rows(pad, nb * 32, 32, nb, a, d_w, Y, m, i, rows);
+      continue;
+    }
+    const unsigned char* w = W.q8_0() + i * row;
+    if (rows < 16) {
+      std::memcpy(pad, w, static_cast<std::size_t>(rows * row));
       std::memset(pad + rows * row, 0, static_cast<std::size_t>((16 - rows) * row));
       w = pad;
     }
     for (Eigen::Index r = 0; r < 16; ++r)
       for (Eigen::Index b = 0; b < nb; ++b) d_w[r * nb + b] = r < rows ? q8_0_scale(w + r * row + b * 34) : 0.0f;
-    amx_q8_0_rows(w, row, nb, a, d_w, Y, m, i, rows);
+    amx_q8_0_rows(w + 2, row, 34, nb, a, d_w, Y, m, i, rows);
   }
   _tile_release();
 }
