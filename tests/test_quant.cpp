@@ -563,6 +563,67 @@ TEST(QuantKernels, PortableLoopsMatchTheVectorKernels) {
   }
 }
 
+WeightMatrix<float> external_copy(const WeightMatrix<float>& W);  // below
+
+// ggml_vec_dot_bf16 with AVX512-BF16, written out with scalars: per 64
+// values, lane l of the first accumulator takes values 2l + 1 then 2l of
+// the first 32, of the second of the next 32, each a fused multiply-add
+// with subnormal inputs and results flushed to zero (VDPBF16PS); each
+// accumulator summed by halves, both added in double, then the tail.
+float ggml_bf16_dot(const std::uint16_t* w, const float* x, int n) {
+  const auto flush = [](float v) { return std::fabs(v) < std::numeric_limits<float>::min() ? std::copysign(0.0f, v) : v; };
+  float c[2][16] = {};
+  int j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int h = 0; h < 2; ++h)
+      for (int l = 0; l < 16; ++l)
+        for (const int i : {j + 32 * h + 2 * l + 1, j + 32 * h + 2 * l})
+          c[h][l] = flush(std::fma(flush(kd::from_bf16(w[i])), flush(x[i]), c[h][l]));
+  double sum = 0.0;
+  for (auto& a : c) {
+    for (int half = 8; half >= 1; half /= 2)
+      for (int l = 0; l < half; ++l) a[l] = a[l] + a[l + half];
+    sum += static_cast<double>(a[0]);
+  }
+  for (; j < n; ++j) sum += static_cast<double>(kd::from_bf16(w[j]) * x[j]);
+  return static_cast<float>(sum);
+}
+
+// bf16 weights in a file's memory, x rounded to bf16: ggml_bf16_dot's bits,
+// whole chunks of 64 and tails, with the vector kernel (AVX512-BF16) or the
+// portable loop; subnormal weights and inputs among them.
+TEST(QuantKernels, Bf16DecodeSumsAsGgmlsDotInstruction) {
+  for (const int n : {32, 64, 100, 768}) {
+    Matrix<float> M = random_matrix(5, n, 31);
+    M(1, 3) = 1e-39f;  // subnormal: flushed by VDPBF16PS
+    M(2, 0) = -3e-39f;
+    M.row(3) *= 1e-19f;  // with token 2's x, products near and below the smallest normal float
+    M.row(4) *= 1e-39f;  // every weight subnormal
+    WeightMatrix<float> W = M;
+    W.convert_to(WeightType::bf16);
+    const WeightMatrix<float> We = external_copy(W);
+    Matrix<float> X = random_matrix(3, n, 32) * 2.0f;
+    X(0, 5) = 2e-39f;
+    X(1, 1) = 1e-20f;
+    X.row(2) *= 1e-19f;
+    Matrix<float> Y(3, 5);
+    const Vector<float> none;
+    kd::linear<float>(X, {{We, none, Y}}, 1);
+    std::vector<float> xb(static_cast<std::size_t>(n));
+    for (Eigen::Index t = 0; t < 3; ++t) {
+      for (int j = 0; j < n; ++j) xb[static_cast<std::size_t>(j)] = kd::from_bf16(kd::float_to_bf16(X(t, j)));
+      const float* x[1] = {xb.data()};
+      for (Eigen::Index i = 0; i < 5; ++i) {
+        const float want = ggml_bf16_dot(We.bf16().data() + i * n, xb.data(), n);
+        ASSERT_EQ(bits(Y(t, i)), bits(want)) << n << " " << t << " " << i;
+        float portable;
+        kd::bf16_row_portable<1>(We.bf16().data() + i * n, n, x, &portable);
+        ASSERT_EQ(bits(portable), bits(want)) << n << " " << t << " " << i;
+      }
+    }
+  }
+}
+
 // ggml's repacked q4_0 product (ggml_gemv_q4_0_8x8_q8_0, what llama.cpp
 // runs on an AVX2 CPU for matrices of a multiple of 8 rows), written out
 // with scalars: per block the exact sum of (nibble − 8) · x, then

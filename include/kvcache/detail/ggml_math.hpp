@@ -149,11 +149,10 @@ inline void rms_norm_like_ggml(const float* x, const float* gamma, float* y, std
 // The 16 lanes of v summed by halves, as fold_lanes(…, 16, 1) (and g++'s
 // _mm512_reduce_add_ps) adds them.
 inline float fold16(__m512 v) {
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
-  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
-  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+  alignas(64) float a[16];  // (through memory: g++ 12 warns on the extract intrinsics' undefined operands)
+  _mm512_store_ps(a, v);
+  fold_lanes(a, 16, 1);
+  return a[0];
 }
 #endif
 

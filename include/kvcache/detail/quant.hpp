@@ -43,9 +43,8 @@
 // (x = x_hi + x_lo, two bfloat16 products per weight), so its bf16 results
 // are closer to the float32 model's. Except bf16 weights in a GGUF file's
 // memory (WeightMatrix::external()): those compute here as llama.cpp does,
-// x rounded to bfloat16, the products (exact in float) summed as f16's are
-// (ggml sums them with AVX512-BF16's dot instruction or 16-lane fused
-// multiply-adds: the same products in another order).
+// x rounded to bfloat16, the products (exact in float) summed as
+// ggml_vec_dot_bf16 sums them with AVX512-BF16's dot instruction (bf16_row).
 #pragma once
 
 #include <algorithm>
@@ -61,6 +60,7 @@
 #include "../config.hpp"
 #include "../storage.hpp"
 #include "../weights.hpp"
+#include "ggml_math.hpp"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
 #include <immintrin.h>
@@ -100,18 +100,14 @@ namespace detail {
 
 // The 64 lanes of ggml_vec_dot_f16's four AVX-512 accumulators, reduced:
 // lanes (l) + (l + 32), (l + 16) + (l + 48), then those two; 16 → 8 → 4 → 2
-// → 1 by halves (as _mm512_reduce_add_ps); then the tail, in double.
-template <bool Bf16 = false>
-float f16_reduce(const float* lanes, const std::uint16_t* w, const float* x, Eigen::Index j, Eigen::Index n) {
-  float a[16];
-  for (int l = 0; l < 16; ++l) a[l] = (lanes[l] + lanes[l + 32]) + (lanes[l + 16] + lanes[l + 48]);
-  for (int half = 8; half >= 1; half /= 2)
-    for (int l = 0; l < half; ++l) a[l] = a[l + half] + a[l];
+// → 1 by halves (fold_lanes, as _mm512_reduce_add_ps); then the tail, in
+// double.
+inline float f16_reduce(const float* lanes, const std::uint16_t* w, const float* x, Eigen::Index j, Eigen::Index n) {
+  float a[64];
+  std::copy(lanes, lanes + 64, a);
+  fold_lanes(a, 64, 1);
   double sum = a[0];
-  for (; j < n; ++j) {
-    const float p = (Bf16 ? from_bf16(w[j]) : from_f16(w[j])) * x[j];  // exact: two 11- (8-) bit significands
-    sum += static_cast<double>(p);
-  }
+  for (; j < n; ++j) sum += static_cast<double>(from_f16(w[j]) * x[j]);  // exact: two 11-bit significands
   return static_cast<float>(sum);
 }
 
@@ -165,33 +161,65 @@ void f16_row(const std::uint16_t* w, Eigen::Index n, const float* const* x, floa
 #endif
 }
 
-// bf16 weights, x rounded to bf16 (as float): f16_row's lanes and order.
+// bf16 weights, x rounded to bf16 (as float), as ggml_vec_dot_bf16 on a CPU
+// with AVX512-BF16 (its zen4 and Sapphire Rapids builds): per 64 values two
+// accumulators of 16 lanes, the first taking values 0-31, the second 32-63,
+// lane l values 2l + 1 then 2l of its 32 through VDPBF16PS's two fused
+// multiply-adds (subnormal inputs and results flushed to zero); each
+// accumulator summed by halves, the two added in double, then the tail's
+// products (exact in float) one at a time in double.
+inline float flush_subnormal(float v) { return std::fabs(v) < 0x1p-126f ? std::copysign(0.0f, v) : v; }
+
+// One of VDPBF16PS's steps: acc + w · x, rounded once, subnormals flushed.
+inline float dpbf16_step(float acc, float w, float x) {
+  return flush_subnormal(std::fma(flush_subnormal(w), flush_subnormal(x), acc));
+}
+
+inline float bf16_finish(float c0, float c1, const std::uint16_t* w, const float* x, Eigen::Index j, Eigen::Index n) {
+  double sum = 0.0;
+  sum += static_cast<double>(c0);
+  sum += static_cast<double>(c1);
+  for (; j < n; ++j) sum += static_cast<double>(from_bf16(w[j]) * x[j]);  // exact: two 8-bit significands
+  return static_cast<float>(sum);
+}
+
+template <int K>
+void bf16_row_portable(const std::uint16_t* w, Eigen::Index n, const float* const* x, float* y) {
+  float c[K][2][16] = {};
+  Eigen::Index j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (Eigen::Index h = 0; h < 2; ++h)
+      for (Eigen::Index l = 0; l < 16; ++l) {
+        const Eigen::Index i = j + 32 * h + 2 * l;
+        const float w_odd = from_bf16(w[i + 1]), w_even = from_bf16(w[i]);
+        for (int k = 0; k < K; ++k)
+          c[k][h][l] = dpbf16_step(dpbf16_step(c[k][h][l], w_odd, x[k][i + 1]), w_even, x[k][i]);
+      }
+  for (int k = 0; k < K; ++k) {
+    fold_lanes(c[k][0], 16, 1);
+    fold_lanes(c[k][1], 16, 1);
+    y[k] = bf16_finish(c[k][0][0], c[k][1][0], w, x[k], j, n);
+  }
+}
+
 template <int K>
 void bf16_row(const std::uint16_t* w, Eigen::Index n, const float* const* x, float* y) {
-#if defined(KVCACHE_QUANT_F16_AVX512)
-  __m512 acc[K][4];
-  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  __m512 c[K][2];
+  for (int k = 0; k < K; ++k) c[k][0] = c[k][1] = _mm512_setzero_ps();
   Eigen::Index j = 0;
   for (; j + 64 <= n; j += 64)
-    for (int u = 0; u < 4; ++u) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j + 16 * u));
-      const __m512 w_u = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      for (int k = 0; k < K; ++k) acc[k][u] = _mm512_fmadd_ps(w_u, _mm512_loadu_ps(x[k] + j + 16 * u), acc[k][u]);
+    for (int h = 0; h < 2; ++h) {
+      const auto w_h = reinterpret_cast<__m512bh>(_mm512_loadu_si512(w + j + 32 * h));
+      for (int k = 0; k < K; ++k) {
+        const float* x_h = x[k] + j + 32 * h;  // already bf16 values: converting is exact
+        const __m512bh x_bh = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x_h + 16), _mm512_loadu_ps(x_h));
+        c[k][h] = _mm512_dpbf16_ps(c[k][h], w_h, x_bh);
+      }
     }
-  for (int k = 0; k < K; ++k) {
-    alignas(64) float lanes[64];
-    for (int u = 0; u < 4; ++u) _mm512_store_ps(lanes + 16 * u, acc[k][u]);
-    y[k] = f16_reduce<true>(lanes, w, x[k], j, n);
-  }
+  for (int k = 0; k < K; ++k) y[k] = bf16_finish(fold16(c[k][0]), fold16(c[k][1]), w, x[k], j, n);
 #else
-  float lanes[K][64] = {};
-  Eigen::Index j = 0;
-  for (; j + 64 <= n; j += 64)
-    for (int l = 0; l < 64; ++l) {
-      const float w_l = from_bf16(w[j + l]);
-      for (int k = 0; k < K; ++k) lanes[k][l] = std::fma(w_l, x[k][j + l], lanes[k][l]);
-    }
-  for (int k = 0; k < K; ++k) y[k] = f16_reduce<true>(lanes[k], w, x[k], j, n);
+  bf16_row_portable<K>(w, n, x, y);
 #endif
 }
 
