@@ -293,7 +293,17 @@ inline std::shared_ptr<const unsigned char> map_gguf(const std::string& path, st
     ::close(fd);
     io::fail(path, "file is too short for the 24-byte GGUF header (" + std::to_string(size) + " bytes)");
   }
-  void* p = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_PRIVATE, fd, 0);
+  // MAP_POPULATE (Linux): the pages are mapped here, at load, as llama.cpp
+  // maps its files, not faulted in by the first forward pass, where two
+  // threads' faults contend: a 64-token prefill of the 110M q4_0 file on 2
+  // threads had a median of 2085 tok/s (1286-2423) without it, 2252
+  // (2069-2538) with it, 8 runs each, interleaved.
+#if defined(MAP_POPULATE)
+  const int flags = MAP_PRIVATE | MAP_POPULATE;
+#else
+  const int flags = MAP_PRIVATE;
+#endif
+  void* p = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, flags, fd, 0);
   const int error = errno;
   ::close(fd);
   if (p == MAP_FAILED) io::fail(path, "cannot map the file" + io::errno_text(error));
