@@ -20,7 +20,7 @@ max(0.15 s, 5% of its wall time) is marked contaminated and repeated (up to
 3 attempts); every attempt is recorded, the summary uses clean runs only.
 
 usage: bench_gguf.py --kvcache BIN --gguf-dir DIR --model NAME --out RESULTS.jsonl
-                     [--peer DIR --node-llama-cpp-dir DIR] [--types f32,f16,bf16,q8_0]
+                     [--peer DIR --node-llama-cpp-dir DIR] [--types f32,f16,bf16,q8_0,q4_0]
                      [--threads 1,2] [--reps 3] [--prompt-len 64] [--decode 128]
        bench_gguf.py --summarize RESULTS.jsonl   (markdown tables on stdout)
 The GGUF DIR holds NAME.TYPE.gguf for every type.
@@ -193,7 +193,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--peer")
     ap.add_argument("--node-llama-cpp-dir")
-    ap.add_argument("--types", default="f32,f16,bf16,q8_0")
+    ap.add_argument("--types", default="f32,f16,bf16,q8_0,q4_0")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)

@@ -2,12 +2,15 @@
 # scripts/bench_gguf.sh — GGUF speed (issue 14): kvcache-generate on GGUF
 # files of random weights of the stories110M shape (dim 768, hidden 2048,
 # 12 layers, 12 heads, 12 kv heads, vocab 32000, seq 1024, tied classifier)
-# in f32, f16, bf16 and q8_0, decode and prefill at 1 and 2 threads; with
-# KVCACHE_PEER set, llama.cpp on the same files in the same run, interleaved.
+# in f32, f16, bf16, q8_0 and q4_0, decode and prefill at 1 and 2 threads;
+# with KVCACHE_PEER set, llama.cpp on the same files in the same run,
+# interleaved.
 #   1. writes a random llama2.c checkpoint (scripts/random_ckpt.py, seed 14),
-#   2. converts it with the peer's llama2c_to_gguf.py (needs KVCACHE_PEER;
-#      without it, the GGUF files must already be in the GGUF folder),
-#   3. builds kvcache-generate (Release, -DKVCACHE_NATIVE=ON),
+#   2. builds kvcache-generate and gguf_q4_0 (Release, -DKVCACHE_NATIVE=ON),
+#   3. converts the checkpoint with the peer's llama2c_to_gguf.py (needs
+#      KVCACHE_PEER; without it, those GGUF files must already be in the GGUF
+#      folder), and to q4_0 with benchmarks/gguf_q4_0 (the peer's converter
+#      has no q4_0),
 #   4. runs scripts/bench_gguf.py: 3 repetitions of (each type: kvcache, then
 #      llama.cpp), a 64-id prompt then 128 generated ids per run,
 #      OMP_WAIT_POLICY=ACTIVE for kvcache, f32 K/V and flash attention off
@@ -41,6 +44,9 @@ if [[ ! -f "$ckpt" ]]; then
   log "writing $ckpt"
   python3 "$root/scripts/random_ckpt.py" "$ckpt" 768 2048 12 12 12 32000 1024 --seed 14
 fi
+cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DKVCACHE_NATIVE=ON >/dev/null
+nice make -C "$build_dir" -j"${KVCACHE_JOBS:-2}" kvcache-generate gguf_q4_0 >/dev/null
+
 for t in f32 f16 bf16 q8_0; do
   out="$gguf_dir/$name.$t.gguf"
   [[ -f "$out" ]] && continue
@@ -49,8 +55,10 @@ for t in f32 f16 bf16 q8_0; do
   python3 "$peer/llama2c_to_gguf.py" "$ckpt" "$models/llama2_tokenizer.bin" "$out" --type "$t"
 done
 
-cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DKVCACHE_NATIVE=ON >/dev/null
-nice make -C "$build_dir" -j"${KVCACHE_JOBS:-2}" kvcache-generate >/dev/null
+if [[ ! -f "$gguf_dir/$name.q4_0.gguf" ]]; then
+  log "converting to q4_0"
+  "$build_dir/benchmarks/gguf_q4_0" "$ckpt" "$models/llama2_tokenizer.bin" "$gguf_dir/$name.q4_0.gguf"
+fi
 
 peer_args=()
 if [[ -n "$peer" ]]; then
@@ -63,7 +71,7 @@ python3 "$root/scripts/bench_gguf.py" --kvcache "$build_dir/examples/kvcache-gen
   echo
   echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo "- model: random weights, stories110M shape, files $gguf_dir/$name.{f32,f16,bf16,q8_0}.gguf"
+  echo "- model: random weights, stories110M shape, files $gguf_dir/$name.{f32,f16,bf16,q8_0,q4_0}.gguf"
   echo
   python3 "$root/scripts/bench_gguf.py" --summarize "$results/bench_gguf.jsonl"
 } > "$results/bench_gguf.md"
