@@ -67,36 +67,45 @@ void expect_close(const Mat& got, const Mat& want, const std::string& what) {
   EXPECT_LT(reference::relative_error(got, want), 2e-5) << what;
 }
 
+// f(what, paged, flat) for a paged and a contiguous session of d in every
+// storage type (a window that wraps among them), with blocks of 1, 4 and 16
+// tokens.
+template <typename F>
+void for_each_paged_and_flat(const Decoder<float>& d, F&& f) {
+  for (const Storage& s : storages())
+    for (std::size_t B : {1u, 4u, 16u}) {
+      Session<float> paged = d.new_session(s.options(), pool_of(d, s.type, B));
+      Session<float> flat = d.new_session(s.options());
+      f(s.name() + " B=" + std::to_string(B), paged, flat);
+    }
+}
+
 // The same feeds, truncates and rollbacks on a paged and a contiguous
 // session give the same logits, in every storage type, with a window that
 // wraps, and with blocks of 1, 4 and 16 tokens.
 TEST(Paged, EqualsContiguousThroughFeedsTruncateAndRollBack) {
   const Decoder<float> d = fixtures::make_decoder<float>(rope_model());
   const auto t = fixtures::random_tokens(60, d.config().vocab_size, 5);
-  for (const Storage& s : storages())
-    for (std::size_t B : {1u, 4u, 16u}) {
-      const std::string what = s.name() + " B=" + std::to_string(B);
-      Session<float> paged = d.new_session(s.options(), pool_of(d, s.type, B));
-      Session<float> flat = d.new_session(s.options());
-      std::size_t at = 0;
-      for (std::size_t m : {9u, 1u, 1u, 7u, 1u}) {
-        const auto part = slice(t, at, at + m);
-        at += m;
-        expect_close(d.forward(part, paged), d.forward(part, flat), what + " feed");
-      }
-      ASSERT_EQ(paged.size(), flat.size()) << what;
-      EXPECT_EQ(paged.ring_start(), flat.ring_start()) << what;
-      paged.truncate(paged.size() - 3);
-      flat.truncate(flat.size() - 3);
-      const auto c = paged.checkpoint();
-      expect_close(d.forward(slice(t, 30, 36), paged), d.forward(slice(t, 30, 36), flat), what + " after truncate");
-      paged.roll_back(c);
-      flat.roll_back(c);
-      EXPECT_EQ(paged.size(), flat.size()) << what;
-      for (std::size_t i = 40; i < 46; ++i)
-        expect_close(d.forward({t[i]}, paged), d.forward({t[i]}, flat), what + " decode");
-      EXPECT_EQ(raw_bytes(paged).size(), raw_bytes(flat).size()) << what;
+  for_each_paged_and_flat(d, [&](const std::string& what, Session<float>& paged, Session<float>& flat) {
+    std::size_t at = 0;
+    for (std::size_t m : {9u, 1u, 1u, 7u, 1u}) {
+      const auto part = slice(t, at, at + m);
+      at += m;
+      expect_close(d.forward(part, paged), d.forward(part, flat), what + " feed");
     }
+    ASSERT_EQ(paged.size(), flat.size()) << what;
+    EXPECT_EQ(paged.ring_start(), flat.ring_start()) << what;
+    paged.truncate(paged.size() - 3);
+    flat.truncate(flat.size() - 3);
+    const auto c = paged.checkpoint();
+    expect_close(d.forward(slice(t, 30, 36), paged), d.forward(slice(t, 30, 36), flat), what + " after truncate");
+    paged.roll_back(c);
+    flat.roll_back(c);
+    EXPECT_EQ(paged.size(), flat.size()) << what;
+    for (std::size_t i = 40; i < 46; ++i)
+      expect_close(d.forward({t[i]}, paged), d.forward({t[i]}, flat), what + " decode");
+    EXPECT_EQ(raw_bytes(paged).size(), raw_bytes(flat).size()) << what;
+  });
 }
 
 // Numerics::ggml (a GGUF model's) sums attention by slot index, whatever
@@ -108,20 +117,16 @@ TEST(Paged, GgmlNumericsEqualContiguousBitForBit) {
   c.numerics = kvcache::Numerics::ggml;
   const Decoder<float> d = fixtures::make_decoder<float>(c);
   const auto t = fixtures::random_tokens(80, c.vocab_size, 6);
-  for (const Storage& s : storages())
-    for (std::size_t B : {1u, 4u, 16u}) {
-      const std::string what = s.name() + " B=" + std::to_string(B);
-      Session<float> paged = d.new_session(s.options(), pool_of(d, s.type, B));
-      Session<float> flat = d.new_session(s.options());
-      std::size_t at = 0;
-      for (std::size_t m : {9u, 1u, 20u, 1u, 1u, 1u}) {
-        const auto part = slice(t, at, at + m);
-        at += m;
-        const Mat got = d.forward(part, paged), want = d.forward(part, flat);
-        ASSERT_TRUE(reference::all_finite(got)) << what;
-        for (Eigen::Index i = 0; i < got.size(); ++i) ASSERT_EQ(got.data()[i], want.data()[i]) << what << " " << at;
-      }
+  for_each_paged_and_flat(d, [&](const std::string& what, Session<float>& paged, Session<float>& flat) {
+    std::size_t at = 0;
+    for (std::size_t m : {9u, 1u, 20u, 1u, 1u, 1u}) {
+      const auto part = slice(t, at, at + m);
+      at += m;
+      const Mat got = d.forward(part, paged), want = d.forward(part, flat);
+      ASSERT_TRUE(reference::all_finite(got)) << what;
+      for (Eigen::Index i = 0; i < got.size(); ++i) ASSERT_EQ(got.data()[i], want.data()[i]) << what << " " << at;
     }
+  });
   Session<float> one = d.new_session(SessionOptions{}), all = d.new_session(SessionOptions{});
   const Mat whole = d.forward(slice(t, 0, 40), all, Logits::all);
   for (std::size_t i = 0; i < 40; ++i)
