@@ -22,16 +22,18 @@ int main(int argc, char** argv) {
     return 1;
   }
   const std::string out = argv[3];
+  const auto refuse_existing = [&] {
+    if (std::filesystem::exists(std::filesystem::symlink_status(out)))
+      kvcache::detail::io::fail(out, "exists; gguf_q4_0 writes new files only");
+  };
   try {
+    refuse_existing();  // before the (slow) conversion; again right before the file is put in place
     const kvcache::Decoder<float> model = kvcache::load_llama2c(argv[1]);
     const kvcache::Tokenizer tokenizer = kvcache::Tokenizer::load(argv[2]);
     const std::string bytes = kvcache_test::llama_gguf(model, kvcache_test::kGgmlQ4_0, kvcache_test::llama2c_vocab(tokenizer));
     kvcache::detail::io::write_atomically(
         out, out, [&](kvcache::detail::io::FileSink& sink) { sink.put(bytes.data(), bytes.size()); },
-        [&] {
-          if (std::filesystem::exists(std::filesystem::symlink_status(out)))
-            kvcache::detail::io::fail(out, "exists; gguf_q4_0 writes new files only");
-        });
+        refuse_existing);
   } catch (const std::exception& e) {
     std::cerr << "gguf_q4_0: " << e.what() << "\n";
     return 1;
