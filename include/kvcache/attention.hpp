@@ -295,12 +295,7 @@ class Attention {
   void key_products(const ConstStridedMap& Q_h, const KVRows<T>& kv, std::size_t g, std::size_t begin,
                     std::size_t end, StridedMap& S, T* tile, std::size_t first_masked) const {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
-    const bool f32 = kv.type() == StorageType::f32;
-    for (std::size_t j = begin; j < end;) {
-      std::size_t count = std::min(end - j, kv.contiguous(j));
-      if (!f32) count = std::min(count, kTile);
-      const T* K = f32 ? reinterpret_cast<const T*>(kv.at(KVRows<T>::kKeys, g, j)) : tile;
-      if (!f32) kv.load(KVRows<T>::kKeys, g, j, count, tile);
+    for_each_run(kv, KVRows<T>::kKeys, g, begin, end, tile, [&](std::size_t j, std::size_t count, const T* K) {
       const Eigen::Map<const Matrix<T>> K_run(K, static_cast<Eigen::Index>(count), d_k);
       auto S_run = S.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count));
       if constexpr (std::is_same_v<T, float>)
@@ -311,15 +306,13 @@ class Attention {
             for (Eigen::Index c = 0; c < c_end; ++c)
               S_run(r, c) = dot_like_ggml(K_run.row(c).data(), Q_h.row(r).data(), static_cast<std::size_t>(d_k));
           }
-          j += count;
-          continue;
+          return;
         }
       if (Q_h.rows() == 1)
         for (Eigen::Index c = 0; c < K_run.rows(); ++c) S_run(0, c) = Q_h.row(0).dot(K_run.row(c));
       else
         S_run.noalias() = Q_h * K_run.transpose();
-      j += count;
-    }
+    });
   }
 
   // O_h = P · V_g over the first n slots of kv head g (P: probabilities),
@@ -327,12 +320,7 @@ class Attention {
   void value_sums(const StridedMap& P, const KVRows<T>& kv, std::size_t g, std::size_t n, StridedMap& O_h,
                   T* tile) const {
     const auto d_k = static_cast<Eigen::Index>(c_.d_k());
-    const bool f32 = kv.type() == StorageType::f32;
-    for (std::size_t j = 0; j < n;) {
-      std::size_t count = std::min(n - j, kv.contiguous(j));
-      if (!f32) count = std::min(count, kTile);
-      const T* V = f32 ? reinterpret_cast<const T*>(kv.at(KVRows<T>::kValues, g, j)) : tile;
-      if (!f32) kv.load(KVRows<T>::kValues, g, j, count, tile);
+    for_each_run(kv, KVRows<T>::kValues, g, 0, n, tile, [&](std::size_t j, std::size_t count, const T* V) {
       const Eigen::Map<const Matrix<T>> V_run(V, static_cast<Eigen::Index>(count), d_k);
       const auto P_run = P.middleCols(static_cast<Eigen::Index>(j), static_cast<Eigen::Index>(count));
       if (P.rows() == 1) {
@@ -343,8 +331,7 @@ class Attention {
       } else {
         O_h.noalias() += P_run * V_run;
       }
-      j += count;
-    }
+    });
   }
 
   // O_h = P · V_g as ggml sums it (ValueLanes, L lanes), up to
@@ -354,24 +341,37 @@ class Attention {
   void value_sums_like_ggml(const StridedMap& P, const KVRows<T>& kv, std::size_t g, std::size_t n, StridedMap& O_h,
                             T* tile, std::size_t L, std::size_t first_masked) const {
     const std::size_t d_k = c_.d_k();
-    const bool f32 = kv.type() == StorageType::f32;
     ValueLanes lanes(tile + kTile * d_k, L, d_k);
     for (Eigen::Index r0 = 0; r0 < P.rows(); r0 += static_cast<Eigen::Index>(lanes.rows_at_once())) {
       const Eigen::Index r1 = std::min(P.rows(), r0 + static_cast<Eigen::Index>(lanes.rows_at_once()));
       lanes.clear(static_cast<std::size_t>(r1 - r0));
-      for (std::size_t j = 0; j < n;) {
-        std::size_t count = std::min(n - j, kv.contiguous(j));
-        if (!f32) count = std::min(count, kTile);
-        const T* V = f32 ? reinterpret_cast<const T*>(kv.at(KVRows<T>::kValues, g, j)) : tile;
-        if (!f32) kv.load(KVRows<T>::kValues, g, j, count, tile);
+      for_each_run(kv, KVRows<T>::kValues, g, 0, n, tile, [&](std::size_t j, std::size_t count, const T* V) {
         for (Eigen::Index r = r0; r < r1; ++r) {
           const std::size_t valid = first_masked == SIZE_MAX ? n : first_masked + static_cast<std::size_t>(r);
           for (std::size_t c = 0; c < count && j + c < valid; ++c)
             lanes.add(static_cast<std::size_t>(r - r0), j + c, P(r, static_cast<Eigen::Index>(j + c)), V + c * d_k);
         }
-        j += count;
-      }
+      });
       for (Eigen::Index r = r0; r < r1; ++r) lanes.fold_into(static_cast<std::size_t>(r - r0), &O_h(r, 0));
+    }
+  }
+
+  // f(j, count, rows) for the slots [begin, end) of kv head g's keys or
+  // values (`array`), a run of contiguous slots at a time, rows their count
+  // × d_k values where they lie (f32) or converted into `tile` (compact
+  // types, at most kTile slots at a time).
+  template <typename F>
+  static void for_each_run(const KVRows<T>& kv, std::size_t array, std::size_t g, std::size_t begin,
+                           std::size_t end, T* tile, F&& f) {
+    const bool f32 = kv.type() == StorageType::f32;
+    for (std::size_t j = begin; j < end;) {
+      std::size_t count = std::min(end - j, kv.contiguous(j));
+      if (!f32) {
+        count = std::min(count, kTile);
+        kv.load(array, g, j, count, tile);
+      }
+      f(j, count, f32 ? reinterpret_cast<const T*>(kv.at(array, g, j)) : tile);
+      j += count;
     }
   }
 

@@ -458,14 +458,22 @@ inline bool q4_0_repacked(Eigen::Index rows) { return rows % 8 == 0; }
 
 // Matrices ggml does not repack: q8_0_row_portable's lanes and order, with
 // q − 8 as the weights' values (ggml_vec_dot_q4_0_q8_0, AVX2).
-template <int K>
-void q4_0_lanes_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
-  float lanes[K][8] = {};
+// f(b, q, d_w) for each block b of a q4_0 row of n values: its 32 values
+// q − 8 and its scale.
+template <typename F>
+void for_each_q4_0_block(const unsigned char* w, Eigen::Index n, F&& f) {
   std::int8_t q[32];
   for (Eigen::Index b = 0; b < n / 32; ++b) {
     const unsigned char* block = w + b * 18;
     q4_0_unpack(block, q);
-    const float d_w = q8_0_scale(block);
+    f(b, q, q8_0_scale(block));
+  }
+}
+
+template <int K>
+void q4_0_lanes_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
+  float lanes[K][8] = {};
+  for_each_q4_0_block(w, n, [&](Eigen::Index b, const std::int8_t* q, float d_w) {
     for (int k = 0; k < K; ++k) {
       const float d = d_w * x[k].d[b];
       for (int l = 0; l < 8; ++l) {
@@ -474,7 +482,7 @@ void q4_0_lanes_portable(const unsigned char* w, Eigen::Index n, const Q8Input* 
         lanes[k][l] = std::fma(d, static_cast<float>(s), lanes[k][l]);
       }
     }
-  }
+  });
   for (int k = 0; k < K; ++k) y[k] = q8_reduce(lanes[k]);
 }
 
@@ -487,17 +495,13 @@ void q4_0_lanes_portable(const unsigned char* w, Eigen::Index n, const Q8Input* 
 template <int K>
 void q4_0_row_portable(const unsigned char* w, Eigen::Index n, const Q8Input* x, float* y) {
   float acc[K] = {};
-  std::int8_t q[32];
-  for (Eigen::Index b = 0; b < n / 32; ++b) {
-    const unsigned char* block = w + b * 18;
-    q4_0_unpack(block, q);
-    const float d_w = q8_0_scale(block);
+  for_each_q4_0_block(w, n, [&](Eigen::Index b, const std::int8_t* q, float d_w) {
     for (int k = 0; k < K; ++k) {
       std::int32_t s = 0;
       for (int i = 0; i < 32; ++i) s += std::int32_t{q[i]} * std::int32_t{x[k].q[b * 32 + i]};
       acc[k] = std::fma(d_w * x[k].d[b], static_cast<float>(s), acc[k]);
     }
-  }
+  });
   for (int k = 0; k < K; ++k) y[k] = acc[k];
 }
 
